@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+import vqvae2
+
+LATENT_SHAPES = {
+    "smoke": [(4, 4), (8, 8)],
+    "fashion-mnist": [(8, 8), (16, 16)],
+    "imagenet-256": [(32, 32), (64, 64)],
+    "ffhq-1024": [(32, 32), (64, 64), (128, 128)],
+}
+
+
+@pytest.mark.parametrize("name", LATENT_SHAPES)
+def test_every_preset_builds_and_encodes_to_its_latent_shapes(name):
+    config = vqvae2.preset(name)
+    assert config.latent_shapes() == LATENT_SHAPES[name]
+    # Paper-scale models on the meta device: real modules and shapes, no memory.
+    with torch.device("meta"):
+        autoencoder = vqvae2.build_autoencoder(config).eval()
+        priors = vqvae2.build_priors(config)
+        x = torch.zeros(2, config.image_channels, config.image_size, config.image_size)
+        codes = autoencoder.encode(x)
+        assert [tuple(c.shape[1:]) for c in codes] == LATENT_SHAPES[name]
+        assert autoencoder.decode_codes(codes).shape == x.shape
+        labels = torch.zeros(2, dtype=torch.long)
+        for level, prior in enumerate(priors):
+            logits = prior(codes[level], codes[:level] or None, labels if prior.num_classes else None)
+            assert logits.shape == (2, config.autoencoder.codebook_size, *LATENT_SHAPES[name][level])
+        if config.num_classes:
+            assert vqvae2.build_classifier(config)(x).shape == (2, config.num_classes)
+
+
+def test_paper_scale_imagenet_widths():
+    config = vqvae2.preset("imagenet-256")
+    assert (config.autoencoder.codebook_size, config.autoencoder.embed_dim) == (512, 64)
+    assert config.priors[0].attention_layers > 0 and config.priors[1].attention_layers == 0
+    assert config.priors[0].channels == 512 and config.priors[1].cond_res_blocks == 20
+
+
+def test_overrides_by_dotted_path_and_by_nesting_are_equivalent():
+    a = vqvae2.preset("smoke", {"autoencoder.channels": 64, "priors.1.layers": 5, "train_prior.lr": "0.001"})
+    b = vqvae2.preset("smoke", {"autoencoder": {"channels": 64}, "priors.1": {"layers": 5}, "train_prior": {"lr": 1e-3}})
+    assert a == b
+    assert a.autoencoder.channels == 64 and a.priors[1].layers == 5 and a.train_prior.lr == 1e-3
+    assert a.priors[0] == vqvae2.preset("smoke").priors[0]
+
+
+def test_config_round_trips_through_a_plain_dict():
+    config = vqvae2.preset("ffhq-1024")
+    again = vqvae2.config_from_dict(vqvae2.ModelConfig, vqvae2.config_to_dict(config))
+    assert again == config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"autoencoder.chanels": 64}, "unknown field 'chanels'"),
+        ({"priors.2.layers": 3}, "index '2' is not one of 0..1"),
+        ({"autoencoder.channels": "wide"}, "autoencoder.channels must be an integer"),
+        ({"autoencoder.strides": [3, 2]}, "powers of two"),
+        ({"autoencoder.strides": [2, 2, 2]}, "priors has 2 entries but the autoencoder has 3 levels"),
+        ({"image_size": 18}, "image_size 18 must be divisible"),
+        ({"priors.0.attention_heads": 3}, "divisible by prior.attention_heads"),
+        ({"train_prior.amp": "fp8"}, "train.amp must be"),
+    ],
+)
+def test_bad_overrides_fail_with_a_message_naming_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        vqvae2.preset("smoke", overrides)
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="smoke, fashion-mnist, imagenet-256, ffhq-1024"):
+        vqvae2.preset("cifar")

@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+import vqvae2
+from vqvae2.prior import PixelCNNPrior
+
+# Several priors of every kind: attention or not, conditioned on 0, 1 or 2 levels above,
+# with and without class labels, kernel 3 and 5.
+THREE_LEVELS = {
+    "autoencoder.strides": [2, 2, 2],
+    "image_size": 32,
+    "priors": [
+        {"channels": 16, "layers": 3, "kernel_size": 3, "attention_layers": 1, "attention_heads": 2, "embed_dim": 8},
+        {"channels": 16, "layers": 2, "kernel_size": 3, "attention_layers": 1, "attention_heads": 2, "embed_dim": 8,
+         "cond_channels": 8, "cond_res_blocks": 1},
+        {"channels": 16, "layers": 3, "kernel_size": 5, "embed_dim": 8, "cond_channels": 8, "cond_res_blocks": 1},
+    ],
+}
+CASES = {
+    "top-attention": ("smoke", {"num_classes": 0}, 0),
+    "top-class-conditional": ("smoke", {}, 0),
+    "bottom-given-top": ("smoke", {"num_classes": 0}, 1),
+    "bottom-given-top-class-conditional": ("smoke", {"priors.1.kernel_size": 5}, 1),
+    "middle-of-three": ("smoke", THREE_LEVELS, 1),
+    "bottom-of-three-given-two": ("smoke", THREE_LEVELS, 2),
+}
+
+
+def _prior_and_inputs(case: str, seed: int = 0):
+    name, overrides, level = CASES[case]
+    config = vqvae2.preset(name, {"priors.0.dropout": 0.1, **overrides} if "priors" not in overrides else overrides)
+    torch.manual_seed(seed)
+    prior = vqvae2.build_prior(config, level).eval()
+    shapes, k = config.latent_shapes(), config.autoencoder.codebook_size
+    codes = torch.randint(k, (2, *shapes[level]))
+    cond = [torch.randint(k, (2, *s)) for s in shapes[:level]] or None
+    labels = torch.tensor([3, 7]) if prior.num_classes else None
+    return prior, codes, cond, labels
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_never_depend_on_the_current_or_later_positions(case):
+    prior, codes, cond, labels = _prior_and_inputs(case)
+    height, width = prior.shape
+    x = prior.embed_codes(codes).detach().requires_grad_()
+    last = height * width - 1
+    for t in sorted({0, 1, width - 1, width, width + 1, last // 2, last - 1, last}):
+        r, c = divmod(t, width)
+        x.grad = None
+        prior.logits_from_embedding(x, cond, labels)[0, :, r, c].sum().backward()
+        per_position = x.grad[0].abs().sum(dim=0).flatten()  # (H * W,) in raster order
+        assert torch.all(per_position[t:] == 0), f"position {t} sees positions >= {t}"
+        assert torch.all(x.grad[1] == 0), "samples of a batch must not see each other"
+        if t > 0:
+            assert per_position[:t].sum() > 0, f"position {t} sees nothing before it"
+        if c > 0:
+            assert per_position[t - 1] > 0, f"position {t} does not see its left neighbour"
+
+
+@pytest.mark.parametrize("case", ["bottom-given-top", "bottom-of-three-given-two"])
+def test_the_levels_above_change_a_lower_priors_logits(case):
+    prior, codes, cond, labels = _prior_and_inputs(case)
+    other = [torch.roll(c, shifts=1, dims=0) for c in cond]  # swap the two samples' conditioning
+    with torch.no_grad():
+        assert not torch.allclose(prior(codes, cond, labels), prior(codes, other, labels))
+
+
+def test_class_labels_change_the_logits():
+    prior, codes, cond, labels = _prior_and_inputs("top-class-conditional")
+    with torch.no_grad():
+        assert not torch.allclose(prior(codes, cond, labels), prior(codes, cond, labels.flip(0)))
+
+
+def test_missing_or_unexpected_conditioning_is_a_clear_error():
+    prior, codes, cond, labels = _prior_and_inputs("bottom-given-top-class-conditional")
+    with pytest.raises(ValueError, match="cond_codes"):
+        prior(codes, None, labels)
+    with pytest.raises(ValueError, match="pass labels"):
+        prior(codes, cond, None)
+    top, top_codes, _, _ = _prior_and_inputs("top-attention")
+    with pytest.raises(ValueError, match="not class-conditional"):
+        top(top_codes, None, torch.tensor([1, 2]))
+
+
+def test_a_prior_learns_a_structured_code_distribution():
+    # Codes that copy the left neighbour: an autoregressive model can predict every
+    # position but the first of each row, so the NLL falls far below log(K).
+    torch.manual_seed(0)
+    config = vqvae2.preset("smoke", {"num_classes": 0})
+    prior = vqvae2.build_prior(config, 0)
+    optimizer, _ = vqvae2.make_optimizer(prior, config.train_prior)
+    first = torch.randint(config.autoencoder.codebook_size, (256, 4, 1))
+    codes = first.expand(256, 4, 4).contiguous()
+    losses = [vqvae2.prior_step(prior, optimizer, codes[i % 8 * 32:(i % 8 + 1) * 32])["loss"].item() for i in range(120)]
+    assert losses[0] > 3.0  # about log(32) = 3.47 at the start
+    # the first column is unpredictable: 4 of 16 positions at log(32) -> about 0.87 nats
+    assert sum(losses[-10:]) / 10 < 1.3
+
+
+def test_bits_per_code_is_nats_over_ln2():
+    assert vqvae2.bits_per_code(torch.tensor(2.0)).item() == pytest.approx(2.0 / 0.6931471805599453)
+
+
+def test_prior_rebuilds_from_a_checkpoint_with_the_same_outputs(tmp_path):
+    prior, codes, cond, labels = _prior_and_inputs("bottom-given-top-class-conditional")
+    path = tmp_path / "prior.pt"
+    torch.save(vqvae2.to_checkpoint(prior), path)
+    rebuilt = vqvae2.from_checkpoint(torch.load(path, weights_only=True)).eval()
+    assert isinstance(rebuilt, PixelCNNPrior)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(codes, cond, labels), prior(codes, cond, labels))

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+import vqvae2
+from vqvae2.sampling import sample_logits
+
+
+@pytest.fixture(scope="module")
+def smoke_models():
+    torch.manual_seed(0)
+    config = vqvae2.preset("smoke")
+    return config, vqvae2.build_autoencoder(config).eval(), vqvae2.build_priors(config)
+
+
+def test_the_same_seed_gives_the_same_codes_and_another_seed_does_not(smoke_models):
+    _, _, priors = smoke_models
+    labels = torch.tensor([0, 1, 2, 3])
+    a = vqvae2.sample_codes(priors, 4, labels=labels, seed=7)
+    b = vqvae2.sample_codes(priors, 4, labels=labels, seed=7)
+    c = vqvae2.sample_codes(priors, 4, labels=labels, seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_class_labels_change_the_samples(smoke_models):
+    _, _, priors = smoke_models
+    a = vqvae2.sample_codes(priors, 4, labels=torch.tensor([0, 0, 0, 0]), seed=3)
+    b = vqvae2.sample_codes(priors, 4, labels=torch.tensor([5, 5, 5, 5]), seed=3)
+    assert not torch.equal(a[0], b[0])
+
+
+def test_sample_images_decodes_codes_of_every_level(smoke_models):
+    config, autoencoder, priors = smoke_models
+    images, codes = vqvae2.sample_images(autoencoder, priors, 3, labels=torch.tensor([1, 2, 3]), seed=0)
+    assert images.shape == (3, 1, 16, 16)
+    assert images.min() >= 0 and images.max() <= 1
+    assert [tuple(c.shape) for c in codes] == [(3, 4, 4), (3, 8, 8)]
+    assert all(0 <= c.min() and c.max() < config.autoencoder.codebook_size for c in codes)
+
+
+def test_three_level_hierarchy_samples_each_level_given_all_above():
+    torch.manual_seed(0)
+    config = vqvae2.preset("smoke", {
+        "image_size": 32, "num_classes": 0, "autoencoder.strides": [2, 2, 2],
+        "priors": [{"channels": 8, "layers": 1, "kernel_size": 3, "embed_dim": 4, "cond_channels": 4,
+                    "cond_res_blocks": 0}] * 3,
+    })
+    images, codes = vqvae2.sample_images(vqvae2.build_autoencoder(config), vqvae2.build_priors(config), 2, seed=1)
+    assert [tuple(c.shape[1:]) for c in codes] == [(4, 4), (8, 8), (16, 16)]
+    assert images.shape == (2, 1, 32, 32)
+
+
+def test_top_k_one_is_greedy_and_temperature_sharpens():
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]]).repeat(2000, 1)
+    generator = torch.Generator().manual_seed(0)
+    assert torch.all(sample_logits(logits, top_k=1, generator=generator) == 1)
+    assert set(sample_logits(logits, top_k=2, generator=generator).tolist()) == {1, 2}
+    hot = (sample_logits(logits, temperature=2.0, generator=generator) == 1).float().mean()
+    cold = (sample_logits(logits, temperature=0.25, generator=generator) == 1).float().mean()
+    assert cold > 0.95 > hot
+
+
+def test_sampling_arguments_are_validated(smoke_models):
+    _, _, priors = smoke_models
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        vqvae2.sample_codes(priors, 1, labels=torch.tensor([0]), temperature=0.0)
+    with pytest.raises(ValueError, match="temperature has 3 entries"):
+        vqvae2.sample_codes(priors, 1, labels=torch.tensor([0]), temperature=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="pass labels"):
+        vqvae2.sample_codes(priors, 1)
