@@ -21,13 +21,11 @@ _DTYPES = {
 }
 
 
-def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Decode IDX bytes (gzip is detected by its magic number) into an array."""
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as err:
-            raise ValueError(f"{name}: not a readable gzip file ({err})") from err
+def idx_header(data: bytes, name: str = "<bytes>") -> tuple[np.dtype, tuple[int, ...], int]:
+    """``(dtype, shape, header length)`` from the first bytes of an (uncompressed) IDX file.
+
+    Needs at most 4 + 4 * ndim bytes, so a reader can stream the rows that follow.
+    """
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] not in _DTYPES:
         raise ValueError(f"{name}: not an IDX file (bad magic number)")
     ndim = data[3]
@@ -35,7 +33,17 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     if len(data) < header:
         raise ValueError(f"{name}: IDX header is truncated")
     shape = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = np.dtype(_DTYPES[data[2]])
+    return np.dtype(_DTYPES[data[2]]), shape, header
+
+
+def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode IDX bytes (gzip is detected by its magic number) into an array."""
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as err:
+            raise ValueError(f"{name}: not a readable gzip file ({err})") from err
+    dtype, shape, header = idx_header(data, name)
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(data) - header != expected:
         raise ValueError(

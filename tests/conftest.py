@@ -29,3 +29,56 @@ def fashion_mnist_test_split(fashion_mnist_dir) -> tuple[np.ndarray, np.ndarray]
     images = read_idx(str(fashion_mnist_dir / "t10k-images-idx3-ubyte.gz"))
     labels = read_idx(str(fashion_mnist_dir / "t10k-labels-idx1-ubyte.gz"))
     return images, labels
+
+
+# --- storage: a real S3 API (moto server over HTTP on 127.0.0.1) --------------------------
+# Owned by the storage tests. s3fs, zarr and the shard loader talk to this server exactly as
+# they would to AWS; credentials are dummies set only for the test that asks for a bucket.
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import socket  # noqa: E402
+import uuid  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Bucket:
+    """A fresh, empty bucket: ``url`` plus the ``storage_options`` (or ``env``) that reach it."""
+
+    url: str
+    endpoint: str
+    storage_options: dict
+    env: dict
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """``http://127.0.0.1:<free port>`` of a moto S3 server running for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint, monkeypatch) -> S3Bucket:
+    """A new bucket on the moto server; AWS_* variables point at it for this test only."""
+    import boto3
+
+    env = {
+        "AWS_ACCESS_KEY_ID": "vqvae2-test-key",
+        "AWS_SECRET_ACCESS_KEY": "vqvae2-test-secret-do-not-print",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": moto_endpoint,
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"vqvae2-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
+    options = {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"], "endpoint_url": moto_endpoint}
+    return S3Bucket(f"s3://{bucket}", moto_endpoint, options, env)

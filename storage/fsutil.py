@@ -1,0 +1,208 @@
+"""URLs and filesystems: the one place that knows how bytes reach a local disk, memory:// or S3.
+
+Every function takes an fsspec URL (a local path, ``file://``, ``memory://``,
+``s3://bucket/prefix``) plus optional ``storage_options`` handed to
+``fsspec.core.url_to_fs`` untouched. S3 endpoints and credentials come from the
+standard ``AWS_*`` variables (``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, ...) or
+from ``storage_options`` (``endpoint_url``, ``key``, ``secret``).
+
+Errors name the URL (with any ``user:password@`` part removed) and never a secret:
+a missing file or bucket raises ``FileNotFoundError``, refused credentials raise
+``PermissionError``.
+
+Writes are atomic: :func:`atomic_open` writes a sibling ``<name>.tmp-<random>`` and
+moves it onto the final name only once complete (a rename on a disk, a server-side
+copy of the whole object on S3), so a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import re
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import braceexpand
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+StorageOptions = Mapping[str, Any] | None
+
+TMP_MARKER = ".tmp-"
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def redact(url: str) -> str:
+    """The URL without a ``user:password@`` part, fit for messages and manifests."""
+    return _USERINFO.sub(r"\1", str(url))
+
+
+def join(url: str, *parts: str) -> str:
+    """``url/part/part``; URLs stay strings so they travel unchanged to fsspec."""
+    return "/".join([str(url).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def filesystem(url: str, storage_options: StorageOptions = None):
+    """``(fs, path)`` for a URL; a URL fsspec cannot serve fails naming it."""
+    try:
+        return fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
+    except (ImportError, ValueError) as err:
+        raise ValueError(f"{redact(url)}: no filesystem serves this URL ({err})") from err
+
+
+@contextlib.contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """Re-raise a missing path or refused credentials with a message naming ``url``.
+
+    The original error is chained for debugging; s3fs/botocore messages carry error
+    codes and request ids, never credentials.
+    """
+    try:
+        yield
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{redact(url)}: not found (missing file, folder or bucket): {err}") from err
+    except PermissionError as err:
+        raise PermissionError(
+            f"{redact(url)}: access denied ({err}); check the credentials "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options key / secret)"
+        ) from err
+
+
+def _make_parent_dirs(fs, path: str) -> None:
+    # Only a disk has folders. On an object store s3fs.makedirs would *create a missing
+    # bucket*, turning a typo in a URL into a stray bucket instead of a clear error.
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(url: str, storage_options: StorageOptions = None) -> Iterator[Any]:
+    """A binary file to write that appears at ``url`` only if the block completes."""
+    fs, path = filesystem(url, storage_options)
+    tmp = f"{path}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
+    with storage_errors(url):
+        _make_parent_dirs(fs, path)
+        handle = fs.open(tmp, "wb")
+    try:
+        with handle:
+            yield handle
+        with storage_errors(url):
+            fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(tmp)
+        raise
+
+
+def write_bytes(url: str, data: bytes, storage_options: StorageOptions = None) -> None:
+    """Write ``data`` to ``url`` atomically."""
+    with atomic_open(url, storage_options) as f:
+        f.write(data)
+
+
+def read_bytes(url: str, storage_options: StorageOptions = None) -> bytes:
+    """The whole content of ``url``."""
+    fs, path = filesystem(url, storage_options)
+    with storage_errors(url):
+        return fs.cat_file(path)
+
+
+def write_json(url: str, obj: Any, storage_options: StorageOptions = None) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    write_bytes(url, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), storage_options)
+
+
+def read_json(url: str, storage_options: StorageOptions = None) -> Any:
+    """Parse the JSON file at ``url``."""
+    data = read_bytes(url, storage_options)
+    try:
+        return json.loads(data)
+    except ValueError as err:
+        raise ValueError(f"{redact(url)}: not valid JSON ({err})") from err
+
+
+def exists(url: str, storage_options: StorageOptions = None) -> bool:
+    """Whether ``url`` exists now (listing caches are dropped: other processes write too)."""
+    fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(fs._parent(path))
+    with storage_errors(url):
+        return fs.exists(path)
+
+
+def find(url: str, storage_options: StorageOptions = None) -> dict[str, dict]:
+    """Every file under ``url`` as ``{path relative to url: fsspec info}``; fails if ``url`` is missing."""
+    fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)
+    with storage_errors(url):
+        if not fs.isdir(path):
+            raise FileNotFoundError(f"{redact(url)} is not a folder")
+        found = fs.find(path, detail=True)
+    root = path.rstrip("/") + "/"
+    return {name[len(root):]: info for name, info in found.items() if name.startswith(root)}
+
+
+def remove(url: str, storage_options: StorageOptions = None) -> None:
+    """Delete a file or a whole folder."""
+    fs, path = filesystem(url, storage_options)
+    with storage_errors(url):
+        fs.rm(path, recursive=True)
+
+
+def expand_urls(patterns: str | Sequence[str], storage_options: StorageOptions = None) -> list[str]:
+    """Expand brace patterns (``shard-{000..009}.tar``) and globs (``*.tar``) into sorted URLs.
+
+    A brace-expanded name must exist; a glob must match at least one file.
+    """
+    expanded = [u for p in ([patterns] if isinstance(patterns, str) else patterns) for u in braceexpand.braceexpand(p)]
+    urls: list[str] = []
+    for url in expanded:
+        fs, path = filesystem(url, storage_options)
+        with storage_errors(url):
+            if _GLOB_CHARS.search(path):
+                matches = sorted(fs.glob(path))
+                if not matches:
+                    raise FileNotFoundError(f"{redact(url)}: the pattern matches no file")
+                urls.extend(fs.unstrip_protocol(m) if "://" in url else m for m in matches)
+            else:
+                fs.info(path)  # fail fast on a missing shard
+                urls.append(url)
+    return urls
+
+
+def modified_time(info: Mapping[str, Any]) -> float | None:
+    """Seconds since the epoch at which a file changed, from any backend's info dict."""
+    for field in ("mtime", "LastModified", "last_modified", "created"):
+        value = info.get(field)
+        if isinstance(value, datetime.datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def fingerprint(info: Mapping[str, Any]) -> str:
+    """Size plus the backend's content tag (S3 ETag) or modification time: cheap change detection."""
+    tag = info.get("ETag") or info.get("etag") or info.get("md5") or modified_time(info)
+    return f"{info.get('size')}:{tag}"
+
+
+def sha256_file(url: str, storage_options: StorageOptions = None, block_size: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks."""
+    return _hash_file(url, hashlib.sha256(), storage_options, block_size)
+
+
+def md5_file(url: str, storage_options: StorageOptions = None, block_size: int = 1 << 22) -> str:
+    """Hex MD5 of a file's bytes (for mirrors that publish MD5 checksums)."""
+    return _hash_file(url, hashlib.md5(), storage_options, block_size)
+
+
+def _hash_file(url: str, digest, storage_options: StorageOptions, block_size: int) -> str:
+    fs, path = filesystem(url, storage_options)
+    with storage_errors(url), fs.open(path, "rb") as f:
+        while block := f.read(block_size):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,339 @@
+"""Ingestion: a source becomes WebDataset shards plus a manifest, one independent shard at a time.
+
+The three steps map onto a Prefect flow (plan once, map the writers, finalize once)::
+
+    plan = plan_ingest(source, IngestConfig(image_size=32, mode="L"))
+    results = [write_shard(task, dataset_url) for task in plan.tasks]   # any order, any worker
+    manifest = finalize_dataset(plan, results, dataset_url)
+
+or in one call, over a process pool: ``ingest(source, dataset_url, config, processes=2)``.
+
+Layout under ``dataset_url`` (any fsspec URL)::
+
+    {split}/shard-NNNNNN.tar    samples {key}.png (lossless, image_size^2, mode), {key}.cls, {key}.json
+    {split}/shard-NNNNNN.json   the shard's result record, written just before its tar appears
+    manifest.json               written last; its presence marks the dataset complete
+
+Every shard is written under a temporary name and moved into place only when complete.
+A shard whose tar and record exist from the same task is reused, not rewritten, so an
+interrupted ingest resumes. Unreadable images are skipped and named (file and reason)
+in the manifest; :func:`finalize_dataset` refuses to mark the dataset complete when
+more than ``max_bad_fraction`` of the images failed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .artifacts import MANIFEST, read_manifest, write_manifest
+from .fsutil import StorageOptions, atomic_open, exists, filesystem, join, read_json, redact, storage_errors, write_json
+from .imaging import MODES, ImageError, prepare
+from .shards import ShardWriter, sample_key, shard_name, shard_url
+from .sources import Source, SourceItem
+
+FORMAT = "vqvae2-shards/1"
+
+
+class TooManyBadImages(ValueError):
+    """More than ``IngestConfig.max_bad_fraction`` of the source's images could not be used."""
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How a source becomes shards. Part of the dataset's content key: change it, get a new dataset."""
+
+    image_size: int = 32  # output images are image_size x image_size (shorter side scaled, centre crop)
+    mode: str = "L"  # "L" (gray, 1 channel) or "RGB" (3 channels)
+    shard_size: int = 1000  # samples per shard (the last shard of a split may hold fewer)
+    max_bad_fraction: float = 0.01  # fail if more than this fraction of images cannot be read
+    holdout_fraction: float = 0.1  # share of a split-less source held out as "test" (for FID later)
+    seed: int = 0  # seeds the held-out selection and the order of image-folder files
+    max_samples_per_split: int | None = None  # keep only the first N items of each split (smoke runs)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"IngestConfig.{name} must be {what}, got {getattr(self, name)!r}")
+
+        need(_is_int(self.image_size) and self.image_size >= 1, "image_size", "a positive integer")
+        need(self.mode in MODES, "mode", f"one of {sorted(MODES)}")
+        need(_is_int(self.shard_size) and self.shard_size >= 1, "shard_size", "a positive integer")
+        need(_is_fraction(self.max_bad_fraction), "max_bad_fraction", "a number in [0, 1)")
+        need(_is_fraction(self.holdout_fraction), "holdout_fraction", "a number in [0, 1)")
+        need(_is_int(self.seed), "seed", "an integer")
+        need(
+            self.max_samples_per_split is None or (_is_int(self.max_samples_per_split) and self.max_samples_per_split >= 1),
+            "max_samples_per_split",
+            "None or a positive integer",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_fraction(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One output shard: everything a worker needs to write ``{split}/shard-{index}.tar``."""
+
+    source: Source
+    config: IngestConfig
+    split: str
+    index: int
+    unit: Any  # the source's description of the shard's items (row range, file list, tar URL)
+    class_names: tuple[str, ...] | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}/{shard_name(self.index)}"
+
+    def digest(self) -> str:
+        """Identity of the work: a finished shard is reused only if it was written by an equal task."""
+        payload = [self.source.describe(), self.config.to_dict(), self.split, self.index, self.unit, self.class_names]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    """The shards to write, known before any is written (so a caller can map over them)."""
+
+    source: Source
+    config: IngestConfig
+    source_digest: str
+    class_names: tuple[str, ...] | None
+    tasks: tuple[ShardTask, ...]
+    ignored: tuple[tuple[str, str], ...] = ()  # (file, reason) for files that are no sample at all
+
+    def num_shards(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for task in self.tasks:
+            counts[task.split] = counts.get(task.split, 0) + 1
+        return counts
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What writing one shard produced; JSON-able through :meth:`to_dict`."""
+
+    split: str
+    index: int
+    num_samples: int
+    class_counts: tuple[int, ...]  # samples per label, index = label
+    skipped: tuple[tuple[str, str], ...]  # (source ref, reason) of unusable images
+    num_bytes: int
+    reused: bool = False  # found complete from an earlier run
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ShardResult:
+        return cls(
+            d["split"], d["index"], d["num_samples"], tuple(d["class_counts"]),
+            tuple(tuple(s) for s in d["skipped"]), d["num_bytes"], d.get("reused", False),
+        )  # fmt: skip
+
+
+def plan_ingest(source: Source, config: IngestConfig, *, digest: str | None = None) -> IngestPlan:
+    """List the shards ``source`` becomes under ``config``; fails fast on a missing or malformed source.
+
+    ``digest`` skips recomputing :func:`storage.sources.source_digest` when the caller has it.
+    """
+    partition = source.partition(config)
+    tasks = tuple(
+        ShardTask(source, config, split, index, unit, partition.class_names)
+        for split in sorted(partition.units)
+        for index, unit in enumerate(partition.units[split])
+    )
+    if not tasks:
+        raise ValueError(f"{source.describe()}: the source holds no images")
+    return IngestPlan(source, config, digest or source.digest(), partition.class_names, tasks, partition.ignored)
+
+
+def write_shard(task: ShardTask, dataset_url: str, storage_options: StorageOptions = None) -> ShardResult:
+    """Write one shard (or reuse it if an earlier run finished it); safe to retry."""
+    return write_shards([task], dataset_url, storage_options)[0]
+
+
+def write_shards(
+    tasks: Sequence[ShardTask], dataset_url: str, storage_options: StorageOptions = None
+) -> list[ShardResult]:
+    """Write several shards of one plan in order, sharing one source reader.
+
+    Consecutive IDX shards then continue one decompression stream instead of each
+    re-reading the file from its start.
+    """
+    if not tasks:
+        return []
+    with tasks[0].source.open() as reader:
+        return [_write(task, reader, dataset_url, storage_options) for task in tasks]
+
+
+def _record_url(dataset_url: str, task: ShardTask) -> str:
+    return shard_url(dataset_url, task.split, task.index)[: -len(".tar")] + ".json"
+
+
+def _write(task: ShardTask, reader: Any, dataset_url: str, storage_options: StorageOptions) -> ShardResult:
+    url, record_url = shard_url(dataset_url, task.split, task.index), _record_url(dataset_url, task)
+    if exists(url, storage_options) and exists(record_url, storage_options):
+        record = read_json(record_url, storage_options)
+        if record.get("task") == task.digest():
+            return dataclasses.replace(ShardResult.from_dict(record["result"]), reused=True)
+
+    counts: list[int] = []
+    skipped: list[tuple[str, str]] = []
+    with atomic_open(url, storage_options) as f:
+        with ShardWriter(f) as writer:
+            for item in reader.read(task.split, task.unit):
+                problem = _problem(item, task.class_names)
+                if problem is None:
+                    try:
+                        png, size = prepare(item.data, task.config.image_size, task.config.mode)
+                    except ImageError as err:
+                        problem = str(err)
+                if problem is not None:
+                    skipped.append((item.ref, problem))
+                    continue
+                meta = {"source": item.ref, "original_size": list(size)}
+                writer.write(
+                    sample_key(task.split, task.index, sum(counts)),
+                    {"png": png, "cls": b"%d" % item.label, "json": json.dumps(meta).encode()},
+                )
+                counts.extend([0] * (item.label + 1 - len(counts)))
+                counts[item.label] += 1
+        result = ShardResult(task.split, task.index, sum(counts), tuple(counts), tuple(skipped), writer.bytes_written)
+        # The record goes first: a visible tar always has one (a record alone means "redo").
+        write_json(record_url, {"task": task.digest(), "result": result.to_dict()}, storage_options)
+    return result
+
+
+def _problem(item: SourceItem, class_names: tuple[str, ...] | None) -> str | None:
+    if item.error is not None:
+        return item.error
+    if item.label < 0 or (class_names is not None and item.label >= len(class_names)):
+        return f"label {item.label} outside the {len(class_names or ())} classes"
+    return None
+
+
+def finalize_dataset(
+    plan: IngestPlan,
+    results: Iterable[ShardResult | Mapping[str, Any]],
+    dataset_url: str,
+    storage_options: StorageOptions = None,
+) -> dict[str, Any]:
+    """Check every shard exists, enforce ``max_bad_fraction``, write ``manifest.json`` last; return it."""
+    by_shard = {}
+    for r in results:
+        r = r if isinstance(r, ShardResult) else ShardResult.from_dict(r)
+        by_shard[(r.split, r.index)] = r
+    missing = [t.name for t in plan.tasks if (t.split, t.index) not in by_shard]
+    if missing:
+        raise ValueError(f"{redact(dataset_url)}: no result for shards {missing[:5]} (of {len(missing)}); write them first")
+    ordered = [by_shard[(t.split, t.index)] for t in plan.tasks]
+    _check_bad_fraction(plan, ordered, dataset_url)
+    _check_shards_exist(ordered, dataset_url, storage_options)
+
+    num_classes = max([len(plan.class_names or ())] + [len(r.class_counts) for r in ordered])
+    class_names = list(plan.class_names or (str(i) for i in range(num_classes)))
+    splits: dict[str, Any] = {}
+    for r in ordered:
+        split = splits.setdefault(r.split, {"num_samples": 0, "class_counts": [0] * num_classes, "shards": [], "skipped": []})
+        split["shards"].append({"name": f"{r.split}/{shard_name(r.index)}", "num_samples": r.num_samples, "offset": split["num_samples"]})
+        split["num_samples"] += r.num_samples
+        for label, n in enumerate(r.class_counts):
+            split["class_counts"][label] += n
+        split["skipped"] += [{"ref": ref, "reason": reason} for ref, reason in r.skipped]
+    manifest = {
+        "format": FORMAT,
+        "source": plan.source.describe(),
+        "source_digest": plan.source_digest,
+        "config": plan.config.to_dict(),
+        "image_size": plan.config.image_size,
+        "mode": plan.config.mode,
+        "channels": MODES[plan.config.mode],
+        "class_names": class_names,
+        "num_samples": sum(s["num_samples"] for s in splits.values()),
+        "num_skipped": sum(len(s["skipped"]) for s in splits.values()),
+        "splits": splits,
+        "ignored": [{"ref": ref, "reason": reason} for ref, reason in plan.ignored],
+    }
+    write_manifest(dataset_url, manifest, storage_options)
+    return manifest
+
+
+def _check_bad_fraction(plan: IngestPlan, results: Sequence[ShardResult], dataset_url: str) -> None:
+    bad = [s for r in results for s in r.skipped]
+    total = len(bad) + sum(r.num_samples for r in results)
+    if total and len(bad) <= plan.config.max_bad_fraction * total:
+        return
+    examples = "; ".join(f"{ref}: {reason}" for ref, reason in bad[:5])
+    raise TooManyBadImages(
+        f"{redact(dataset_url)}: {len(bad)} of {total} images could not be used, more than "
+        f"IngestConfig.max_bad_fraction={plan.config.max_bad_fraction}; fix or remove them, or raise "
+        f"max_bad_fraction. First ones: {examples or 'none (the source is empty)'}"
+    )
+
+
+def _check_shards_exist(results: Sequence[ShardResult], dataset_url: str, storage_options: StorageOptions) -> None:
+    for split in sorted({r.split for r in results}):
+        fs, path = filesystem(join(dataset_url, split), storage_options)
+        fs.invalidate_cache(path)  # the shards were written by other processes
+        with storage_errors(join(dataset_url, split)):
+            present = {name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False)}
+        lost = [shard_name(r.index) for r in results if r.split == split and shard_name(r.index) not in present]
+        if lost:
+            raise FileNotFoundError(f"{redact(join(dataset_url, split))}: shards {lost[:5]} are missing; write them again")
+
+
+def shard_counts(manifest: Mapping[str, Any]) -> dict[str, list[int]]:
+    """``{split: [samples per shard]}`` of a dataset manifest (what :func:`storage.codes.create_codes` takes)."""
+    return {split: [s["num_samples"] for s in info["shards"]] for split, info in manifest["splits"].items()}
+
+
+def ingest(
+    source: Source,
+    dataset_url: str,
+    config: IngestConfig,
+    *,
+    processes: int = 1,
+    storage_options: StorageOptions = None,
+) -> dict[str, Any]:
+    """Plan, write every shard (over ``processes`` worker processes), finalize; return the manifest.
+
+    A dataset whose manifest exists is complete and returned as is.
+    """
+    done = read_manifest(dataset_url, storage_options)
+    if done is not None:
+        return done
+    plan = plan_ingest(source, config)
+    tasks = list(plan.tasks)
+    if processes <= 1:
+        results = write_shards(tasks, dataset_url, storage_options)
+    else:
+        # Contiguous groups keep each worker's IDX reads sequential. Spawned, not forked:
+        # a fork would inherit the parent's s3fs event loop and connection pool.
+        size = -(-len(tasks) // processes)
+        groups = [tasks[i : i + size] for i in range(0, len(tasks), size)]
+        with ProcessPoolExecutor(len(groups), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(write_shards, group, dataset_url, storage_options) for group in groups]
+            results = [r for f in futures for r in f.result()]
+    return finalize_dataset(plan, results, dataset_url, storage_options)
+
+
+__all__ = [
+    "FORMAT", "MANIFEST", "IngestConfig", "IngestPlan", "ShardResult", "ShardTask", "TooManyBadImages",
+    "finalize_dataset", "ingest", "plan_ingest", "shard_counts", "write_shard", "write_shards",
+]  # fmt: skip

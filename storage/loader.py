@@ -1,0 +1,226 @@
+"""Reading shards: a streaming, shuffled, DDP- and worker-aware loader for training, and an
+in-order reader for encoding.
+
+:class:`ShardDataset` is a torch ``IterableDataset`` built on webdataset's
+``DataPipeline``, ``shuffle`` and ``batched`` stages. It yields whole batches
+``(images float32 B x C x H x W in [0, 1], labels int64 B)``; wrap it with
+:func:`shard_loader` (a ``DataLoader`` with ``batch_size=None``).
+
+How an epoch is cut, so that every rank gets the same number of batches and a run can
+resume mid-epoch:
+
+1. The split's shards are shuffled under ``(seed, epoch)`` and laid end to end.
+2. Rank ``r`` of ``W`` takes samples ``[r * n, (r + 1) * n)`` of that sequence with
+   ``n = N // W``: equal counts on every rank whatever the shard sizes (the fewer than
+   ``W`` left-over samples change with each epoch's shuffle). A rank may start or stop
+   inside a shard.
+3. The rank's ``len(dataset)`` batches are dealt to DataLoader workers in contiguous
+   blocks (the first workers take one more when they do not divide evenly). The
+   DataLoader takes batches from its workers in turn, so output batch ``b`` is batch
+   ``b // num_workers`` of worker ``b % num_workers``; ``start_batch`` uses that to skip
+   what a checkpoint already consumed (resume with the same ``num_workers``).
+4. Each worker shuffles its samples through a buffer seeded by
+   ``(seed, epoch, rank, worker)`` and decodes only what it yields.
+
+webdataset has no S3 handler of its own: shards are opened with fsspec inside each
+worker (s3fs is not fork-safe, so nothing opened in the parent is reused).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .artifacts import read_manifest
+from .fsutil import StorageOptions, join, redact
+from .imaging import ImageError, decode_png
+from .ranks import rank_and_world
+from .shards import ShardError, iter_samples
+
+Segment = tuple[str, int, int, int]  # (shard URL, first sample, samples to take, samples in the shard)
+
+
+def dataset_manifest(dataset_url: str, storage_options: StorageOptions = None) -> dict[str, Any]:
+    """The manifest of a complete dataset; fails naming the URL if ingestion did not finish."""
+    manifest = read_manifest(dataset_url, storage_options)
+    if manifest is None:
+        raise FileNotFoundError(
+            f"{redact(dataset_url)}: no manifest.json; the dataset was not ingested there or its ingest did not finish"
+        )
+    return manifest
+
+
+def _split_shards(manifest: dict[str, Any], dataset_url: str, split: str) -> list[tuple[str, int]]:
+    if split not in manifest["splits"]:
+        raise ValueError(f"{redact(dataset_url)} has no split {split!r}; it has {sorted(manifest['splits'])}")
+    return [(join(dataset_url, s["name"]), s["num_samples"]) for s in manifest["splits"][split]["shards"]]
+
+
+def _read_segments(segments: Sequence[Segment], storage_options: StorageOptions) -> Iterator[dict[str, Any]]:
+    """Raw samples of each segment, checking that a shard holds what its manifest promises."""
+    for url, skip, take, count in segments:
+        n = 0
+        with contextlib.closing(iter_samples(url, storage_options)) as samples:
+            for sample in itertools.islice(samples, skip, skip + take):
+                sample["__url__"] = url
+                yield sample
+                n += 1
+        if n < take:
+            raise ShardError(
+                f"{redact(url)}: ends after {skip + n} samples but the manifest promises {count}; "
+                "the shard is truncated, ingest it again"
+            )
+
+
+def _decode(sample: dict[str, Any], shape: tuple[int, int, int]) -> tuple[torch.Tensor, int, str]:
+    """``(uint8 C x H x W, label, key)``; a sample that is not ours fails naming its shard."""
+    where = f"{redact(sample['__url__'])}: sample {sample['__key__']!r}"
+    try:
+        pixels, label = decode_png(sample["png"]), int(sample["cls"])
+    except KeyError as err:
+        fields = sorted(k for k in sample if not k.startswith("__"))
+        raise ShardError(f"{where} has no {err} member (has {fields}); not a shard written by storage.ingest") from err
+    except (ImageError, ValueError) as err:
+        raise ShardError(f"{where}: {err}; the shard is corrupt, ingest it again") from err
+    if pixels.shape != shape:
+        raise ShardError(f"{where}: image is {pixels.shape} (H, W, C), the manifest says {shape}")
+    return torch.from_numpy(pixels).permute(2, 0, 1), label, sample["__key__"]
+
+
+def _collate(samples: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    images = torch.stack([s[0] for s in samples]).float().div_(255)
+    return images, torch.tensor([s[1] for s in samples], dtype=torch.int64), [s[2] for s in samples]
+
+
+class ShardDataset(IterableDataset):
+    """Batches of one split of an ingested dataset, shuffled, split by DDP rank and DataLoader worker.
+
+    Args:
+        dataset_url: the dataset directory (holding ``manifest.json``), any fsspec URL.
+        split: ``"train"``, ``"test"``, ...
+        batch_size: samples per batch; every rank yields ``len(self)`` batches.
+        shuffle: shuffle shards (per epoch) and samples (through a buffer).
+        seed, epoch: the shuffle is a function of both; see :meth:`set_epoch`.
+        start_batch: batches of this epoch already consumed (resume from a checkpoint).
+        shuffle_buffer: samples held per worker for shuffling (raw PNG bytes).
+        drop_last: drop each rank's last, smaller batch.
+        rank, world_size: default to ``torch.distributed`` when initialised, else 0 and 1.
+    """
+
+    def __init__(
+        self,
+        dataset_url: str,
+        split: str = "train",
+        *,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        start_batch: int = 0,
+        shuffle_buffer: int = 1000,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        storage_options: StorageOptions = None,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"ShardDataset: batch_size must be a positive integer, got {batch_size}")
+        manifest = dataset_manifest(dataset_url, storage_options)
+        self.dataset_url, self.split = dataset_url, split
+        self.shards = _split_shards(manifest, dataset_url, split)
+        self.shape = (manifest["image_size"], manifest["image_size"], manifest["channels"])
+        self.class_names = list(manifest["class_names"])
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
+        self.storage_options = dict(storage_options or {})
+        self.rank, self.world_size = rank_and_world(rank, world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"ShardDataset: rank {self.rank} outside world_size {self.world_size}")
+        self.samples_per_rank = sum(n for _, n in self.shards) // self.world_size
+        if self.samples_per_rank == 0:
+            raise ValueError(f"{redact(dataset_url)} split {split!r} has fewer samples than the {self.world_size} ranks")
+        self.set_epoch(epoch, start_batch)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch (and resume position) the next iteration yields."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        """Batches per rank per epoch (equal on every rank)."""
+        full, rest = divmod(self.samples_per_rank, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def _worker_batches(self, worker: int, num_workers: int) -> tuple[int, int]:
+        """``[first, stop)`` batch numbers of this rank dealt to ``worker``."""
+        share, extra = divmod(len(self), num_workers)
+        first = worker * share + min(worker, extra)
+        return first, first + share + (1 if worker < extra else 0)
+
+    def segments(self, worker: int = 0, num_workers: int = 1) -> list[Segment]:
+        """The shard pieces ``worker`` reads this epoch, in order."""
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards)).tolist()
+        first, stop = self._worker_batches(worker, num_workers)
+        lo = self.rank * self.samples_per_rank + first * self.batch_size
+        hi = self.rank * self.samples_per_rank + min(stop * self.batch_size, self.samples_per_rank)
+        pieces, position = [], 0
+        for i in order:
+            url, count = self.shards[i]
+            start, end = max(lo, position), min(hi, position + count)
+            if start < end:
+                pieces.append((url, start - position, end - start, count))
+            position += count
+        return pieces
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        first, stop = self._worker_batches(worker, num_workers)
+        consumed = self.start_batch // num_workers + (1 if worker < self.start_batch % num_workers else 0)
+        skip = min(consumed, stop - first) * self.batch_size
+        rng = random.Random(int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker]).generate_state(1)[0]))
+        segments = self.segments(worker, num_workers)
+        stages = [
+            lambda: _read_segments(segments, self.storage_options),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng) if self.shuffle else None,
+            lambda samples: itertools.islice(samples, skip, None),  # resume: drop before decoding
+            wds.map(lambda sample: _decode(sample, self.shape)),
+            wds.batched(self.batch_size, collation_fn=lambda batch: _collate(batch)[:2], partial=not self.drop_last),
+        ]
+        yield from wds.DataPipeline(*stages)
+
+
+def shard_loader(dataset: ShardDataset, num_workers: int = 0, **kwargs: Any) -> DataLoader:
+    """A DataLoader over ``dataset``'s batches (``batch_size=None``: the dataset batches itself)."""
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, **kwargs)
+
+
+def iter_shard_batches(
+    dataset_url: str,
+    split: str,
+    index: int,
+    batch_size: int,
+    storage_options: StorageOptions = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """Shard ``index`` of ``split`` in file order as ``(images, labels, keys)`` batches (for encoding).
+
+    Its rows in a codes array start at the shard's ``offset`` in the manifest.
+    """
+    manifest = dataset_manifest(dataset_url, storage_options)
+    shards = _split_shards(manifest, dataset_url, split)
+    if not 0 <= index < len(shards):
+        raise ValueError(f"{redact(dataset_url)} split {split!r} has shards 0..{len(shards) - 1}, not {index}")
+    url, count = shards[index]
+    shape = (manifest["image_size"], manifest["image_size"], manifest["channels"])
+    samples = (_decode(s, shape) for s in _read_segments([(url, 0, count, count)], storage_options))
+    while batch := list(itertools.islice(samples, batch_size)):
+        yield _collate(batch)
