@@ -88,12 +88,16 @@ def atomic_open(url: str, storage_options: StorageOptions = None) -> Iterator[An
         _make_parent_dirs(fs, path)
         handle = fs.open(tmp, "wb")
     try:
-        with handle:
+        try:
             yield handle
+        finally:
+            with storage_errors(url):
+                handle.close()  # on an object store the upload happens here
         with storage_errors(url):
             fs.mv(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        # Best effort: the temporary may never have been created; the first error is the news.
+        with contextlib.suppress(OSError):
             fs.rm(tmp)
         raise
 

@@ -18,7 +18,8 @@ resume mid-epoch:
    blocks (the first workers take one more when they do not divide evenly). The
    DataLoader takes batches from its workers in turn, so output batch ``b`` is batch
    ``b // num_workers`` of worker ``b % num_workers``; ``start_batch`` uses that to skip
-   what a checkpoint already consumed (resume with the same ``num_workers``).
+   what a checkpoint already consumed and to rotate which worker goes first (resume
+   with the same ``num_workers`` and ``batch_size``).
 4. Each worker shuffles its samples through a buffer seeded by
    ``(seed, epoch, rank, worker)`` and decodes only what it yields.
 
@@ -183,7 +184,10 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        loader_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader asks its workers in turn starting from worker 0, but after
+        # start_batch batches it is worker start_batch % num_workers's turn: rotate roles.
+        worker = (loader_worker + self.start_batch) % num_workers
         first, stop = self._worker_batches(worker, num_workers)
         consumed = self.start_batch // num_workers + (1 if worker < self.start_batch % num_workers else 0)
         skip = min(consumed, stop - first) * self.batch_size

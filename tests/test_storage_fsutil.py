@@ -1,0 +1,73 @@
+"""URLs and filesystems: atomic writes, pattern expansion, and errors that name the URL but no secret."""
+from __future__ import annotations
+
+import moto.settings
+import pytest
+
+from storage.fsutil import atomic_open, exists, expand_urls, find, read_bytes, read_json, redact, write_bytes, write_json
+from storage.ingest import IngestConfig, ingest
+from storage.sources import IdxSource
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def root(request, tmp_path):
+    """``(root URL, storage_options)`` on each kind of storage."""
+    if request.param == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        return f"{bucket.url}/root", bucket.storage_options
+    if request.param == "memory":
+        return f"memory://{tmp_path.name}", None
+    return str(tmp_path / "root"), None
+
+
+def test_redact_drops_userinfo():
+    assert redact("s3://AKIA:secret@bucket/x") == "s3://bucket/x"
+    assert redact("/plain/path") == "/plain/path"
+
+
+def test_atomic_write_appears_whole_or_not_at_all(root):
+    url, options = root
+    write_json(f"{url}/a/b.json", {"x": 1}, options)
+    assert read_json(f"{url}/a/b.json", options) == {"x": 1}
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_open(f"{url}/a/c.bin", options) as f:
+            f.write(b"half")
+            raise RuntimeError("boom")
+    assert not exists(f"{url}/a/c.bin", options)
+    assert sorted(find(f"{url}/a", options)) == ["b.json"]  # no temporary left behind
+
+
+def test_brace_and_glob_patterns_expand_to_existing_files(root):
+    url, options = root
+    for i in range(3):
+        write_bytes(f"{url}/shards/part-{i:03d}.tar", b"x", options)
+    braces = expand_urls(f"{url}/shards/part-{{000..002}}.tar", options)
+    globbed = expand_urls([f"{url}/shards/*.tar"], options)
+    assert [u.rsplit("/", 1)[-1] for u in braces] == [u.rsplit("/", 1)[-1] for u in globbed] == [
+        "part-000.tar", "part-001.tar", "part-002.tar",
+    ]  # fmt: skip
+    assert read_bytes(globbed[0], options) == b"x"
+    with pytest.raises(FileNotFoundError, match=r"part-003.tar: not found"):
+        expand_urls(f"{url}/shards/part-{{000..003}}.tar", options)
+    with pytest.raises(FileNotFoundError, match=r"\*.zip: the pattern matches no file"):
+        expand_urls(f"{url}/shards/*.zip", options)
+
+
+def test_missing_bucket_fails_fast_naming_the_url_not_the_secret(s3_bucket):
+    url = "s3://no-such-bucket-vqvae2/datasets/x"
+    with pytest.raises(FileNotFoundError) as caught:
+        ingest(IdxSource(), url, IngestConfig(max_samples_per_split=10), storage_options=s3_bucket.storage_options)
+    message = str(caught.value)
+    assert message.startswith("s3://no-such-bucket-vqvae2/datasets/x/") and "bucket" in message
+    assert s3_bucket.storage_options["secret"] not in message
+    assert not exists("s3://no-such-bucket-vqvae2/", s3_bucket.storage_options)  # and no bucket was created
+
+
+def test_refused_credentials_fail_naming_the_url_not_the_secret(s3_bucket, monkeypatch):
+    write_bytes(f"{s3_bucket.url}/a.txt", b"x", s3_bucket.storage_options)
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto now checks keys, like AWS
+    with pytest.raises(PermissionError) as caught:
+        read_bytes(f"{s3_bucket.url}/a.txt", s3_bucket.storage_options)
+    message = str(caught.value)
+    assert message.startswith(f"{s3_bucket.url}/a.txt: access denied") and "AWS_ACCESS_KEY_ID" in message
+    assert s3_bucket.storage_options["secret"] not in message
