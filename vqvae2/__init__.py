@@ -21,6 +21,7 @@ from .config import (
     config_from_dict,
     config_to_dict,
 )
+from .fast_sampling import incremental_logits, sample_level_fast
 from .presets import PRESETS, preset
 from .prior import PixelCNNPrior, bits_per_code
 from .quantize import QuantizerOutput, VectorQuantizer
@@ -46,7 +47,7 @@ __all__ = [
     "PriorConfig", "QuantizerOutput", "ResNetClassifier", "TrainConfig", "VQVAE2", "VectorQuantizer",
     "apply_overrides", "autoencoder_loss", "autoencoder_step", "bits_per_code", "build_autoencoder",
     "build_classifier", "build_prior", "build_priors", "classifier_loss", "classifier_step", "config_from_dict",
-    "config_to_dict", "fit", "from_checkpoint", "level_names", "make_optimizer", "prepare_model", "preset",
-    "prior_loss", "prior_step", "raise_if_diverged", "sample_codes", "sample_images", "sample_level_reference",
-    "sample_logits", "seed_everything", "to_checkpoint", "train_step",
+    "config_to_dict", "fit", "from_checkpoint", "incremental_logits", "level_names", "make_optimizer",
+    "prepare_model", "preset", "prior_loss", "prior_step", "raise_if_diverged", "sample_codes", "sample_images",
+    "sample_level_fast", "sample_level_reference", "sample_logits", "seed_everything", "to_checkpoint", "train_step",
 ]

@@ -34,6 +34,16 @@ def gate(x: Tensor) -> Tensor:
     return torch.tanh(a) * torch.sigmoid(b)
 
 
+def conv_at(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """conv over maps x (B, C_in, H, W); or, for x (B, C_in * kh * kw), each row one flattened
+    receptive field, conv at those single positions (B, C_out): the same weights as one matrix
+    product, which on a CPU costs far less per call than a convolution of a 1x1 map. The
+    cached sampler (vqvae2.fast_sampling) evaluates one position at a time this way."""
+    if x.dim() == 4:
+        return conv(x)
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
 class DownConv(nn.Module):
     """Output (r, c) sees input rows r-kh+1..r and columns c-kw//2..c+kw//2."""
 
@@ -69,12 +79,16 @@ class InputLayer(nn.Module):
         # Where a position lies is not data, so it may be seen unshifted.
         self.position = nn.Conv2d(2, 2 * channels, 1)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        b, _, height, width = x.shape
-        rows = torch.linspace(-1, 1, height, device=x.device, dtype=x.dtype)
-        cols = torch.linspace(-1, 1, width, device=x.device, dtype=x.dtype)
+    def positions(self, height: int, width: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The positional terms (pos_v, pos_h), each (1, C, H, W), on like's device and dtype."""
+        rows = torch.linspace(-1, 1, height, device=like.device, dtype=like.dtype)
+        cols = torch.linspace(-1, 1, width, device=like.device, dtype=like.dtype)
         coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij")).unsqueeze(0)
         pos_v, pos_h = self.position(coords).chunk(2, dim=1)
+        return pos_v, pos_h
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pos_v, pos_h = self.positions(x.shape[2], x.shape[3], x)
         v = shift_down(self.v_conv(x)) + pos_v
         h = shift_right(self.h_conv(x)) + v + pos_h
         return v, h
@@ -108,14 +122,26 @@ class GatedLayer(nn.Module):
         return term
 
     def forward(self, v: Tensor, h: Tensor, cond_term: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        v_pre = self.v_conv(v)
-        h_pre = self.h_conv(h) + self.v_to_h(v_pre)
-        if cond_term is not None:
-            cond_v, cond_h = cond_term.chunk(2, dim=1)
-            v_pre, h_pre = v_pre + cond_v, h_pre + cond_h
-        v = v + self.dropout(self.v_out(gate(v_pre)))
-        h = h + self.dropout(self.h_out(gate(h_pre)))
-        return v, h
+        cond_v, cond_h = cond_term.chunk(2, dim=1) if cond_term is not None else (None, None)
+        v, v_to_h = self.vertical(v, self.v_conv(v), cond_v)
+        return v, self.horizontal(h, self.h_conv(h), v_to_h, cond_h)
+
+    # The two halves of forward, also called by the cached sampler (vqvae2.fast_sampling):
+    # vertical on one row (B, ., 1, W), horizontal on one position (B, .) at a time.
+    def vertical(self, v: Tensor, v_pre: Tensor, cond_v: Tensor | None) -> tuple[Tensor, Tensor]:
+        """v and v_pre = v_conv(v) at the same positions -> (the new v, v_to_h(v_pre)) there."""
+        v_to_h = self.v_to_h(v_pre)
+        if cond_v is not None:
+            v_pre = v_pre + cond_v
+        return v + self.dropout(self.v_out(gate(v_pre))), v_to_h
+
+    def horizontal(self, h: Tensor, h_conv: Tensor, v_to_h: Tensor, cond_h: Tensor | None) -> Tensor:
+        """h, h_conv(h) and v_to_h at the same positions (maps, or (B, .) at one position)
+        -> the new h there."""
+        h_pre = h_conv + v_to_h
+        if cond_h is not None:
+            h_pre = h_pre + cond_h
+        return h + self.dropout(conv_at(self.h_out, gate(h_pre)))
 
 
 class CausalSelfAttention(nn.Module):
@@ -132,19 +158,36 @@ class CausalSelfAttention(nn.Module):
         self.out_dropout = nn.Dropout(dropout)
 
     def forward(self, h: Tensor) -> Tensor:
-        b, c, height, width = h.shape
-        x = h.flatten(2).transpose(1, 2)  # (B, T, C), T = H * W in raster order
-        q, k, v = self.qkv(self.norm(x)).split(c, dim=2)
-        q, k, v = (t.view(b, -1, self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = self.heads_qkv(h.flatten(2).transpose(1, 2))  # tokens (B, T, C), T = H * W in raster order
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
-        y = self.out_dropout(self.proj(y.transpose(1, 2).reshape(b, -1, c)))
-        return h + y.transpose(1, 2).reshape(b, c, height, width)
+        return self.add_to(h, y)
+
+    def step(self, h: Tensor, keys: Tensor, values: Tensor, t: int) -> Tensor:
+        """forward at the single position t (eval mode), h (B, C), for cached sampling.
+
+        keys and values (B, nh, T, hs) hold the positions < t from earlier steps; the step
+        writes position t into them and attends to s <= t only, so no mask is needed."""
+        q, k, v = self.heads_qkv(h[:, None])  # each (B, nh, 1, hs)
+        keys[:, :, t:t + 1], values[:, :, t:t + 1] = k, v
+        return self.add_to(h, F.scaled_dot_product_attention(q, keys[:, :, :t + 1], values[:, :, :t + 1]))
+
+    def heads_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Tokens x (B, T, C) -> q, k, v, each (B, nh, T, hs)."""
+        b, _, c = x.shape
+        q, k, v = self.qkv(self.norm(x)).split(c, dim=2)
+        return tuple(t.view(b, -1, self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))
+
+    def add_to(self, h: Tensor, y: Tensor) -> Tensor:
+        """h (B, C, H, W), or (B, C) at one position, plus the projected attention output y (B, nh, T, hs)."""
+        b, _, t, _ = y.shape
+        y = self.out_dropout(self.proj(y.transpose(1, 2).reshape(b, t, -1)))  # (B, T, C)
+        return h + y.transpose(1, 2).reshape(h.shape)
 
 
 class OutputHead(nn.Module):
-    """h (B, C, H, W) -> logits over the codebook (B, K, H, W)."""
+    """h (B, C, H, W) -> logits over the codebook (B, K, H, W); or h (B, C) -> (B, K) at one position."""
 
     def __init__(self, channels: int, num_codes: int) -> None:
         super().__init__()
@@ -153,4 +196,6 @@ class OutputHead(nn.Module):
         )
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.net(h)
+        for module in self.net:
+            h = conv_at(module, h) if isinstance(module, nn.Conv2d) else module(h)
+        return h
