@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, Sampler
 from zarr.codecs import ZstdCodec
 
 from .fsutil import StorageOptions, redact
-from .ranks import rank_and_world
+from .ranks import rank_share
 
 FORMAT = "vqvae2-codes/1"
 CODE_MAX = np.iinfo(np.int16).max  # codebooks up to 32768 entries fit int16
@@ -292,10 +292,7 @@ class ChunkShuffleSampler(Sampler[int]):
         self.num_rows, self.chunk_rows = dataset.num_rows, dataset.chunk_rows
         self.window = window or dataset.cache_chunks
         self.seed, self.shuffle = seed, shuffle
-        self.rank, self.world_size = rank_and_world(rank, world_size)
-        self.per_rank = self.num_rows // self.world_size
-        if self.per_rank == 0:
-            raise ValueError(f"ChunkShuffleSampler: {self.num_rows} rows cannot be shared by {self.world_size} ranks")
+        self.rank, self.world_size, self.per_rank = rank_share(self.num_rows, rank, world_size, "ChunkShuffleSampler")
         self.set_epoch(epoch, start)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:

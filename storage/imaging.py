@@ -33,7 +33,9 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
 
 def fit(img: Image.Image, size: int, mode: str) -> Image.Image:
     """``img`` as a ``size`` x ``size`` image in ``mode``: shorter side scaled, centre crop."""
-    img = _flatten_alpha(img).convert(mode)
+    img = _flatten_alpha(img)
+    if img.mode != mode:
+        img = img.convert(mode)
     w, h = img.size
     if (w, h) == (size, size):
         return img

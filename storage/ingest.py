@@ -193,8 +193,9 @@ def _write(task: ShardTask, reader: Any, dataset_url: str, storage_options: Stor
         if record.get("task") == task.digest():
             return dataclasses.replace(ShardResult.from_dict(record["result"]), reused=True)
 
-    counts: list[int] = []
+    counts: list[int] = []  # samples per label
     skipped: list[tuple[str, str]] = []
+    written = 0
     with atomic_open(url, storage_options) as f:
         with ShardWriter(f) as writer:
             for item in reader.read(task.split, task.unit):
@@ -209,12 +210,13 @@ def _write(task: ShardTask, reader: Any, dataset_url: str, storage_options: Stor
                     continue
                 meta = {"source": item.ref, "original_size": list(size)}
                 writer.write(
-                    sample_key(task.split, task.index, sum(counts)),
+                    sample_key(task.split, task.index, written),
                     {"png": png, "cls": b"%d" % item.label, "json": json.dumps(meta).encode()},
                 )
                 counts.extend([0] * (item.label + 1 - len(counts)))
                 counts[item.label] += 1
-        result = ShardResult(task.split, task.index, sum(counts), tuple(counts), tuple(skipped), writer.bytes_written)
+                written += 1
+        result = ShardResult(task.split, task.index, written, tuple(counts), tuple(skipped), writer.bytes_written)
         # The record goes first: a visible tar always has one (a record alone means "redo").
         write_json(record_url, {"task": task.digest(), "result": result.to_dict()}, storage_options)
     return result

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .artifacts import read_manifest
 from .fsutil import StorageOptions, join, redact
 from .imaging import ImageError, decode_png
-from .ranks import rank_and_world
+from .ranks import rank_share
 from .shards import ShardError, iter_samples
 
 Segment = tuple[str, int, int, int]  # (shard URL, first sample, samples to take, samples in the shard)
@@ -142,12 +142,9 @@ class ShardDataset(IterableDataset):
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
         self.storage_options = dict(storage_options or {})
-        self.rank, self.world_size = rank_and_world(rank, world_size)
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"ShardDataset: rank {self.rank} outside world_size {self.world_size}")
-        self.samples_per_rank = sum(n for _, n in self.shards) // self.world_size
-        if self.samples_per_rank == 0:
-            raise ValueError(f"{redact(dataset_url)} split {split!r} has fewer samples than the {self.world_size} ranks")
+        total = sum(n for _, n in self.shards)
+        where = f"ShardDataset({redact(dataset_url)}, {split!r})"
+        self.rank, self.world_size, self.samples_per_rank = rank_share(total, rank, world_size, where)
         self.set_epoch(epoch, start_batch)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:

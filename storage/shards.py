@@ -62,34 +62,46 @@ class ShardWriter:
     ...     w.write("train-000000-000000", {"png": png, "cls": b"3", "json": b"{}"})
     """
 
+    FLUSH_BYTES = 1 << 20  # few large writes: each write to an fsspec file costs a Python call chain
+
     def __init__(self, stream: BinaryIO):
         self.stream = stream
         self.bytes_written = 0
         self._template = _header_template()
+        self._template_sum = sum(self._template)
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
 
     def _header(self, name: bytes, size: int) -> bytes:
         if len(name) > 100:
             raise ValueError(f"tar member name {name!r} is longer than 100 bytes; use a shorter sample key")
+        size_field = b"%011o\0" % size
         h = self._template.copy()
         h[0 : len(name)] = name
-        h[124:136] = b"%011o\0" % size
-        h[148:156] = b"%06o\0 " % sum(h)
+        h[124:136] = size_field
+        # The checksum sums every header byte; only the name and size differ from the template.
+        h[148:156] = b"%06o\0 " % (self._template_sum + sum(name) + sum(size_field))
         return bytes(h)
 
     def write(self, key: str, fields: Mapping[str, bytes]) -> None:
         """Write one sample: a member ``{key}.{ext}`` per field, fields in sorted order."""
         if "." in key or not key:
             raise ValueError(f"sample key {key!r} must be non-empty and have no dots (WebDataset splits on them)")
-        parts = []
         for ext in sorted(fields):
             data = fields[ext]
-            parts += [self._header(f"{key}.{ext}".encode(), len(data)), data, bytes(-len(data) % BLOCK)]
-        blob = b"".join(parts)
-        self.stream.write(blob)
-        self.bytes_written += len(blob)
+            self._pending += [self._header(f"{key}.{ext}".encode(), len(data)), data, bytes(-len(data) % BLOCK)]
+            self._pending_bytes += BLOCK + len(data) + (-len(data) % BLOCK)
+        if self._pending_bytes >= self.FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.stream.write(b"".join(self._pending))
+        self.bytes_written += self._pending_bytes
+        self._pending, self._pending_bytes = [], 0
 
     def close(self) -> None:
         """End the archive: two zero blocks, padded to a whole record."""
+        self._flush()
         end = 2 * BLOCK + (-(self.bytes_written + 2 * BLOCK) % RECORD)
         self.stream.write(bytes(end))
         self.bytes_written += end

@@ -82,3 +82,14 @@ def s3_bucket(moto_endpoint, monkeypatch) -> S3Bucket:
     boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
     options = {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"], "endpoint_url": moto_endpoint}
     return S3Bucket(f"s3://{bucket}", moto_endpoint, options, env)
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def storage_root(request, tmp_path) -> tuple[str, dict | None]:
+    """``(root URL, storage_options)`` on a local disk, in memory:// and on the moto S3 server."""
+    if request.param == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        return f"{bucket.url}/root", bucket.storage_options
+    if request.param == "memory":
+        return f"memory://{tmp_path.name}", None
+    return str(tmp_path / "root"), None

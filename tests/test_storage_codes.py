@@ -43,18 +43,9 @@ def _expected(split):
     return [np.concatenate([p[0][lvl] for p in parts]) for lvl in range(len(LEVELS))], np.concatenate([p[1] for p in parts])
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
-def codes_root(request, tmp_path):
-    if request.param == "s3":
-        bucket = request.getfixturevalue("s3_bucket")
-        return f"{bucket.url}/codes/k1/codes.zarr", bucket.storage_options
-    if request.param == "memory":
-        return f"memory://{tmp_path.name}/codes.zarr", None
-    return str(tmp_path / "codes.zarr"), None
-
-
-def test_concurrent_writers_of_different_shards_read_back_exactly(codes_root):
-    url, options = codes_root
+def test_concurrent_writers_of_different_shards_read_back_exactly(storage_root):
+    root, options = storage_root
+    url = f"{root}/codes/k1/codes.zarr"
     info = create_codes(url, SHARDS, LEVELS, class_names=[str(i) for i in range(10)], attrs={"autoencoder": "abc"}, storage_options=options)
     assert info["splits"]["train"]["chunk_rows"] == 100  # divides every shard offset (100, 200, 300)
     jobs = [(split, s) for split, counts in SHARDS.items() for s in range(len(counts))]

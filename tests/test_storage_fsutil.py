@@ -9,24 +9,13 @@ from storage.ingest import IngestConfig, ingest
 from storage.sources import IdxSource
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
-def root(request, tmp_path):
-    """``(root URL, storage_options)`` on each kind of storage."""
-    if request.param == "s3":
-        bucket = request.getfixturevalue("s3_bucket")
-        return f"{bucket.url}/root", bucket.storage_options
-    if request.param == "memory":
-        return f"memory://{tmp_path.name}", None
-    return str(tmp_path / "root"), None
-
-
 def test_redact_drops_userinfo():
     assert redact("s3://AKIA:secret@bucket/x") == "s3://bucket/x"
     assert redact("/plain/path") == "/plain/path"
 
 
-def test_atomic_write_appears_whole_or_not_at_all(root):
-    url, options = root
+def test_atomic_write_appears_whole_or_not_at_all(storage_root):
+    url, options = storage_root
     write_json(f"{url}/a/b.json", {"x": 1}, options)
     assert read_json(f"{url}/a/b.json", options) == {"x": 1}
     with pytest.raises(RuntimeError, match="boom"):
@@ -37,8 +26,8 @@ def test_atomic_write_appears_whole_or_not_at_all(root):
     assert sorted(find(f"{url}/a", options)) == ["b.json"]  # no temporary left behind
 
 
-def test_brace_and_glob_patterns_expand_to_existing_files(root):
-    url, options = root
+def test_brace_and_glob_patterns_expand_to_existing_files(storage_root):
+    url, options = storage_root
     for i in range(3):
         write_bytes(f"{url}/shards/part-{i:03d}.tar", b"x", options)
     braces = expand_urls(f"{url}/shards/part-{{000..002}}.tar", options)

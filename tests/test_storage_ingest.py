@@ -29,24 +29,14 @@ from storage.sources import IdxSource, ImageFolderSource, TarSource
 SUBSET = 600  # Fashion-MNIST images per split in these tests
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
-def dataset_root(request, tmp_path):
-    """``(dataset_url, storage_options)`` on each kind of storage."""
-    if request.param == "s3":
-        bucket = request.getfixturevalue("s3_bucket")
-        return f"{bucket.url}/datasets/fm", bucket.storage_options
-    if request.param == "memory":
-        return f"memory://{tmp_path.name}/ds", None
-    return str(tmp_path / "ds"), None
-
-
 def _write_png(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
 
 
-def test_fashion_mnist_round_trip_reads_back_the_pixels_and_labels(dataset_root, fashion_mnist_test_split):
-    url, options = dataset_root
+def test_fashion_mnist_round_trip_reads_back_the_pixels_and_labels(storage_root, fashion_mnist_test_split):
+    root, options = storage_root
+    url = f"{root}/datasets/fm"
     config = IngestConfig(image_size=32, mode="L", shard_size=250, max_samples_per_split=SUBSET)
     manifest = ingest(IdxSource(), url, config, storage_options=options)
 

@@ -1,0 +1,163 @@
+"""Storage benchmark: ingest all 70,000 Fashion-MNIST images, and peak memory of ingesting and of
+reading codes at 7k vs 70k images.
+
+    python3 benchmarks/bench_storage.py [--processes 2] [--root /tmp/bench-storage]
+
+Prints:
+- the bare PNG-encode rate of the same (already resized) images, on one core and over a
+  pool of ``--processes`` processes, measured in this run;
+- the ingest rate (IDX -> resized PNG -> tar shards + manifest, ``--processes`` workers)
+  and its ratio to the bare pool rate (the goal is at least 0.5);
+- peak RSS of ingesting 7k and 70k images, and of one epoch of reading 7k and 70k rows of
+  codes through CodeDataset + ChunkShuffleSampler, each in a fresh subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from storage.idx import read_idx  # noqa: E402
+from storage.imaging import encode_png, fit  # noqa: E402
+from storage.sources import FASHION_MNIST_DIR  # noqa: E402
+
+IMAGE_SIZE = 32
+LEVELS = [(8, 8), (16, 16)]  # the fashion-mnist preset's code grids, top first
+SHARD = 1000
+
+
+def _peak_rss_mib() -> float:
+    # VmHWM, not getrusage: ru_maxrss survives fork + exec, so a child would report its parent's peak.
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def _encode_all(images: np.ndarray) -> int:
+    return sum(len(encode_png(Image.fromarray(a))) for a in images)
+
+
+def bare_png_rates(processes: int) -> tuple[float, float]:
+    """Images/s of PIL PNG encoding alone, of the same 70k images fitted to 32 x 32."""
+    raw = np.concatenate([read_idx(f"{FASHION_MNIST_DIR}/{p}-images-idx3-ubyte.gz") for p in ("train", "t10k")])
+    fitted = np.stack([np.asarray(fit(Image.fromarray(a), IMAGE_SIZE, "L")) for a in raw])
+    start = time.perf_counter()
+    _encode_all(fitted)
+    one = len(fitted) / (time.perf_counter() - start)
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(_encode_all, np.array_split(fitted[:processes], processes))  # start the workers first
+        start = time.perf_counter()
+        pool.map(_encode_all, np.array_split(fitted, processes))
+        many = len(fitted) / (time.perf_counter() - start)
+    return one, many
+
+
+def child_ingest(out: str, per_split: int | None, processes: int) -> dict:
+    from storage.ingest import IngestConfig, ingest
+    from storage.sources import IdxSource
+
+    start = time.perf_counter()
+    config = IngestConfig(image_size=IMAGE_SIZE, mode="L", shard_size=SHARD, max_samples_per_split=per_split)
+    manifest = ingest(IdxSource(), out, config, processes=processes)
+    seconds = time.perf_counter() - start
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"images": manifest["num_samples"], "seconds": seconds, "peak_rss_mib": _peak_rss_mib(), "children_peak_rss_mib": children}
+
+
+def child_write_codes(url: str, rows: int) -> dict:
+    from storage.codes import create_codes, finish_codes, write_codes
+
+    counts = [SHARD] * (rows // SHARD)
+    create_codes(url, {"train": counts}, LEVELS)
+    rng = np.random.default_rng(0)
+    for shard, n in enumerate(counts):
+        codes = [rng.integers(0, 512, (n, h, w)) for h, w in LEVELS]
+        keys = [f"train-{shard:06d}-{i:06d}" for i in range(n)]
+        write_codes(url, "train", shard * SHARD, codes, rng.integers(0, 10, n), keys)
+    finish_codes(url)
+    return {"rows": rows}
+
+
+def child_read_codes(url: str) -> dict:
+    import torch
+
+    from storage.codes import ChunkShuffleSampler, CodeDataset
+
+    after_imports = _peak_rss_mib()
+    dataset = CodeDataset(url, "train")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, sampler=ChunkShuffleSampler(dataset, seed=0))
+    start, rows = time.perf_counter(), 0
+    for (top, bottom), labels in loader:
+        rows += len(labels)
+    seconds = time.perf_counter() - start
+    return {"rows": rows, "rows_per_s": rows / seconds, "rss_after_imports_mib": after_imports, "peak_rss_mib": _peak_rss_mib()}
+
+
+def run_child(*args: str) -> dict:
+    """Run this script in a fresh interpreter (its own peak RSS) and return its JSON line."""
+    out = subprocess.run([sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--root", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        if kind == "ingest":
+            result = child_ingest(rest[0], int(rest[1]) or None, int(rest[2]))
+        elif kind == "write-codes":
+            result = child_write_codes(rest[0], int(rest[1]))
+        else:
+            result = child_read_codes(rest[0])
+        print(json.dumps(result))
+        return
+
+    root = Path(args.root or tempfile.mkdtemp(prefix="bench-storage-"))
+    shutil.rmtree(root, ignore_errors=True)
+    print(f"machine: {multiprocessing.cpu_count()} cores; scratch {root}")
+
+    one, many = bare_png_rates(args.processes)
+    print(f"bare PNG encode, 70,000 images 32x32 L: {one:8.0f} images/s on 1 core, {many:8.0f} images/s over {args.processes} processes")
+
+    full = run_child("ingest", str(root / "full"), "0", str(args.processes))
+    rate = full["images"] / full["seconds"]
+    print(
+        f"ingest ({args.processes} processes), {full['images']} images -> {SHARD}-image shards: "
+        f"{full['seconds']:.1f} s, {rate:8.0f} images/s = {rate / many:.2f} x the bare {args.processes}-process PNG rate "
+        f"({rate / one:.2f} x one core's)"
+    )
+
+    for per_split, label in ((3500, "7k"), (0, "70k")):
+        r = run_child("ingest", str(root / f"rss-{label}"), str(per_split), "1")
+        print(f"ingest peak RSS, {r['images']:6d} images (1 process): {r['peak_rss_mib']:6.1f} MiB")
+
+    for rows in (7000, 70000):
+        url = str(root / f"codes-{rows}.zarr")
+        run_child("write-codes", url, str(rows))
+        r = run_child("read-codes", url)
+        print(
+            f"codes read peak RSS, {r['rows']:6d} rows (top 8x8 + bottom 16x16): {r['peak_rss_mib']:6.1f} MiB "
+            f"({r['rss_after_imports_mib']:.1f} MiB after imports; {r['rows_per_s']:.0f} rows/s)"
+        )
+    if args.root is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
