@@ -1,0 +1,186 @@
+"""The flows: `vqvae2` (the whole pipeline) and one flow per stage. Wiring only.
+
+    source -> ingest (mapped per shard) -> train_autoencoder -> encode (mapped per shard)
+           -> train_prior per level and train_classifier, concurrently
+           -> sample (mapped per batch) -> evaluate -> report
+
+Every task is cached on its content-addressed artifact, so a re-run with unchanged
+inputs ends with every task `Cached`. A stage flow runs one stage on the artifacts
+earlier stages left under the same storage root.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks.artifact_task import require
+from tasks.config import PipelineConfig
+from tasks.encode import encode_shard, finalize_codes, prepare_codes, shard_units
+from tasks.encode import codes_artifact
+from tasks.evaluate import evaluate
+from tasks.ingest import dataset_artifact, finalize, ingest_shard, plan_dataset
+from tasks.sample import batch_sizes, finalize_samples, sample_batch, samples_artifact
+from tasks.train_autoencoder import autoencoder_artifact, train_autoencoder
+from tasks.train_classifier import classifier_artifact, train_classifier
+from tasks.train_prior import prior_artifact, train_prior
+
+Manifest = dict[str, Any]
+TASK_RUNNER = ThreadPoolTaskRunner(max_workers=4)
+
+
+def run(task: Any, *args: Any) -> Any:
+    """Run a task and wait for its value (a task that finds its artifact returns a `Cached`
+    state, which a direct call would hand back as a state rather than its manifest)."""
+    return task.submit(*args).result()
+
+
+# --- stages: plain functions that call tasks, shared by the full flow and the stage flows ---
+
+
+def ingest_stage(config: PipelineConfig) -> Manifest:
+    plan = run(plan_dataset, config)
+    dataset = dataset_artifact(config, plan.source_digest)
+    shards = ingest_shard.map(plan.tasks, dataset=unmapped(dataset))
+    return run(finalize, plan, shards, config)
+
+
+def encode_stage(config: PipelineConfig, dataset: Manifest, autoencoder: Manifest) -> Manifest:
+    codes = run(prepare_codes, config, dataset, autoencoder)
+    encoded = encode_shard.map(unmapped(config), unmapped(dataset), unmapped(autoencoder), unmapped(codes),
+                               shard_units(dataset))
+    return run(finalize_codes, config, dataset, autoencoder, encoded)
+
+
+def priors_stage(config: PipelineConfig, codes: Manifest) -> list[Manifest]:
+    futures = [train_prior.submit(config, codes, level) for level in range(config.model.levels)]
+    return [future.result() for future in futures]
+
+
+def sample_stage(config: PipelineConfig, autoencoder: Manifest, priors: list[Manifest],
+                 judge: Manifest | None) -> Manifest:
+    samples = samples_artifact(config, autoencoder, priors, judge)
+    batches = sample_batch.map(unmapped(config), unmapped(autoencoder), unmapped(priors), unmapped(judge),
+                               unmapped(samples), range(len(batch_sizes(config))))
+    return run(finalize_samples, config, autoencoder, priors, judge, batches)
+
+
+def run_pipeline(config: PipelineConfig) -> Manifest:
+    dataset = ingest_stage(config)
+    # The judge needs only images: it trains while the autoencoder does.
+    judge = train_classifier.submit(config, dataset, "judge") if config.model.num_classes else None
+    autoencoder = run(train_autoencoder, config, dataset)
+    codes = encode_stage(config, dataset, autoencoder)
+    priors = priors_stage(config, codes)
+    judge_manifest = judge.result() if judge is not None else None
+    samples = sample_stage(config, autoencoder, priors, judge_manifest)
+    classifiers = [judge_manifest] if judge_manifest else []
+    return run(evaluate, config, dataset, autoencoder, codes, priors, classifiers, samples)
+
+
+# --- finding what earlier runs left, for the stage flows ---
+
+
+def existing_dataset(config: PipelineConfig) -> Manifest:
+    return require(dataset_artifact(config, run(plan_dataset, config).source_digest), "ingest")
+
+
+def existing_autoencoder(config: PipelineConfig, dataset: Manifest) -> Manifest:
+    return require(autoencoder_artifact(config, dataset), "train-autoencoder")
+
+
+def existing_codes(config: PipelineConfig, dataset: Manifest, autoencoder: Manifest) -> Manifest:
+    return require(codes_artifact(config, dataset, autoencoder), "encode")
+
+
+def existing_priors(config: PipelineConfig, codes: Manifest) -> list[Manifest]:
+    return [require(prior_artifact(config, codes, level), "train-priors") for level in range(config.model.levels)]
+
+
+def existing_judge(config: PipelineConfig, dataset: Manifest) -> Manifest | None:
+    if not config.model.num_classes:
+        return None
+    return require(classifier_artifact(config, dataset, "judge"), "train-classifier")
+
+
+def existing_samples(config: PipelineConfig, autoencoder: Manifest, priors: list[Manifest],
+                     judge: Manifest | None) -> Manifest:
+    return require(samples_artifact(config, autoencoder, priors, judge), "sample")
+
+
+# --- flows ---
+
+
+@flow(name="vqvae2-pipeline-on-dask")
+def _pipeline_on_dask(config: PipelineConfig) -> Manifest:
+    return run_pipeline(config)
+
+
+@flow(name="vqvae2", task_runner=TASK_RUNNER)
+def vqvae2_pipeline(config: PipelineConfig = PipelineConfig()) -> Manifest:
+    """The whole VQ-VAE-2 pipeline: ingest, train, encode, priors, sample, evaluate."""
+    if config.runner.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        runner = DaskTaskRunner(address=config.runner.dask_address)
+        return _pipeline_on_dask.with_options(task_runner=runner)(config)
+    return run_pipeline(config)
+
+
+@flow(name="vqvae2-ingest", task_runner=TASK_RUNNER)
+def ingest_flow(config: PipelineConfig = PipelineConfig()) -> Manifest:
+    """Shard the source into WebDataset tars (mapped per shard)."""
+    return ingest_stage(config)
+
+
+@flow(name="vqvae2-train-autoencoder", task_runner=TASK_RUNNER)
+def train_autoencoder_flow(config: PipelineConfig = PipelineConfig()) -> Manifest:
+    return run(train_autoencoder, config, existing_dataset(config))
+
+
+@flow(name="vqvae2-encode", task_runner=TASK_RUNNER)
+def encode_flow(config: PipelineConfig = PipelineConfig()) -> Manifest:
+    dataset = existing_dataset(config)
+    return encode_stage(config, dataset, existing_autoencoder(config, dataset))
+
+
+@flow(name="vqvae2-train-priors", task_runner=TASK_RUNNER)
+def train_priors_flow(config: PipelineConfig = PipelineConfig()) -> list[Manifest]:
+    dataset = existing_dataset(config)
+    return priors_stage(config, existing_codes(config, dataset, existing_autoencoder(config, dataset)))
+
+
+@flow(name="vqvae2-train-classifier", task_runner=TASK_RUNNER)
+def train_classifier_flow(config: PipelineConfig = PipelineConfig(), role: str = "judge") -> Manifest:
+    return run(train_classifier, config, existing_dataset(config), role)
+
+
+@flow(name="vqvae2-sample", task_runner=TASK_RUNNER)
+def sample_flow(config: PipelineConfig = PipelineConfig()) -> Manifest:
+    dataset = existing_dataset(config)
+    autoencoder = existing_autoencoder(config, dataset)
+    priors = existing_priors(config, existing_codes(config, dataset, autoencoder))
+    return sample_stage(config, autoencoder, priors, existing_judge(config, dataset))
+
+
+@flow(name="vqvae2-evaluate", task_runner=TASK_RUNNER)
+def evaluate_flow(config: PipelineConfig = PipelineConfig()) -> Manifest:
+    dataset = existing_dataset(config)
+    autoencoder = existing_autoencoder(config, dataset)
+    codes = existing_codes(config, dataset, autoencoder)
+    priors = existing_priors(config, codes)
+    judge = existing_judge(config, dataset)
+    samples = existing_samples(config, autoencoder, priors, judge)
+    return run(evaluate, config, dataset, autoencoder, codes, priors, [judge] if judge else [], samples)
+
+
+STAGE_FLOWS = {
+    "ingest": ingest_flow,
+    "train-autoencoder": train_autoencoder_flow,
+    "encode": encode_flow,
+    "train-priors": train_priors_flow,
+    "train-classifier": train_classifier_flow,
+    "sample": sample_flow,
+    "evaluate": evaluate_flow,
+}

@@ -1,0 +1,189 @@
+"""The pipeline's one typed config: a model preset with overrides, the source, the
+storage root, and a section per stage. Prefect renders it as the flow's form.
+
+Fields left at None take the preset's value (see `PRESET_DEFAULTS`), so choosing
+`smoke` in the form also chooses a smoke-sized dataset and sample count.
+"""
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+import vqvae2
+from storage.ingest import IngestConfig
+from storage.sources import FASHION_MNIST_DIR, IdxSource, ImageFolderSource, Source, TarSource, fashion_mnist_source
+
+PresetName = Literal["smoke", "fashion-mnist", "imagenet-256", "ffhq-1024"]
+
+# Pipeline-level values that follow the preset unless set explicitly.
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "smoke": {"max_samples_per_split": 2000, "num_samples": 16, "eval_images": 256},
+    "fashion-mnist": {"max_samples_per_split": None, "num_samples": 1000, "eval_images": 2000},
+    "imagenet-256": {"max_samples_per_split": None, "num_samples": 5000, "eval_images": 10000},
+    "ffhq-1024": {"max_samples_per_split": None, "num_samples": 1000, "eval_images": 1000},
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSection(Section):
+    kind: Literal["fashion-mnist", "idx", "image-folder", "tars"] = Field(
+        "fashion-mnist", description="fashion-mnist: the Debian package's files (or a checked download); "
+        "idx: MNIST-style IDX files at `url`; image-folder: one sub-folder per class at `url`; "
+        "tars: existing WebDataset tars, `url` a brace/glob pattern",
+    )
+    url: str | None = Field(None, description="Where the source lives (any fsspec URL); fashion-mnist needs none")
+    class_names: list[str] | None = Field(None, description="Class names of an idx or tars source")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the source's URL")
+
+    @model_validator(mode="after")
+    def _url_when_needed(self) -> SourceSection:
+        if self.kind != "fashion-mnist" and not self.url:
+            raise ValueError(f"source.url is required for a source of kind {self.kind!r}")
+        return self
+
+    def build(self, download_to: str) -> Source:
+        options = self.storage_options or None
+        if self.kind == "fashion-mnist":
+            if self.url:
+                return IdxSource(self.url, storage_options=options)
+            return fashion_mnist_source(download_to=download_to, storage_options=options)
+        if self.kind == "idx":
+            names = tuple(self.class_names) if self.class_names else IdxSource.__dataclass_fields__["class_names"].default
+            return IdxSource(self.url, class_names=names, storage_options=options)
+        if self.kind == "image-folder":
+            return ImageFolderSource(self.url, storage_options=options)
+        return TarSource(self.url, class_names=tuple(self.class_names) if self.class_names else None,
+                         storage_options=options)
+
+
+class StorageSection(Section):
+    root: str = Field("~/vqvae2-runs", description="Storage root, any fsspec URL: a local path, s3://bucket/prefix, "
+                      "memory:// (tests). S3 credentials come from the AWS_* environment variables")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for the root, e.g. {'endpoint_url': 'http://minio:9000'}"
+    )
+
+    @field_validator("root")
+    @classmethod
+    def _not_empty(cls, root: str) -> str:
+        if not root.strip():
+            raise ValueError("storage.root must not be empty")
+        return root
+
+    @property
+    def url(self) -> str:
+        """The root as used: `~` expanded on the machine that runs the flow, not the one that deployed it."""
+        return os.path.expanduser(self.root) if self.root.startswith("~") else self.root
+
+
+class IngestSection(Section):
+    shard_size: int = Field(1000, ge=1, description="Images per WebDataset shard (the unit of mapped work)")
+    max_samples_per_split: int | None = Field(None, ge=1, description="Keep only the first N images of each split; "
+                                              "None: the preset's choice (all, except for smoke)")
+    max_bad_fraction: float = Field(0.01, ge=0, lt=1, description="Fail if more than this share of images is unreadable")
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Share held out as `test` when the source has no split")
+    seed: int = 0
+
+
+class TrainingSection(Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    checkpoint_every: int = Field(500, ge=1, description="Save a checkpoint every N steps ...")
+    checkpoint_minutes: float = Field(10.0, gt=0, description="... and at least every M minutes")
+    log_every: int = Field(50, ge=1, description="Log metrics and update progress every N steps")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for reading shards")
+    fail_once_at_step: dict[str, int] = Field(
+        default_factory=dict,
+        description="Testing only: make a training stage ('autoencoder', 'prior-top', 'classifier', ...) fail once "
+        "at this step, to exercise retries and resuming",
+    )
+
+
+class EncodeSection(Section):
+    batch_size: int = Field(256, ge=1)
+
+
+class SampleSection(Section):
+    num_samples: int | None = Field(None, ge=1, description="Images to sample; None: the preset's choice")
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+
+
+class EvaluateSection(Section):
+    eval_images: int | None = Field(None, ge=1, description="Held-out images for reconstruction metrics; "
+                                    "None: the preset's choice")
+    grid_size: int = Field(64, ge=1, le=1024, description="Images in the report's sample and reconstruction grids")
+
+
+class RunnerSection(Section):
+    dask_address: str | None = Field(None, description="Run mapped and concurrent tasks on this Dask scheduler "
+                                     "(tcp://host:8786); None: a thread pool in the flow's process")
+    max_workers: int = Field(4, ge=1, description="Threads of the default task runner")
+
+
+class PipelineConfig(BaseModel):
+    """Everything one run of the vqvae2 pipeline needs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: PresetName = Field("fashion-mnist", description="Model and training preset")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Dotted-path overrides of the preset, e.g. {'autoencoder.channels': 64, 'train_prior.steps': 100}",
+    )
+    source: SourceSection = Field(default_factory=SourceSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+    ingest: IngestSection = Field(default_factory=IngestSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    encode: EncodeSection = Field(default_factory=EncodeSection)
+    sample: SampleSection = Field(default_factory=SampleSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    runner: RunnerSection = Field(default_factory=RunnerSection)
+
+    @model_validator(mode="after")
+    def _check_model(self) -> PipelineConfig:
+        self.model  # noqa: B018 - a bad override fails here, naming the field, not mid-run
+        return self
+
+    @cached_property
+    def model(self) -> vqvae2.ModelConfig:
+        """The preset with the overrides applied."""
+        return vqvae2.preset(self.preset, self.overrides)
+
+    def preset_default(self, name: str, value: Any) -> Any:
+        return PRESET_DEFAULTS[self.preset][name] if value is None else value
+
+    def ingest_config(self) -> IngestConfig:
+        model = self.model
+        return IngestConfig(
+            image_size=model.image_size,
+            mode="L" if model.image_channels == 1 else "RGB",
+            shard_size=self.ingest.shard_size,
+            max_bad_fraction=self.ingest.max_bad_fraction,
+            holdout_fraction=self.ingest.holdout_fraction,
+            seed=self.ingest.seed,
+            max_samples_per_split=self.preset_default("max_samples_per_split", self.ingest.max_samples_per_split),
+        )
+
+    @property
+    def num_samples(self) -> int:
+        return self.preset_default("num_samples", self.sample.num_samples)
+
+    @property
+    def eval_images(self) -> int:
+        return self.preset_default("eval_images", self.evaluate.eval_images)
+
+
+def pipeline_config(preset: PresetName = "fashion-mnist", **sections: Any) -> PipelineConfig:
+    """A config for `preset`, other sections given as dicts: `pipeline_config("smoke", storage={"root": ...})`."""
+    return PipelineConfig(preset=preset, **sections)
+
+
+__all__ = ["FASHION_MNIST_DIR", "PRESET_DEFAULTS", "PipelineConfig", "PresetName", "pipeline_config"]

@@ -1,0 +1,17 @@
+"""Load the models a finished stage saved (`model.pt`, a `vqvae2.to_checkpoint` dict)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+import vqvae2
+from storage.checkpoints import load_checkpoint
+
+
+def load_model(manifest: dict[str, Any], storage_options: dict[str, Any] | None = None,
+               device: torch.device | str = "cpu") -> nn.Module:
+    """The trained model of a training stage's manifest, in eval mode on `device`."""
+    checkpoint = load_checkpoint(manifest["model"], storage_options)
+    return vqvae2.from_checkpoint(checkpoint).to(device).eval()

@@ -1,0 +1,140 @@
+"""What a user watching the Prefect UI sees: progress bars, metric tables, markdown
+reports with images, loss curves, and log lines.
+
+Artifacts are created only inside a Prefect run; outside one (a notebook calling
+`task.fn`) these helpers only log, so the pipeline code never branches on it.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.context import get_run_context
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+
+
+def in_prefect_run() -> bool:
+    try:
+        get_run_context()
+        return True
+    except MissingContextError:
+        return False
+
+
+def logger() -> logging.Logger | logging.LoggerAdapter:
+    return get_run_logger() if in_prefect_run() else logging.getLogger("vqvae2")
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+class Progress:
+    """A progress artifact (a bar in the UI) updated as work advances."""
+
+    def __init__(self, description: str, total: int) -> None:
+        self.total, self.description = max(total, 1), description
+        self.id = create_progress_artifact(progress=0.0, description=description) if in_prefect_run() else None
+        self.last = -1.0
+
+    def update(self, done: int, note: str = "") -> None:
+        percent = round(100.0 * min(done, self.total) / self.total, 1)
+        if self.id is not None and percent != self.last:
+            description = f"{self.description}: {note}" if note else self.description
+            update_progress_artifact(artifact_id=self.id, progress=percent, description=description)
+        self.last = percent
+
+
+def publish_table(key: str, rows: Sequence[Mapping[str, Any]], description: str) -> None:
+    """A table artifact (a new version of `key` each call: the UI shows the latest)."""
+    if in_prefect_run() and rows:
+        create_table_artifact(key=artifact_key(key), table=[_rounded(r) for r in rows], description=description)
+
+
+def publish_markdown(key: str, markdown: str, description: str) -> None:
+    if in_prefect_run():
+        create_markdown_artifact(key=artifact_key(key), markdown=markdown, description=description)
+
+
+def _rounded(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+# --- images --------------------------------------------------------------------------------
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 1) -> np.ndarray:
+    """Images (N, C, H, W) in [0, 1] -> one uint8 grid (rows x cols), H x W (gray) or H x W x 3."""
+    n, c, h, w = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = torch.ones(c, rows * (h + pad) + pad, columns * (w + pad) + pad)
+    for i, image in enumerate(images.detach().float().cpu().clamp(0, 1)):
+        r, col = divmod(i, columns)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top:top + h, left:left + w] = image
+    array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return array[:, :, 0] if c == 1 else array
+
+
+def png_bytes(image: np.ndarray, scale: int = 1) -> bytes:
+    """uint8 H x W (x 3) -> PNG bytes, optionally enlarged (nearest) so small images stay visible."""
+    pil = Image.fromarray(image)
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    out = io.BytesIO()
+    pil.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def markdown_image(png: bytes, alt: str) -> str:
+    """An inline image the Prefect UI renders without access to the storage root."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def loss_curve_png(history: Sequence[Mapping[str, float]], title: str, keys: Sequence[str] = ("loss",)) -> bytes:
+    """A PNG line plot of `keys` against `step` (log scale when the range is wide)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    try:
+        for key in keys:
+            points = [(row["step"], row[key]) for row in history if key in row]
+            if points:
+                ax.plot(*zip(*points), label=key)
+        values = [row[k] for row in history for k in keys if k in row and row[k] > 0]
+        if values and max(values) / min(values) > 50:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        out = io.BytesIO()
+        fig.savefig(out, format="png")
+        return out.getvalue()
+    finally:
+        plt.close(fig)

@@ -1,0 +1,78 @@
+"""Stage 2: train the hierarchical VQ-VAE on the dataset's train split."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import vqvae2
+from storage.loader import ShardDataset, iter_shard_batches, shard_loader
+from vqvae2.config import config_to_dict
+
+from .artifact_task import Artifact, artifact_task
+from .config import PipelineConfig
+from .training import TrainingJob, run_training
+
+CODE_VERSION = "1"
+VALIDATION_IMAGES = 256
+
+
+def autoencoder_artifact(config: PipelineConfig, dataset: dict[str, Any]) -> Artifact:
+    model = config.model
+    section = {
+        "autoencoder": config_to_dict(model.autoencoder),
+        "train": config_to_dict(model.train_autoencoder),
+        "image": [model.image_size, model.image_channels],
+        "num_workers": config.training.num_workers,
+    }
+    return Artifact.of(config.storage.url, "autoencoder", section, {"dataset": dataset["key"]}, CODE_VERSION,
+                       config.storage.storage_options)
+
+
+def held_out_images(dataset: dict[str, Any], count: int, storage_options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` images (and labels) of the test split, in file order."""
+    images, labels = [], []
+    for index in range(len(dataset["splits"]["test"]["shards"])):
+        for batch_images, batch_labels, _ in iter_shard_batches(dataset["url"], "test", index, 256, storage_options):
+            images.append(batch_images)
+            labels.append(batch_labels)
+            if sum(len(b) for b in images) >= count:
+                return torch.cat(images)[:count], torch.cat(labels)[:count]
+    return torch.cat(images), torch.cat(labels)
+
+
+def train_batches(dataset: dict[str, Any], batch_size: int, seed: int, config: PipelineConfig):
+    """(batch source for `TrainingJob`, batches per epoch) over the train split's shards."""
+    options = config.storage.storage_options
+    shards = ShardDataset(dataset["url"], "train", batch_size=batch_size, seed=seed, storage_options=options)
+
+    def batches(epoch: int, start: int):
+        shards.set_epoch(epoch, start)
+        return shard_loader(shards, num_workers=config.training.num_workers)
+
+    return batches, len(shards)
+
+
+@artifact_task(locate=autoencoder_artifact, name="train-autoencoder")
+def train_autoencoder(config: PipelineConfig, dataset: dict[str, Any], artifact: Artifact) -> dict[str, Any]:
+    model_config, train = config.model, config.model.train_autoencoder
+    vqvae2.seed_everything(train.seed)
+    model = vqvae2.build_autoencoder(model_config)
+    validation, _ = held_out_images(dataset, VALIDATION_IMAGES, config.storage.storage_options)
+
+    def evaluate(model: vqvae2.VQVAE2) -> dict[str, float]:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            out = model(validation.to(device))
+            mse = F.mse_loss(out.reconstruction.clamp(0, 1), validation.to(device)).item()
+        names = vqvae2.level_names(model.levels)
+        return {"mse": mse, **{f"usage_{n}": float(u) for n, u in zip(names, out.usage)}}
+
+    batches, per_epoch = train_batches(dataset, train.batch_size, train.seed, config)
+    summary = run_training(TrainingJob(
+        name="autoencoder", model=model, loss_fn=vqvae2.autoencoder_loss, train=train, batches=batches,
+        batches_per_epoch=per_epoch, artifact=artifact, options=config.training, evaluate=evaluate,
+    ))  # fmt: skip
+    return {"dataset": dataset["key"], "latent_shapes": [list(s) for s in model_config.latent_shapes()],
+            "codebook_size": model_config.autoencoder.codebook_size, **summary}

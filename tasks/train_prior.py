@@ -1,0 +1,81 @@
+"""Stage 4a: train one level's prior on the codes: the top prior p(z_top), or a lower
+prior p(z_level | levels above), conditioned on the true codes above (teacher forcing).
+The priors of different levels train concurrently."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+import vqvae2
+from storage.codes import ChunkShuffleSampler, CodeDataset
+from vqvae2.config import config_to_dict
+
+from .artifact_task import Artifact, artifact_task
+from .config import PipelineConfig
+from .training import TrainingJob, run_training
+
+CODE_VERSION = "1"
+VALIDATION_ROWS = 1024
+
+
+def prior_artifact(config: PipelineConfig, codes: dict[str, Any], level: int) -> Artifact:
+    model = config.model
+    section = {
+        "prior": config_to_dict(model.priors[level]),
+        "train": config_to_dict(model.train_prior),
+        "level": level,
+        "num_classes": model.prior_num_classes(level),
+    }
+    return Artifact.of(config.storage.url, "priors", section, {"codes": codes["key"]}, CODE_VERSION,
+                       config.storage.storage_options)
+
+
+def level_batch(batch: Any, level: int, prior: vqvae2.PixelCNNPrior) -> tuple:
+    """A CodeDataset batch (codes per level, labels) -> what `prior_loss` takes for `level`."""
+    levels, labels = batch
+    return levels[level], (list(levels[:level]) if prior.conditional else None), (labels if prior.num_classes else None)
+
+
+def validation_batches(codes: dict[str, Any], storage_options: dict[str, Any], rows: int, batch_size: int):
+    """The first `rows` rows of the test split, in order, as CodeDataset batches."""
+    dataset = CodeDataset(codes["codes"], "test", storage_options=storage_options)
+    indices = range(min(rows, len(dataset)))
+    return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size)
+
+
+@artifact_task(locate=prior_artifact, name="train-prior", task_run_name="train-prior-{level}")
+def train_prior(config: PipelineConfig, codes: dict[str, Any], level: int, artifact: Artifact) -> dict[str, Any]:
+    model_config, train = config.model, config.model.train_prior
+    name = f"prior-{vqvae2.level_names(model_config.levels)[level]}"
+    vqvae2.seed_everything(train.seed + level)
+    prior = vqvae2.build_prior(model_config, level)
+    options = config.storage.storage_options
+    dataset = CodeDataset(codes["codes"], "train", storage_options=options)
+    sampler = ChunkShuffleSampler(dataset, seed=train.seed + level)
+    batches_per_epoch = -(-len(sampler) // train.batch_size)
+
+    def batches(epoch: int, start: int):
+        sampler.set_epoch(epoch, start * train.batch_size)
+        return DataLoader(dataset, batch_size=train.batch_size, sampler=sampler,
+                          num_workers=config.training.num_workers)
+
+    held_out = validation_batches(codes, options, VALIDATION_ROWS, train.batch_size)
+
+    def evaluate(model: vqvae2.PixelCNNPrior) -> dict[str, float]:
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in held_out:
+                target, cond, labels = vqvae2.train.move_batch(level_batch(batch, level, model), device)
+                total += model.loss(target, cond, labels).item() * len(target)
+                count += len(target)
+        return {"bits_per_code": vqvae2.bits_per_code(total / max(count, 1))}
+
+    summary = run_training(TrainingJob(
+        name=name, model=prior, loss_fn=lambda model, batch: vqvae2.prior_loss(model, level_batch(batch, level, model)),
+        train=train, batches=batches, batches_per_epoch=batches_per_epoch, artifact=artifact,
+        options=config.training, evaluate=evaluate,
+    ))  # fmt: skip
+    return {"codes": codes["key"], "level": level, "level_name": name, **summary}

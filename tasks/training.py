@@ -1,0 +1,212 @@
+"""One resumable training run, shared by the autoencoder, the priors and the classifiers.
+
+Every attempt (a Prefect retry, or a re-run after a crash) starts from the newest
+checkpoint under `{artifact}/checkpoints/`: model, optimizer, scheduler, step, the RNG
+states and the data position (epoch and batches consumed), so a resumed run takes
+the same batches with the same randomness as an uninterrupted one. Checkpoints are
+written every `checkpoint_every` steps and at least every `checkpoint_minutes`.
+
+It reports to the UI as it goes: a progress bar, a metrics table per epoch, log lines;
+at the end it writes `model.pt` (a `vqvae2.to_checkpoint` dict), `history.json` and a
+loss-curve PNG next to the checkpoints.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import vqvae2
+from storage.checkpoints import checkpoint_url, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from storage.fsutil import exists, write_bytes, write_json
+from vqvae2.config import TrainConfig
+from vqvae2.train import LossFn, Metrics
+
+from .artifact_task import Artifact
+from .config import TrainingSection
+from .reporting import Progress, format_metrics, logger, loss_curve_png, publish_table
+
+# (epoch, batches of it already consumed) -> the rest of that epoch's batches
+BatchSource = Callable[[int, int], Iterable[Any]]
+Evaluator = Callable[[nn.Module], dict[str, float]]
+
+
+class InjectedFault(RuntimeError):
+    """Raised by `TrainingSection.fail_once_at_step`, to test retries and resuming."""
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("training.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+@dataclass
+class TrainingJob:
+    name: str  # "autoencoder", "prior-top", "classifier-judge": also the fault-injection name
+    model: nn.Module
+    loss_fn: LossFn
+    train: TrainConfig
+    batches: BatchSource
+    batches_per_epoch: int
+    artifact: Artifact
+    options: TrainingSection
+    evaluate: Evaluator | None = None  # held-out metrics at each epoch's end and at the last step
+    extra_checkpoint: dict[str, Any] = field(default_factory=dict)
+
+
+class _EpochStream:
+    """Batches across epochs, tracking how many of the current epoch were handed out."""
+
+    def __init__(self, batches: BatchSource, epoch: int, consumed: int, on_epoch_end: Callable[[int], None]):
+        self.batches, self.epoch, self.consumed, self.on_epoch_end = batches, epoch, consumed, on_epoch_end
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            yielded = False
+            for batch in self.batches(self.epoch, self.consumed):
+                self.consumed += 1  # before the step runs: a checkpoint after it counts this batch
+                yielded = True
+                yield batch
+            if not yielded and self.consumed == 0:
+                raise ValueError("the training data yields no batches")
+            self.on_epoch_end(self.epoch)
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+class _Averages:
+    """Running sums of step metrics (tensors, so no device sync per step)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, metrics: Metrics) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0) + v.float()
+        self.count += 1
+
+    def pop(self) -> dict[str, float]:
+        means = {k: (v / self.count).item() for k, v in self.sums.items()} if self.count else {}
+        self.sums, self.count = {}, 0
+        return means
+
+
+def run_training(job: TrainingJob) -> dict[str, Any]:
+    """Train `job.model` to `job.train.steps`, resuming if a checkpoint exists; returns a summary."""
+    log, art, opts, train = logger(), job.artifact, job.options, job.train
+    storage = art.storage_options
+    device = resolve_device(opts.device)
+    model = vqvae2.prepare_model(job.model, device, train.channels_last)
+    optimizer, scheduler = vqvae2.make_optimizer(model, train)
+    checkpoints = art.path("checkpoints")
+
+    step, epoch, consumed, history, epochs = 0, 0, 0, [], []
+    latest = latest_checkpoint(checkpoints, storage)
+    if latest is not None:
+        state = load_checkpoint(latest, storage, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
+        history, epochs = list(state["history"]), list(state["epochs"])
+        log.info(f"{job.name}: resuming from step {step} (epoch {epoch}, batch {consumed}) of {latest}")
+    else:
+        vqvae2.seed_everything(train.seed)
+    resumed_from = step
+
+    progress = Progress(f"{job.name}: training", train.steps)
+    interval, epoch_window = _Averages(), _Averages()
+    last_save = time.monotonic()
+    last_step = step
+    stream: _EpochStream
+
+    def save(at_step: int) -> None:
+        nonlocal last_save
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(), "step": at_step, "epoch": stream.epoch, "consumed": stream.consumed,
+            "history": history, "epochs": epochs, **job.extra_checkpoint,
+        }  # fmt: skip
+        save_checkpoint(checkpoint_url(checkpoints, at_step), state, storage)
+        prune_checkpoints(checkpoints, keep=2, storage_options=storage)
+        last_save = time.monotonic()
+
+    def close_epoch(finished: int, at_step: int, partial: bool = False) -> None:
+        row = {"epoch": finished, "step": at_step, **{f"train_{k}": v for k, v in epoch_window.pop().items()}}
+        if job.evaluate is not None:
+            model.eval()
+            row.update({f"val_{k}": v for k, v in job.evaluate(model).items()})
+        row["partial_epoch"] = partial
+        epochs.append(row)
+        log.info(f"{job.name} epoch {finished}{' (partial)' if partial else ''}: {format_metrics(row)}")
+        publish_table(f"{job.name}-epochs", epochs, f"{job.name}: metrics per epoch")
+
+    def on_step(at_step: int, metrics: Metrics) -> None:
+        nonlocal last_step
+        last_step = at_step
+        interval.add(metrics)
+        epoch_window.add(metrics)
+        if at_step % opts.log_every == 0 or at_step == train.steps:
+            means = interval.pop()
+            history.append({"step": at_step, "epoch": stream.epoch, **means})
+            progress.update(at_step, f"step {at_step}/{train.steps}, loss {means.get('loss', float('nan')):.4g}")
+            if not np.isfinite(means.get("loss", 0.0)):
+                raise FloatingPointError(f"{job.name}: the loss is {means['loss']} at step {at_step}; training diverged")
+        if at_step % opts.checkpoint_every == 0 or time.monotonic() - last_save > 60 * opts.checkpoint_minutes:
+            save(at_step)
+        if opts.fail_once_at_step.get(job.name) == at_step and not exists(art.path("fault-injected"), storage):
+            write_bytes(art.path("fault-injected"), b"", storage)
+            raise InjectedFault(f"{job.name}: fault injected at step {at_step} (training.fail_once_at_step)")
+
+    stream = _EpochStream(job.batches, epoch, consumed, lambda finished: close_epoch(finished, last_step))
+    final = vqvae2.fit(model, optimizer, stream, job.loss_fn, train, scheduler=scheduler, start_step=step,
+                       hooks=[on_step])
+    if epoch_window.count:
+        close_epoch(stream.epoch, final, partial=stream.consumed < job.batches_per_epoch)
+    save(final)
+
+    model.eval()
+    write_bytes(art.path("loss_curve.png"), loss_curve_png(history, f"{job.name} training loss"), storage)
+    write_json(art.path("history.json"), {"steps": history, "epochs": epochs}, storage)
+    save_checkpoint(art.path("model.pt"), vqvae2.to_checkpoint(model.cpu().float()), storage)
+    final_metrics = {**(history[-1] if history else {}), **(epochs[-1] if epochs else {})}
+    return {
+        "steps": final,
+        "resumed_from_step": resumed_from,
+        "epochs": len(epochs),
+        "metrics": {k: v for k, v in final_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        "model": art.path("model.pt"),
+        "loss_curve": art.path("loss_curve.png"),
+        "history": art.path("history.json"),
+        "device": str(device),
+    }
