@@ -104,6 +104,8 @@ def clean_incomplete(
     The age guard spares directories a running task is still writing. Returns the
     URLs removed. ``stage=None`` cleans every stage under ``root``.
     """
+    if not exists(root, storage_options):
+        return []
     stages = [stage] if stage is not None else sorted({rel.split("/", 1)[0] for rel in find(root, storage_options) if "/" in rel})
     removed = []
     now = time.time()

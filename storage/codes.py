@@ -107,13 +107,13 @@ def create_codes(
     try:
         existing = dict(_open(url, "r", storage_options).attrs)
     except FileNotFoundError:
-        existing = None
-    if existing is not None:
+        existing = {}
+    if existing.get("format") == FORMAT:  # the layout attrs go last, so their presence means "created"
         if {k: existing.get(k) for k in layout} != layout:
             raise ValueError(f"{redact(url)}: a codes group with another layout exists; use a new URL (key) for new codes")
         return existing
 
-    group = _open(url, "w", storage_options)
+    group = _open(url, "w", storage_options)  # absent, or half-created by a crashed attempt
     for split, info in splits.items():
         n, rows = info["num_rows"], info["chunk_rows"]
         sub = group.create_group(split)

@@ -142,9 +142,9 @@ def find(url: str, storage_options: StorageOptions = None) -> dict[str, dict]:
     fs, path = filesystem(url, storage_options)
     fs.invalidate_cache(path)
     with storage_errors(url):
-        if not fs.isdir(path):
-            raise FileNotFoundError(f"{redact(url)} is not a folder")
-        found = fs.find(path, detail=True)
+        found = fs.find(path, detail=True) if fs.isdir(path) else None
+    if found is None:
+        raise FileNotFoundError(f"{redact(url)}: not found (no such folder)")
     root = path.rstrip("/") + "/"
     return {name[len(root):]: info for name, info in found.items() if name.startswith(root)}
 

@@ -51,6 +51,8 @@ def fit(img: Image.Image, size: int, mode: str) -> Image.Image:
 def load(data: bytes | np.ndarray) -> Image.Image:
     """Decode an encoded image file, or wrap a uint8 H x W (x C) array; raises :class:`ImageError`."""
     if isinstance(data, np.ndarray):
+        if data.ndim == 2 and data.dtype == np.uint8:  # IDX rows: frombuffer skips fromarray's checks
+            return Image.frombuffer("L", data.shape[::-1], np.ascontiguousarray(data), "raw", "L", 0, 1)
         return Image.fromarray(data)
     if not data:
         raise ImageError("empty file")

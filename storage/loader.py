@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .artifacts import read_manifest
 from .fsutil import StorageOptions, join, redact
 from .imaging import ImageError, decode_png
+from .ingest import FORMAT
 from .ranks import rank_share
 from .shards import ShardError, iter_samples
 
@@ -55,6 +56,8 @@ def dataset_manifest(dataset_url: str, storage_options: StorageOptions = None) -
         raise FileNotFoundError(
             f"{redact(dataset_url)}: no manifest.json; the dataset was not ingested there or its ingest did not finish"
         )
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{redact(dataset_url)}/manifest.json is not a {FORMAT} dataset manifest (storage.ingest writes those)")
     return manifest
 
 

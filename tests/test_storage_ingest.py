@@ -119,6 +119,19 @@ def test_image_folder_skips_and_names_corrupt_and_empty_files(folder_with_bad_fi
     assert images.shape == (5, 3, 16, 16)
 
 
+def test_image_folder_on_s3_ingests_to_memory(folder_with_bad_files, s3_bucket, tmp_path):
+    from storage.fsutil import filesystem
+
+    fs, path = filesystem(f"{s3_bucket.url}/images", s3_bucket.storage_options)
+    fs.put(str(folder_with_bad_files) + "/", path, recursive=True)
+    source = ImageFolderSource(f"{s3_bucket.url}/images", storage_options=s3_bucket.storage_options)
+    config = IngestConfig(image_size=16, mode="RGB", shard_size=7, max_bad_fraction=0.1)
+    manifest = ingest(source, f"memory://{tmp_path.name}/ds", config)
+    assert manifest["num_samples"] == 24
+    assert sorted(s["ref"] for split in manifest["splits"].values() for s in split["skipped"]) == ["dog/corrupt.png", "owl/empty.png"]
+    assert manifest["source"] == {"kind": "image_folder", "url": f"{s3_bucket.url}/images"}
+
+
 def test_too_many_bad_images_fail_clearly_and_leave_no_manifest(folder_with_bad_files, tmp_path):
     url = str(tmp_path / "ds")
     config = IngestConfig(image_size=16, shard_size=5, max_bad_fraction=0.05)
