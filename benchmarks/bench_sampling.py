@@ -12,7 +12,8 @@ Prints two tables (issue 6):
    depth (256 intensities per subpixel, one step per subpixel, the same cached sampler).
 
     python benchmarks/bench_sampling.py                 # about 3 minutes on 2 CPU cores
-    python benchmarks/bench_sampling.py --threads 1 --device cuda
+    python benchmarks/bench_sampling.py --threads 1     # steadier on a CPU other jobs share
+    python benchmarks/bench_sampling.py --device cuda
 """
 from __future__ import annotations
 

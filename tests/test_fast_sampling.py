@@ -23,6 +23,15 @@ def test_cached_logits_equal_the_full_forward_at_every_position(case):
     torch.testing.assert_close(incremental_logits(prior, codes, cond, labels), full, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("case", ["middle-of-three", "bottom-of-three-given-two"])
+def test_in_float64_the_difference_is_rounding_alone(case):
+    prior, codes, cond, labels = _prior_and_inputs(case)
+    prior = prior.double().to(memory_format=torch.channels_last)  # any dtype, any weight layout
+    with torch.no_grad():
+        full = prior(codes, cond, labels)
+    torch.testing.assert_close(incremental_logits(prior, codes, cond, labels), full, atol=1e-12, rtol=0)
+
+
 def _small_prior(shape: tuple[int, int], kernel_size: int) -> PixelCNNPrior:
     """Every feature at once (attention, a level above, labels) on any grid."""
     config = PriorConfig(channels=8, layers=3, kernel_size=kernel_size, attention_layers=1, attention_heads=2,
