@@ -15,16 +15,16 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.artifact_task import require
 from tasks.config import PipelineConfig
 from tasks.encode import encode_shard, finalize_codes, prepare_codes, shard_units
-from tasks.encode import codes_artifact
 from tasks.evaluate import evaluate
 from tasks.ingest import dataset_artifact, finalize, ingest_shard, plan_dataset
+from tasks.lookup import FinishedRun, find_dataset
+from tasks.reporting import track
 from tasks.sample import batch_sizes, finalize_samples, sample_batch, samples_artifact
-from tasks.train_autoencoder import autoencoder_artifact, train_autoencoder
-from tasks.train_classifier import classifier_artifact, train_classifier
-from tasks.train_prior import prior_artifact, train_prior
+from tasks.train_autoencoder import train_autoencoder
+from tasks.train_classifier import train_classifier
+from tasks.train_prior import train_prior
 
 Manifest = dict[str, Any]
 TASK_RUNNER = ThreadPoolTaskRunner(max_workers=4)
@@ -42,14 +42,14 @@ def run(task: Any, *args: Any) -> Any:
 def ingest_stage(config: PipelineConfig) -> Manifest:
     plan = run(plan_dataset, config)
     dataset = dataset_artifact(config, plan.source_digest)
-    shards = ingest_shard.map(plan.tasks, dataset=unmapped(dataset))
+    shards = track(ingest_shard.map(plan.tasks, dataset=unmapped(dataset)), "ingest: shards written")
     return run(finalize, plan, shards, config)
 
 
 def encode_stage(config: PipelineConfig, dataset: Manifest, autoencoder: Manifest) -> Manifest:
     codes = run(prepare_codes, config, dataset, autoencoder)
-    encoded = encode_shard.map(unmapped(config), unmapped(dataset), unmapped(autoencoder), unmapped(codes),
-                               shard_units(dataset))
+    encoded = track(encode_shard.map(unmapped(config), unmapped(dataset), unmapped(autoencoder), unmapped(codes),
+                                     shard_units(dataset)), "encode: shards encoded")
     return run(finalize_codes, config, dataset, autoencoder, encoded)
 
 
@@ -61,8 +61,8 @@ def priors_stage(config: PipelineConfig, codes: Manifest) -> list[Manifest]:
 def sample_stage(config: PipelineConfig, autoencoder: Manifest, priors: list[Manifest],
                  judge: Manifest | None) -> Manifest:
     samples = samples_artifact(config, autoencoder, priors, judge)
-    batches = sample_batch.map(unmapped(config), unmapped(autoencoder), unmapped(priors), unmapped(judge),
-                               unmapped(samples), range(len(batch_sizes(config))))
+    batches = track(sample_batch.map(unmapped(config), unmapped(autoencoder), unmapped(priors), unmapped(judge),
+                                     unmapped(samples), range(len(batch_sizes(config)))), "sample: batches drawn")
     return run(finalize_samples, config, autoencoder, priors, judge, batches)
 
 
@@ -77,36 +77,6 @@ def run_pipeline(config: PipelineConfig) -> Manifest:
     samples = sample_stage(config, autoencoder, priors, judge_manifest)
     classifiers = [judge_manifest] if judge_manifest else []
     return run(evaluate, config, dataset, autoencoder, codes, priors, classifiers, samples)
-
-
-# --- finding what earlier runs left, for the stage flows ---
-
-
-def existing_dataset(config: PipelineConfig) -> Manifest:
-    return require(dataset_artifact(config, run(plan_dataset, config).source_digest), "ingest")
-
-
-def existing_autoencoder(config: PipelineConfig, dataset: Manifest) -> Manifest:
-    return require(autoencoder_artifact(config, dataset), "train-autoencoder")
-
-
-def existing_codes(config: PipelineConfig, dataset: Manifest, autoencoder: Manifest) -> Manifest:
-    return require(codes_artifact(config, dataset, autoencoder), "encode")
-
-
-def existing_priors(config: PipelineConfig, codes: Manifest) -> list[Manifest]:
-    return [require(prior_artifact(config, codes, level), "train-priors") for level in range(config.model.levels)]
-
-
-def existing_judge(config: PipelineConfig, dataset: Manifest) -> Manifest | None:
-    if not config.model.num_classes:
-        return None
-    return require(classifier_artifact(config, dataset, "judge"), "train-classifier")
-
-
-def existing_samples(config: PipelineConfig, autoencoder: Manifest, priors: list[Manifest],
-                     judge: Manifest | None) -> Manifest:
-    return require(samples_artifact(config, autoencoder, priors, judge), "sample")
 
 
 # --- flows ---
@@ -136,43 +106,43 @@ def ingest_flow(config: PipelineConfig = PipelineConfig()) -> Manifest:
 
 @flow(name="vqvae2-train-autoencoder", task_runner=TASK_RUNNER)
 def train_autoencoder_flow(config: PipelineConfig = PipelineConfig()) -> Manifest:
-    return run(train_autoencoder, config, existing_dataset(config))
+    """Train the autoencoder on an ingested dataset."""
+    return run(train_autoencoder, config, find_dataset(config))
 
 
 @flow(name="vqvae2-encode", task_runner=TASK_RUNNER)
 def encode_flow(config: PipelineConfig = PipelineConfig()) -> Manifest:
-    dataset = existing_dataset(config)
-    return encode_stage(config, dataset, existing_autoencoder(config, dataset))
+    """Encode the dataset with a trained autoencoder (mapped per shard)."""
+    finished = FinishedRun(config)
+    return encode_stage(config, finished.dataset, finished.autoencoder)
 
 
 @flow(name="vqvae2-train-priors", task_runner=TASK_RUNNER)
 def train_priors_flow(config: PipelineConfig = PipelineConfig()) -> list[Manifest]:
-    dataset = existing_dataset(config)
-    return priors_stage(config, existing_codes(config, dataset, existing_autoencoder(config, dataset)))
+    """Train the prior of every level on the codes, concurrently."""
+    return priors_stage(config, FinishedRun(config).codes)
 
 
 @flow(name="vqvae2-train-classifier", task_runner=TASK_RUNNER)
 def train_classifier_flow(config: PipelineConfig = PipelineConfig(), role: str = "judge") -> Manifest:
-    return run(train_classifier, config, existing_dataset(config), role)
+    """Train a classifier on the dataset's images (`judge` for rejection sampling)."""
+    return run(train_classifier, config, find_dataset(config), role)
 
 
 @flow(name="vqvae2-sample", task_runner=TASK_RUNNER)
 def sample_flow(config: PipelineConfig = PipelineConfig()) -> Manifest:
-    dataset = existing_dataset(config)
-    autoencoder = existing_autoencoder(config, dataset)
-    priors = existing_priors(config, existing_codes(config, dataset, autoencoder))
-    return sample_stage(config, autoencoder, priors, existing_judge(config, dataset))
+    """Sample images from the trained priors (mapped per batch)."""
+    finished = FinishedRun(config)
+    return sample_stage(config, finished.autoencoder, finished.priors, finished.judge)
 
 
 @flow(name="vqvae2-evaluate", task_runner=TASK_RUNNER)
 def evaluate_flow(config: PipelineConfig = PipelineConfig()) -> Manifest:
-    dataset = existing_dataset(config)
-    autoencoder = existing_autoencoder(config, dataset)
-    codes = existing_codes(config, dataset, autoencoder)
-    priors = existing_priors(config, codes)
-    judge = existing_judge(config, dataset)
-    samples = existing_samples(config, autoencoder, priors, judge)
-    return run(evaluate, config, dataset, autoencoder, codes, priors, [judge] if judge else [], samples)
+    """Measure a finished run and write its report."""
+    finished = FinishedRun(config)
+    judge = finished.judge
+    return run(evaluate, config, finished.dataset, finished.autoencoder, finished.codes, finished.priors,
+               [judge] if judge else [], finished.samples)
 
 
 STAGE_FLOWS = {

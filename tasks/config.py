@@ -97,6 +97,8 @@ class TrainingSection(Section):
     checkpoint_minutes: float = Field(10.0, gt=0, description="... and at least every M minutes")
     log_every: int = Field(50, ge=1, description="Log metrics and update progress every N steps")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes for reading shards")
+    subprocess: bool = Field(True, description="Run each training attempt in a fresh process (isolated RNG and "
+                             "CUDA context); off runs it in the task's thread, for debugging")
     fail_once_at_step: dict[str, int] = Field(
         default_factory=dict,
         description="Testing only: make a training stage ('autoencoder', 'prior-top', 'classifier', ...) fail once "
@@ -148,8 +150,13 @@ class PipelineConfig(BaseModel):
     runner: RunnerSection = Field(default_factory=RunnerSection)
 
     @model_validator(mode="after")
-    def _check_model(self) -> PipelineConfig:
+    def _check(self) -> PipelineConfig:
         self.model  # noqa: B018 - a bad override fails here, naming the field, not mid-run
+        if self.storage.root.startswith("memory://") and self.training.subprocess:
+            raise ValueError(
+                "storage.root is memory://, which lives inside one process, but training runs in its own "
+                "process: set training.subprocess to false, or use a local or s3:// root"
+            )
         return self
 
     @cached_property

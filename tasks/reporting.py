@@ -25,6 +25,7 @@ from prefect.artifacts import (
 )
 from prefect.context import get_run_context
 from prefect.exceptions import MissingContextError
+from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
 
 
@@ -59,6 +60,15 @@ class Progress:
             description = f"{self.description}: {note}" if note else self.description
             update_progress_artifact(artifact_id=self.id, progress=percent, description=description)
         self.last = percent
+
+
+def track(futures: Sequence[PrefectFuture], description: str) -> list[PrefectFuture]:
+    """Wait for mapped tasks, moving a progress bar as each finishes; returns the futures."""
+    futures = list(futures)
+    progress = Progress(description, len(futures))
+    for done, _ in enumerate(as_completed(futures), start=1):
+        progress.update(done, f"{done}/{len(futures)} done")
+    return futures
 
 
 def publish_table(key: str, rows: Sequence[Mapping[str, Any]], description: str) -> None:

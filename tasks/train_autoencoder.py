@@ -12,7 +12,7 @@ from vqvae2.config import config_to_dict
 
 from .artifact_task import Artifact, artifact_task
 from .config import PipelineConfig
-from .training import TrainingJob, run_training
+from .training import TrainingJob, private_generator, train
 
 CODE_VERSION = "1"
 VALIDATION_IMAGES = 256
@@ -49,15 +49,14 @@ def train_batches(dataset: dict[str, Any], batch_size: int, seed: int, config: P
 
     def batches(epoch: int, start: int):
         shards.set_epoch(epoch, start)
-        return shard_loader(shards, num_workers=config.training.num_workers)
+        return shard_loader(shards, num_workers=config.training.num_workers, generator=private_generator(seed, epoch))
 
     return batches, len(shards)
 
 
-@artifact_task(locate=autoencoder_artifact, name="train-autoencoder")
-def train_autoencoder(config: PipelineConfig, dataset: dict[str, Any], artifact: Artifact) -> dict[str, Any]:
-    model_config, train = config.model, config.model.train_autoencoder
-    vqvae2.seed_everything(train.seed)
+def autoencoder_job(config: PipelineConfig, dataset: dict[str, Any], artifact: Artifact) -> TrainingJob:
+    model_config, train_config = config.model, config.model.train_autoencoder
+    vqvae2.seed_everything(train_config.seed)
     model = vqvae2.build_autoencoder(model_config)
     validation, _ = held_out_images(dataset, VALIDATION_IMAGES, config.storage.storage_options)
 
@@ -69,10 +68,16 @@ def train_autoencoder(config: PipelineConfig, dataset: dict[str, Any], artifact:
         names = vqvae2.level_names(model.levels)
         return {"mse": mse, **{f"usage_{n}": float(u) for n, u in zip(names, out.usage)}}
 
-    batches, per_epoch = train_batches(dataset, train.batch_size, train.seed, config)
-    summary = run_training(TrainingJob(
-        name="autoencoder", model=model, loss_fn=vqvae2.autoencoder_loss, train=train, batches=batches,
+    batches, per_epoch = train_batches(dataset, train_config.batch_size, train_config.seed, config)
+    return TrainingJob(
+        name="autoencoder", model=model, loss_fn=vqvae2.autoencoder_loss, train=train_config, batches=batches,
         batches_per_epoch=per_epoch, artifact=artifact, options=config.training, evaluate=evaluate,
-    ))  # fmt: skip
-    return {"dataset": dataset["key"], "latent_shapes": [list(s) for s in model_config.latent_shapes()],
-            "codebook_size": model_config.autoencoder.codebook_size, **summary}
+    )
+
+
+@artifact_task(locate=autoencoder_artifact, name="train-autoencoder")
+def train_autoencoder(config: PipelineConfig, dataset: dict[str, Any], artifact: Artifact) -> dict[str, Any]:
+    summary = train(autoencoder_job, config, dataset, artifact, title="autoencoder: training",
+                    in_subprocess=config.training.subprocess)
+    return {"dataset": dataset["key"], "latent_shapes": [list(s) for s in config.model.latent_shapes()],
+            "codebook_size": config.model.autoencoder.codebook_size, **summary}

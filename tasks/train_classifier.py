@@ -13,7 +13,7 @@ from vqvae2.config import config_to_dict
 from .artifact_task import Artifact, artifact_task
 from .config import PipelineConfig
 from .train_autoencoder import held_out_images, train_batches
-from .training import TrainingJob, run_training
+from .training import TrainingJob, train
 
 CODE_VERSION = "1"
 VALIDATION_IMAGES = 1000
@@ -32,13 +32,11 @@ def classifier_artifact(config: PipelineConfig, dataset: dict[str, Any], role: s
                        config.storage.storage_options)
 
 
-@artifact_task(locate=classifier_artifact, name="train-classifier", task_run_name="train-classifier-{role}")
-def train_classifier(config: PipelineConfig, dataset: dict[str, Any], role: str, artifact: Artifact) -> dict[str, Any]:
-    if role not in ROLE_SEEDS:
-        raise ValueError(f"classifier role must be one of {sorted(ROLE_SEEDS)}, got {role!r}")
+def classifier_job(config: PipelineConfig, dataset: dict[str, Any], role: str, artifact: Artifact) -> TrainingJob:
     model_config = config.model
-    train = vqvae2.apply_overrides(model_config.train_classifier, {"seed": model_config.train_classifier.seed + ROLE_SEEDS[role]})
-    vqvae2.seed_everything(train.seed)
+    train_config = vqvae2.apply_overrides(model_config.train_classifier,
+                                          {"seed": model_config.train_classifier.seed + ROLE_SEEDS[role]})
+    vqvae2.seed_everything(train_config.seed)
     model = vqvae2.build_classifier(model_config)
     images, labels = held_out_images(dataset, VALIDATION_IMAGES, config.storage.storage_options)
 
@@ -48,9 +46,17 @@ def train_classifier(config: PipelineConfig, dataset: dict[str, Any], role: str,
             predictions = torch.cat([model(chunk.to(device)).argmax(1).cpu() for chunk in images.split(256)])
         return {"accuracy": (predictions == labels).float().mean().item()}
 
-    batches, per_epoch = train_batches(dataset, train.batch_size, train.seed, config)
-    summary = run_training(TrainingJob(
-        name=f"classifier-{role}", model=model, loss_fn=vqvae2.classifier_loss, train=train, batches=batches,
+    batches, per_epoch = train_batches(dataset, train_config.batch_size, train_config.seed, config)
+    return TrainingJob(
+        name=f"classifier-{role}", model=model, loss_fn=vqvae2.classifier_loss, train=train_config, batches=batches,
         batches_per_epoch=per_epoch, artifact=artifact, options=config.training, evaluate=evaluate,
-    ))  # fmt: skip
+    )
+
+
+@artifact_task(locate=classifier_artifact, name="train-classifier", task_run_name="train-classifier-{role}")
+def train_classifier(config: PipelineConfig, dataset: dict[str, Any], role: str, artifact: Artifact) -> dict[str, Any]:
+    if role not in ROLE_SEEDS:
+        raise ValueError(f"classifier role must be one of {sorted(ROLE_SEEDS)}, got {role!r}")
+    summary = train(classifier_job, config, dataset, role, artifact, title=f"classifier-{role}: training",
+                    in_subprocess=config.training.subprocess)
     return {"dataset": dataset["key"], "role": role, **summary}

@@ -14,7 +14,7 @@ from vqvae2.config import config_to_dict
 
 from .artifact_task import Artifact, artifact_task
 from .config import PipelineConfig
-from .training import TrainingJob, run_training
+from .training import TrainingJob, private_generator, train
 
 CODE_VERSION = "1"
 VALIDATION_ROWS = 1024
@@ -45,23 +45,28 @@ def validation_batches(codes: dict[str, Any], storage_options: dict[str, Any], r
     return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size)
 
 
-@artifact_task(locate=prior_artifact, name="train-prior", task_run_name="train-prior-{level}")
-def train_prior(config: PipelineConfig, codes: dict[str, Any], level: int, artifact: Artifact) -> dict[str, Any]:
-    model_config, train = config.model, config.model.train_prior
-    name = f"prior-{vqvae2.level_names(model_config.levels)[level]}"
-    vqvae2.seed_everything(train.seed + level)
+def _prior_loss(level: int):
+    def loss(model: vqvae2.PixelCNNPrior, batch: Any):
+        return vqvae2.prior_loss(model, level_batch(batch, level, model))
+
+    return loss
+
+
+def prior_job(config: PipelineConfig, codes: dict[str, Any], level: int, artifact: Artifact) -> TrainingJob:
+    model_config, train_config = config.model, config.model.train_prior
+    vqvae2.seed_everything(train_config.seed + level)
     prior = vqvae2.build_prior(model_config, level)
     options = config.storage.storage_options
     dataset = CodeDataset(codes["codes"], "train", storage_options=options)
-    sampler = ChunkShuffleSampler(dataset, seed=train.seed + level)
-    batches_per_epoch = -(-len(sampler) // train.batch_size)
+    sampler = ChunkShuffleSampler(dataset, seed=train_config.seed + level)
+    batch_size = train_config.batch_size
 
     def batches(epoch: int, start: int):
-        sampler.set_epoch(epoch, start * train.batch_size)
-        return DataLoader(dataset, batch_size=train.batch_size, sampler=sampler,
-                          num_workers=config.training.num_workers)
+        sampler.set_epoch(epoch, start * batch_size)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=config.training.num_workers,
+                          generator=private_generator(train_config.seed + level, epoch))
 
-    held_out = validation_batches(codes, options, VALIDATION_ROWS, train.batch_size)
+    held_out = validation_batches(codes, options, VALIDATION_ROWS, batch_size)
 
     def evaluate(model: vqvae2.PixelCNNPrior) -> dict[str, float]:
         device = next(model.parameters()).device
@@ -73,9 +78,16 @@ def train_prior(config: PipelineConfig, codes: dict[str, Any], level: int, artif
                 count += len(target)
         return {"bits_per_code": vqvae2.bits_per_code(total / max(count, 1))}
 
-    summary = run_training(TrainingJob(
-        name=name, model=prior, loss_fn=lambda model, batch: vqvae2.prior_loss(model, level_batch(batch, level, model)),
-        train=train, batches=batches, batches_per_epoch=batches_per_epoch, artifact=artifact,
+    return TrainingJob(
+        name=f"prior-{vqvae2.level_names(model_config.levels)[level]}", model=prior, loss_fn=_prior_loss(level),
+        train=train_config, batches=batches, batches_per_epoch=-(-len(sampler) // batch_size), artifact=artifact,
         options=config.training, evaluate=evaluate,
-    ))  # fmt: skip
+    )
+
+
+@artifact_task(locate=prior_artifact, name="train-prior", task_run_name="train-prior-{level}")
+def train_prior(config: PipelineConfig, codes: dict[str, Any], level: int, artifact: Artifact) -> dict[str, Any]:
+    name = f"prior-{vqvae2.level_names(config.model.levels)[level]}"
+    summary = train(prior_job, config, codes, level, artifact, title=f"{name}: training",
+                    in_subprocess=config.training.subprocess)
     return {"codes": codes["key"], "level": level, "level_name": name, **summary}

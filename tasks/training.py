@@ -9,14 +9,24 @@ written every `checkpoint_every` steps and at least every `checkpoint_minutes`.
 It reports to the UI as it goes: a progress bar, a metrics table per epoch, log lines;
 at the end it writes `model.pt` (a `vqvae2.to_checkpoint` dict), `history.json` and a
 loss-curve PNG next to the checkpoints.
+
+`train()` runs each attempt in a fresh process by default: concurrent trainings then
+never share torch's global RNG (the pipeline runs several at once, in threads), a
+retry after a CUDA failure gets a fresh CUDA context, and a crash cannot take the
+flow down. The process reports back through a queue; the task relays to Prefect.
 """
 from __future__ import annotations
 
+import os
+import pickle
 import random
+import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import torch
@@ -39,6 +49,13 @@ Evaluator = Callable[[nn.Module], dict[str, float]]
 
 class InjectedFault(RuntimeError):
     """Raised by `TrainingSection.fail_once_at_step`, to test retries and resuming."""
+
+
+def private_generator(seed: int, epoch: int) -> torch.Generator:
+    """For a DataLoader: without one, each new iterator draws its seed from torch's global
+    RNG, so a run resumed mid-epoch would shift the model's random stream (dropout,
+    dead-code restarts) against an uninterrupted run."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -120,9 +137,32 @@ class _Averages:
         return means
 
 
-def run_training(job: TrainingJob) -> dict[str, Any]:
+class Reporter(Protocol):
+    def log(self, message: str) -> None: ...
+    def progress(self, done: int, total: int, note: str) -> None: ...
+    def table(self, key: str, rows: list[dict[str, Any]], description: str) -> None: ...
+
+
+class UIReporter:
+    """Straight to the Prefect UI (or the `vqvae2` logger outside a run)."""
+
+    def __init__(self, title: str) -> None:
+        self.title, self.bar = title, None
+
+    def log(self, message: str) -> None:
+        logger().info(message)
+
+    def progress(self, done: int, total: int, note: str) -> None:
+        self.bar = self.bar or Progress(self.title, total)
+        self.bar.update(done, note)
+
+    def table(self, key: str, rows: list[dict[str, Any]], description: str) -> None:
+        publish_table(key, rows, description)
+
+
+def run_training(job: TrainingJob, reporter: Reporter) -> dict[str, Any]:
     """Train `job.model` to `job.train.steps`, resuming if a checkpoint exists; returns a summary."""
-    log, art, opts, train = logger(), job.artifact, job.options, job.train
+    art, opts, train = job.artifact, job.options, job.train
     storage = art.storage_options
     device = resolve_device(opts.device)
     model = vqvae2.prepare_model(job.model, device, train.channels_last)
@@ -139,12 +179,11 @@ def run_training(job: TrainingJob) -> dict[str, Any]:
         _set_rng_state(state["rng"])
         step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
         history, epochs = list(state["history"]), list(state["epochs"])
-        log.info(f"{job.name}: resuming from step {step} (epoch {epoch}, batch {consumed}) of {latest}")
+        reporter.log(f"{job.name}: resuming from step {step} (epoch {epoch}, batch {consumed}) of {latest}")
     else:
         vqvae2.seed_everything(train.seed)
     resumed_from = step
 
-    progress = Progress(f"{job.name}: training", train.steps)
     interval, epoch_window = _Averages(), _Averages()
     last_save = time.monotonic()
     last_step = step
@@ -168,8 +207,8 @@ def run_training(job: TrainingJob) -> dict[str, Any]:
             row.update({f"val_{k}": v for k, v in job.evaluate(model).items()})
         row["partial_epoch"] = partial
         epochs.append(row)
-        log.info(f"{job.name} epoch {finished}{' (partial)' if partial else ''}: {format_metrics(row)}")
-        publish_table(f"{job.name}-epochs", epochs, f"{job.name}: metrics per epoch")
+        reporter.log(f"{job.name} epoch {finished}{' (partial)' if partial else ''}: {format_metrics(row)}")
+        reporter.table(f"{job.name}-epochs", epochs, f"{job.name}: metrics per epoch")
 
     def on_step(at_step: int, metrics: Metrics) -> None:
         nonlocal last_step
@@ -179,7 +218,7 @@ def run_training(job: TrainingJob) -> dict[str, Any]:
         if at_step % opts.log_every == 0 or at_step == train.steps:
             means = interval.pop()
             history.append({"step": at_step, "epoch": stream.epoch, **means})
-            progress.update(at_step, f"step {at_step}/{train.steps}, loss {means.get('loss', float('nan')):.4g}")
+            reporter.progress(at_step, train.steps, f"step {at_step}/{train.steps}, loss {means.get('loss', float('nan')):.4g}")
             if not np.isfinite(means.get("loss", 0.0)):
                 raise FloatingPointError(f"{job.name}: the loss is {means['loss']} at step {at_step}; training diverged")
         if at_step % opts.checkpoint_every == 0 or time.monotonic() - last_save > 60 * opts.checkpoint_minutes:
@@ -210,3 +249,72 @@ def run_training(job: TrainingJob) -> dict[str, Any]:
         "history": art.path("history.json"),
         "device": str(device),
     }
+
+
+class TrainingFailed(RuntimeError):
+    """The training process failed; the message holds its traceback."""
+
+
+def send(stream: BinaryIO, message: tuple) -> None:
+    data = pickle.dumps(message)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
+
+
+def receive(stream: BinaryIO) -> tuple | None:
+    """The next message, or None once the sender is gone."""
+    header = stream.read(8)
+    if len(header) < 8:
+        return None
+    (size,) = struct.unpack("<Q", header)
+    return pickle.loads(stream.read(size))  # our own child process: trusted
+
+
+class PipeReporter:
+    """In the training process: every report becomes a message to the task's process."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+
+    def log(self, message: str) -> None:
+        send(self.stream, ("log", message))
+
+    def progress(self, done: int, total: int, note: str) -> None:
+        send(self.stream, ("progress", done, total, note))
+
+    def table(self, key: str, rows: list[dict[str, Any]], description: str) -> None:
+        send(self.stream, ("table", key, rows, description))
+
+
+def train(make_job: Callable[..., TrainingJob], *args: Any, title: str, in_subprocess: bool = True) -> dict[str, Any]:
+    """Build the job with `make_job(*args)` and run it, in a fresh process by default, relaying
+    its reports to the UI; returns the run's summary. `make_job` must be a module-level function.
+
+    The process is a new interpreter (`python -m tasks.train_worker`), not a fork: a fork
+    of a process with Prefect's threads and open s3fs sessions is unsafe, and unlike a
+    multiprocessing spawn it does not re-run the caller's main script."""
+    reporter = UIReporter(title)
+    if not in_subprocess:
+        return run_training(make_job(*args), reporter)
+    read_fd, write_fd = os.pipe()
+    child = subprocess.Popen([sys.executable, "-m", "tasks.train_worker", str(write_fd)],
+                             stdin=subprocess.PIPE, pass_fds=(write_fd,))
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd, "rb") as messages:
+            child.stdin.write(pickle.dumps((make_job, args)))
+            child.stdin.close()
+            while (message := receive(messages)) is not None:
+                kind, *payload = message
+                if kind == "done":
+                    return payload[0]
+                if kind == "error":
+                    name, trace = payload
+                    raise TrainingFailed(f"{title}: {name} in the training process:\n{trace}")
+                getattr(reporter, kind)(*payload)
+        raise TrainingFailed(f"{title}: the training process died (exit code {child.wait()})")
+    finally:
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()

@@ -2,7 +2,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+# Prefect reads its settings when first imported: isolate it before any test module does.
+# A fresh home per session: its database, result cache and logs never leak between runs.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="vqvae2-tests-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "storage")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.pop("PREFECT_API_URL", None)
 
 import numpy as np
 import pytest

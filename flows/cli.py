@@ -1,0 +1,220 @@
+"""`vqvae2`: the pipeline from a terminal, with Prefect in ephemeral mode (no server needed).
+
+    vqvae2 run --preset smoke --root ./runs           # the whole pipeline; prints where the report is
+    vqvae2 stage train-priors --preset smoke --root ./runs
+    vqvae2 sample --preset smoke --root ./runs --class Sneaker -n 16 --out sneakers.png
+    vqvae2 reconstruct --preset smoke --root ./runs --images a.png b.jpg --out recon.png
+    vqvae2 report --preset smoke --root ./runs
+
+`--set KEY=VALUE` (repeatable) sets a pipeline field (`sample.num_samples=32`,
+`storage.storage_options={"endpoint_url": "..."}`) or, for any other key, overrides the
+model preset (`train_prior.steps=100`, `autoencoder.channels=64`). With a
+`PREFECT_API_URL` set, runs are recorded on that server instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+SECTIONS = ("source", "storage", "ingest", "training", "encode", "sample", "evaluate", "runner")
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_config(args: argparse.Namespace):
+    from tasks.config import PipelineConfig
+
+    data: dict[str, Any] = json.loads(open(args.config).read()) if args.config else {}
+    if args.preset:
+        data["preset"] = args.preset
+    if args.root:
+        data.setdefault("storage", {})["root"] = args.root
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        section, _, field = key.partition(".")
+        if section in SECTIONS and field:
+            data.setdefault(section, {})[field] = _value(raw)
+        else:
+            data.setdefault("overrides", {})[key] = _value(raw)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValueError as err:
+        raise SystemExit(f"invalid configuration: {err}") from None
+
+
+def _write(path: str, png: bytes) -> None:
+    from storage.fsutil import write_bytes
+
+    write_bytes(path, png)
+    print(f"wrote {path}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from flows.pipeline import vqvae2_pipeline
+
+    config = build_config(args)
+    report = vqvae2_pipeline(config)
+    print(f"\nreport: {report['markdown']}\n        {report['report']}")
+    for name, value in report["metrics"].items():
+        print(f"  {name:32s} {value:.5g}" if isinstance(value, float) else f"  {name:32s} {value}")
+
+
+def cmd_stage(args: argparse.Namespace) -> None:
+    from flows.pipeline import STAGE_FLOWS
+
+    result = STAGE_FLOWS[args.name](build_config(args))
+    print(json.dumps(result, indent=2, default=str))
+
+
+def _class_index(value: str, class_names: list[str]) -> int:
+    if value.isdigit() and int(value) < len(class_names):
+        return int(value)
+    lowered = [name.lower() for name in class_names]
+    if value.lower() in lowered:
+        return lowered.index(value.lower())
+    raise SystemExit(f"unknown class {value!r}; the dataset has: {', '.join(class_names)}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import torch
+    from tqdm import tqdm
+
+    import vqvae2
+    from tasks.lookup import FinishedRun
+    from tasks.models import load_model
+    from tasks.reporting import image_grid, png_bytes
+    from tasks.training import resolve_device
+
+    config = build_config(args)
+    finished = FinishedRun(config)
+    options, device = config.storage.storage_options, resolve_device(config.training.device)
+    autoencoder = load_model(finished.autoencoder, options, device)
+    priors = [load_model(p, options, device) for p in finished.priors]
+    labels = None
+    if config.model.num_classes:
+        if args.class_ is None:
+            raise SystemExit(f"the priors are class-conditional: pass --class (one of {finished.dataset['class_names']})")
+        labels = _class_index(args.class_, finished.dataset["class_names"])
+    images = []
+    with tqdm(total=args.n, desc="sampling", unit="image") as bar:
+        for first in range(0, args.n, args.batch_size):
+            size = min(args.batch_size, args.n - first)
+            batch_labels = torch.full((size,), labels, device=device) if labels is not None else None
+            batch, _ = vqvae2.sample_images(autoencoder, priors, size, labels=batch_labels,
+                                            temperature=args.temperature, top_k=args.top_k, seed=args.seed + first)
+            images.append(batch.cpu())
+            bar.update(size)
+    _write(args.out, png_bytes(image_grid(torch.cat(images)), scale=args.scale))
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from storage.fsutil import read_bytes
+    from storage.imaging import decode_png, prepare
+    from tasks.evaluate import pairs_grid
+    from tasks.lookup import FinishedRun
+    from tasks.models import load_model
+    from tasks.reporting import png_bytes
+    from tasks.train_autoencoder import held_out_images
+
+    config = build_config(args)
+    finished = FinishedRun(config)
+    model = load_model(finished.autoencoder, config.storage.storage_options)
+    if args.images:
+        mode = "L" if config.model.image_channels == 1 else "RGB"
+        arrays = [decode_png(prepare(read_bytes(path), config.model.image_size, mode)[0]) for path in args.images]
+        images = torch.from_numpy(np.stack([a.reshape(a.shape[0], a.shape[1], -1) for a in arrays])).permute(0, 3, 1, 2)
+        images = images.float() / 255
+    else:
+        images, _ = held_out_images(finished.dataset, args.count, config.storage.storage_options)
+    with torch.no_grad():
+        recon = model(images).reconstruction.clamp(0, 1)
+    mse = torch.nn.functional.mse_loss(recon, images).item()
+    print(f"{len(images)} images, reconstruction MSE {mse:.5f}")
+    _write(args.out, png_bytes(pairs_grid(images, recon, 2 * len(images)), scale=args.scale))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from storage.fsutil import read_json
+    from tasks.lookup import FinishedRun
+
+    config = build_config(args)
+    manifest = FinishedRun(config).report
+    report = read_json(manifest["report"], config.storage.storage_options)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"report of the {report['preset']} run on dataset {report['dataset']['key']}: {manifest['markdown']}")
+    for name, value in report["metrics"].items():
+        print(f"  {name:32s} {value:.5g}" if isinstance(value, float) else f"  {name:32s} {value}")
+    for row in report["training"]:
+        print(f"  trained {row['stage']:20s} {row['steps']} steps")
+
+
+def parser() -> argparse.ArgumentParser:
+    from flows.pipeline import STAGE_FLOWS
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--preset", choices=["smoke", "fashion-mnist", "imagenet-256", "ffhq-1024"],
+                        help="model and training preset (default: fashion-mnist)")
+    common.add_argument("--root", help="storage root: a local path or s3://bucket/prefix (default: ~/vqvae2-runs)")
+    common.add_argument("--config", help="a JSON file with a whole pipeline config")
+    common.add_argument("--set", action="append", metavar="KEY=VALUE", help="set a config field (repeatable)")
+
+    top = argparse.ArgumentParser(prog="vqvae2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = top.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", parents=[common], help="run the whole pipeline").set_defaults(fn=cmd_run)
+    stage = commands.add_parser("stage", parents=[common], help="run one stage on existing artifacts")
+    stage.add_argument("name", choices=list(STAGE_FLOWS))
+    stage.set_defaults(fn=cmd_stage)
+
+    sample = commands.add_parser("sample", parents=[common], help="sample images of a class from a finished run")
+    sample.add_argument("--class", dest="class_", help="class name or index")
+    sample.add_argument("-n", type=int, default=16, help="number of images")
+    sample.add_argument("--out", required=True, help="PNG grid to write (path or URL)")
+    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--top-k", type=int)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch-size", type=int, default=64)
+    sample.add_argument("--scale", type=int, default=4, help="enlarge the grid by this factor")
+    sample.set_defaults(fn=cmd_sample)
+
+    recon = commands.add_parser("reconstruct", parents=[common], help="reconstruct images with a finished run's autoencoder")
+    recon.add_argument("--images", nargs="*", help="image files (default: held-out test images)")
+    recon.add_argument("--count", type=int, default=16, help="held-out images to use without --images")
+    recon.add_argument("--out", required=True, help="PNG of originals and reconstructions side by side")
+    recon.add_argument("--scale", type=int, default=4)
+    recon.set_defaults(fn=cmd_reconstruct)
+
+    report = commands.add_parser("report", parents=[common], help="print a finished run's report")
+    report.add_argument("--json", action="store_true", help="the whole report.json")
+    report.set_defaults(fn=cmd_report)
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Without a server, Prefect starts an ephemeral one; give it time on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except FileNotFoundError as err:
+        print(f"vqvae2: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Find the artifacts a config's earlier runs left under its storage root, without
+running anything: for the stage flows (one stage on existing artifacts) and the CLI."""
+from __future__ import annotations
+
+from typing import Any
+
+from storage.fsutil import join
+
+from .artifact_task import require
+from .config import PipelineConfig
+from .encode import codes_artifact
+from .evaluate import report_artifact
+from .ingest import dataset_artifact
+from .sample import samples_artifact
+from .train_autoencoder import autoencoder_artifact
+from .train_classifier import classifier_artifact
+from .train_prior import prior_artifact
+
+Manifest = dict[str, Any]
+
+
+def find_dataset(config: PipelineConfig) -> Manifest:
+    source = config.source.build(download_to=join(config.storage.url, "downloads", "fashion-mnist"))
+    return require(dataset_artifact(config, source.digest()), "ingest")
+
+
+def find_autoencoder(config: PipelineConfig, dataset: Manifest) -> Manifest:
+    return require(autoencoder_artifact(config, dataset), "train-autoencoder")
+
+
+def find_codes(config: PipelineConfig, dataset: Manifest, autoencoder: Manifest) -> Manifest:
+    return require(codes_artifact(config, dataset, autoencoder), "encode")
+
+
+def find_priors(config: PipelineConfig, codes: Manifest) -> list[Manifest]:
+    return [require(prior_artifact(config, codes, level), "train-priors") for level in range(config.model.levels)]
+
+
+def find_judge(config: PipelineConfig, dataset: Manifest) -> Manifest | None:
+    if not config.model.num_classes:
+        return None
+    return require(classifier_artifact(config, dataset, "judge"), "train-classifier")
+
+
+def find_samples(config: PipelineConfig, autoencoder: Manifest, priors: list[Manifest],
+                 judge: Manifest | None) -> Manifest:
+    return require(samples_artifact(config, autoencoder, priors, judge), "sample")
+
+
+class FinishedRun:
+    """Every artifact of a finished run of `config`, found lazily in pipeline order."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.dataset = find_dataset(config)
+        self.autoencoder = find_autoencoder(config, self.dataset)
+
+    @property
+    def codes(self) -> Manifest:
+        return find_codes(self.config, self.dataset, self.autoencoder)
+
+    @property
+    def priors(self) -> list[Manifest]:
+        return find_priors(self.config, self.codes)
+
+    @property
+    def judge(self) -> Manifest | None:
+        return find_judge(self.config, self.dataset)
+
+    @property
+    def samples(self) -> Manifest:
+        return find_samples(self.config, self.autoencoder, self.priors, self.judge)
+
+    @property
+    def report(self) -> Manifest:
+        judge = self.judge
+        artifact = report_artifact(self.config, self.dataset, self.autoencoder, self.codes, self.priors,
+                                   [judge] if judge else [], self.samples)
+        return require(artifact, "evaluate")

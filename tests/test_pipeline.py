@@ -1,0 +1,160 @@
+"""The pipeline end to end on real Fashion-MNIST images, against a real Prefect API."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import ingest_flow, train_autoencoder_flow, vqvae2_pipeline
+from storage.checkpoints import load_checkpoint
+from storage.fsutil import exists, read_json
+from tasks.lookup import FinishedRun
+from pipeline_helpers import artifacts, smoke_config, snapshot, state_names, task_runs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def smoke_run(prefect_api, tmp_path_factory):
+    """One full smoke run; the tests below read what it left (and run it again)."""
+    root = tmp_path_factory.mktemp("smoke") / "root"
+    config = smoke_config(str(root))
+    state = vqvae2_pipeline(config, return_state=True)
+    assert state.is_completed(), state.message
+    return config, root, state
+
+
+def test_the_full_pipeline_writes_every_artifact_and_a_finite_report(smoke_run):
+    config, root, state = smoke_run
+    report = state.result()
+    assert all(math.isfinite(v) for v in report["metrics"].values())
+    metrics = report["metrics"]
+    assert metrics["codes_used_top"] > 1 and metrics["codes_used_bottom"] > 1
+    assert 0 < metrics["recon_mse"] < 0.1
+    # Every stage left a complete artifact under the root.
+    for stage in ("datasets", "autoencoder", "codes", "priors", "classifiers", "samples", "reports"):
+        complete = [d for d in (root / stage).iterdir() if (d / "manifest.json").exists()]
+        assert complete, f"no complete {stage} artifact"
+    report_dir = Path(report["url"])
+    for name in ("report.json", "report.md", "samples.png", "reconstructions.png", "loss-autoencoder.png",
+                 "loss-prior-top.png", "loss-prior-bottom.png"):
+        assert (report_dir / name).stat().st_size > 0, name
+    written = json.loads((report_dir / "report.json").read_text())
+    assert written["metrics"] == metrics and written["preset"] == "smoke"
+    assert (report_dir / "report.md").read_text().count("![") >= 6
+    runs = state_names(state.state_details.flow_run_id)
+    assert set(runs.values()) == {"Completed"}
+    assert {"train-autoencoder", "train-prior-0", "train-prior-1", "train-classifier-judge"} <= {
+        n.rsplit("-", 1)[0] if n.startswith("train-autoencoder") else n for n in runs}
+
+
+def test_the_ui_gets_progress_tables_and_a_report_with_images(smoke_run):
+    _, _, state = smoke_run
+    found = artifacts(state.state_details.flow_run_id)
+    by_type: dict[str, list] = {}
+    for artifact in found:
+        by_type.setdefault(artifact.type, []).append(artifact)
+    # One progress bar per training (4) and per mapped stage (ingest, encode, sample), each at 100%.
+    assert len(by_type["progress"]) >= 7
+    assert all(float(a.data) == 100.0 for a in by_type["progress"])
+    tables = {a.key for a in by_type["table"]}
+    assert {"autoencoder-epochs", "prior-top-epochs", "prior-bottom-epochs", "classifier-judge-epochs",
+            "dataset", "vqvae2-metrics"} <= tables
+    report = next(a for a in by_type["markdown"] if a.key == "vqvae2-report")
+    assert report.data.count("data:image/png;base64,") >= 6  # grids and loss curves, inline
+
+
+def test_a_second_run_is_all_cached_and_rewrites_nothing(smoke_run):
+    config, root, first = smoke_run
+    before = snapshot(root)
+    state = vqvae2_pipeline(config, return_state=True)
+    assert state.is_completed()
+    states = state_names(state.state_details.flow_run_id)
+    assert states and set(states.values()) == {"Cached"}, states
+    assert snapshot(root) == before
+    assert state.result()["metrics"] == first.result()["metrics"]
+
+
+def test_a_finished_run_is_found_again_from_its_config(smoke_run):
+    config, root, state = smoke_run
+    finished = FinishedRun(config)
+    assert finished.report["key"] == state.result()["key"]
+    assert [p["level"] for p in finished.priors] == [0, 1]
+
+
+def test_a_training_that_fails_midway_is_retried_and_resumes_from_its_checkpoint(prefect_api, tmp_path):
+    faulty = smoke_config(str(tmp_path / "faulty"),
+                          training={"checkpoint_every": 10, "fail_once_at_step": {"autoencoder": 25}})
+    ingest_flow(faulty)
+    state = train_autoencoder_flow(faulty, return_state=True)
+    assert state.is_completed()
+    resumed = state.result()
+    assert resumed["resumed_from_step"] == 20 and resumed["steps"] == 40
+    (run,) = [r for name, r in task_runs(state.state_details.flow_run_id).items() if name.startswith("train-autoencoder")]
+    assert run.run_count == 2  # the first attempt failed at step 25, the retry finished
+
+    clean = smoke_config(str(tmp_path / "clean"), training={"checkpoint_every": 10})
+    ingest_flow(clean)
+    uninterrupted = train_autoencoder_flow(clean)
+    assert uninterrupted["resumed_from_step"] == 0
+    a = load_checkpoint(resumed["model"])["state_dict"]
+    b = load_checkpoint(uninterrupted["model"])["state_dict"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), atol=1e-6), name
+
+
+def test_a_grown_source_gets_a_new_dataset_and_recomputes_downstream(prefect_api, tmp_path, fashion_mnist_test_split):
+    from PIL import Image
+
+    images, labels = fashion_mnist_test_split
+    folder = tmp_path / "folder"
+
+    def add_images(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            target = folder / f"class{labels[i]}" / f"img{i:05d}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(target)
+
+    add_images(0, 300)
+    config = smoke_config(str(tmp_path / "root"), source={"kind": "image-folder", "url": str(folder)},
+                          ingest={"holdout_fraction": 0.2})
+    first = ingest_flow(config)
+    first_ae = train_autoencoder_flow(config)
+    again = ingest_flow(config, return_state=True)
+    assert again.result()["key"] == first["key"]
+    assert set(state_names(again.state_details.flow_run_id).values()) == {"Cached"}
+
+    add_images(300, 360)
+    grown = ingest_flow(config)
+    assert grown["key"] != first["key"] and grown["num_samples"] == 360
+    state = train_autoencoder_flow(config, return_state=True)
+    second_ae = state.result()
+    assert second_ae["key"] != first_ae["key"] and second_ae["dataset"] == grown["key"]
+    assert {s for n, s in state_names(state.state_details.flow_run_id).items() if n.startswith("train")} == {"Completed"}
+
+
+def test_the_whole_pipeline_runs_on_s3(prefect_api, s3_bucket):
+    config = smoke_config(f"{s3_bucket.url}/root")
+    report = vqvae2_pipeline(config)
+    assert report["url"].startswith(f"{s3_bucket.url}/root/reports/")
+    assert exists(report["markdown"]) and exists(report["url"] + "/samples.png")
+    assert read_json(report["report"])["metrics"] == report["metrics"]
+
+
+def test_a_stage_without_its_inputs_names_the_stage_to_run(prefect_api, tmp_path):
+    config = smoke_config(str(tmp_path / "empty"))
+    state = train_autoencoder_flow(config, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(FileNotFoundError, match="run the `ingest` stage"):
+        state.result()
