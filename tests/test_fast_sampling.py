@@ -15,6 +15,15 @@ from vqvae2.sampling import sample_level_reference
 ATOL = 1e-5  # fp32; the observed difference is a few 1e-7
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds waiting, a lot of it on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_cached_logits_equal_the_full_forward_at_every_position(case):
     prior, codes, cond, labels = _prior_and_inputs(case)
