@@ -61,7 +61,8 @@ class CachedPrior:
     ) -> None:
         prior.check_inputs(n, cond_codes, labels)
         self.prior = prior
-        height, width = self.height, self.width = prior.shape
+        height, width = prior.shape
+        self.width = width
         config, weight = prior.config, prior.embed.weight
         ch, layers = config.channels, len(prior.layers)
         # Every DownConv spans kh rows and pad columns either side; every RightConv kw = kh columns.
