@@ -70,7 +70,8 @@ def main() -> None:
     priors = [prior.to(device) for prior in vqvae2.build_priors(config)]
     labels = torch.arange(args.samples, device=device) % max(config.num_classes, 1) if config.num_classes else None
     start = time.perf_counter()
-    vqvae2.sample_images(autoencoder, priors, args.samples, labels=labels, seed=0)
+    vqvae2.sample_images(autoencoder, priors, args.samples, labels=labels, seed=0,
+                         sampler=vqvae2.sample_level_reference)
     _sync(device)
     seconds = time.perf_counter() - start
     print(f"reference sampling:   {seconds:10.1f} s for {args.samples} images "

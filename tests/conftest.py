@@ -103,3 +103,28 @@ def storage_root(request, tmp_path) -> tuple[str, dict | None]:
     if request.param == "memory":
         return f"memory://{tmp_path.name}", None
     return str(tmp_path / "root"), None
+
+
+# --- pipeline: a real Prefect API and one finished smoke run ----------------------------
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary Prefect server (SQLite in the session's PREFECT_HOME) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def smoke_run(prefect_api, tmp_path_factory):
+    """One full run of the `smoke` pipeline on real Fashion-MNIST: (config, root, final state)."""
+    from flows.pipeline import vqvae2_pipeline
+    from tasks.config import pipeline_config
+
+    root = tmp_path_factory.mktemp("smoke") / "root"
+    config = pipeline_config("smoke", storage={"root": str(root)})
+    state = vqvae2_pipeline(config, return_state=True)
+    assert state.is_completed(), state.message
+    return config, root, state

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import ingest_flow, train_autoencoder_flow, vqvae2_pipeline
 from storage.checkpoints import load_checkpoint
@@ -16,22 +15,6 @@ from tasks.lookup import FinishedRun
 from pipeline_helpers import artifacts, smoke_config, snapshot, state_names, task_runs
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-@pytest.fixture(scope="module")
-def smoke_run(prefect_api, tmp_path_factory):
-    """One full smoke run; the tests below read what it left (and run it again)."""
-    root = tmp_path_factory.mktemp("smoke") / "root"
-    config = smoke_config(str(root))
-    state = vqvae2_pipeline(config, return_state=True)
-    assert state.is_completed(), state.message
-    return config, root, state
 
 
 def test_the_full_pipeline_writes_every_artifact_and_a_finite_report(smoke_run):

@@ -1,0 +1,77 @@
+"""The `vqvae2` command, as a user types it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flows.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(smoke_run, *args: str) -> None:
+    config, root, _ = smoke_run
+    main([*args, "--preset", "smoke", "--root", str(root)])
+
+
+def test_sample_writes_a_grid_of_the_requested_class(smoke_run, tmp_path, capsys):
+    out = tmp_path / "sneakers.png"
+    _cli(smoke_run, "sample", "--class", "Sneaker", "-n", "6", "--out", str(out), "--scale", "2")
+    grid = np.asarray(Image.open(out))
+    # 6 images of 16x16 in 2 rows of 3 with 1-pixel gaps, enlarged twice
+    assert grid.shape == (2 * (2 * 17 + 1), 2 * (3 * 17 + 1))
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_sample_refuses_an_unknown_class(smoke_run, tmp_path):
+    with pytest.raises(SystemExit, match="unknown class 'Giraffe'; the dataset has: T-shirt/top, Trouser"):
+        _cli(smoke_run, "sample", "--class", "Giraffe", "--out", str(tmp_path / "x.png"))
+
+
+def test_reconstruct_given_images_and_held_out_ones(smoke_run, tmp_path, fashion_mnist_test_split, capsys):
+    images, _ = fashion_mnist_test_split
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"in{i}.png")
+        Image.fromarray(images[i]).resize((40, 40)).save(paths[-1])  # any size: fitted like at ingest
+    _cli(smoke_run, "reconstruct", "--images", *map(str, paths), "--out", str(tmp_path / "given.png"))
+    assert "3 images, reconstruction MSE" in capsys.readouterr().out
+    _cli(smoke_run, "reconstruct", "--count", "4", "--out", str(tmp_path / "held.png"))
+    assert "4 images, reconstruction MSE" in capsys.readouterr().out
+    assert Image.open(tmp_path / "held.png").size[0] > 0
+
+
+def test_report_prints_the_metrics_of_the_finished_run(smoke_run, capsys):
+    _, _, state = smoke_run
+    _cli(smoke_run, "report", "--json")
+    report = json.loads(capsys.readouterr().out)
+    assert report["metrics"] == state.result()["metrics"]
+    _cli(smoke_run, "report")
+    text = capsys.readouterr().out
+    assert "recon_mse" in text and "report of the smoke run" in text
+
+
+def test_report_of_a_run_that_never_happened_names_the_missing_stage(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--preset", "smoke", "--root", str(tmp_path / "nothing")])
+    assert exit_info.value.code == 2
+    assert "run the `ingest` stage" in capsys.readouterr().err
+
+
+def test_a_bad_setting_is_refused_with_the_field_named():
+    with pytest.raises(SystemExit, match="autoencoder.chanels"):
+        main(["report", "--preset", "smoke", "--set", "autoencoder.chanels=3"])
+
+
+def test_the_installed_command_runs_a_stage_with_ephemeral_prefect(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run(["vqvae2", "stage", "ingest", "--preset", "smoke", "--root", str(tmp_path / "root")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads(done.stdout[done.stdout.index("{"):])
+    assert manifest["num_samples"] == 4000 and (tmp_path / "root" / "datasets" / manifest["key"] / "manifest.json").exists()
