@@ -25,6 +25,7 @@ from .fast_sampling import incremental_logits, sample_level_fast
 from .presets import PRESETS, preset
 from .prior import PixelCNNPrior, bits_per_code
 from .quantize import QuantizerOutput, VectorQuantizer
+from .rejection import accept_mask, candidates_needed, keep_count
 from .sampling import sample_codes, sample_images, sample_level_reference, sample_logits
 from .train import (
     autoencoder_loss,
@@ -50,4 +51,5 @@ __all__ = [
     "config_to_dict", "fit", "from_checkpoint", "incremental_logits", "level_names", "make_optimizer",
     "prepare_model", "preset", "prior_loss", "prior_step", "raise_if_diverged", "sample_codes", "sample_images",
     "sample_level_fast", "sample_level_reference", "sample_logits", "seed_everything", "to_checkpoint", "train_step",
+    "accept_mask", "candidates_needed", "keep_count",
 ]

@@ -1,0 +1,352 @@
+"""Sample quality through torch-fidelity: FID, KID, precision/recall and Inception Score.
+
+VQ-VAE-2 (Razavi et al. 2019, Sec. 4.1, Fig. 5) reports FID and IS with Inception-v3
+features and precision/recall (Kynkäänniemi et al. 2019) along its rejection-sampling
+curve. This module computes the same metrics with torch-fidelity's own implementations
+on in-memory uint8 images, in one of two feature spaces, always stated:
+
+- `inception`: torch-fidelity's `inception-v3-compat` (the TF FID network, pool3 2048-d),
+  only when its weights are on this machine; nothing is ever downloaded.
+- `domain`: the pipeline's *features* classifier (`tasks.train_classifier`, role
+  `features`), registered with torch-fidelity under `DOMAIN_EXTRACTOR`: its penultimate
+  layer for FID/KID/precision-recall, its logits for IS. It is trained with another seed
+  than the *judge* that scores rejection sampling, so FID does not reward samples for
+  pleasing the very network that selected them.
+- `auto`: inception when its weights are present, otherwise domain; logged and recorded.
+
+    extractor = resolve_extractor("auto", domain_checkpoint=features_manifest["model"])
+    metrics = fidelity_metrics(sample_images_uint8, test_images_uint8, extractor)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import pickle
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torch.hub
+import torch_fidelity
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+import vqvae2
+from storage.checkpoints import load_checkpoint
+from storage.fsutil import exists, redact
+
+from .reporting import logger
+
+FEATURES = ("auto", "inception", "domain")
+INCEPTION_EXTRACTOR = "inception-v3-compat"
+DOMAIN_EXTRACTOR = "vqvae2-domain-classifier"
+INCEPTION_WEIGHTS_FIELD = "evaluate.inception_weights"  # the pipeline config field naming a custom weights file
+KID_SUBSET_SIZE = 1000  # torch-fidelity's default; smaller sets use their own size
+ISC_SPLITS = 10  # the IS convention (Salimans et al. 2016): mean and std over 10 splits...
+ISC_MIN_SPLIT = 100  # ...but never splits of fewer images than this (small sets get fewer splits)
+PRC_NEIGHBORHOOD = 3  # k of the k-NN manifolds (Kynkäänniemi et al. 2019), torch-fidelity's default
+
+
+class FidelityImages(Dataset):
+    """Images as torch-fidelity takes them: item i is a uint8 (3, H, W) tensor.
+
+    `images`: uint8 (N, C, H, W) with C = 1 or 3, or (N, H, W) gray, as a tensor or array;
+    gray is repeated to 3 channels (what Inception expects; the domain classifier
+    averages them back)."""
+
+    def __init__(self, images: Tensor | np.ndarray) -> None:
+        images = torch.as_tensor(images)
+        if images.dtype != torch.uint8:
+            raise ValueError(f"fidelity images must be uint8 in [0, 255], got {images.dtype}; convert floats in "
+                             "[0, 1] with (images * 255).round().to(torch.uint8)")
+        if images.ndim == 3:
+            images = images.unsqueeze(1)
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"fidelity images must be (N, C, H, W) with C = 1 or 3, or (N, H, W), got "
+                             f"{tuple(images.shape)}")
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.images[index].expand(3, -1, -1)
+
+
+def inception_cache_path() -> str:
+    """Where torch-fidelity keeps the Inception weights it downloads (and looks first):
+    torch.hub's checkpoint folder, $TORCH_HOME/hub/checkpoints, plus the URL's file name.
+    Only computed: calling this never downloads."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(URL_INCEPTION_V3).path))
+
+
+class InceptionWeightsMissing(FileNotFoundError):
+    """`features: inception` on a machine without the Inception-v3 weights file."""
+
+
+def _missing_inception(choice: str, configured: str | None) -> InceptionWeightsMissing:
+    name = os.path.basename(urlparse(URL_INCEPTION_V3).path)
+    where = (f"{INCEPTION_WEIGHTS_FIELD} is {configured!r}, which does not exist: put the file there, or unset "
+             f"{INCEPTION_WEIGHTS_FIELD} and put it at {inception_cache_path()}" if configured else
+             f"put it at {inception_cache_path()} (torch-fidelity's cache, $TORCH_HOME/hub/checkpoints/; TORCH_HOME "
+             f"defaults to ~/.cache/torch), or set "
+             f"{INCEPTION_WEIGHTS_FIELD} to its path")
+    return InceptionWeightsMissing(
+        f"features={choice!r} needs torch-fidelity's Inception-v3 weights {name}, which are not on this machine "
+        f"(nothing is downloaded at run time): {where}. Get the file on a connected machine from {URL_INCEPTION_V3}. "
+        "Or use features='domain' or 'auto' to measure with the pipeline's own features classifier."
+    )
+
+
+def _check_inception_weights(path: str) -> None:
+    """A truncated download or an HTML error page saved under the right name fails here,
+    not halfway through an evaluation (and torch-fidelity itself loads with weights_only=False)."""
+    try:
+        state = load_checkpoint(path)
+    except (ValueError, pickle.UnpicklingError) as err:  # load_checkpoint maps torch's other load errors to ValueError
+        raise ValueError(f"{path}: not a loadable checkpoint, so not the Inception-v3 weights "
+                         f"({str(err).splitlines()[0]}); replace it with {URL_INCEPTION_V3}") from err
+    if not isinstance(state, Mapping) or "fc.weight" not in state:
+        raise ValueError(f"{path}: a loadable file, but not torch-fidelity's Inception-v3 state dict (no 'fc.weight'); "
+                         f"replace it with {URL_INCEPTION_V3}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Extractor:
+    """The feature space of one evaluation: what torch-fidelity runs and what the report says."""
+
+    requested: str  # the config's choice: auto | inception | domain
+    kind: str  # what it resolved to: inception | domain
+    name: str  # torch-fidelity's registry name
+    weights: str  # inception: a local file; domain: the features classifier's model.pt URL
+    description: str
+    feature_layers: dict[str, str]  # metric (isc, fid, kid, prc) -> feature layer
+    storage_options: dict[str, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def report(self) -> dict[str, Any]:
+        """JSON-able, for report.json (no storage options: they may hold credentials)."""
+        return {"features": self.requested, "extractor": self.name, "kind": self.kind, "weights": redact(self.weights),
+                "description": self.description, "feature_layers": dict(self.feature_layers)}
+
+
+def _layers(cls: type) -> dict[str, str]:
+    return {metric: cls.get_default_feature_layer_for_metric(metric) for metric in ("isc", "fid", "kid", "prc")}
+
+
+def resolve_extractor(choice: str, *, inception_weights: str | None = None, domain_checkpoint: str | None = None,
+                      storage_options: dict[str, Any] | None = None) -> Extractor:
+    """The extractor for `choice` (auto | inception | domain), checked to be usable now.
+
+    `inception_weights`: a local file (the config field `evaluate.inception_weights`);
+    None looks in torch-fidelity's cache (`inception_cache_path()`).
+    `domain_checkpoint`: URL of the *features* classifier's `model.pt` (never the judge's).
+    """
+    if choice not in FEATURES:
+        raise ValueError(f"features must be one of {list(FEATURES)}, got {choice!r}")
+    weights = inception_weights or inception_cache_path()
+    # A configured file that is missing is a mistake to report, even under auto: falling
+    # back silently would measure in another feature space than the one asked for.
+    if not os.path.isfile(weights) and (choice == "inception" or (choice == "auto" and inception_weights)):
+        raise _missing_inception(choice, inception_weights)
+    if choice == "inception" or (choice == "auto" and os.path.isfile(weights)):
+        _check_inception_weights(weights)
+        extractor = Extractor(
+            choice, "inception", INCEPTION_EXTRACTOR, weights,
+            f"Inception-v3 (torch-fidelity {INCEPTION_EXTRACTOR}, the TF FID network) from {weights}: pool3 (2048-d) "
+            "features for FID, KID and precision/recall, logits for IS; comparable to Inception FID/IS published for "
+            "the same data, resolution and number of samples",
+            _layers(FeatureExtractorInceptionV3),
+        )
+    else:
+        extractor = _domain_extractor(choice, domain_checkpoint, storage_options)
+    if choice == "auto":
+        reason = "its weights are present" if extractor.kind == "inception" else f"no Inception weights at {weights}"
+        logger().info(f"features=auto: using the {extractor.kind} extractor ({extractor.name}) because {reason}")
+    return extractor
+
+
+def _domain_extractor(choice: str, checkpoint: str | None, storage_options: dict[str, Any] | None) -> Extractor:
+    if checkpoint is None:
+        hint = f"no Inception weights at {inception_cache_path()} and " if choice == "auto" else ""
+        raise ValueError(f"features={choice!r}: {hint}no domain_checkpoint given; pass the model.pt URL of the "
+                         "pipeline's 'features' classifier (tasks.train_classifier, role 'features')")
+    if not exists(checkpoint, storage_options):
+        raise FileNotFoundError(f"{redact(checkpoint)}: the features classifier's checkpoint does not exist; "
+                                "train it first (stage train-classifier, role 'features')")
+    register_domain_extractor()
+    fallback = f"no Inception weights at {inception_cache_path()}; " if choice == "auto" else ""
+    return Extractor(
+        choice, "domain", DOMAIN_EXTRACTOR, checkpoint,
+        f"{fallback}domain classifier (the pipeline's 'features' ResNet, trained on the real train split) from "
+        f"{redact(checkpoint)}: penultimate-layer features for FID, KID and precision/recall; IS from its logits, "
+        "so IS measures that classifier's confidence and class diversity (at most the number of classes). "
+        "Not comparable to Inception FID/IS published elsewhere",
+        _layers(DomainFeatureExtractor), storage_options,
+    )
+
+
+class DomainFeatureExtractor(torch_fidelity.FeatureExtractorBase):
+    """A `vqvae2.ResNetClassifier` as a torch-fidelity feature extractor.
+
+    torch-fidelity builds it by name with `feature_extractor_weights_path`: a local
+    `vqvae2.to_checkpoint` file of the classifier. Inputs must be at the resolution the
+    classifier was trained at (it has global pooling, so other sizes run but mean less)."""
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(name, features_list)
+        if feature_extractor_weights_path is None:
+            raise ValueError(f"{name} needs the features classifier's checkpoint: pass it as "
+                             "feature_extractor_weights_path (fidelity_metrics does)")
+        checkpoint = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, Mapping) or checkpoint.get("kind") != "classifier":
+            raise ValueError(f"{feature_extractor_weights_path}: not a vqvae2 classifier checkpoint "
+                             f"(kind {checkpoint.get('kind') if isinstance(checkpoint, Mapping) else None!r})")
+        self.classifier: nn.Module = vqvae2.from_checkpoint(checkpoint)
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return "features", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return "logits" if metric == "isc" else "features"
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False  # a few small convolutions: compiling would cost more than it saves
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> Tensor:
+        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        """uint8 (B, 3, H, W) -> the requested features, in `features_list` order."""
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected uint8 (B, 3, H, W) images, got {x.dtype} {tuple(x.shape)}")
+        images = x.float() / 255
+        if self.classifier.in_channels == 1:
+            images = images.mean(1, keepdim=True)  # gray arrives repeated to 3 channels
+        features = self.classifier.features(images)
+        out = {"features": features}
+        if "logits" in self.features_list:
+            out["logits"] = self.classifier.fc(features)  # eval mode: the dropout before fc is the identity
+        # float32, as torch-fidelity's own extractors return: float64 would triple the time of
+        # KID's polynomial kernels (numpy's float64 power) for digits FID does not need here.
+        return tuple(out[name].float() for name in self.features_list)
+
+
+_REGISTRATION = threading.Lock()
+
+
+def register_domain_extractor() -> str:
+    """Register `DomainFeatureExtractor` with torch-fidelity once per process (thread-safe,
+    idempotent; Dask workers register on their first evaluation); returns its name."""
+    with _REGISTRATION:
+        registered = FEATURE_EXTRACTORS_REGISTRY.get(DOMAIN_EXTRACTOR)
+        if registered is None:
+            torch_fidelity.register_feature_extractor(DOMAIN_EXTRACTOR, DomainFeatureExtractor)
+        elif registered is not DomainFeatureExtractor:
+            same = (registered.__module__, registered.__qualname__) == (DomainFeatureExtractor.__module__,
+                                                                        DomainFeatureExtractor.__qualname__)
+            if not same:
+                raise ValueError(f"torch-fidelity already has another feature extractor named {DOMAIN_EXTRACTOR!r} "
+                                 f"({registered.__module__}.{registered.__qualname__})")
+            # This module was reloaded (importlib.reload in a notebook): point the name at the new class.
+            FEATURE_EXTRACTORS_REGISTRY[DOMAIN_EXTRACTOR] = DomainFeatureExtractor
+    return DOMAIN_EXTRACTOR
+
+
+@contextlib.contextmanager
+def _local_weights(extractor: Extractor) -> Iterator[str]:
+    """A local file torch-fidelity can open: inception weights are one already; the
+    domain checkpoint (any URL, S3 included) is checked and copied to a private temp file."""
+    if extractor.kind == "inception":
+        yield extractor.weights
+        return
+    checkpoint = load_checkpoint(extractor.weights, extractor.storage_options)
+    with tempfile.TemporaryDirectory(prefix="vqvae2-fidelity-") as folder:
+        path = os.path.join(folder, "features-classifier.pt")
+        torch.save(checkpoint, path)
+        yield path
+
+
+def kid_subset_size_for(num_generated: int, num_reference: int, requested: int | None = None) -> int:
+    """KID's subset size: `requested`, or torch-fidelity's 1000 capped at the smaller set."""
+    smaller = min(num_generated, num_reference)
+    size = min(KID_SUBSET_SIZE, smaller) if requested is None else requested
+    if not 2 <= size <= smaller:
+        raise ValueError(f"kid_subset_size must be in [2, {smaller}] (the smaller set has {smaller} images), "
+                         f"got {size}")
+    return size
+
+
+def isc_splits_for(num_generated: int) -> int:
+    return max(1, min(ISC_SPLITS, num_generated // ISC_MIN_SPLIT))
+
+
+def fidelity_metrics(generated: FidelityImages | Tensor | np.ndarray, reference: FidelityImages | Tensor | np.ndarray,
+                     extractor: Extractor, *, kid_subset_size: int | None = None, isc: bool = True, prc: bool = True,
+                     device: torch.device | str | None = None, batch_size: int = 128) -> dict[str, float]:
+    """FID, KID, precision/recall (and IS) of `generated` against `reference` (real images).
+
+    Images: uint8 (N, C, H, W) or `FidelityImages`. Returns `fid`, `kid_mean`, `kid_std`,
+    `kid_subset_size`, `num_generated`, `num_reference`, with `prc`: `precision` (the share
+    of generated images inside the real manifold), `recall` (the reverse), `f_score`, and
+    with `isc`: `isc_mean`, `isc_std`, `isc_splits` (of the generated set alone). Nothing is
+    cached on disk; CUDA when available unless `device` says otherwise.
+    """
+    generated = generated if isinstance(generated, FidelityImages) else FidelityImages(generated)
+    reference = reference if isinstance(reference, FidelityImages) else FidelityImages(reference)
+    n_gen, n_ref = len(generated), len(reference)
+    smallest = PRC_NEIGHBORHOOD + 1 if prc else 2  # k-NN radii need k other points; covariances need two
+    if min(n_gen, n_ref) < smallest:
+        raise ValueError(f"fidelity metrics need at least {smallest} images per set, got {n_gen} generated and "
+                         f"{n_ref} reference images")
+    subset = kid_subset_size_for(n_gen, n_ref, kid_subset_size)
+    splits = isc_splits_for(n_gen)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if extractor.kind == "domain":
+        register_domain_extractor()  # this process may not be the one that resolved the extractor
+    layers = extractor.feature_layers
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with _local_weights(extractor) as weights, on_device:
+        raw = torch_fidelity.calculate_metrics(
+            input1=generated, input2=reference,  # torch-fidelity's convention: input1 generated, input2 real
+            fid=True, kid=True, prc=prc, isc=isc, feature_extractor=extractor.name,
+            feature_layer_fid=layers["fid"], feature_layer_kid=layers["kid"], feature_layer_prc=layers["prc"],
+            feature_layer_isc=layers["isc"], feature_extractor_weights_path=weights,
+            kid_subset_size=subset, isc_splits=splits, prc_neighborhood=PRC_NEIGHBORHOOD,
+            cuda=device.type == "cuda", batch_size=batch_size, cache=False, verbose=False,
+            # No DataLoader worker processes: the images are already in memory, workers would
+            # only copy them (and fork a threaded Prefect worker). It also computes
+            # precision/recall in blocks. Same numbers either way, less memory.
+            save_cpu_ram=True,
+        )
+    metrics: dict[str, float] = {
+        "fid": raw[torch_fidelity.KEY_METRIC_FID],
+        "kid_mean": raw[torch_fidelity.KEY_METRIC_KID_MEAN],
+        "kid_std": raw[torch_fidelity.KEY_METRIC_KID_STD],
+        "kid_subset_size": subset, "num_generated": n_gen, "num_reference": n_ref,
+    }
+    if prc:
+        metrics |= {"precision": raw[torch_fidelity.KEY_METRIC_PRECISION],
+                    "recall": raw[torch_fidelity.KEY_METRIC_RECALL], "f_score": raw[torch_fidelity.KEY_METRIC_F_SCORE]}
+    if isc:
+        metrics |= {"isc_mean": raw[torch_fidelity.KEY_METRIC_ISC_MEAN],
+                    "isc_std": raw[torch_fidelity.KEY_METRIC_ISC_STD], "isc_splits": splits}
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"torch-fidelity returned non-finite {bad} ({extractor.name}, {n_gen} generated, "
+                                 f"{n_ref} reference images)")
+    return metrics
