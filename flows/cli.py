@@ -127,7 +127,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     from tasks.lookup import FinishedRun
     from tasks.models import load_model
     from tasks.reporting import png_bytes
-    from tasks.train_autoencoder import held_out_images
+    from tasks.datasets import first_images
 
     config = build_config(args)
     finished = FinishedRun(config)
@@ -138,7 +138,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
         images = torch.from_numpy(np.stack([a.reshape(a.shape[0], a.shape[1], -1) for a in arrays])).permute(0, 3, 1, 2)
         images = images.float() / 255
     else:
-        images, _ = held_out_images(finished.dataset, args.count, config.storage.storage_options)
+        images, _ = first_images(finished.dataset, "test", args.count, config.storage.storage_options)
     with torch.no_grad():
         recon = model(images).reconstruction.clamp(0, 1)
     mse = torch.nn.functional.mse_loss(recon, images).item()

@@ -17,7 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.config import PipelineConfig
 from tasks.encode import encode_shard, finalize_codes, prepare_codes, shard_units
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate, uses_domain_features
 from tasks.ingest import dataset_artifact, finalize, ingest_shard, plan_dataset
 from tasks.lookup import FinishedRun, find_dataset
 from tasks.reporting import track
@@ -66,17 +66,25 @@ def sample_stage(config: PipelineConfig, autoencoder: Manifest, priors: list[Man
     return run(finalize_samples, config, autoencoder, priors, judge, batches)
 
 
+def classifier_roles(config: PipelineConfig) -> list[str]:
+    """The judge (rejection sampling) and, without Inception weights, the FID feature network:
+    two classifiers trained independently, so the metric never grades with the judge's eyes."""
+    if not config.model.num_classes:
+        return []
+    return ["judge"] + (["features"] if uses_domain_features(config) else [])
+
+
 def run_pipeline(config: PipelineConfig) -> Manifest:
     dataset = ingest_stage(config)
-    # The judge needs only images: it trains while the autoencoder does.
-    judge = train_classifier.submit(config, dataset, "judge") if config.model.num_classes else None
+    # The classifiers need only images: they train while the autoencoder does.
+    classifiers = [train_classifier.submit(config, dataset, role) for role in classifier_roles(config)]
     autoencoder = run(train_autoencoder, config, dataset)
     codes = encode_stage(config, dataset, autoencoder)
     priors = priors_stage(config, codes)
-    judge_manifest = judge.result() if judge is not None else None
-    samples = sample_stage(config, autoencoder, priors, judge_manifest)
-    classifiers = [judge_manifest] if judge_manifest else []
-    return run(evaluate, config, dataset, autoencoder, codes, priors, classifiers, samples)
+    trained = [future.result() for future in classifiers]
+    judge = next((c for c in trained if c["role"] == "judge"), None)
+    samples = sample_stage(config, autoencoder, priors, judge)
+    return run(evaluate, config, dataset, autoencoder, codes, priors, trained, samples)
 
 
 # --- flows ---
@@ -140,9 +148,8 @@ def sample_flow(config: PipelineConfig = PipelineConfig()) -> Manifest:
 def evaluate_flow(config: PipelineConfig = PipelineConfig()) -> Manifest:
     """Measure a finished run and write its report."""
     finished = FinishedRun(config)
-    judge = finished.judge
     return run(evaluate, config, finished.dataset, finished.autoencoder, finished.codes, finished.priors,
-               [judge] if judge else [], finished.samples)
+               finished.classifiers, finished.samples)
 
 
 STAGE_FLOWS = {

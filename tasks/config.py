@@ -99,6 +99,11 @@ class TrainingSection(Section):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes for reading shards")
     subprocess: bool = Field(True, description="Run each training attempt in a fresh process (isolated RNG and "
                              "CUDA context); off runs it in the task's thread, for debugging")
+    cpu_threads: int | None = Field(None, ge=1, description="CPU threads of each training process; None: half the "
+                                    "cores, since the pipeline trains two models at a time")
+
+    def threads(self) -> int:
+        return self.cpu_threads or max(1, (os.cpu_count() or 2) // 2)
     fail_once_at_step: dict[str, int] = Field(
         default_factory=dict,
         description="Testing only: make a training stage ('autoencoder', 'prior-top', 'classifier', ...) fail once "
@@ -111,16 +116,37 @@ class EncodeSection(Section):
 
 
 class SampleSection(Section):
-    num_samples: int | None = Field(None, ge=1, description="Images to sample; None: the preset's choice")
+    num_samples: int | None = Field(None, ge=1, description="Images kept at each acceptance rate, spread evenly over "
+                                    "the classes; None: the preset's choice")
+    acceptance_rates: list[float] = Field(
+        default_factory=lambda: [1.0, 0.5, 0.25, 0.1],
+        description="Classifier-based rejection (paper, Sec. 4.1): at rate r, keep the r share of candidates the "
+        "judge is most confident show their class; 1.0 (no rejection) is always included",
+    )
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
     seed: int = 0
 
+    @field_validator("acceptance_rates")
+    @classmethod
+    def _rates(cls, rates: list[float]) -> list[float]:
+        bad = [r for r in rates if not 0 < r <= 1]
+        if bad:
+            raise ValueError(f"sample.acceptance_rates must lie in (0, 1], got {bad}")
+        return sorted(set(rates) | {1.0}, reverse=True)
+
 
 class EvaluateSection(Section):
-    eval_images: int | None = Field(None, ge=1, description="Held-out images for reconstruction metrics; "
-                                    "None: the preset's choice")
+    eval_images: int | None = Field(None, ge=4, description="Real images per reference set (held-out test images, "
+                                    "and train images for the floor); None: the preset's choice")
+    features: Literal["auto", "inception", "domain"] = Field(
+        "auto", description="Feature space of FID/KID/precision/recall: inception (torch-fidelity's Inception-v3, "
+        "from local weights only), domain (a classifier the pipeline trains on the real images), or auto "
+        "(inception when its weights are here, else domain)",
+    )
+    inception_weights: str | None = Field(None, description="Path of the Inception-v3 weights file, if not in "
+                                          "torch-fidelity's cache under TORCH_HOME")
     grid_size: int = Field(64, ge=1, le=1024, description="Images in the report's sample and reconstruction grids")
 
 

@@ -9,7 +9,7 @@ from storage.fsutil import join
 from .artifact_task import require
 from .config import PipelineConfig
 from .encode import codes_artifact
-from .evaluate import report_artifact
+from .evaluate import report_artifact, uses_domain_features
 from .ingest import dataset_artifact
 from .sample import samples_artifact
 from .train_autoencoder import autoencoder_artifact
@@ -36,10 +36,10 @@ def find_priors(config: PipelineConfig, codes: Manifest) -> list[Manifest]:
     return [require(prior_artifact(config, codes, level), "train-priors") for level in range(config.model.levels)]
 
 
-def find_judge(config: PipelineConfig, dataset: Manifest) -> Manifest | None:
+def find_classifier(config: PipelineConfig, dataset: Manifest, role: str) -> Manifest | None:
     if not config.model.num_classes:
         return None
-    return require(classifier_artifact(config, dataset, "judge"), "train-classifier")
+    return require(classifier_artifact(config, dataset, role), "train-classifier")
 
 
 def find_samples(config: PipelineConfig, autoencoder: Manifest, priors: list[Manifest],
@@ -65,7 +65,13 @@ class FinishedRun:
 
     @property
     def judge(self) -> Manifest | None:
-        return find_judge(self.config, self.dataset)
+        return find_classifier(self.config, self.dataset, "judge")
+
+    @property
+    def classifiers(self) -> list[Manifest]:
+        """The judge, and the features classifier when the evaluation uses domain features."""
+        roles = ["judge"] + (["features"] if uses_domain_features(self.config) else [])
+        return [c for c in (find_classifier(self.config, self.dataset, role) for role in roles) if c]
 
     @property
     def samples(self) -> Manifest:
@@ -73,7 +79,6 @@ class FinishedRun:
 
     @property
     def report(self) -> Manifest:
-        judge = self.judge
         artifact = report_artifact(self.config, self.dataset, self.autoencoder, self.codes, self.priors,
-                                   [judge] if judge else [], self.samples)
+                                   self.classifiers, self.samples)
         return require(artifact, "evaluate")

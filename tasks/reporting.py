@@ -12,6 +12,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,11 @@ def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 1) -
     return array[:, :, 0] if c == 1 else array
 
 
+def display_scale(image_size: int) -> int:
+    """Enlargement that makes a grid of small images readable in the UI."""
+    return max(1, 128 // image_size)
+
+
 def png_bytes(image: np.ndarray, scale: int = 1) -> bytes:
     """uint8 H x W (x 3) -> PNG bytes, optionally enlarged (nearest) so small images stay visible."""
     pil = Image.fromarray(image)
@@ -122,29 +128,50 @@ def markdown_image(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
-def loss_curve_png(history: Sequence[Mapping[str, float]], title: str, keys: Sequence[str] = ("loss",)) -> bytes:
-    """A PNG line plot of `keys` against `step` (log scale when the range is wide)."""
+@dataclass(frozen=True)
+class Panel:
+    """One plot: named series of (x, y) points."""
+
+    title: str
+    xlabel: str
+    series: Mapping[str, Sequence[tuple[float, float]]]
+    log_x: bool = False
+    invert_x: bool = False
+
+
+def plot_png(panels: Sequence[Panel]) -> bytes:
+    """Line plots side by side, as PNG bytes; a y range wider than 50x gets a log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.4), dpi=100, squeeze=False)
     try:
-        for key in keys:
-            points = [(row["step"], row[key]) for row in history if key in row]
-            if points:
-                ax.plot(*zip(*points), label=key)
-        values = [row[k] for row in history for k in keys if k in row and row[k] > 0]
-        if values and max(values) / min(values) > 50:
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        for ax, panel in zip(axes[0], panels):
+            for label, points in panel.series.items():
+                if points:
+                    ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, label=label)
+            values = [y for points in panel.series.values() for _, y in points if y > 0]
+            if values and max(values) / min(values) > 50:
+                ax.set_yscale("log")
+            if panel.log_x:
+                ax.set_xscale("log")
+            if panel.invert_x:
+                ax.invert_xaxis()
+            ax.set_xlabel(panel.xlabel)
+            ax.set_title(panel.title)
+            ax.grid(alpha=0.3)
+            ax.legend()
         fig.tight_layout()
         out = io.BytesIO()
         fig.savefig(out, format="png")
         return out.getvalue()
     finally:
         plt.close(fig)
+
+
+def loss_curve_png(history: Sequence[Mapping[str, float]], title: str, keys: Sequence[str] = ("loss",)) -> bytes:
+    """The training loss (and other `keys`) against the step."""
+    series = {key: [(row["step"], row[key]) for row in history if key in row] for key in keys}
+    return plot_png([Panel(title, "step", series)])

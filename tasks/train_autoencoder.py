@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 import vqvae2
-from storage.loader import ShardDataset, iter_shard_batches, shard_loader
 from vqvae2.config import config_to_dict
 
 from .artifact_task import Artifact, artifact_task
 from .config import PipelineConfig
-from .training import TrainingJob, private_generator, train
+from .datasets import first_images, train_batches
+from .training import TrainingJob, train
 
 CODE_VERSION = "1"
 VALIDATION_IMAGES = 256
@@ -30,35 +30,11 @@ def autoencoder_artifact(config: PipelineConfig, dataset: dict[str, Any]) -> Art
                        config.storage.storage_options)
 
 
-def held_out_images(dataset: dict[str, Any], count: int, storage_options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `count` images (and labels) of the test split, in file order."""
-    images, labels = [], []
-    for index in range(len(dataset["splits"]["test"]["shards"])):
-        for batch_images, batch_labels, _ in iter_shard_batches(dataset["url"], "test", index, 256, storage_options):
-            images.append(batch_images)
-            labels.append(batch_labels)
-            if sum(len(b) for b in images) >= count:
-                return torch.cat(images)[:count], torch.cat(labels)[:count]
-    return torch.cat(images), torch.cat(labels)
-
-
-def train_batches(dataset: dict[str, Any], batch_size: int, seed: int, config: PipelineConfig):
-    """(batch source for `TrainingJob`, batches per epoch) over the train split's shards."""
-    options = config.storage.storage_options
-    shards = ShardDataset(dataset["url"], "train", batch_size=batch_size, seed=seed, storage_options=options)
-
-    def batches(epoch: int, start: int):
-        shards.set_epoch(epoch, start)
-        return shard_loader(shards, num_workers=config.training.num_workers, generator=private_generator(seed, epoch))
-
-    return batches, len(shards)
-
-
 def autoencoder_job(config: PipelineConfig, dataset: dict[str, Any], artifact: Artifact) -> TrainingJob:
     model_config, train_config = config.model, config.model.train_autoencoder
     vqvae2.seed_everything(train_config.seed)
     model = vqvae2.build_autoencoder(model_config)
-    validation, _ = held_out_images(dataset, VALIDATION_IMAGES, config.storage.storage_options)
+    validation, _ = first_images(dataset, "test", VALIDATION_IMAGES, config.storage.storage_options)
 
     def evaluate(model: vqvae2.VQVAE2) -> dict[str, float]:
         device = next(model.parameters()).device
@@ -78,6 +54,6 @@ def autoencoder_job(config: PipelineConfig, dataset: dict[str, Any], artifact: A
 @artifact_task(locate=autoencoder_artifact, name="train-autoencoder")
 def train_autoencoder(config: PipelineConfig, dataset: dict[str, Any], artifact: Artifact) -> dict[str, Any]:
     summary = train(autoencoder_job, config, dataset, artifact, title="autoencoder: training",
-                    in_subprocess=config.training.subprocess)
+                    in_subprocess=config.training.subprocess, cpu_threads=config.training.threads())
     return {"dataset": dataset["key"], "latent_shapes": [list(s) for s in config.model.latent_shapes()],
             "codebook_size": config.model.autoencoder.codebook_size, **summary}

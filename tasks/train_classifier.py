@@ -12,7 +12,7 @@ from vqvae2.config import config_to_dict
 
 from .artifact_task import Artifact, artifact_task
 from .config import PipelineConfig
-from .train_autoencoder import held_out_images, train_batches
+from .datasets import first_images, train_batches
 from .training import TrainingJob, train
 
 CODE_VERSION = "1"
@@ -38,7 +38,7 @@ def classifier_job(config: PipelineConfig, dataset: dict[str, Any], role: str, a
                                           {"seed": model_config.train_classifier.seed + ROLE_SEEDS[role]})
     vqvae2.seed_everything(train_config.seed)
     model = vqvae2.build_classifier(model_config)
-    images, labels = held_out_images(dataset, VALIDATION_IMAGES, config.storage.storage_options)
+    images, labels = first_images(dataset, "test", VALIDATION_IMAGES, config.storage.storage_options)
 
     def evaluate(model: vqvae2.ResNetClassifier) -> dict[str, float]:
         device = next(model.parameters()).device
@@ -58,5 +58,5 @@ def train_classifier(config: PipelineConfig, dataset: dict[str, Any], role: str,
     if role not in ROLE_SEEDS:
         raise ValueError(f"classifier role must be one of {sorted(ROLE_SEEDS)}, got {role!r}")
     summary = train(classifier_job, config, dataset, role, artifact, title=f"classifier-{role}: training",
-                    in_subprocess=config.training.subprocess)
+                    in_subprocess=config.training.subprocess, cpu_threads=config.training.threads())
     return {"dataset": dataset["key"], "role": role, **summary}

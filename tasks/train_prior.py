@@ -89,5 +89,5 @@ def prior_job(config: PipelineConfig, codes: dict[str, Any], level: int, artifac
 def train_prior(config: PipelineConfig, codes: dict[str, Any], level: int, artifact: Artifact) -> dict[str, Any]:
     name = f"prior-{vqvae2.level_names(config.model.levels)[level]}"
     summary = train(prior_job, config, codes, level, artifact, title=f"{name}: training",
-                    in_subprocess=config.training.subprocess)
+                    in_subprocess=config.training.subprocess, cpu_threads=config.training.threads())
     return {"codes": codes["key"], "level": level, "level_name": name, **summary}

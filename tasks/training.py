@@ -286,19 +286,22 @@ class PipeReporter:
         send(self.stream, ("table", key, rows, description))
 
 
-def train(make_job: Callable[..., TrainingJob], *args: Any, title: str, in_subprocess: bool = True) -> dict[str, Any]:
+def train(make_job: Callable[..., TrainingJob], *args: Any, title: str, in_subprocess: bool = True,
+          cpu_threads: int | None = None) -> dict[str, Any]:
     """Build the job with `make_job(*args)` and run it, in a fresh process by default, relaying
     its reports to the UI; returns the run's summary. `make_job` must be a module-level function.
 
     The process is a new interpreter (`python -m tasks.train_worker`), not a fork: a fork
     of a process with Prefect's threads and open s3fs sessions is unsafe, and unlike a
-    multiprocessing spawn it does not re-run the caller's main script."""
+    multiprocessing spawn it does not re-run the caller's main script. `cpu_threads` caps its
+    intra-op threads: trainings running side by side must not oversubscribe the cores."""
     reporter = UIReporter(title)
     if not in_subprocess:
         return run_training(make_job(*args), reporter)
     read_fd, write_fd = os.pipe()
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(cpu_threads)} if cpu_threads else {})}
     child = subprocess.Popen([sys.executable, "-m", "tasks.train_worker", str(write_fd)],
-                             stdin=subprocess.PIPE, pass_fds=(write_fd,))
+                             stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env)
     os.close(write_fd)
     try:
         with os.fdopen(read_fd, "rb") as messages:

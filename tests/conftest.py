@@ -13,6 +13,8 @@ os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "storage"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.pop("PREFECT_API_URL", None)
+# No Inception weights in the tests (nothing is downloaded): evaluation uses domain features.
+os.environ["TORCH_HOME"] = os.path.join(_PREFECT_HOME, "torch-home")
 
 import numpy as np
 import pytest

@@ -34,11 +34,35 @@ def test_the_full_pipeline_writes_every_artifact_and_a_finite_report(smoke_run):
         assert (report_dir / name).stat().st_size > 0, name
     written = json.loads((report_dir / "report.json").read_text())
     assert written["metrics"] == metrics and written["preset"] == "smoke"
-    assert (report_dir / "report.md").read_text().count("![") >= 6
+    assert (report_dir / "report.md").read_text().count("![") >= 9
+    # Sample quality in one stated feature space, with the reference points and the rejection curve.
+    fidelity = written["fidelity"]
+    assert fidelity["extractor"]["kind"] == "domain" and "Not comparable" in fidelity["extractor"]["description"]
+    rows = {row["set"]: row for row in fidelity["rows"]}
+    assert set(rows) == {"real train images (floor)", "reconstructions", "samples, no rejection",
+                         "samples, acceptance rate 0.5", "samples, acceptance rate 0.25", "samples, acceptance rate 0.1"}
+    for row in rows.values():
+        assert row["fid"] >= 0 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+    assert rows["real train images (floor)"]["fid"] < rows["samples, no rejection"]["fid"]
+    assert (report_dir / "rejection-tradeoff.png").stat().st_size > 0 and (report_dir / "rejection.png").exists()
+    assert "## Sample quality" in (report_dir / "report.md").read_text()
     runs = state_names(state.state_details.flow_run_id)
     assert set(runs.values()) == {"Completed"}
-    assert {"train-autoencoder", "train-prior-0", "train-prior-1", "train-classifier-judge"} <= {
-        n.rsplit("-", 1)[0] if n.startswith("train-autoencoder") else n for n in runs}
+    assert {"train-autoencoder", "train-prior-0", "train-prior-1", "train-classifier-judge",
+            "train-classifier-features"} <= {n.rsplit("-", 1)[0] if n.startswith("train-autoencoder") else n
+                                             for n in runs}
+
+
+def test_rejection_keeps_the_same_number_per_rate_and_the_judges_favourites(smoke_run):
+    config, _, state = smoke_run
+    samples = FinishedRun(config).samples
+    kept = {row["rate"]: row for row in samples["rates"]}
+    assert sorted(kept) == [0.1, 0.25, 0.5, 1.0]
+    # 16 requested over 10 classes: 2 per class at every rate, drawn from 2 / r candidates per class.
+    assert {row["kept"] for row in kept.values()} == {20}
+    assert [kept[r]["candidates"] for r in (1.0, 0.5, 0.25, 0.1)] == [20, 40, 80, 200]
+    for rate in (0.5, 0.25, 0.1):
+        assert kept[rate]["judge_confidence_kept"] > kept[rate]["judge_confidence_rejected"]
 
 
 def test_the_ui_gets_progress_tables_and_a_report_with_images(smoke_run):
@@ -47,14 +71,14 @@ def test_the_ui_gets_progress_tables_and_a_report_with_images(smoke_run):
     by_type: dict[str, list] = {}
     for artifact in found:
         by_type.setdefault(artifact.type, []).append(artifact)
-    # One progress bar per training (4) and per mapped stage (ingest, encode, sample), each at 100%.
-    assert len(by_type["progress"]) >= 7
+    # One progress bar per training (5) and per mapped stage (ingest, encode, sample), each at 100%.
+    assert len(by_type["progress"]) >= 8
     assert all(float(a.data) == 100.0 for a in by_type["progress"])
     tables = {a.key for a in by_type["table"]}
     assert {"autoencoder-epochs", "prior-top-epochs", "prior-bottom-epochs", "classifier-judge-epochs",
-            "dataset", "vqvae2-metrics"} <= tables
+            "classifier-features-epochs", "dataset", "vqvae2-fidelity"} <= tables
     report = next(a for a in by_type["markdown"] if a.key == "vqvae2-report")
-    assert report.data.count("data:image/png;base64,") >= 6  # grids and loss curves, inline
+    assert report.data.count("data:image/png;base64,") >= 9  # grids, trade-off plot and loss curves, inline
 
 
 def test_a_second_run_is_all_cached_and_rewrites_nothing(smoke_run):

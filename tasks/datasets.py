@@ -1,0 +1,39 @@
+"""Reading an ingested dataset's images in the tasks: fixed held-out sets and training batches."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from storage.loader import ShardDataset, iter_shard_batches, shard_loader
+
+from .config import PipelineConfig
+from .training import BatchSource, private_generator
+
+
+def first_images(dataset: dict[str, Any], split: str, count: int,
+                 storage_options: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` images (floats in [0, 1]) and labels of `split`, in file order:
+    the same images every time, for validation and evaluation."""
+    images, labels, have = [], [], 0
+    for index in range(len(dataset["splits"][split]["shards"])):
+        for batch_images, batch_labels, _ in iter_shard_batches(dataset["url"], split, index, 256, storage_options):
+            images.append(batch_images)
+            labels.append(batch_labels)
+            have += len(batch_images)
+            if have >= count:
+                return torch.cat(images)[:count], torch.cat(labels)[:count]
+    return torch.cat(images), torch.cat(labels)
+
+
+def train_batches(dataset: dict[str, Any], batch_size: int, seed: int,
+                  config: PipelineConfig) -> tuple[BatchSource, int]:
+    """(batch source for a `TrainingJob`, batches per epoch) over the train split's shards."""
+    shards = ShardDataset(dataset["url"], "train", batch_size=batch_size, seed=seed,
+                          storage_options=config.storage.storage_options)
+
+    def batches(epoch: int, start: int):
+        shards.set_epoch(epoch, start)
+        return shard_loader(shards, num_workers=config.training.num_workers, generator=private_generator(seed, epoch))
+
+    return batches, len(shards)
