@@ -21,7 +21,7 @@ PresetName = Literal["smoke", "fashion-mnist", "imagenet-256", "ffhq-1024"]
 # Pipeline-level values that follow the preset unless set explicitly.
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "smoke": {"max_samples_per_split": 2000, "num_samples": 16, "eval_images": 256},
-    "fashion-mnist": {"max_samples_per_split": None, "num_samples": 1000, "eval_images": 2000},
+    "fashion-mnist": {"max_samples_per_split": None, "num_samples": 500, "eval_images": 2000},
     "imagenet-256": {"max_samples_per_split": None, "num_samples": 5000, "eval_images": 10000},
     "ffhq-1024": {"max_samples_per_split": None, "num_samples": 1000, "eval_images": 1000},
 }

@@ -68,9 +68,10 @@ def fashion_mnist() -> ModelConfig:
                         cond_channels=64, cond_res_blocks=2),
         ),
         classifier=ClassifierConfig(widths=(32, 64, 128), blocks_per_stage=1, dropout=0.1),
-        train_autoencoder=TrainConfig(steps=2000, batch_size=64, lr=1e-3, warmup_steps=100),
-        train_prior=TrainConfig(steps=2000, batch_size=64, lr=1e-3, warmup_steps=100),
-        train_classifier=TrainConfig(steps=1500, batch_size=64, lr=1e-3),
+        # About 1.6 epochs of the 60,000 training images for the autoencoder, 1 for the priors.
+        train_autoencoder=TrainConfig(steps=1500, batch_size=64, lr=1e-3, warmup_steps=100),
+        train_prior=TrainConfig(steps=1000, batch_size=64, lr=1e-3, warmup_steps=100),
+        train_classifier=TrainConfig(steps=1000, batch_size=64, lr=1e-3),
     )
 
 
