@@ -68,6 +68,13 @@ class Artifact:
         return f"vqvae2-{self.stage}-{self.key}-{root}"
 
 
+def unit_task(*, name: str, task_run_name: str, cache_key_fn: Callable[[Any, dict[str, Any]], str | None]):
+    """A task for one unit of a mapped stage (a shard, a batch) that writes part of an
+    artifact; `cache_key_fn` returns a key only once the unit's output exists."""
+    return task(name=name, task_run_name=task_run_name, cache_key_fn=cache_key_fn, persist_result=True,
+                retries=RETRIES, retry_delay_seconds=RETRY_DELAYS)
+
+
 def require(artifact: Artifact, producer: str) -> dict[str, Any]:
     """The manifest of a complete artifact, or a clear error naming the stage that makes it."""
     manifest = artifact.manifest()

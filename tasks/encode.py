@@ -13,7 +13,7 @@ from storage.fsutil import exists, read_json, write_json
 from storage.ingest import shard_counts
 from storage.loader import iter_shard_batches
 
-from .artifact_task import RETRIES, RETRY_DELAYS, Artifact, artifact_task
+from .artifact_task import RETRIES, RETRY_DELAYS, Artifact, artifact_task, unit_task
 from .config import PipelineConfig
 from .models import load_model
 from .reporting import logger
@@ -62,14 +62,7 @@ def _shard_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
     return f"{artifact.cache_key()}-{split}-{index}"
 
 
-@task(
-    name="encode-shard",
-    task_run_name="encode-{unit[0]}-{unit[1]}",
-    cache_key_fn=_shard_cache_key,
-    persist_result=True,
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
-)
+@unit_task(name="encode-shard", task_run_name="encode-{unit[0]}-{unit[1]}", cache_key_fn=_shard_cache_key)
 def encode_shard(config: PipelineConfig, dataset: dict[str, Any], autoencoder: dict[str, Any], codes: Artifact,
                  unit: tuple[str, int]):
     split, index = unit

@@ -14,7 +14,7 @@ from prefect.states import Completed
 from storage.fsutil import join
 from storage.ingest import IngestPlan, ShardTask, finalize_dataset, plan_ingest, write_shard
 
-from .artifact_task import RETRIES, RETRY_DELAYS, Artifact, artifact_task
+from .artifact_task import RETRIES, RETRY_DELAYS, Artifact, artifact_task, unit_task
 from .config import PipelineConfig
 from .reporting import logger, publish_table
 
@@ -54,14 +54,7 @@ def _shard_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
     return f"{dataset.cache_key()}-{parameters['shard'].name.replace('/', '-')}"
 
 
-@task(
-    name="ingest-shard",
-    task_run_name="ingest-{shard.split}-{shard.index}",
-    cache_key_fn=_shard_cache_key,
-    persist_result=True,
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
-)
+@unit_task(name="ingest-shard", task_run_name="ingest-{shard.split}-{shard.index}", cache_key_fn=_shard_cache_key)
 def ingest_shard(shard: ShardTask, dataset: Artifact):
     """Write one shard (or find it written by an earlier, equal task)."""
     result = write_shard(shard, dataset.url, dataset.storage_options)

@@ -17,14 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from prefect import task
 from prefect.states import Completed
 
 import vqvae2
 from storage.fsutil import exists, write_bytes
 
 from .arrays import load_npz, save_npz
-from .artifact_task import RETRIES, RETRY_DELAYS, Artifact, artifact_task
+from .artifact_task import Artifact, artifact_task, unit_task
 from .config import PipelineConfig
 from .models import load_model
 from .reporting import display_scale, image_grid, logger, png_bytes
@@ -107,8 +106,7 @@ def judge_scores(judge: vqvae2.ResNetClassifier | None, images: torch.Tensor, la
     return probs.gather(1, labels.unsqueeze(1)).squeeze(1).cpu().numpy()
 
 
-@task(name="sample-batch", task_run_name="sample-batch-{index}", cache_key_fn=_batch_cache_key, persist_result=True,
-      retries=RETRIES, retry_delay_seconds=RETRY_DELAYS)
+@unit_task(name="sample-batch", task_run_name="sample-batch-{index}", cache_key_fn=_batch_cache_key)
 def sample_batch(config: PipelineConfig, autoencoder: dict[str, Any], priors: list[dict[str, Any]],
                  judge: dict[str, Any] | None, samples: Artifact, index: int) -> dict[str, Any]:
     url = _batch_url(samples, index)
