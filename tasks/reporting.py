@@ -11,6 +11,7 @@ import io
 import logging
 import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from prefect.context import get_run_context
 from prefect.exceptions import MissingContextError
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
+from tqdm import tqdm
 
 
 def in_prefect_run() -> bool:
@@ -48,18 +50,25 @@ def artifact_key(text: str) -> str:
 
 
 class Progress:
-    """A progress artifact (a bar in the UI) updated as work advances."""
+    """A progress artifact (a bar in the UI), and a bar in the terminal when there is one."""
 
     def __init__(self, description: str, total: int) -> None:
         self.total, self.description = max(total, 1), description
         self.id = create_progress_artifact(progress=0.0, description=description) if in_prefect_run() else None
+        self.bar = tqdm(total=self.total, desc=description, disable=not sys.stderr.isatty(), leave=False)
         self.last = -1.0
 
     def update(self, done: int, note: str = "") -> None:
-        percent = round(100.0 * min(done, self.total) / self.total, 1)
+        done = min(done, self.total)
+        percent = round(100.0 * done / self.total, 1)
         if self.id is not None and percent != self.last:
             description = f"{self.description}: {note}" if note else self.description
             update_progress_artifact(artifact_id=self.id, progress=percent, description=description)
+        self.bar.update(done - self.bar.n)
+        if note:
+            self.bar.set_postfix_str(note, refresh=False)
+        if done == self.total:
+            self.bar.close()
         self.last = percent
 
 

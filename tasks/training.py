@@ -219,6 +219,7 @@ def run_training(job: TrainingJob, reporter: Reporter) -> dict[str, Any]:
             means = interval.pop()
             history.append({"step": at_step, "epoch": stream.epoch, **means})
             reporter.progress(at_step, train.steps, f"step {at_step}/{train.steps}, loss {means.get('loss', float('nan')):.4g}")
+            reporter.log(f"{job.name} step {at_step}/{train.steps}: {format_metrics(means)}")
             if not np.isfinite(means.get("loss", 0.0)):
                 raise FloatingPointError(f"{job.name}: the loss is {means['loss']} at step {at_step}; training diverged")
         if at_step % opts.checkpoint_every == 0 or time.monotonic() - last_save > 60 * opts.checkpoint_minutes:
