@@ -166,6 +166,10 @@ def plot_png(panels: Sequence[Panel]) -> bytes:
                 ax.set_yscale("log")
             if panel.log_x:
                 ax.set_xscale("log")
+                xs = sorted({x for points in panel.series.values() for x, _ in points})
+                if 0 < len(xs) <= 12:  # label the measured points, not just the decades
+                    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+                    ax.minorticks_off()
             if panel.invert_x:
                 ax.invert_xaxis()
             ax.set_xlabel(panel.xlabel)
