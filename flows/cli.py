@@ -14,9 +14,11 @@ model preset (`train_prior.steps=100`, `autoencoder.channels=64`). With a
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
+import time
 from typing import Any
 
 SECTIONS = ("source", "storage", "ingest", "training", "encode", "sample", "evaluate", "runner")
@@ -209,11 +211,55 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = parser().parse_args(argv)
+    started = datetime.datetime.now(datetime.timezone.utc)
     try:
         args.fn(args)
     except FileNotFoundError as err:
         print(f"vqvae2: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        _let_ephemeral_server_settle(started)
+
+
+def _let_ephemeral_server_settle(since: datetime.datetime, timeout: float = 60.0) -> None:
+    """Wait until the temporary server has recorded every task run of this process.
+
+    Prefect stops its ephemeral server as the process exits. On a busy machine the server
+    records task-run events seconds behind the runs; stopping it then cancels those
+    writes, the local history misses states and the server prints tracebacks after a
+    successful run.
+    """
+    server_module = sys.modules.get("prefect.server.api.server")
+    servers = getattr(getattr(server_module, "SubprocessASGIServer", None), "_instances", {})
+    if os.environ.get("PREFECT_API_URL") or not any(s.running for s in servers.values()):
+        return  # a real server records runs itself; no temporary one was started
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterStartTime,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=10)
+    unfinished = TaskRunFilter(
+        state=TaskRunFilterState(
+            type=TaskRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING, StateType.SCHEDULED])
+        )
+    )
+    ours = FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since))
+    deadline = time.monotonic() + timeout
+    try:
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline:
+                if not client.read_task_runs(task_run_filter=unfinished, flow_run_filter=ours, limit=1):
+                    return
+                time.sleep(0.5)
+    except Exception as err:  # the run's own outcome matters more than its history
+        print(f"vqvae2: could not wait for the temporary Prefect server: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":
