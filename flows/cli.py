@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import typing
 from typing import Any
 
 SECTIONS = ("source", "storage", "ingest", "training", "encode", "sample", "evaluate", "runner")
@@ -67,7 +68,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     config = build_config(args)
     report = vqvae2_pipeline(config)
     print(f"\nreport: {report['markdown']}\n        {report['report']}")
-    for name, value in report["metrics"].items():
+    _print_metrics(report["metrics"])
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    for name, value in metrics.items():
         print(f"  {name:32s} {value:.5g}" if isinstance(value, float) else f"  {name:32s} {value}")
 
 
@@ -125,7 +130,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
     from storage.fsutil import read_bytes
     from storage.imaging import decode_png, prepare
-    from tasks.evaluate import pairs_grid
+    from tasks.evaluate import pairs_grid, reconstruct
     from tasks.lookup import FinishedRun
     from tasks.models import load_model
     from tasks.reporting import png_bytes
@@ -141,8 +146,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
         images = images.float() / 255
     else:
         images, _ = first_images(finished.dataset, "test", args.count, config.storage.storage_options)
-    with torch.no_grad():
-        recon = model(images).reconstruction.clamp(0, 1)
+    recon = reconstruct(model, images)
     mse = torch.nn.functional.mse_loss(recon, images).item()
     print(f"{len(images)} images, reconstruction MSE {mse:.5f}")
     _write(args.out, png_bytes(pairs_grid(images, recon, 2 * len(images)), scale=args.scale))
@@ -159,17 +163,17 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(json.dumps(report, indent=2))
         return
     print(f"report of the {report['preset']} run on dataset {report['dataset']['key']}: {manifest['markdown']}")
-    for name, value in report["metrics"].items():
-        print(f"  {name:32s} {value:.5g}" if isinstance(value, float) else f"  {name:32s} {value}")
+    _print_metrics(report["metrics"])
     for row in report["training"]:
         print(f"  trained {row['stage']:20s} {row['steps']} steps")
 
 
 def parser() -> argparse.ArgumentParser:
     from flows.pipeline import STAGE_FLOWS
+    from tasks.config import PresetName
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--preset", choices=["smoke", "fashion-mnist", "imagenet-256", "ffhq-1024"],
+    common.add_argument("--preset", choices=typing.get_args(PresetName),
                         help="model and training preset (default: fashion-mnist)")
     common.add_argument("--root", help="storage root: a local path or s3://bucket/prefix (default: ~/vqvae2-runs)")
     common.add_argument("--config", help="a JSON file with a whole pipeline config")

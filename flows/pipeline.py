@@ -17,7 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.config import PipelineConfig
 from tasks.encode import encode_shard, finalize_codes, prepare_codes, shard_units
-from tasks.evaluate import evaluate, uses_domain_features
+from tasks.evaluate import classifier_roles, evaluate
 from tasks.ingest import dataset_artifact, finalize, ingest_shard, plan_dataset
 from tasks.lookup import FinishedRun, find_dataset
 from tasks.reporting import track
@@ -64,14 +64,6 @@ def sample_stage(config: PipelineConfig, autoencoder: Manifest, priors: list[Man
     batches = track(sample_batch.map(unmapped(config), unmapped(autoencoder), unmapped(priors), unmapped(judge),
                                      unmapped(samples), range(len(batch_sizes(config)))), "sample: batches drawn")
     return run(finalize_samples, config, autoencoder, priors, judge, batches)
-
-
-def classifier_roles(config: PipelineConfig) -> list[str]:
-    """The judge (rejection sampling) and, without Inception weights, the FID feature network:
-    two classifiers trained independently, so the metric never grades with the judge's eyes."""
-    if not config.model.num_classes:
-        return []
-    return ["judge"] + (["features"] if uses_domain_features(config) else [])
 
 
 def run_pipeline(config: PipelineConfig) -> Manifest:

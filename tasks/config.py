@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import vqvae2
+from storage.fsutil import join
 from storage.ingest import IngestConfig
 from storage.sources import FASHION_MNIST_DIR, IdxSource, ImageFolderSource, Source, TarSource, fashion_mnist_source
 
@@ -102,13 +103,14 @@ class TrainingSection(Section):
     cpu_threads: int | None = Field(None, ge=1, description="CPU threads of each training process; None: half the "
                                     "cores, since the pipeline trains two models at a time")
 
-    def threads(self) -> int:
-        return self.cpu_threads or max(1, (os.cpu_count() or 2) // 2)
     fail_once_at_step: dict[str, int] = Field(
         default_factory=dict,
         description="Testing only: make a training stage ('autoencoder', 'prior-top', 'classifier', ...) fail once "
         "at this step, to exercise retries and resuming",
     )
+
+    def threads(self) -> int:
+        return self.cpu_threads or max(1, (os.cpu_count() or 2) // 2)
 
 
 class EncodeSection(Section):
@@ -153,7 +155,6 @@ class EvaluateSection(Section):
 class RunnerSection(Section):
     dask_address: str | None = Field(None, description="Run mapped and concurrent tasks on this Dask scheduler "
                                      "(tcp://host:8786); None: a thread pool in the flow's process")
-    max_workers: int = Field(4, ge=1, description="Threads of the default task runner")
 
 
 class PipelineConfig(BaseModel):
@@ -192,6 +193,10 @@ class PipelineConfig(BaseModel):
 
     def preset_default(self, name: str, value: Any) -> Any:
         return PRESET_DEFAULTS[self.preset][name] if value is None else value
+
+    def build_source(self) -> Source:
+        """The source, Fashion-MNIST downloaded under the storage root where the Debian package is missing."""
+        return self.source.build(download_to=join(self.storage.url, "downloads", "fashion-mnist"))
 
     def ingest_config(self) -> IngestConfig:
         model = self.model

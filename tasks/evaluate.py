@@ -29,12 +29,12 @@ from .arrays import load_npz
 from .artifact_task import Artifact, artifact_task
 from .config import PipelineConfig
 from .datasets import first_images
-from .fidelity import Extractor, fidelity_metrics, inception_cache_path, resolve_extractor
+from .fidelity import Extractor, fidelity_table, inception_cache_path, resolve_extractor
 from .models import load_model
 from .report_markdown import render_markdown
 from .reporting import Panel, display_scale, image_grid, logger, plot_png, png_bytes, publish_markdown, publish_table
 from .sample import load_samples, rate_key
-from .train_prior import level_batch, validation_batches
+from .train_prior import held_out_bits_per_code, validation_batches
 
 CODE_VERSION = "2"
 
@@ -44,6 +44,14 @@ def uses_domain_features(config: PipelineConfig) -> bool:
     if config.evaluate.features != "auto":
         return config.evaluate.features == "domain"
     return not os.path.isfile(config.evaluate.inception_weights or inception_cache_path())
+
+
+def classifier_roles(config: PipelineConfig) -> list[str]:
+    """The judge (rejection sampling) and, without Inception weights, the FID feature network:
+    two classifiers trained independently, so the metric never grades with the judge's eyes."""
+    if not config.model.num_classes:
+        return []
+    return ["judge"] + (["features"] if uses_domain_features(config) else [])
 
 
 def report_artifact(config: PipelineConfig, dataset: dict[str, Any], autoencoder: dict[str, Any],
@@ -80,23 +88,11 @@ def codebook_metrics(codes: dict[str, Any], storage_options: dict[str, Any], nam
     return metrics
 
 
-@torch.no_grad()
-def prior_nll(prior: vqvae2.PixelCNNPrior, level: int, codes: dict[str, Any], storage_options: dict[str, Any],
-              rows: int) -> float:
-    total, count = 0.0, 0
-    for batch in validation_batches(codes, storage_options, rows, 128):
-        target, cond, labels = level_batch(batch, level, prior)
-        total += prior.loss(target, cond, labels).item() * target.numel()
-        count += target.numel()
-    return vqvae2.bits_per_code(total / max(count, 1))
-
-
 def fidelity_rows(extractor: Extractor, reference: torch.Tensor, sets: dict[str, torch.Tensor],
                   rates: dict[str, float | None]) -> list[dict[str, Any]]:
     """One row of FID/KID/precision/recall/IS per named image set, all against `reference`."""
     rows = []
-    for name, images in sets.items():
-        metrics = fidelity_metrics(images, reference, extractor)
+    for name, metrics in fidelity_table(sets, reference, extractor).items():
         rows.append({"set": name, "rate": rates.get(name), **metrics})
         logger().info(f"{name}: FID {metrics['fid']:.3f}, precision {metrics['precision']:.3f}, "
                       f"recall {metrics['recall']:.3f}, IS {metrics['isc_mean']:.3f}")
@@ -148,8 +144,8 @@ def evaluate(config: PipelineConfig, dataset: dict[str, Any], autoencoder: dict[
     metrics: dict[str, Any] = {"recon_mse": mse, "recon_psnr_db": 10 * math.log10(1 / max(mse, 1e-12))}
     metrics.update(codebook_metrics(codes, options, names))
     for level, prior in enumerate(priors):
-        metrics[f"nll_bits_per_code_{names[level]}"] = prior_nll(load_model(prior, options), level, codes, options,
-                                                                 config.eval_images)
+        metrics[f"nll_bits_per_code_{names[level]}"] = held_out_bits_per_code(
+            load_model(prior, options), level, validation_batches(codes, options, config.eval_images, 128))
 
     # Sample quality, every row in the same feature space and against the same real images.
     features = next((c for c in classifiers if c.get("role") == "features"), None)

@@ -297,14 +297,17 @@ def isc_splits_for(num_generated: int) -> int:
 
 def fidelity_metrics(generated: FidelityImages | Tensor | np.ndarray, reference: FidelityImages | Tensor | np.ndarray,
                      extractor: Extractor, *, kid_subset_size: int | None = None, isc: bool = True, prc: bool = True,
-                     device: torch.device | str | None = None, batch_size: int = 128) -> dict[str, float]:
+                     device: torch.device | str | None = None, batch_size: int = 128,
+                     reference_cache: str | None = None) -> dict[str, float]:
     """FID, KID, precision/recall (and IS) of `generated` against `reference` (real images).
 
     Images: uint8 (N, C, H, W) or `FidelityImages`. Returns `fid`, `kid_mean`, `kid_std`,
     `kid_subset_size`, `num_generated`, `num_reference`, with `prc`: `precision` (the share
     of generated images inside the real manifold), `recall` (the reverse), `f_score`, and
-    with `isc`: `isc_mean`, `isc_std`, `isc_splits` (of the generated set alone). Nothing is
-    cached on disk; CUDA when available unless `device` says otherwise.
+    with `isc`: `isc_mean`, `isc_std`, `isc_splits` (of the generated set alone). CUDA when
+    available unless `device` says otherwise. Nothing is cached on disk unless
+    `reference_cache` names a folder: there torch-fidelity keeps the reference's features
+    for later calls with the same reference and extractor (see `fidelity_table`).
     """
     generated = generated if isinstance(generated, FidelityImages) else FidelityImages(generated)
     reference = reference if isinstance(reference, FidelityImages) else FidelityImages(reference)
@@ -327,7 +330,10 @@ def fidelity_metrics(generated: FidelityImages | Tensor | np.ndarray, reference:
             feature_layer_fid=layers["fid"], feature_layer_kid=layers["kid"], feature_layer_prc=layers["prc"],
             feature_layer_isc=layers["isc"], feature_extractor_weights_path=weights,
             kid_subset_size=subset, isc_splits=splits, prc_neighborhood=PRC_NEIGHBORHOOD,
-            cuda=device.type == "cuda", batch_size=batch_size, cache=False, verbose=False,
+            cuda=device.type == "cuda", batch_size=batch_size, verbose=False,
+            # Only input2 is named, so only the reference's features and statistics are cached.
+            cache=reference_cache is not None, cache_root=reference_cache,
+            input2_cache_name="reference" if reference_cache is not None else None,
             # No DataLoader worker processes: the images are already in memory, workers would
             # only copy them (and fork a threaded Prefect worker). It also computes
             # precision/recall in blocks. Same numbers either way, less memory.
@@ -350,3 +356,14 @@ def fidelity_metrics(generated: FidelityImages | Tensor | np.ndarray, reference:
         raise FloatingPointError(f"torch-fidelity returned non-finite {bad} ({extractor.name}, {n_gen} generated, "
                                  f"{n_ref} reference images)")
     return metrics
+
+
+def fidelity_table(sets: Mapping[str, FidelityImages | Tensor | np.ndarray],
+                   reference: FidelityImages | Tensor | np.ndarray, extractor: Extractor,
+                   **options: Any) -> dict[str, dict[str, float]]:
+    """`fidelity_metrics` of every named set against one reference, whose features are
+    extracted once, not once per set (torch-fidelity's cache, in a private temporary folder
+    that goes away with the call)."""
+    with tempfile.TemporaryDirectory(prefix="vqvae2-fidelity-reference-") as cache:
+        return {name: fidelity_metrics(images, reference, extractor, reference_cache=cache, **options)
+                for name, images in sets.items()}

@@ -11,7 +11,6 @@ from typing import Any
 from prefect import task
 from prefect.states import Completed
 
-from storage.fsutil import join
 from storage.ingest import IngestPlan, ShardTask, finalize_dataset, plan_ingest, write_shard
 
 from .artifact_task import RETRIES, RETRY_DELAYS, Artifact, artifact_task, unit_task
@@ -34,7 +33,7 @@ def plan_dataset(config: PipelineConfig):
 
     It always runs (it digests the source); it ends `Cached` when the dataset that
     digest names is already complete, i.e. the source did not change."""
-    source = config.source.build(download_to=join(config.storage.url, "downloads", "fashion-mnist"))
+    source = config.build_source()
     plan = plan_ingest(source, config.ingest_config())
     dataset = dataset_artifact(config, plan.source_digest)
     if dataset.manifest() is not None:

@@ -2,14 +2,13 @@
 running anything: for the stage flows (one stage on existing artifacts) and the CLI."""
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
-
-from storage.fsutil import join
 
 from .artifact_task import require
 from .config import PipelineConfig
 from .encode import codes_artifact
-from .evaluate import report_artifact, uses_domain_features
+from .evaluate import classifier_roles, report_artifact
 from .ingest import dataset_artifact
 from .sample import samples_artifact
 from .train_autoencoder import autoencoder_artifact
@@ -20,8 +19,7 @@ Manifest = dict[str, Any]
 
 
 def find_dataset(config: PipelineConfig) -> Manifest:
-    source = config.source.build(download_to=join(config.storage.url, "downloads", "fashion-mnist"))
-    return require(dataset_artifact(config, source.digest()), "ingest")
+    return require(dataset_artifact(config, config.build_source().digest()), "ingest")
 
 
 def find_autoencoder(config: PipelineConfig, dataset: Manifest) -> Manifest:
@@ -48,36 +46,35 @@ def find_samples(config: PipelineConfig, autoencoder: Manifest, priors: list[Man
 
 
 class FinishedRun:
-    """Every artifact of a finished run of `config`, found lazily in pipeline order."""
+    """Every artifact of a finished run of `config`, found lazily in pipeline order, each once."""
 
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
         self.dataset = find_dataset(config)
         self.autoencoder = find_autoencoder(config, self.dataset)
 
-    @property
+    @cached_property
     def codes(self) -> Manifest:
         return find_codes(self.config, self.dataset, self.autoencoder)
 
-    @property
+    @cached_property
     def priors(self) -> list[Manifest]:
         return find_priors(self.config, self.codes)
 
-    @property
+    @cached_property
     def judge(self) -> Manifest | None:
         return find_classifier(self.config, self.dataset, "judge")
 
-    @property
+    @cached_property
     def classifiers(self) -> list[Manifest]:
         """The judge, and the features classifier when the evaluation uses domain features."""
-        roles = ["judge"] + (["features"] if uses_domain_features(self.config) else [])
-        return [c for c in (find_classifier(self.config, self.dataset, role) for role in roles) if c]
+        return [find_classifier(self.config, self.dataset, role) for role in classifier_roles(self.config)]
 
-    @property
+    @cached_property
     def samples(self) -> Manifest:
         return find_samples(self.config, self.autoencoder, self.priors, self.judge)
 
-    @property
+    @cached_property
     def report(self) -> Manifest:
         artifact = report_artifact(self.config, self.dataset, self.autoencoder, self.codes, self.priors,
                                    self.classifiers, self.samples)

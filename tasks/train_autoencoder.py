@@ -54,6 +54,6 @@ def autoencoder_job(config: PipelineConfig, dataset: dict[str, Any], artifact: A
 @artifact_task(locate=autoencoder_artifact, name="train-autoencoder")
 def train_autoencoder(config: PipelineConfig, dataset: dict[str, Any], artifact: Artifact) -> dict[str, Any]:
     summary = train(autoencoder_job, config, dataset, artifact, title="autoencoder: training",
-                    in_subprocess=config.training.subprocess, cpu_threads=config.training.threads())
+                    options=config.training)
     return {"dataset": dataset["key"], "latent_shapes": [list(s) for s in config.model.latent_shapes()],
             "codebook_size": config.model.autoencoder.codebook_size, **summary}

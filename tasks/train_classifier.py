@@ -58,5 +58,5 @@ def train_classifier(config: PipelineConfig, dataset: dict[str, Any], role: str,
     if role not in ROLE_SEEDS:
         raise ValueError(f"classifier role must be one of {sorted(ROLE_SEEDS)}, got {role!r}")
     summary = train(classifier_job, config, dataset, role, artifact, title=f"classifier-{role}: training",
-                    in_subprocess=config.training.subprocess, cpu_threads=config.training.threads())
+                    options=config.training)
     return {"dataset": dataset["key"], "role": role, **summary}

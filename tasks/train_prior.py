@@ -3,6 +3,7 @@ prior p(z_level | levels above), conditioned on the true codes above (teacher fo
 The priors of different levels train concurrently."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -45,6 +46,18 @@ def validation_batches(codes: dict[str, Any], storage_options: dict[str, Any], r
     return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size)
 
 
+@torch.no_grad()
+def held_out_bits_per_code(prior: vqvae2.PixelCNNPrior, level: int, batches: Iterable[Any]) -> float:
+    """The prior's mean negative log-likelihood of held-out codes, in bits per code."""
+    device = next(prior.parameters()).device
+    total, count = 0.0, 0
+    for batch in batches:
+        target, cond, labels = vqvae2.train.move_batch(level_batch(batch, level, prior), device)
+        total += prior.loss(target, cond, labels).item() * target.numel()
+        count += target.numel()
+    return vqvae2.bits_per_code(total / max(count, 1))
+
+
 def _prior_loss(level: int):
     def loss(model: vqvae2.PixelCNNPrior, batch: Any):
         return vqvae2.prior_loss(model, level_batch(batch, level, model))
@@ -69,14 +82,7 @@ def prior_job(config: PipelineConfig, codes: dict[str, Any], level: int, artifac
     held_out = validation_batches(codes, options, VALIDATION_ROWS, batch_size)
 
     def evaluate(model: vqvae2.PixelCNNPrior) -> dict[str, float]:
-        device = next(model.parameters()).device
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for batch in held_out:
-                target, cond, labels = vqvae2.train.move_batch(level_batch(batch, level, model), device)
-                total += model.loss(target, cond, labels).item() * len(target)
-                count += len(target)
-        return {"bits_per_code": vqvae2.bits_per_code(total / max(count, 1))}
+        return {"bits_per_code": held_out_bits_per_code(model, level, held_out)}
 
     return TrainingJob(
         name=f"prior-{vqvae2.level_names(model_config.levels)[level]}", model=prior, loss_fn=_prior_loss(level),
@@ -89,5 +95,5 @@ def prior_job(config: PipelineConfig, codes: dict[str, Any], level: int, artifac
 def train_prior(config: PipelineConfig, codes: dict[str, Any], level: int, artifact: Artifact) -> dict[str, Any]:
     name = f"prior-{vqvae2.level_names(config.model.levels)[level]}"
     summary = train(prior_job, config, codes, level, artifact, title=f"{name}: training",
-                    in_subprocess=config.training.subprocess, cpu_threads=config.training.threads())
+                    options=config.training)
     return {"codes": codes["key"], "level": level, "level_name": name, **summary}

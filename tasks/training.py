@@ -287,20 +287,20 @@ class PipeReporter:
         send(self.stream, ("table", key, rows, description))
 
 
-def train(make_job: Callable[..., TrainingJob], *args: Any, title: str, in_subprocess: bool = True,
-          cpu_threads: int | None = None) -> dict[str, Any]:
-    """Build the job with `make_job(*args)` and run it, in a fresh process by default, relaying
-    its reports to the UI; returns the run's summary. `make_job` must be a module-level function.
+def train(make_job: Callable[..., TrainingJob], *args: Any, title: str, options: TrainingSection) -> dict[str, Any]:
+    """Build the job with `make_job(*args)` and run it, in a fresh process unless
+    `options.subprocess` is off, relaying its reports to the UI; returns the run's summary.
+    `make_job` must be a module-level function.
 
     The process is a new interpreter (`python -m tasks.train_worker`), not a fork: a fork
     of a process with Prefect's threads and open s3fs sessions is unsafe, and unlike a
-    multiprocessing spawn it does not re-run the caller's main script. `cpu_threads` caps its
-    intra-op threads: trainings running side by side must not oversubscribe the cores."""
+    multiprocessing spawn it does not re-run the caller's main script. `options.threads()` caps
+    its intra-op threads: trainings running side by side must not oversubscribe the cores."""
     reporter = UIReporter(title)
-    if not in_subprocess:
+    if not options.subprocess:
         return run_training(make_job(*args), reporter)
     read_fd, write_fd = os.pipe()
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(cpu_threads)} if cpu_threads else {})}
+    env = {**os.environ, "OMP_NUM_THREADS": str(options.threads())}
     child = subprocess.Popen([sys.executable, "-m", "tasks.train_worker", str(write_fd)],
                              stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env)
     os.close(write_fd)

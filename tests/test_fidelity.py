@@ -17,7 +17,9 @@ from tasks.fidelity import (
     INCEPTION_WEIGHTS_FIELD,
     FidelityImages,
     InceptionWeightsMissing,
+    DomainFeatureExtractor,
     fidelity_metrics,
+    fidelity_table,
     inception_cache_path,
     isc_splits_for,
     kid_subset_size_for,
@@ -82,6 +84,24 @@ def test_fid_of_a_set_against_itself_is_zero(images16, domain):
     metrics = fidelity_metrics(real, real, domain)
     assert abs(metrics["fid"]) < 1e-6
     assert metrics["precision"] == metrics["recall"] == 1.0
+
+
+def test_a_table_of_sets_extracts_the_reference_once_and_matches_separate_calls(images16, domain, monkeypatch):
+    reference = to_uint8(images16[TRAIN_IMAGES:TRAIN_IMAGES + 400])
+    sets = {"a": to_uint8(images16[TRAIN_IMAGES + 400:TRAIN_IMAGES + 600]),
+            "b": to_uint8(images16[TRAIN_IMAGES + 600:TRAIN_IMAGES + 700])}
+    separate = {name: fidelity_metrics(images, reference, domain) for name, images in sets.items()}
+    seen = []
+    forward = DomainFeatureExtractor.forward
+
+    def counting(self, x):
+        seen.append(len(x))
+        return forward(self, x)
+
+    monkeypatch.setattr(DomainFeatureExtractor, "forward", counting)
+    table = fidelity_table(sets, reference, domain)
+    assert table == separate
+    assert sum(seen) == 400 + 200 + 100  # the reference once, each set once
 
 
 def test_fid_rises_monotonically_with_gaussian_noise_and_metrics_stay_in_range(images16, domain):
