@@ -1,0 +1,221 @@
+"""Cache-key completeness: change any field of the pipeline config or of the model preset,
+and exactly the stages that read it, and every stage downstream of them, get a new key.
+
+The fields are walked, not listed: a field added to a config section or to a model
+config is covered the day it is added. What each stage reads is the table `READERS`
+below, written from what the stages do, not from their declarations.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+import vqvae2
+from tasks.config import PipelineConfig, pipeline_config
+
+SOURCE_DIGEST = "sha256:" + "0" * 64
+
+# Which stage keys are computed from which (a stage's key digests its inputs' keys).
+UPSTREAM: dict[str, set[str]] = {
+    "ingest": set(),
+    "train-autoencoder": {"ingest"},
+    "encode": {"ingest", "train-autoencoder"},
+    "train-priors[0]": {"encode"},
+    "train-priors[1]": {"encode"},
+    "train-classifiers[judge]": {"ingest"},
+    "train-classifiers[features]": {"ingest"},
+    "sample": {"train-autoencoder", "train-priors[0]", "train-priors[1]", "train-classifiers[judge]"},
+    "evaluate": {"ingest", "train-autoencoder", "encode", "train-priors[0]", "train-priors[1]",
+                 "train-classifiers[judge]", "train-classifiers[features]", "sample"},
+}
+EVERY_STAGE = set(UPSTREAM)
+CLASSIFIERS = {"train-classifiers[judge]", "train-classifiers[features]"}
+PRIORS = {"train-priors[0]", "train-priors[1]"}
+
+# Field (a dotted path, or the path of a section or model config above it) -> the stages
+# whose output depends on it. The longest matching path wins. An empty set: the field
+# changes how the work runs (where, how fast, how often it checkpoints), never its result.
+READERS: dict[str, set[str]] = {
+    "preset": EVERY_STAGE,
+    "source": set(),  # the source reaches the keys only through its content digest (below)
+    "storage": set(),  # keys are relative to the root: a moved root keeps its artifacts
+    "ingest": {"ingest"},
+    "training": set(),
+    "training.num_workers": {"train-autoencoder"} | CLASSIFIERS,  # shard readers interleave: batch order
+    "encode": set(),  # per image, deterministic: the batch size is throughput only
+    "sample": {"sample"},
+    "evaluate": {"evaluate"},
+    "evaluate.grid_size": {"sample", "evaluate"},  # the samples' grid.png and the report's grids
+    "evaluate.features": {"evaluate", "train-classifiers[features]"},  # whether a features classifier is trained
+    "runner": set(),
+    # The model preset, field by field (set through `overrides`).
+    "model.name": {"evaluate"},  # the report records the model config it describes
+    "model.image_size": {"ingest", "train-autoencoder"} | CLASSIFIERS,
+    "model.image_channels": {"ingest", "train-autoencoder"} | CLASSIFIERS,
+    "model.num_classes": CLASSIFIERS | PRIORS | {"sample"},
+    "model.autoencoder": {"train-autoencoder"},
+    "model.train_autoencoder": {"train-autoencoder"},
+    "model.priors.0": {"train-priors[0]"},
+    "model.priors.1": {"train-priors[1]"},
+    "model.train_prior": PRIORS,
+    "model.classifier": CLASSIFIERS,
+    "model.train_classifier": CLASSIFIERS,
+}
+
+
+def stage_keys(config: PipelineConfig, source_digest: str = SOURCE_DIGEST) -> dict[str, str]:
+    """Every stage key of a run of `config`, from its declarations, without running anything."""
+    from tasks.evaluate import classifier_roles, report_artifact
+    from tasks.encode import codes_artifact
+    from tasks.ingest import dataset_artifact
+    from tasks.sample import samples_artifact
+    from tasks.train_autoencoder import autoencoder_artifact
+    from tasks.train_classifier import classifier_artifact
+    from tasks.train_prior import prior_artifact
+
+    dataset = {"key": dataset_artifact(config, source_digest).key}
+    autoencoder = {"key": autoencoder_artifact(config, dataset).key}
+    codes = {"key": codes_artifact(config, dataset, autoencoder).key}
+    priors = [{"key": prior_artifact(config, codes, level).key} for level in range(config.model.levels)]
+    classifiers = {role: {"key": classifier_artifact(config, dataset, role).key} for role in classifier_roles(config)}
+    samples = {"key": samples_artifact(config, autoencoder, priors, classifiers.get("judge")).key}
+    report = report_artifact(config, dataset, autoencoder, codes, priors, list(classifiers.values()), samples).key
+    return {
+        "ingest": dataset["key"], "train-autoencoder": autoencoder["key"], "encode": codes["key"],
+        **{f"train-priors[{level}]": p["key"] for level, p in enumerate(priors)},
+        **{f"train-classifiers[{role}]": c["key"] for role, c in classifiers.items()},
+        "sample": samples["key"], "evaluate": report,
+    }
+
+
+# --- walking the fields ----------------------------------------------------------------------
+
+
+def _leaves(value: Any, path: str):
+    """(dotted path, value, annotation) of every leaf field below `value`."""
+    if isinstance(value, BaseModel):
+        for name, info in type(value).model_fields.items():
+            yield from _leaves_of(getattr(value, name), f"{path}.{name}".lstrip("."), info.annotation)
+    elif dataclasses.is_dataclass(value):
+        hints = typing.get_type_hints(type(value))
+        for f in dataclasses.fields(value):
+            yield from _leaves_of(getattr(value, f.name), f"{path}.{f.name}".lstrip("."), hints[f.name])
+
+
+def _leaves_of(value: Any, path: str, annotation: Any):
+    if isinstance(value, BaseModel) or dataclasses.is_dataclass(value):
+        yield from _leaves(value, path)
+    elif isinstance(value, tuple) and value and (dataclasses.is_dataclass(value[0])):
+        for i, item in enumerate(value):
+            yield from _leaves(item, f"{path}.{i}")
+    else:
+        yield path, value, annotation
+
+
+def _candidates(value: Any, annotation: Any) -> list[Any]:
+    """Other values for a field, most plausible first; the first valid one is used."""
+    choices = [a for a in typing.get_args(annotation) if isinstance(a, str)]
+    if typing.get_origin(annotation) is typing.Literal or choices:
+        return [c for c in choices if c != value]
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [value * 2, value + 2, value + 1, value - 1]
+    if isinstance(value, float):
+        return [value * 0.5, value * 2, value + 0.1, 0.5]
+    if isinstance(value, str):
+        return {"auto": ["bf16", "off"]}.get(value, []) + [value + "-changed"]
+    if isinstance(value, tuple):
+        return [(first, *value[1:]) for first in _candidates(value[0], type(value[0]))]
+    if isinstance(value, list):
+        return [[*value, 0.2], [*value, "extra"]]
+    if isinstance(value, dict):
+        return [{**value, "autoencoder": 5}, {**value, "anon": True}]
+    if value is None:
+        return [100, 5, "/nonexistent/changed", ["a", "b"], "tcp://127.0.0.1:8786"]
+    raise AssertionError(f"no candidate values for a {type(value).__name__}")
+
+
+def _with_pipeline_field(config: PipelineConfig, path: str, value: Any) -> PipelineConfig:
+    data = config.model_dump()
+    *parents, name = path.split(".")
+    node = data
+    for part in parents:
+        node = node[part]
+    node[name] = value
+    return PipelineConfig.model_validate(data)
+
+
+def _with_model_field(config: PipelineConfig, path: str, value: Any) -> PipelineConfig:
+    field = path.removeprefix("model.")
+    return PipelineConfig.model_validate({**config.model_dump(), "overrides": {**config.overrides, field: value}})
+
+
+def _changed(config: PipelineConfig, path: str, value: Any, annotation: Any, setter) -> tuple[Any, PipelineConfig]:
+    for candidate in _candidates(value, annotation):
+        if candidate == value:
+            continue
+        try:
+            changed = setter(config, path, candidate)
+        except (ValidationError, ValueError, TypeError):
+            continue
+        if changed != config:
+            return candidate, changed
+    raise AssertionError(f"{path}: found no valid other value for {value!r}; teach _candidates one")
+
+
+def _expected(path: str) -> set[str]:
+    readers = next(READERS[p] for p in sorted(READERS, key=len, reverse=True) if path == p or path.startswith(p + "."))
+    closure = set(readers)
+    while True:
+        grown = closure | {stage for stage, above in UPSTREAM.items() if above & closure}
+        if grown == closure:
+            return closure
+        closure = grown
+
+
+def _base() -> PipelineConfig:
+    # A source URL, so that the walk can change the source's kind too (other kinds need one).
+    return pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"}, source={"url": "/data/fashion-mnist"})
+
+
+def _fields() -> list[tuple[str, Any, Any, Any]]:
+    base = _base()
+    pipeline = [(path, v, a, _with_pipeline_field) for path, v, a in _leaves(base, "") if path != "overrides"]
+    model = [(f"model.{path}", v, a, _with_model_field) for path, v, a in _leaves(base.model, "")]
+    return pipeline + model
+
+
+FIELDS = _fields()
+
+
+def test_the_walk_covers_every_section_and_the_model():
+    paths = {path for path, *_ in FIELDS}
+    assert {"preset", "ingest.shard_size", "training.num_workers", "evaluate.grid_size", "sample.seed",
+            "model.autoencoder.codebook_size", "model.priors.1.cond_res_blocks", "model.train_classifier.lr"} <= paths
+    assert len(paths) > 80
+
+
+@pytest.mark.parametrize("path, value, annotation, setter", FIELDS, ids=[f[0] for f in FIELDS])
+def test_changing_a_field_changes_exactly_the_keys_of_the_stages_that_read_it(path, value, annotation, setter):
+    base = _base()
+    new_value, changed = _changed(base, path, value, annotation, setter)
+    before, after = stage_keys(base), stage_keys(changed)
+    moved = {stage for stage in before.keys() | after.keys() if before.get(stage) != after.get(stage)}
+    assert moved == _expected(path), f"{path}: {value!r} -> {new_value!r}"
+
+
+def test_a_changed_source_changes_the_dataset_and_everything_downstream():
+    config = pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"})
+    before, after = stage_keys(config), stage_keys(config, "sha256:" + "1" * 64)
+    assert {stage for stage in before if before[stage] != after[stage]} == EVERY_STAGE
+
+
+def test_the_same_config_gives_the_same_keys():
+    first = stage_keys(pipeline_config("smoke", storage={"root": "/tmp/a"}))
+    assert first == stage_keys(pipeline_config("smoke", storage={"root": "/tmp/a"}))
+    assert len(set(first.values())) == len(first)
