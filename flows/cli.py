@@ -32,10 +32,31 @@ def _value(text: str) -> Any:
         return text
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_config(args: argparse.Namespace):
     from tasks.config import PipelineConfig
 
-    data: dict[str, Any] = json.loads(open(args.config).read()) if args.config else {}
+    data: dict[str, Any] = {}
+    if args.config:
+        try:
+            with open(args.config, encoding="utf-8") as file:
+                data = json.load(file)
+        except OSError as err:
+            raise SystemExit(f"vqvae2: --config {args.config}: {err.strerror or err}") from None
+        except ValueError as err:  # malformed JSON (json.JSONDecodeError) or not UTF-8
+            raise SystemExit(f"vqvae2: --config {args.config}: not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise SystemExit(f"vqvae2: --config {args.config}: expected a JSON object, got {type(data).__name__}")
     if args.preset:
         data["preset"] = args.preset
     if args.root:
@@ -67,8 +88,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     config = build_config(args)
     report = vqvae2_pipeline(config)
-    print(f"\nreport: {report['markdown']}\n        {report['report']}")
-    _print_metrics(report["metrics"])
+    print(f"\nreport: {report.markdown}\n        {report.report}")
+    _print_metrics(report.metrics)
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
@@ -77,10 +98,12 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
+    from pydantic_core import to_jsonable_python
+
     from flows.pipeline import STAGE_FLOWS
 
     result = STAGE_FLOWS[args.name](build_config(args))
-    print(json.dumps(result, indent=2, default=str))
+    print(json.dumps(to_jsonable_python(result), indent=2))
 
 
 def _class_index(value: str, class_names: list[str]) -> int:
@@ -97,10 +120,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     import vqvae2
-    from tasks.lookup import FinishedRun
-    from tasks.models import load_model
-    from tasks.reporting import image_grid, png_bytes
-    from tasks.training import resolve_device
+    from tasks.runtime.devices import resolve_device
+    from tasks.runtime.models import load_model
+    from tasks.runtime.reporting import image_grid, png_bytes
+    from tasks.stages import FinishedRun
 
     config = build_config(args)
     finished = FinishedRun(config)
@@ -110,8 +133,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     labels = None
     if config.model.num_classes:
         if args.class_ is None:
-            raise SystemExit(f"the priors are class-conditional: pass --class (one of {finished.dataset['class_names']})")
-        labels = _class_index(args.class_, finished.dataset["class_names"])
+            raise SystemExit(f"the priors are class-conditional: pass --class (one of {finished.dataset.class_names})")
+        labels = _class_index(args.class_, finished.dataset.class_names)
     images = []
     with tqdm(total=args.n, desc="sampling", unit="image") as bar:
         for first in range(0, args.n, args.batch_size):
@@ -130,11 +153,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
     from storage.fsutil import read_bytes
     from storage.imaging import decode_png, prepare
-    from tasks.evaluate import pairs_grid, reconstruct
-    from tasks.lookup import FinishedRun
-    from tasks.models import load_model
-    from tasks.reporting import png_bytes
-    from tasks.datasets import first_images
+    from tasks.runtime.datasets import first_images
+    from tasks.runtime.models import load_model, reconstruct
+    from tasks.runtime.reporting import pairs_grid, png_bytes
+    from tasks.stages import FinishedRun
 
     config = build_config(args)
     finished = FinishedRun(config)
@@ -154,15 +176,15 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from storage.fsutil import read_json
-    from tasks.lookup import FinishedRun
+    from tasks.stages import FinishedRun
 
     config = build_config(args)
     manifest = FinishedRun(config).report
-    report = read_json(manifest["report"], config.storage.storage_options)
+    report = read_json(manifest.report, config.storage.storage_options)
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"report of the {report['preset']} run on dataset {report['dataset']['key']}: {manifest['markdown']}")
+    print(f"report of the {report['preset']} run on dataset {report['dataset']['key']}: {manifest.markdown}")
     _print_metrics(report["metrics"])
     for row in report["training"]:
         print(f"  trained {row['stage']:20s} {row['steps']} steps")
@@ -188,20 +210,20 @@ def parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", parents=[common], help="sample images of a class from a finished run")
     sample.add_argument("--class", dest="class_", help="class name or index")
-    sample.add_argument("-n", type=int, default=16, help="number of images")
+    sample.add_argument("-n", type=_positive_int, default=16, help="number of images")
     sample.add_argument("--out", required=True, help="PNG grid to write (path or URL)")
     sample.add_argument("--temperature", type=float, default=1.0)
     sample.add_argument("--top-k", type=int)
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--batch-size", type=int, default=64)
-    sample.add_argument("--scale", type=int, default=4, help="enlarge the grid by this factor")
+    sample.add_argument("--batch-size", type=_positive_int, default=64)
+    sample.add_argument("--scale", type=_positive_int, default=4, help="enlarge the grid by this factor")
     sample.set_defaults(fn=cmd_sample)
 
     recon = commands.add_parser("reconstruct", parents=[common], help="reconstruct images with a finished run's autoencoder")
     recon.add_argument("--images", nargs="*", help="image files (default: held-out test images)")
-    recon.add_argument("--count", type=int, default=16, help="held-out images to use without --images")
+    recon.add_argument("--count", type=_positive_int, default=16, help="held-out images to use without --images")
     recon.add_argument("--out", required=True, help="PNG of originals and reconstructions side by side")
-    recon.add_argument("--scale", type=int, default=4)
+    recon.add_argument("--scale", type=_positive_int, default=4)
     recon.set_defaults(fn=cmd_reconstruct)
 
     report = commands.add_parser("report", parents=[common], help="print a finished run's report")
@@ -218,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     try:
         args.fn(args)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # bad input: one line, not a traceback
         print(f"vqvae2: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
@@ -232,11 +254,33 @@ def _let_ephemeral_server_settle(since: datetime.datetime, timeout: float = 60.0
     records task-run events seconds behind the runs; stopping it then cancels those
     writes, the local history misses states and the server prints tracebacks after a
     successful run.
+
+    It finds the temporary server through a private name of Prefect (tested on 3.9,
+    `prefect.server.api.server.SubprocessASGIServer._instances`); if that name changes it
+    warns in one line and does not wait.
     """
-    server_module = sys.modules.get("prefect.server.api.server")
-    servers = getattr(getattr(server_module, "SubprocessASGIServer", None), "_instances", {})
-    if os.environ.get("PREFECT_API_URL") or not any(s.running for s in servers.values()):
-        return  # a real server records runs itself; no temporary one was started
+    if os.environ.get("PREFECT_API_URL") or "prefect" not in sys.modules:
+        return  # a real server records runs itself; without Prefect loaded no temporary one started
+    import importlib.util
+
+    name = "prefect.server.api.server"
+    try:
+        module = sys.modules.get(name)
+        if module is None:  # not imported: no temporary server was started, unless Prefect moved it
+            if importlib.util.find_spec(name) is None:
+                raise ImportError(f"no module {name}")
+            return
+        instances = module.SubprocessASGIServer._instances
+        if not isinstance(instances, dict):
+            raise TypeError(f"SubprocessASGIServer._instances is a {type(instances).__name__}, not a dict")
+        running = any(server.running for server in instances.values())
+    except (ImportError, AttributeError, TypeError) as err:
+        version = getattr(sys.modules["prefect"], "__version__", "unknown")
+        print(f"vqvae2: cannot tell whether Prefect's temporary server is still recording (Prefect {version}); "
+              f"not waiting for it, the local run history may miss the last task states ({err})", file=sys.stderr)
+        return
+    if not running:
+        return  # no temporary server was started
     from prefect import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,

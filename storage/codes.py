@@ -261,11 +261,6 @@ class CodeDataset(Dataset):
         group, _ = self._opened()
         return str(group["keys"][i])
 
-    def labels(self) -> np.ndarray:
-        """All labels of the split (N int32s), e.g. for class-balanced sampling."""
-        group, _ = self._opened()
-        return group["labels"][:]
-
 
 class ChunkShuffleSampler(Sampler[int]):
     """Random order that visits chunks in a shuffled order, ``window`` chunks at a time,

@@ -45,33 +45,58 @@ class TooManyBadImages(ValueError):
 
 
 @dataclass(frozen=True)
-class IngestConfig:
-    """How a source becomes shards. Part of the dataset's content key: change it, get a new dataset."""
+class ShardingOptions:
+    """How a source is cut into shards: the user's choices (the pipeline config's `ingest` section).
 
-    image_size: int = 32  # output images are image_size x image_size (shorter side scaled, centre crop)
-    mode: str = "L"  # "L" (gray, 1 channel) or "RGB" (3 channels)
-    shard_size: int = 1000  # samples per shard (the last shard of a split may hold fewer)
-    max_bad_fraction: float = 0.01  # fail if more than this fraction of images cannot be read
-    holdout_fraction: float = 0.1  # share of a split-less source held out as "test" (for FID later)
-    seed: int = 0  # seeds the held-out selection and the order of image-folder files
-    max_samples_per_split: int | None = None  # keep only the first N items of each split (smoke runs)
+    Pydantic validates it as a config section (`__pydantic_config__`: unknown fields are
+    errors, the comments under the fields are their descriptions), without storage
+    importing pydantic.
+    """
+
+    __pydantic_config__ = {"extra": "forbid", "use_attribute_docstrings": True}
+
+    shard_size: int = 1000
+    """Images per WebDataset shard (the unit of mapped work)"""
+    max_bad_fraction: float = 0.01
+    """Fail if more than this share of the source's images is unreadable"""
+    holdout_fraction: float = 0.1
+    """Share held out as `test` when the source has no split of its own"""
+    seed: int = 0
+    """Seeds the held-out selection and the order of image-folder files"""
+    max_samples_per_split: int | None = None
+    """Keep only the first N images of each split (None: all; the pipeline's presets may choose)"""
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"IngestConfig.{name} must be {what}, got {getattr(self, name)!r}")
-
-        need(_is_int(self.image_size) and self.image_size >= 1, "image_size", "a positive integer")
-        need(self.mode in MODES, "mode", f"one of {sorted(MODES)}")
-        need(_is_int(self.shard_size) and self.shard_size >= 1, "shard_size", "a positive integer")
-        need(_is_fraction(self.max_bad_fraction), "max_bad_fraction", "a number in [0, 1)")
-        need(_is_fraction(self.holdout_fraction), "holdout_fraction", "a number in [0, 1)")
-        need(_is_int(self.seed), "seed", "an integer")
-        need(
+        self._need(_is_int(self.shard_size) and self.shard_size >= 1, "shard_size", "a positive integer")
+        self._need(_is_fraction(self.max_bad_fraction), "max_bad_fraction", "a number in [0, 1)")
+        self._need(_is_fraction(self.holdout_fraction), "holdout_fraction", "a number in [0, 1)")
+        self._need(_is_int(self.seed), "seed", "an integer")
+        self._need(
             self.max_samples_per_split is None or (_is_int(self.max_samples_per_split) and self.max_samples_per_split >= 1),
             "max_samples_per_split",
             "None or a positive integer",
         )
+
+    def _need(self, ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{type(self).__name__}.{name} must be {what}, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class IngestConfig(ShardingOptions):
+    """How a source becomes shards. Part of the dataset's content key: change it, get a new dataset."""
+
+    image_size: int = 32  # output images are image_size x image_size (shorter side scaled, centre crop)
+    mode: str = "L"  # "L" (gray, 1 channel) or "RGB" (3 channels)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._need(_is_int(self.image_size) and self.image_size >= 1, "image_size", "a positive integer")
+        self._need(self.mode in MODES, "mode", f"one of {sorted(MODES)}")
+
+    @classmethod
+    def of(cls, options: ShardingOptions, *, image_size: int, mode: str) -> IngestConfig:
+        return cls(**dataclasses.asdict(options), image_size=image_size, mode=mode)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -186,12 +211,21 @@ def _record_url(dataset_url: str, task: ShardTask) -> str:
     return shard_url(dataset_url, task.split, task.index)[: -len(".tar")] + ".json"
 
 
-def _write(task: ShardTask, reader: Any, dataset_url: str, storage_options: StorageOptions) -> ShardResult:
+def finished_shard(task: ShardTask, dataset_url: str, storage_options: StorageOptions = None) -> ShardResult | None:
+    """The result of ``task`` if an equal task already wrote its shard (tar and record), else None."""
     url, record_url = shard_url(dataset_url, task.split, task.index), _record_url(dataset_url, task)
     if exists(url, storage_options) and exists(record_url, storage_options):
         record = read_json(record_url, storage_options)
         if record.get("task") == task.digest():
             return dataclasses.replace(ShardResult.from_dict(record["result"]), reused=True)
+    return None
+
+
+def _write(task: ShardTask, reader: Any, dataset_url: str, storage_options: StorageOptions) -> ShardResult:
+    done = finished_shard(task, dataset_url, storage_options)
+    if done is not None:
+        return done
+    url, record_url = shard_url(dataset_url, task.split, task.index), _record_url(dataset_url, task)
 
     counts: list[int] = []  # samples per label
     skipped: list[tuple[str, str]] = []
@@ -336,6 +370,7 @@ def ingest(
 
 
 __all__ = [
-    "FORMAT", "MANIFEST", "IngestConfig", "IngestPlan", "ShardResult", "ShardTask", "TooManyBadImages",
-    "finalize_dataset", "ingest", "plan_ingest", "shard_counts", "write_shard", "write_shards",
+    "FORMAT", "MANIFEST", "IngestConfig", "IngestPlan", "ShardResult", "ShardTask", "ShardingOptions",
+    "TooManyBadImages", "finalize_dataset", "finished_shard", "ingest", "plan_ingest", "shard_counts", "write_shard",
+    "write_shards",
 ]  # fmt: skip

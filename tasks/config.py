@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 import vqvae2
 from storage.fsutil import join
-from storage.ingest import IngestConfig
+from storage.ingest import ShardingOptions
 from storage.sources import FASHION_MNIST_DIR, IdxSource, ImageFolderSource, Source, TarSource, fashion_mnist_source
 
 PresetName = Literal["smoke", "fashion-mnist", "imagenet-256", "ffhq-1024"]
@@ -83,21 +83,14 @@ class StorageSection(Section):
         return os.path.expanduser(self.root) if self.root.startswith("~") else self.root
 
 
-class IngestSection(Section):
-    shard_size: int = Field(1000, ge=1, description="Images per WebDataset shard (the unit of mapped work)")
-    max_samples_per_split: int | None = Field(None, ge=1, description="Keep only the first N images of each split; "
-                                              "None: the preset's choice (all, except for smoke)")
-    max_bad_fraction: float = Field(0.01, ge=0, lt=1, description="Fail if more than this share of images is unreadable")
-    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Share held out as `test` when the source has no split")
-    seed: int = 0
+class TrainingRun(Section):
+    """How trainings run: where, in which process, how often they report and checkpoint.
+    None of it changes what a training computes, so none of it is in a cache key."""
 
-
-class TrainingSection(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     checkpoint_every: int = Field(500, ge=1, description="Save a checkpoint every N steps ...")
     checkpoint_minutes: float = Field(10.0, gt=0, description="... and at least every M minutes")
     log_every: int = Field(50, ge=1, description="Log metrics and update progress every N steps")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for reading shards")
     subprocess: bool = Field(True, description="Run each training attempt in a fresh process (isolated RNG and "
                              "CUDA context); off runs it in the task's thread, for debugging")
     cpu_threads: int | None = Field(None, ge=1, description="CPU threads of each training process; None: half the "
@@ -113,8 +106,19 @@ class TrainingSection(Section):
         return self.cpu_threads or max(1, (os.cpu_count() or 2) // 2)
 
 
+class TrainingSection(TrainingRun):
+    """The `training` section: how trainings run, and how many processes read their shards."""
+
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for reading shards (the shard "
+                             "readers interleave, so this changes the batch order and is part of the cache keys)")
+
+    def run(self) -> TrainingRun:
+        """The part every stage may read; `num_workers` reaches only the stages whose key holds it."""
+        return TrainingRun(**self.model_dump(exclude={"num_workers"}))
+
+
 class EncodeSection(Section):
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="Images encoded at a time: speed only, the codes are the same")
 
 
 class SampleSection(Section):
@@ -169,7 +173,8 @@ class PipelineConfig(BaseModel):
     )
     source: SourceSection = Field(default_factory=SourceSection)
     storage: StorageSection = Field(default_factory=StorageSection)
-    ingest: IngestSection = Field(default_factory=IngestSection)
+    ingest: ShardingOptions = Field(default_factory=ShardingOptions, description="How the source is cut into "
+                                    "WebDataset shards; max_samples_per_split None: the preset's choice")
     training: TrainingSection = Field(default_factory=TrainingSection)
     encode: EncodeSection = Field(default_factory=EncodeSection)
     sample: SampleSection = Field(default_factory=SampleSection)
@@ -198,18 +203,6 @@ class PipelineConfig(BaseModel):
         """The source, Fashion-MNIST downloaded under the storage root where the Debian package is missing."""
         return self.source.build(download_to=join(self.storage.url, "downloads", "fashion-mnist"))
 
-    def ingest_config(self) -> IngestConfig:
-        model = self.model
-        return IngestConfig(
-            image_size=model.image_size,
-            mode="L" if model.image_channels == 1 else "RGB",
-            shard_size=self.ingest.shard_size,
-            max_bad_fraction=self.ingest.max_bad_fraction,
-            holdout_fraction=self.ingest.holdout_fraction,
-            seed=self.ingest.seed,
-            max_samples_per_split=self.preset_default("max_samples_per_split", self.ingest.max_samples_per_split),
-        )
-
     @property
     def num_samples(self) -> int:
         return self.preset_default("num_samples", self.sample.num_samples)
@@ -219,9 +212,32 @@ class PipelineConfig(BaseModel):
         return self.preset_default("eval_images", self.evaluate.eval_images)
 
 
+class Runtime(BaseModel):
+    """What every stage may read besides its own config slice: where the artifacts live and
+    how work runs. Nothing here changes a stage's output, so nothing here is in a cache key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    storage: StorageSection
+    training: TrainingRun
+    encode: EncodeSection
+
+    @classmethod
+    def of(cls, config: PipelineConfig) -> Runtime:
+        return cls(storage=config.storage, training=config.training.run(), encode=config.encode)
+
+    @property
+    def root(self) -> str:
+        return self.storage.url
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return self.storage.storage_options
+
+
 def pipeline_config(preset: PresetName = "fashion-mnist", **sections: Any) -> PipelineConfig:
     """A config for `preset`, other sections given as dicts: `pipeline_config("smoke", storage={"root": ...})`."""
     return PipelineConfig(preset=preset, **sections)
 
 
-__all__ = ["FASHION_MNIST_DIR", "PRESET_DEFAULTS", "PipelineConfig", "PresetName", "pipeline_config"]
+__all__ = ["FASHION_MNIST_DIR", "PRESET_DEFAULTS", "PipelineConfig", "PresetName", "Runtime", "pipeline_config"]

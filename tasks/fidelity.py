@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import pickle
@@ -43,7 +44,6 @@ import vqvae2
 from storage.checkpoints import load_checkpoint
 from storage.fsutil import exists, redact
 
-from .reporting import logger
 
 FEATURES = ("auto", "inception", "domain")
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -52,6 +52,7 @@ INCEPTION_WEIGHTS_FIELD = "evaluate.inception_weights"  # the pipeline config fi
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default; smaller sets use their own size
 ISC_SPLITS = 10  # the IS convention (Salimans et al. 2016): mean and std over 10 splits...
 ISC_MIN_SPLIT = 100  # ...but never splits of fewer images than this (small sets get fewer splits)
+LOG = logging.getLogger("vqvae2.fidelity")  # plain logging: no Prefect here; the pipeline relays
 PRC_NEIGHBORHOOD = 3  # k of the k-NN manifolds (Kynkäänniemi et al. 2019), torch-fidelity's default
 
 
@@ -169,7 +170,7 @@ def resolve_extractor(choice: str, *, inception_weights: str | None = None, doma
         extractor = _domain_extractor(choice, domain_checkpoint, storage_options)
     if choice == "auto":
         reason = "its weights are present" if extractor.kind == "inception" else f"no Inception weights at {weights}"
-        logger().info(f"features=auto: using the {extractor.kind} extractor ({extractor.name}) because {reason}")
+        LOG.info(f"features=auto: using the {extractor.kind} extractor ({extractor.name}) because {reason}")
     return extractor
 
 

@@ -8,7 +8,14 @@ from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 
 from tasks.config import PipelineConfig, pipeline_config
 
@@ -40,6 +47,19 @@ def artifacts(flow_run_id: UUID) -> list[Any]:
         return client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
+
+
+def log_lines(flow_run_id: UUID, containing: str, at_least: int = 1, timeout: float = 30.0) -> list[str]:
+    """The flow run's log messages that contain `containing`, once there are `at_least` of them
+    (logs reach the API a moment after the run), or all there are after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            found = [log.message for log in logs if containing in log.message]
+            if len(found) >= at_least or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:

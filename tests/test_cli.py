@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from flows.cli import main
+from storage.loader import iter_shard_batches
 
 pytestmark = pytest.mark.slow
 
@@ -42,15 +44,34 @@ def test_reconstruct_given_images_and_held_out_ones(smoke_run, tmp_path, fashion
     _cli(smoke_run, "reconstruct", "--images", *map(str, paths), "--out", str(tmp_path / "given.png"))
     assert "3 images, reconstruction MSE" in capsys.readouterr().out
     _cli(smoke_run, "reconstruct", "--count", "4", "--out", str(tmp_path / "held.png"))
-    assert "4 images, reconstruction MSE" in capsys.readouterr().out
-    assert Image.open(tmp_path / "held.png").size[0] > 0
+    printed = re.search(r"4 images, reconstruction MSE (\S+)", capsys.readouterr().out)
+    assert printed
+    held = np.asarray(Image.open(tmp_path / "held.png"))
+    # 4 pairs of 16x16 images, 2 pairs a row: 2 rows of 4 cells with 1-pixel white gaps, enlarged 4 times
+    assert held.shape == (4 * (2 * 17 + 1), 4 * (4 * 17 + 1))
+    grid = held[::4, ::4]
+    assert np.array_equal(held, grid.repeat(4, axis=0).repeat(4, axis=1))
+    assert (grid[::17] == 255).all() and (grid[:, ::17] == 255).all()
+    # Pair k (reading order): the k-th held-out test image exactly as stored in the dataset's
+    # shards, then its reconstruction: close to it, not a copy, and the one the CLI measured.
+    _, root, _ = smoke_run
+    (dataset,) = [d for d in (root / "datasets").iterdir() if (d / "manifest.json").exists()]
+    stored, _, _ = next(iter_shard_batches(str(dataset), "test", 0, 4))
+    stored = (stored[:, 0].numpy() * 255).round().astype(np.uint8)
+    cell = [[grid[1 + 17 * r:17 + 17 * r, 1 + 17 * c:17 + 17 * c] for c in range(4)] for r in range(2)]
+    originals = np.stack([cell[k // 2][2 * (k % 2)] for k in range(4)])
+    reconstructions = np.stack([cell[k // 2][2 * (k % 2) + 1] for k in range(4)])
+    assert np.array_equal(originals, stored)
+    assert all(not np.array_equal(r, o) for r, o in zip(reconstructions, originals))
+    mse = np.mean((reconstructions / 255 - originals / 255) ** 2)
+    assert mse < 0.1 and mse == pytest.approx(float(printed.group(1)), abs=2e-3)  # uint8 rounding: < 1.3e-3
 
 
 def test_report_prints_the_metrics_of_the_finished_run(smoke_run, capsys):
     _, _, state = smoke_run
     _cli(smoke_run, "report", "--json")
     report = json.loads(capsys.readouterr().out)
-    assert report["metrics"] == state.result()["metrics"]
+    assert report["metrics"] == state.result().metrics
     _cli(smoke_run, "report")
     text = capsys.readouterr().out
     assert "recon_mse" in text and "report of the smoke run" in text
@@ -61,6 +82,32 @@ def test_report_of_a_run_that_never_happened_names_the_missing_stage(tmp_path, c
         main(["report", "--preset", "smoke", "--root", str(tmp_path / "nothing")])
     assert exit_info.value.code == 2
     assert "run the `ingest` stage" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "-n", "0"], "argument -n: must be >= 1, got 0"),
+    (["sample", "--batch-size", "-2"], "argument --batch-size: must be >= 1, got -2"),
+    (["sample", "--scale", "two"], "argument --scale: expected an integer >= 1, got 'two'"),
+    (["reconstruct", "--count", "0"], "argument --count: must be >= 1, got 0"),
+])
+def test_a_bad_positive_integer_is_refused_naming_the_option(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--preset", "smoke", "--out", "x.png"])
+    assert exit_info.value.code == 2  # argparse's usage error, before anything runs
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, reason", [
+    ('{"preset": "smoke",', "not valid JSON: Expecting property name enclosed in double quotes"),
+    ("[1, 2]", "expected a JSON object, got list"),
+    (None, "No such file or directory"),
+])
+def test_a_config_file_that_cannot_be_read_is_refused_naming_it(tmp_path, text, reason):
+    path = tmp_path / "config.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit, match=re.escape(f"vqvae2: --config {path}: {reason}")):
+        main(["report", "--config", str(path)])
 
 
 def test_a_bad_setting_is_refused_with_the_field_named():

@@ -8,27 +8,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.pipeline import ingest_flow, train_autoencoder_flow, vqvae2_pipeline
+from flows.pipeline import STAGE_FLOWS, vqvae2_pipeline
 from storage.checkpoints import load_checkpoint
 from storage.fsutil import exists, read_json
-from tasks.lookup import FinishedRun
+from tasks.stages import FinishedRun
 from pipeline_helpers import artifacts, smoke_config, snapshot, state_names, task_runs
 
 pytestmark = pytest.mark.slow
+ingest_flow, train_autoencoder_flow = STAGE_FLOWS["ingest"], STAGE_FLOWS["train-autoencoder"]
 
 
 def test_the_full_pipeline_writes_every_artifact_and_a_finite_report(smoke_run):
     config, root, state = smoke_run
     report = state.result()
-    assert all(math.isfinite(v) for v in report["metrics"].values())
-    metrics = report["metrics"]
+    assert all(math.isfinite(v) for v in report.metrics.values())
+    metrics = report.metrics
     assert metrics["codes_used_top"] > 1 and metrics["codes_used_bottom"] > 1
     assert 0 < metrics["recon_mse"] < 0.1
     # Every stage left a complete artifact under the root.
     for stage in ("datasets", "autoencoder", "codes", "priors", "classifiers", "samples", "reports"):
         complete = [d for d in (root / stage).iterdir() if (d / "manifest.json").exists()]
         assert complete, f"no complete {stage} artifact"
-    report_dir = Path(report["url"])
+    report_dir = Path(report.url)
     for name in ("report.json", "report.md", "samples.png", "reconstructions.png", "loss-autoencoder.png",
                  "loss-prior-top.png", "loss-prior-bottom.png"):
         assert (report_dir / name).stat().st_size > 0, name
@@ -56,13 +57,13 @@ def test_the_full_pipeline_writes_every_artifact_and_a_finite_report(smoke_run):
 def test_rejection_keeps_the_same_number_per_rate_and_the_judges_favourites(smoke_run):
     config, _, state = smoke_run
     samples = FinishedRun(config).samples
-    kept = {row["rate"]: row for row in samples["rates"]}
+    kept = {row.rate: row for row in samples.rates}
     assert sorted(kept) == [0.1, 0.25, 0.5, 1.0]
     # 16 requested over 10 classes: 2 per class at every rate, drawn from 2 / r candidates per class.
-    assert {row["kept"] for row in kept.values()} == {20}
-    assert [kept[r]["candidates"] for r in (1.0, 0.5, 0.25, 0.1)] == [20, 40, 80, 200]
+    assert {row.kept for row in kept.values()} == {20}
+    assert [kept[r].candidates for r in (1.0, 0.5, 0.25, 0.1)] == [20, 40, 80, 200]
     for rate in (0.5, 0.25, 0.1):
-        assert kept[rate]["judge_confidence_kept"] > kept[rate]["judge_confidence_rejected"]
+        assert kept[rate].judge_confidence_kept > kept[rate].judge_confidence_rejected
 
 
 def test_the_ui_gets_progress_tables_and_a_report_with_images(smoke_run):
@@ -89,14 +90,14 @@ def test_a_second_run_is_all_cached_and_rewrites_nothing(smoke_run):
     states = state_names(state.state_details.flow_run_id)
     assert states and set(states.values()) == {"Cached"}, states
     assert snapshot(root) == before
-    assert state.result()["metrics"] == first.result()["metrics"]
+    assert state.result().metrics == first.result().metrics
 
 
 def test_a_finished_run_is_found_again_from_its_config(smoke_run):
     config, root, state = smoke_run
     finished = FinishedRun(config)
-    assert finished.report["key"] == state.result()["key"]
-    assert [p["level"] for p in finished.priors] == [0, 1]
+    assert finished.report.key == state.result().key
+    assert [p.level for p in finished.priors] == [0, 1]
 
 
 def test_a_training_that_fails_midway_is_retried_and_resumes_from_its_checkpoint(prefect_api, tmp_path):
@@ -106,16 +107,16 @@ def test_a_training_that_fails_midway_is_retried_and_resumes_from_its_checkpoint
     state = train_autoencoder_flow(faulty, return_state=True)
     assert state.is_completed()
     resumed = state.result()
-    assert resumed["resumed_from_step"] == 20 and resumed["steps"] == 40
+    assert resumed.resumed_from_step == 20 and resumed.steps == 40
     (run,) = [r for name, r in task_runs(state.state_details.flow_run_id).items() if name.startswith("train-autoencoder")]
     assert run.run_count == 2  # the first attempt failed at step 25, the retry finished
 
     clean = smoke_config(str(tmp_path / "clean"), training={"checkpoint_every": 10})
     ingest_flow(clean)
     uninterrupted = train_autoencoder_flow(clean)
-    assert uninterrupted["resumed_from_step"] == 0
-    a = load_checkpoint(resumed["model"])["state_dict"]
-    b = load_checkpoint(uninterrupted["model"])["state_dict"]
+    assert uninterrupted.resumed_from_step == 0
+    a = load_checkpoint(resumed.model)["state_dict"]
+    b = load_checkpoint(uninterrupted.model)["state_dict"]
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name].float(), b[name].float(), atol=1e-6), name
@@ -139,24 +140,24 @@ def test_a_grown_source_gets_a_new_dataset_and_recomputes_downstream(prefect_api
     first = ingest_flow(config)
     first_ae = train_autoencoder_flow(config)
     again = ingest_flow(config, return_state=True)
-    assert again.result()["key"] == first["key"]
+    assert again.result().key == first.key
     assert set(state_names(again.state_details.flow_run_id).values()) == {"Cached"}
 
     add_images(300, 360)
     grown = ingest_flow(config)
-    assert grown["key"] != first["key"] and grown["num_samples"] == 360
+    assert grown.key != first.key and grown.num_samples == 360
     state = train_autoencoder_flow(config, return_state=True)
     second_ae = state.result()
-    assert second_ae["key"] != first_ae["key"] and second_ae["dataset"] == grown["key"]
+    assert second_ae.key != first_ae.key and second_ae.dataset == grown.key
     assert {s for n, s in state_names(state.state_details.flow_run_id).items() if n.startswith("train")} == {"Completed"}
 
 
 def test_the_whole_pipeline_runs_on_s3(prefect_api, s3_bucket):
     config = smoke_config(f"{s3_bucket.url}/root")
     report = vqvae2_pipeline(config)
-    assert report["url"].startswith(f"{s3_bucket.url}/root/reports/")
-    assert exists(report["markdown"]) and exists(report["url"] + "/samples.png")
-    assert read_json(report["report"])["metrics"] == report["metrics"]
+    assert report.url.startswith(f"{s3_bucket.url}/root/reports/")
+    assert exists(report.markdown) and exists(report.url + "/samples.png")
+    assert read_json(report.report)["metrics"] == report.metrics
 
 
 def test_a_stage_without_its_inputs_names_the_stage_to_run(prefect_api, tmp_path):

@@ -45,9 +45,44 @@ def test_three_level_hierarchy_samples_each_level_given_all_above():
         "priors": [{"channels": 8, "layers": 1, "kernel_size": 3, "embed_dim": 4, "cond_channels": 4,
                     "cond_res_blocks": 0}] * 3,
     })
-    images, codes = vqvae2.sample_images(vqvae2.build_autoencoder(config), vqvae2.build_priors(config), 2, seed=1)
+    priors = vqvae2.build_priors(config)
+    # A random prior barely listens to the levels above (its logits move by ~0.01), too little
+    # to change draws of the same seed: strengthen the conditioning (it saturates the gates),
+    # and sample cold so logit changes outweigh the draw's noise.
+    with torch.no_grad():
+        for prior in priors[1:]:
+            for layer in prior.layers:
+                layer.cond.weight.mul_(30)
+    given = []
+
+    def recording_sampler(prior, n, cond_codes, *args):
+        given.append(None if cond_codes is None else [c.clone() for c in cond_codes])
+        return vqvae2.sample_level_fast(prior, n, cond_codes, *args)
+
+    images, codes = vqvae2.sample_images(vqvae2.build_autoencoder(config), priors, 2, seed=1, sampler=recording_sampler)
     assert [tuple(c.shape[1:]) for c in codes] == [(4, 4), (8, 8), (16, 16)]
     assert images.shape == (2, 1, 32, 32)
+    # sample_codes drew each level given exactly the codes of all the levels above it.
+    assert given[0] is None
+    for level in (1, 2):
+        assert len(given[level]) == level and all(torch.equal(g, c) for g, c in zip(given[level], codes[:level]))
+
+    for level in (1, 2):
+        prior, above = priors[level], codes[:level]
+
+        def draw(cond_codes):
+            return vqvae2.sample_level_fast(prior, 2, cond_codes, temperature=0.1,
+                                            generator=torch.Generator().manual_seed(5))
+
+        drawn = draw(above)
+        assert torch.equal(draw(above), drawn)  # same codes above, same seed: same codes
+        logits = vqvae2.incremental_logits(prior, drawn, above)
+        for changed_level in range(level):  # each level above, changed alone, changes this level
+            changed = list(above)
+            changed[changed_level] = (above[changed_level] + 1) % prior.num_codes
+            shift = (vqvae2.incremental_logits(prior, drawn, changed) - logits).abs()
+            assert shift.mean() > 1e-2  # exactly 0 if the prior ignored that level (rounding is ~1e-7)
+            assert not torch.equal(draw(changed), drawn)
 
 
 def test_top_k_one_is_greedy_and_temperature_sharpens():

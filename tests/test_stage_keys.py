@@ -68,28 +68,9 @@ READERS: dict[str, set[str]] = {
 
 
 def stage_keys(config: PipelineConfig, source_digest: str = SOURCE_DIGEST) -> dict[str, str]:
-    """Every stage key of a run of `config`, from its declarations, without running anything."""
-    from tasks.evaluate import classifier_roles, report_artifact
-    from tasks.encode import codes_artifact
-    from tasks.ingest import dataset_artifact
-    from tasks.sample import samples_artifact
-    from tasks.train_autoencoder import autoencoder_artifact
-    from tasks.train_classifier import classifier_artifact
-    from tasks.train_prior import prior_artifact
+    from tasks.stages import stage_keys as declared_keys
 
-    dataset = {"key": dataset_artifact(config, source_digest).key}
-    autoencoder = {"key": autoencoder_artifact(config, dataset).key}
-    codes = {"key": codes_artifact(config, dataset, autoencoder).key}
-    priors = [{"key": prior_artifact(config, codes, level).key} for level in range(config.model.levels)]
-    classifiers = {role: {"key": classifier_artifact(config, dataset, role).key} for role in classifier_roles(config)}
-    samples = {"key": samples_artifact(config, autoencoder, priors, classifiers.get("judge")).key}
-    report = report_artifact(config, dataset, autoencoder, codes, priors, list(classifiers.values()), samples).key
-    return {
-        "ingest": dataset["key"], "train-autoencoder": autoencoder["key"], "encode": codes["key"],
-        **{f"train-priors[{level}]": p["key"] for level, p in enumerate(priors)},
-        **{f"train-classifiers[{role}]": c["key"] for role, c in classifiers.items()},
-        "sample": samples["key"], "evaluate": report,
-    }
+    return declared_keys(config, source_digest)
 
 
 # --- walking the fields ----------------------------------------------------------------------

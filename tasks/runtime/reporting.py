@@ -105,16 +105,27 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
 
 def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 1) -> np.ndarray:
     """Images (N, C, H, W) in [0, 1] -> one uint8 grid (rows x cols), H x W (gray) or H x W x 3."""
+    from torchvision.utils import make_grid
+
     n, c, h, w = images.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
-    grid = torch.ones(c, rows * (h + pad) + pad, columns * (w + pad) + pad)
-    for i, image in enumerate(images.detach().float().cpu().clamp(0, 1)):
-        r, col = divmod(i, columns)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[:, top:top + h, left:left + w] = image
+    # White cells fill the last row and one extra row: make_grid then always draws `columns`
+    # cells a row (it narrows to n when n < columns) and pads even one image (it returns a
+    # lone image bare). The extra row is cropped off.
+    blank = torch.ones(rows * columns - n + columns, c, h, w)
+    cells = torch.cat([images.detach().float().cpu().clamp(0, 1), blank])
+    grid = make_grid(cells, nrow=columns, padding=pad, pad_value=1.0)  # gray comes back as 3 copies
+    grid = grid[:c, : rows * (h + pad) + pad]
     array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return array[:, :, 0] if c == 1 else array
+
+
+def pairs_grid(originals: torch.Tensor, reconstructions: torch.Tensor, count: int) -> np.ndarray:
+    """Originals and their reconstructions side by side, in column pairs; `count` images in all."""
+    n = max(1, min(count // 2, len(originals)))
+    interleaved = torch.stack([originals[:n], reconstructions[:n]], dim=1).flatten(0, 1)
+    return image_grid(interleaved, columns=2 * max(1, round(math.sqrt(n))))
 
 
 def display_scale(image_size: int) -> int:

@@ -7,17 +7,17 @@ import torch
 
 from storage.loader import ShardDataset, iter_shard_batches, shard_loader
 
-from .config import PipelineConfig
-from .training import BatchSource, private_generator
+from ..manifests import DatasetManifest
+from .trainer import BatchSource, private_generator
 
 
-def first_images(dataset: dict[str, Any], split: str, count: int,
+def first_images(dataset: DatasetManifest, split: str, count: int,
                  storage_options: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `count` images (floats in [0, 1]) and labels of `split`, in file order:
     the same images every time, for validation and evaluation."""
     images, labels, have = [], [], 0
-    for index in range(len(dataset["splits"][split]["shards"])):
-        for batch_images, batch_labels, _ in iter_shard_batches(dataset["url"], split, index, 256, storage_options):
+    for index in range(len(dataset.splits[split].shards)):
+        for batch_images, batch_labels, _ in iter_shard_batches(dataset.url, split, index, 256, storage_options):
             images.append(batch_images)
             labels.append(batch_labels)
             have += len(batch_images)
@@ -26,14 +26,14 @@ def first_images(dataset: dict[str, Any], split: str, count: int,
     return torch.cat(images), torch.cat(labels)
 
 
-def train_batches(dataset: dict[str, Any], batch_size: int, seed: int,
-                  config: PipelineConfig) -> tuple[BatchSource, int]:
-    """(batch source for a `TrainingJob`, batches per epoch) over the train split's shards."""
-    shards = ShardDataset(dataset["url"], "train", batch_size=batch_size, seed=seed,
-                          storage_options=config.storage.storage_options)
+def train_batches(dataset: DatasetManifest, batch_size: int, seed: int, num_workers: int,
+                  storage_options: dict[str, Any] | None) -> tuple[BatchSource, int]:
+    """(batch source for a `TrainingJob`, batches per epoch) over the train split's shards.
+    `num_workers` changes the batch order (the shard readers interleave)."""
+    shards = ShardDataset(dataset.url, "train", batch_size=batch_size, seed=seed, storage_options=storage_options)
 
     def batches(epoch: int, start: int):
         shards.set_epoch(epoch, start)
-        return shard_loader(shards, num_workers=config.training.num_workers, generator=private_generator(seed, epoch))
+        return shard_loader(shards, num_workers=num_workers, generator=private_generator(seed, epoch))
 
     return batches, len(shards)

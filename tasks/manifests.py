@@ -1,0 +1,184 @@
+"""What the stages hand each other: one frozen, typed manifest per stage output, and the
+small results of mapped units (a shard encoded, a batch sampled).
+
+A manifest is `manifest.json` in its artifact directory, written last; it names files
+(URLs), never holds tensors. The artifact store fills in the identity fields (`stage`,
+`key`, `url`) when it reads one, so a manifest moved with its root still reads right.
+A manifest that does not validate is a `ManifestError` naming the artifact and the field.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Record(BaseModel):
+    # Unknown fields are ignored, so a newer writer's manifest still reads; a missing
+    # field or a wrong type is an error.
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Manifest(Record):
+    stage: str  # the stage's directory under the root: datasets, autoencoder, ...
+    key: str
+    url: str
+    seconds: float | None = None  # how long the stage took to compute it
+
+
+# --- ingest ------------------------------------------------------------------------------
+
+
+class Skipped(Record):
+    ref: str
+    reason: str
+
+
+class ShardInfo(Record):
+    name: str
+    num_samples: int
+    offset: int  # rows of the split before this shard
+
+
+class SplitInfo(Record):
+    num_samples: int
+    class_counts: list[int]
+    shards: list[ShardInfo]
+    skipped: list[Skipped]
+
+
+class DatasetManifest(Manifest):
+    format: str
+    source: dict[str, Any]  # the source as its describe() tells it (credentials redacted)
+    source_digest: str
+    config: dict[str, Any]  # the storage.ingest.IngestConfig it was made with
+    image_size: int
+    mode: str
+    channels: int
+    class_names: list[str]
+    num_samples: int
+    num_skipped: int
+    splits: dict[str, SplitInfo]
+    ignored: list[Skipped]
+
+    def shard_counts(self) -> dict[str, list[int]]:
+        """{split: [samples per shard]}, what storage.codes.create_codes takes."""
+        return {split: [s.num_samples for s in info.shards] for split, info in self.splits.items()}
+
+    def shard_units(self) -> list[tuple[str, int]]:
+        """(split, shard index) of every shard, in a stable order."""
+        return [(split, i) for split, info in sorted(self.splits.items()) for i in range(len(info.shards))]
+
+
+# --- trainings -----------------------------------------------------------------------------
+
+
+class TrainingSummary(Record):
+    """What one training run left: its final model, curves and metrics."""
+
+    steps: int
+    resumed_from_step: int
+    epochs: int
+    metrics: dict[str, float]
+    model: str  # URL of model.pt, a vqvae2.to_checkpoint dict
+    loss_curve: str
+    history: str
+    device: str
+
+
+class TrainedManifest(Manifest, TrainingSummary):
+    @property
+    def display_name(self) -> str:
+        """autoencoder, prior-top, classifier-judge, ...: how reports and logs name it."""
+        raise NotImplementedError
+
+
+class AutoencoderManifest(TrainedManifest):
+    dataset: str
+    latent_shapes: list[tuple[int, int]]  # code grid of every level, top first
+    codebook_size: int
+
+    @property
+    def display_name(self) -> str:
+        return "autoencoder"
+
+
+class PriorManifest(TrainedManifest):
+    codes: str
+    level: int
+    level_name: str  # prior-top, prior-bottom, ...
+
+    @property
+    def display_name(self) -> str:
+        return self.level_name
+
+
+class ClassifierManifest(TrainedManifest):
+    dataset: str
+    role: str  # judge (rejection sampling) or features (the FID feature network)
+
+    @property
+    def display_name(self) -> str:
+        return f"classifier-{self.role}"
+
+
+# --- encode --------------------------------------------------------------------------------
+
+
+class EncodedShard(Record):
+    split: str
+    index: int
+    rows: int
+    offset: int
+
+
+class CodesManifest(Manifest):
+    codes: str  # URL of codes.zarr
+    dataset: str
+    autoencoder: str
+    level_shapes: list[tuple[int, int]]
+    rows: dict[str, int]
+    codebook_size: int
+    class_names: list[str]
+
+
+# --- sample --------------------------------------------------------------------------------
+
+
+class SampleBatch(Record):
+    index: int
+    url: str
+    images: int
+
+
+class RateRow(Record):
+    rate: float
+    candidates: int
+    kept: int
+    judge_confidence_kept: float | None
+    judge_confidence_rejected: float | None
+
+
+class SamplesManifest(Manifest):
+    batches: list[str]
+    candidates: int
+    selections: str  # npz: the kept candidates' indices per acceptance rate
+    rates: list[RateRow]
+    grid: str
+    rejection_grid: str | None
+    judge_mean_confidence: float | None
+    temperature: float
+    top_k: int | None
+    seed: int
+    num_samples: int  # kept per rate
+
+
+# --- evaluate ------------------------------------------------------------------------------
+
+
+class ReportManifest(Manifest):
+    report: str  # report.json
+    markdown: str  # report.md
+    metrics: dict[str, float | int]
+    fidelity: list[dict[str, float | int | str | None]]  # one row of FID/KID/PR/IS per image set
+    extractor: str  # the feature space of the fidelity rows: inception or domain

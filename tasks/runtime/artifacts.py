@@ -1,0 +1,131 @@
+"""Where stage outputs live and how a finished one is recognised (ARCHITECTURE.md, "Contracts").
+
+An `Artifact` is `{root}/{stage}/{key}/`, complete once its typed `manifest.json` exists.
+A `Marker` says, for any cached unit (a whole stage, one shard, one sample batch),
+where "done" is written and how to read the unit's result back; the cached-unit
+decorator (`tasks.runtime.cached`) asks nothing else.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from pydantic import TypeAdapter, ValidationError
+
+from storage.artifacts import MANIFEST, artifact_url
+from storage.fsutil import exists, join, read_bytes, redact, write_bytes
+
+from ..manifests import Manifest
+
+R = TypeVar("R")
+M = TypeVar("M", bound=Manifest)
+
+
+class ManifestError(ValueError):
+    """A manifest or unit marker that exists but does not validate: names the file and the field."""
+
+
+def _nothing(result: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Marker(Generic[R]):
+    """Where one cached unit records that it is done.
+
+    `read()` is the unit's result when it is done, None when it is not, and raises
+    `ManifestError` when what it finds is damaged; `write(result)` runs after the unit's
+    work and marks it done (last). `record` is where Prefect keeps its cache record of
+    the unit, relative to the storage root: inside the artifact, so it goes when the
+    artifact goes.
+    """
+
+    url: str
+    record: str
+    read: Callable[[], R | None]
+    write: Callable[[R], None] = _nothing
+    done: Callable[[], bool] | None = None  # a cheaper test than read(), when there is one
+
+    def is_done(self) -> bool:
+        return self.done() if self.done is not None else self.read() is not None
+
+
+def read_typed(url: str, model: Any, storage_options: dict[str, Any] | None, extra: dict[str, Any] | None = None):
+    """The JSON file at `url` validated as `model` (a pydantic model or a dataclass type), or
+    None if there is no such file; `extra` fields are filled in before validating."""
+    if not exists(url, storage_options):
+        return None
+    try:
+        parsed = json.loads(read_bytes(url, storage_options))
+    except ValueError as err:
+        raise ManifestError(f"{redact(url)}: not valid JSON ({err})") from None
+    if extra:
+        if not isinstance(parsed, dict):
+            raise ManifestError(f"{redact(url)}: expected a JSON object, got {type(parsed).__name__}")
+        parsed = {**parsed, **extra}
+    try:
+        return TypeAdapter(model).validate_python(parsed)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        raise ManifestError(f"{redact(url)}: field `{where}`: {problem['msg']}") from None
+
+
+def write_typed(url: str, result: Any, storage_options: dict[str, Any] | None) -> None:
+    data = TypeAdapter(type(result)).dump_json(result, indent=1)
+    write_bytes(url, data, storage_options)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """Where one stage output lives; everything a task needs to read or write it."""
+
+    root: str
+    stage: str  # the stage's directory under the root
+    key: str
+    storage_options: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        return artifact_url(self.root, self.stage, self.key)
+
+    def path(self, *parts: str) -> str:
+        return join(self.url, *parts)
+
+    def identity(self) -> dict[str, str]:
+        return {"stage": self.stage, "key": self.key, "url": self.url}
+
+    def record(self, unit: str) -> str:
+        """Prefect's cache record of one unit of this artifact, relative to the root."""
+        return f"{self.stage}/{self.key}/.prefect/{unit}.json"
+
+    def read(self, model: type[M]) -> M | None:
+        """The complete artifact's manifest, None while it is incomplete; `ManifestError` if damaged."""
+        return read_typed(self.path(MANIFEST), model, self.storage_options, extra=self.identity())
+
+    def require(self, model: type[M], producer: str) -> M:
+        """The manifest of a complete artifact, or a clear error naming the stage that makes it."""
+        manifest = self.read(model)
+        if manifest is None:
+            raise FileNotFoundError(
+                f"no complete {self.stage} artifact for this config at {redact(self.url)}: run the `{producer}` "
+                "stage (or the whole pipeline) with the same config and storage root first"
+            )
+        return manifest
+
+    def marker(self, model: type[M]) -> Marker[M]:
+        """The whole stage's marker: its manifest, written last."""
+        return Marker(
+            url=self.path(MANIFEST), record=self.record("stage"), read=lambda: self.read(model),
+            write=lambda manifest: write_typed(self.path(MANIFEST), manifest, self.storage_options),
+        )
+
+    def unit_marker(self, unit: str, model: Any) -> Marker:
+        """A mapped unit's marker: `units/{unit}.json` holding its result, written after its output."""
+        url = self.path("units", f"{unit}.json")
+        return Marker(
+            url=url, record=self.record(unit), read=lambda: read_typed(url, model, self.storage_options),
+            write=lambda result: write_typed(url, result, self.storage_options),
+        )

@@ -1,0 +1,25 @@
+"""Load the models a finished stage saved (`model.pt`, a `vqvae2.to_checkpoint` dict)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+import vqvae2
+from storage.checkpoints import load_checkpoint
+
+from ..manifests import TrainingSummary
+
+
+def load_model(manifest: TrainingSummary, storage_options: dict[str, Any] | None = None,
+               device: torch.device | str = "cpu") -> nn.Module:
+    """The trained model of a training stage's manifest, in eval mode on `device`."""
+    checkpoint = load_checkpoint(manifest.model, storage_options)
+    return vqvae2.from_checkpoint(checkpoint).to(device).eval()
+
+
+@torch.no_grad()
+def reconstruct(model: vqvae2.VQVAE2, images: torch.Tensor) -> torch.Tensor:
+    """The autoencoder's reconstructions of `images` (floats in [0, 1]), in chunks."""
+    return torch.cat([model(chunk).reconstruction.clamp(0, 1) for chunk in images.split(256)])

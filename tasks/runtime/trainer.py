@@ -1,0 +1,254 @@
+"""One resumable training run, shared by the autoencoder, the priors and the classifiers.
+
+Every attempt (a Prefect retry, or a re-run after a crash) starts from the newest
+checkpoint under `{artifact}/checkpoints/`: model, optimizer, scheduler, step, the RNG
+states and the data position (epoch and batches consumed), so a resumed run takes
+the same batches with the same randomness as an uninterrupted one. Checkpoints are
+written every `checkpoint_every` steps and at least every `checkpoint_minutes`.
+
+It reports to the UI as it goes: a progress bar, a metrics table per epoch, log lines;
+at the end it writes `model.pt` (a `vqvae2.to_checkpoint` dict), `history.json` and a
+loss-curve PNG next to the checkpoints.
+
+`tasks.runtime.process.train` runs each attempt in a fresh process.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+import vqvae2
+from storage.checkpoints import checkpoint_url, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from storage.fsutil import exists, write_bytes, write_json
+from vqvae2.config import TrainConfig
+from vqvae2.train import LossFn, Metrics
+
+from ..config import TrainingRun
+from ..manifests import TrainingSummary
+from .artifacts import Artifact
+from .devices import resolve_device
+from .reporting import Progress, format_metrics, logger, loss_curve_png, publish_table
+
+# (epoch, batches of it already consumed) -> the rest of that epoch's batches
+BatchSource = Callable[[int, int], Iterable[Any]]
+Evaluator = Callable[[nn.Module], dict[str, float]]
+
+
+class InjectedFault(RuntimeError):
+    """Raised by `TrainingSection.fail_once_at_step`, to test retries and resuming."""
+
+
+def private_generator(seed: int, epoch: int) -> torch.Generator:
+    """For a DataLoader: without one, each new iterator draws its seed from torch's global
+    RNG, so a run resumed mid-epoch would shift the model's random stream (dropout,
+    dead-code restarts) against an uninterrupted run."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+@dataclass
+class TrainingJob:
+    name: str  # "autoencoder", "prior-top", "classifier-judge": also the fault-injection name
+    model: nn.Module
+    loss_fn: LossFn
+    train: TrainConfig
+    batches: BatchSource
+    batches_per_epoch: int
+    artifact: Artifact
+    options: TrainingRun
+    evaluate: Evaluator | None = None  # held-out metrics at each epoch's end and at the last step
+
+
+class _EpochStream:
+    """Batches across epochs, tracking how many of the current epoch were handed out."""
+
+    def __init__(self, batches: BatchSource, epoch: int, consumed: int, on_epoch_end: Callable[[int], None]):
+        self.batches, self.epoch, self.consumed, self.on_epoch_end = batches, epoch, consumed, on_epoch_end
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            yielded = False
+            for batch in self.batches(self.epoch, self.consumed):
+                self.consumed += 1  # before the step runs: a checkpoint after it counts this batch
+                yielded = True
+                yield batch
+            if not yielded and self.consumed == 0:
+                raise ValueError("the training data yields no batches")
+            self.on_epoch_end(self.epoch)
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+class _Averages:
+    """Running sums of step metrics (tensors, so no device sync per step)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, metrics: Metrics) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0) + v.float()
+        self.count += 1
+
+    def pop(self) -> dict[str, float]:
+        means = {k: (v / self.count).item() for k, v in self.sums.items()} if self.count else {}
+        self.sums, self.count = {}, 0
+        return means
+
+
+class Reporter(Protocol):
+    def log(self, message: str) -> None: ...
+    def progress(self, done: int, total: int, note: str) -> None: ...
+    def table(self, key: str, rows: list[dict[str, Any]], description: str) -> None: ...
+
+
+class UIReporter:
+    """Straight to the Prefect UI (or the `vqvae2` logger outside a run)."""
+
+    def __init__(self, title: str) -> None:
+        self.title, self.bar = title, None
+
+    def log(self, message: str) -> None:
+        logger().info(message)
+
+    def progress(self, done: int, total: int, note: str) -> None:
+        self.bar = self.bar or Progress(self.title, total)
+        self.bar.update(done, note)
+
+    def table(self, key: str, rows: list[dict[str, Any]], description: str) -> None:
+        publish_table(key, rows, description)
+
+
+class Trainer:
+    """Trains `job.model` to `job.train.steps`, resuming from the newest checkpoint.
+
+    Everything a resumed run needs to continue exactly as an uninterrupted one is in
+    `state_dict()`: model, optimizer, scheduler, step, data position, RNG states and
+    the metrics so far (torchtitan's `Trainer` / `Stateful`)."""
+
+    def __init__(self, job: TrainingJob, reporter: Reporter) -> None:
+        self.job, self.reporter = job, reporter
+        self.device = resolve_device(job.options.device)
+        self.model = vqvae2.prepare_model(job.model, self.device, job.train.channels_last)
+        self.optimizer, self.scheduler = vqvae2.make_optimizer(self.model, job.train)
+        self.checkpoints = job.artifact.path("checkpoints")
+        self.step = 0
+        self.history: list[dict[str, Any]] = []  # logged step metrics
+        self.epochs: list[dict[str, Any]] = []  # metrics per (finished or final partial) epoch
+        self.stream = _EpochStream(job.batches, 0, 0, self._close_epoch)
+        self.interval, self.epoch_window = _Averages(), _Averages()
+        self.last_save = time.monotonic()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "step": self.step,
+            "epoch": self.stream.epoch, "consumed": self.stream.consumed, "history": self.history,
+            "epochs": self.epochs,
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.step, self.stream.epoch, self.stream.consumed = state["step"], state["epoch"], state["consumed"]
+        self.history, self.epochs = list(state["history"]), list(state["epochs"])
+
+    def resume(self) -> int:
+        """Load the newest checkpoint, if any (else seed the run); returns the step resumed from."""
+        storage = self.job.artifact.storage_options
+        latest = latest_checkpoint(self.checkpoints, storage)
+        if latest is None:
+            vqvae2.seed_everything(self.job.train.seed)
+            return 0
+        self.load_state_dict(load_checkpoint(latest, storage, map_location=self.device))
+        self.reporter.log(f"{self.job.name}: resuming from step {self.step} (epoch {self.stream.epoch}, "
+                          f"batch {self.stream.consumed}) of {latest}")
+        return self.step
+
+    def save(self) -> None:
+        storage = self.job.artifact.storage_options
+        save_checkpoint(checkpoint_url(self.checkpoints, self.step), self.state_dict(), storage)
+        prune_checkpoints(self.checkpoints, keep=2, storage_options=storage)
+        self.last_save = time.monotonic()
+
+    def _close_epoch(self, finished: int, partial: bool = False) -> None:
+        row = {"epoch": finished, "step": self.step, **{f"train_{k}": v for k, v in self.epoch_window.pop().items()}}
+        if self.job.evaluate is not None:
+            self.model.eval()
+            row.update({f"val_{k}": v for k, v in self.job.evaluate(self.model).items()})
+        row["partial_epoch"] = partial
+        self.epochs.append(row)
+        name = self.job.name
+        self.reporter.log(f"{name} epoch {finished}{' (partial)' if partial else ''}: {format_metrics(row)}")
+        self.reporter.table(f"{name}-epochs", self.epochs, f"{name}: metrics per epoch")
+
+    def _on_step(self, step: int, metrics: Metrics) -> None:
+        job, opts, steps = self.job, self.job.options, self.job.train.steps
+        self.step = step
+        self.interval.add(metrics)
+        self.epoch_window.add(metrics)
+        if step % opts.log_every == 0 or step == steps:
+            means = self.interval.pop()
+            self.history.append({"step": step, "epoch": self.stream.epoch, **means})
+            self.reporter.progress(step, steps, f"step {step}/{steps}, loss {means.get('loss', float('nan')):.4g}")
+            self.reporter.log(f"{job.name} step {step}/{steps}: {format_metrics(means)}")
+        if step % opts.checkpoint_every == 0 or time.monotonic() - self.last_save > 60 * opts.checkpoint_minutes:
+            self.save()
+        fault = job.artifact.path("fault-injected")
+        if opts.fail_once_at_step.get(job.name) == step and not exists(fault, job.artifact.storage_options):
+            write_bytes(fault, b"", job.artifact.storage_options)
+            raise InjectedFault(f"{job.name}: fault injected at step {step} (training.fail_once_at_step)")
+
+    def run(self) -> TrainingSummary:
+        job, storage = self.job, self.job.artifact.storage_options
+        resumed_from = self.resume()
+        # The divergence check runs first: a diverged model is never checkpointed.
+        hooks = [vqvae2.raise_if_diverged(job.options.log_every), self._on_step]
+        try:
+            self.step = vqvae2.fit(self.model, self.optimizer, self.stream, job.loss_fn, job.train,
+                                   scheduler=self.scheduler, start_step=self.step, hooks=hooks)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{job.name}: {err}") from None
+        if self.epoch_window.count:
+            self._close_epoch(self.stream.epoch, partial=self.stream.consumed < job.batches_per_epoch)
+        self.save()
+
+        self.model.eval()
+        write_bytes(job.artifact.path("loss_curve.png"), loss_curve_png(self.history, f"{job.name} training loss"), storage)
+        write_json(job.artifact.path("history.json"), {"steps": self.history, "epochs": self.epochs}, storage)
+        save_checkpoint(job.artifact.path("model.pt"), vqvae2.to_checkpoint(self.model.cpu().float()), storage)
+        final = {**(self.history[-1] if self.history else {}), **(self.epochs[-1] if self.epochs else {})}
+        return TrainingSummary(
+            steps=self.step, resumed_from_step=resumed_from, epochs=len(self.epochs),
+            metrics={k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            model=job.artifact.path("model.pt"), loss_curve=job.artifact.path("loss_curve.png"),
+            history=job.artifact.path("history.json"), device=str(self.device),
+        )

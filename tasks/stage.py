@@ -1,0 +1,138 @@
+"""A stage is declared once (ARCHITECTURE.md, "Contracts"): its name, the directory of
+its artifacts, a code version, the typed slice of the pipeline config it reads, the
+outputs of other stages it takes, and the type of its own output.
+
+    STAGE = Stage(name="encode", directory="codes", code_version="1", settings=EncodeSettings,
+                  inputs={"dataset": Needs("ingest"), "autoencoder": Needs("train-autoencoder")},
+                  output=CodesManifest, run=run)
+
+The slice, its inputs' keys and the code version *are* the cache key: a stage's code
+receives its slice (`Settings`), never the whole config, so it cannot read a field
+the key misses. Besides its slice, a stage may read only the `Runtime` (where artifacts
+live, how work runs), which by construction never changes an output. The pipeline
+flow, the stage flows, the CLI's stage list, `FinishedRun` and the keys of a config
+(`tasks.stages.stage_keys`) are all derived from these declarations.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from storage.artifacts import artifact_key
+
+from .config import PipelineConfig, Runtime
+from .manifests import Manifest
+from .runtime.artifacts import Artifact
+from .runtime.cached import cached_unit
+
+M = TypeVar("M", bound=Manifest)
+
+
+class Settings(BaseModel):
+    """A stage's slice of the pipeline config: everything that decides its output, nothing else."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def of(cls, config: PipelineConfig, variant: Any = None) -> Settings:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Needs:
+    """An input of a stage: the output of stage `stage`; of one `variant` of it, or, for a
+    stage with variants and no `variant` given, the list of all of them."""
+
+    stage: str
+    variant: str | int | None = None
+    optional: bool = False  # None when the config does not make that variant
+
+
+SOURCE = Needs("source")  # the data source itself: it enters the key through its content digest
+
+
+@dataclass(frozen=True)
+class Stage(Generic[M]):
+    name: str  # the CLI's and the stage flow's name: train-autoencoder
+    directory: str  # its artifacts: {root}/{directory}/{key}/
+    code_version: str  # bump when the stage computes something else from the same inputs
+    settings: type[Settings]
+    output: type[M]
+    run: Callable[..., Any]  # run(settings, runtime, **inputs) inside a flow -> manifest, or a future of it
+    inputs: Mapping[str, Needs] = field(default_factory=dict)
+    variants: Callable[[PipelineConfig], list[Any]] | None = None  # e.g. one prior per level
+    summary: str = ""
+
+    def variants_of(self, config: PipelineConfig) -> list[Any]:
+        return self.variants(config) if self.variants else [None]
+
+    def settings_for(self, config: PipelineConfig, variant: Any = None) -> Settings:
+        return self.settings.of(config, variant)
+
+    def instance(self, variant: Any = None) -> str:
+        """How one variant is named in keys and messages: train-priors[0]."""
+        return self.name if variant is None else f"{self.name}[{variant}]"
+
+    def key(self, settings: Settings, input_keys: Mapping[str, str]) -> str:
+        if set(input_keys) != set(self.inputs):
+            raise ValueError(f"{self.name} takes inputs {sorted(self.inputs)}, got {sorted(input_keys)}")
+        return artifact_key(self.directory, settings, dict(input_keys), self.code_version)
+
+    def artifact(self, settings: Settings, inputs: Mapping[str, Any], runtime: Runtime) -> Artifact:
+        keys = {name: key_of(inputs[name]) for name in self.inputs}
+        return Artifact(runtime.root, self.directory, self.key(settings, keys), dict(runtime.storage_options))
+
+
+def key_of(value: Any) -> str:
+    """The key an input contributes to a stage key: a manifest's key, the keys of a list,
+    "" for an absent optional input, a source's content digest."""
+    if value is None:
+        return ""
+    if isinstance(value, Manifest):
+        return value.key
+    if isinstance(value, (list, tuple)):
+        return ",".join(key_of(v) for v in value)
+    if isinstance(value, str):
+        return value
+    if callable(getattr(value, "digest", None)):  # a storage.sources.Source
+        return value.digest()
+    raise TypeError(f"no key for an input of type {type(value).__name__}")
+
+
+def stage_task(stage: Stage, *, task_run_name: str | None = None, name: str | None = None, **options: Any):
+    """The task that produces `stage`'s artifact: `fn(settings, runtime, **inputs, artifact) -> manifest`.
+
+    Cached through `cached_unit` on the artifact's manifest; the manifest gets the time
+    the stage took, and is written last."""
+
+    def decorate(fn: Callable[..., M]):
+        signature = inspect.signature(fn)
+        shown = signature.replace(parameters=[p for p in signature.parameters.values() if p.name != "artifact"])
+
+        def locate(settings: Settings, runtime: Runtime, **inputs: Any):
+            return stage.artifact(settings, inputs, runtime).marker(stage.output)
+
+        @functools.wraps(fn)
+        def produce(*args: Any, **kwargs: Any) -> M:
+            params = shown.bind(*args, **kwargs).arguments
+            artifact = stage.artifact(params["settings"], _inputs(params), params["runtime"])
+            started = time.monotonic()
+            manifest = fn(*args, artifact=artifact, **kwargs)
+            return manifest.model_copy(update={"seconds": round(time.monotonic() - started, 3)})
+
+        # Prefect binds parameters by signature: show it fn's, without the artifact.
+        produce.__signature__ = shown
+        del produce.__wrapped__
+        return cached_unit(locate=lambda **params: locate(params["settings"], params["runtime"], **_inputs(params)),
+                           name=name or stage.name, task_run_name=task_run_name, **options)(produce)
+
+    def _inputs(params: Mapping[str, Any]) -> dict[str, Any]:
+        return {name: params[name] for name in stage.inputs}
+
+    return decorate

@@ -1,0 +1,123 @@
+"""Stage 3: encode every shard of the dataset into Zarr code arrays (one mapped task per
+shard, each writing its own chunk-aligned rows), then mark the codes complete.
+
+Encoding is per image and deterministic, so the batch size (`encode.batch_size`, a
+runtime setting) changes only the speed: the codes' key is their inputs' keys alone."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from prefect import unmapped
+
+from storage.codes import create_codes, finish_codes, write_codes
+from storage.loader import iter_shard_batches
+
+from ..config import PipelineConfig, Runtime
+from ..manifests import AutoencoderManifest, CodesManifest, DatasetManifest, EncodedShard
+from ..runtime.artifacts import Artifact, Marker
+from ..runtime.cached import cached_unit, with_records
+from ..runtime.devices import resolve_device
+from ..runtime.models import load_model
+from ..runtime.reporting import logger, track
+from ..stage import Needs, Settings, Stage, stage_task
+
+
+class EncodeSettings(Settings):
+    """Nothing of the config decides the codes but the dataset and the autoencoder."""
+
+    @classmethod
+    def of(cls, config: PipelineConfig, variant: Any = None) -> EncodeSettings:
+        return cls()
+
+
+def run(settings: EncodeSettings, runtime: Runtime, dataset: DatasetManifest,
+        autoencoder: AutoencoderManifest) -> CodesManifest:
+    records = runtime.root, runtime.storage_options
+    with_records(prepare_codes, *records)(settings, runtime, dataset, autoencoder)
+    encoded = with_records(encode_shard, *records).map(dataset.shard_units(), unmapped(settings), unmapped(runtime),
+                                                       unmapped(dataset), unmapped(autoencoder))
+    return with_records(finalize_codes, *records)(settings, runtime, dataset, autoencoder,
+                                                  track(encoded, "encode: shards encoded"))
+
+
+STAGE = Stage(
+    name="encode", directory="codes", code_version="1", settings=EncodeSettings, output=CodesManifest,
+    inputs={"dataset": Needs("ingest"), "autoencoder": Needs("train-autoencoder")}, run=run,
+    summary="Encode the dataset with a trained autoencoder (mapped per shard).",
+)
+
+
+def _codes(settings: EncodeSettings, runtime: Runtime, dataset: DatasetManifest,
+           autoencoder: AutoencoderManifest) -> Artifact:
+    return STAGE.artifact(settings, {"dataset": dataset, "autoencoder": autoencoder}, runtime)
+
+
+def codes_url(artifact: Artifact) -> str:
+    return artifact.path("codes.zarr")
+
+
+def _arrays_marker(settings: EncodeSettings, runtime: Runtime, dataset: DatasetManifest,
+                   autoencoder: AutoencoderManifest) -> Marker[str]:
+    # The arrays exist once the codes are complete; before that, creating them again is
+    # cheap and idempotent, so only a complete artifact counts as done.
+    codes = _codes(settings, runtime, dataset, autoencoder)
+    return Marker(url=codes_url(codes), record=codes.record("arrays"),
+                  read=lambda: codes_url(codes) if codes.read(CodesManifest) else None)
+
+
+@cached_unit(locate=_arrays_marker, name="prepare-codes")
+def prepare_codes(settings: EncodeSettings, runtime: Runtime, dataset: DatasetManifest,
+                  autoencoder: AutoencoderManifest) -> str:
+    """Create the (empty) code arrays once, before the per-shard writers; a retry finds them."""
+    codes = _codes(settings, runtime, dataset, autoencoder)
+    create_codes(
+        codes_url(codes), dataset.shard_counts(), [list(shape) for shape in autoencoder.latent_shapes],
+        class_names=dataset.class_names, attrs={"dataset": dataset.key, "autoencoder": autoencoder.key},
+        storage_options=codes.storage_options,
+    )
+    return codes_url(codes)
+
+
+def _shard_marker(unit: tuple[str, int], settings: EncodeSettings, runtime: Runtime, dataset: DatasetManifest,
+                  autoencoder: AutoencoderManifest) -> Marker[EncodedShard]:
+    split, index = unit
+    return _codes(settings, runtime, dataset, autoencoder).unit_marker(f"shard-{split}-{index:06d}", EncodedShard)
+
+
+@cached_unit(locate=_shard_marker, name="encode-shard", task_run_name="encode-{unit[0]}-{unit[1]}")
+def encode_shard(unit: tuple[str, int], settings: EncodeSettings, runtime: Runtime, dataset: DatasetManifest,
+                 autoencoder: AutoencoderManifest) -> EncodedShard:
+    """Encode one shard into its rows of the arrays (its marker is written after them)."""
+    split, index = unit
+    codes = _codes(settings, runtime, dataset, autoencoder)
+    device = resolve_device(runtime.training.device)
+    model = load_model(autoencoder, codes.storage_options, device)
+    levels: list[list[torch.Tensor]] = []
+    labels, keys = [], []
+    for images, batch_labels, batch_keys in iter_shard_batches(dataset.url, split, index, runtime.encode.batch_size,
+                                                               runtime.storage_options):
+        batch_codes = model.encode(images.to(device))
+        levels = levels or [[] for _ in batch_codes]
+        for store, level_codes in zip(levels, batch_codes):
+            store.append(level_codes.cpu())
+        labels.append(batch_labels)
+        keys += batch_keys
+    offset = dataset.splits[split].shards[index].offset
+    write_codes(codes_url(codes), split, offset, [torch.cat(level) for level in levels], torch.cat(labels), keys,
+                codes.storage_options)
+    return EncodedShard(split=split, index=index, rows=len(keys), offset=offset)
+
+
+@stage_task(STAGE, name="finalize-codes")
+def finalize_codes(settings: EncodeSettings, runtime: Runtime, dataset: DatasetManifest,
+                   autoencoder: AutoencoderManifest, shards: list[EncodedShard], artifact: Artifact) -> CodesManifest:
+    """Check every row was written, mark the arrays complete, record the layout."""
+    info = finish_codes(codes_url(artifact), artifact.storage_options)
+    rows = {split: v["num_rows"] for split, v in info["splits"].items()}
+    logger().info(f"codes complete: {rows} rows per split")
+    return CodesManifest(
+        **artifact.identity(), codes=codes_url(artifact), dataset=dataset.key, autoencoder=autoencoder.key,
+        level_shapes=info["level_shapes"], rows=rows, codebook_size=autoencoder.codebook_size,
+        class_names=dataset.class_names,
+    )

@@ -1,0 +1,226 @@
+"""Stage 6: measure the run and write its report.
+
+- Reconstruction MSE/PSNR on held-out images; codebook usage and perplexity of the
+  held-out codes per level; each prior's held-out NLL in bits per code.
+- Sample quality through torch-fidelity (FID, KID, precision/recall, IS) in one stated
+  feature space (`tasks.fidelity`), against held-out real test images, with reference
+  points computed the same way: real train images (the floor), reconstructions, the
+  samples at temperature 1 without rejection, and the samples kept by classifier-based
+  rejection at each acceptance rate: the paper's trade-off curve (Sec. 4.1, Fig. 5).
+
+The report is `report.json` + `report.md` (with PNGs) in the artifact directory, and a
+markdown artifact in the Prefect UI with every grid and plot visible as an image.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import vqvae2
+from storage.codes import CodeDataset
+from storage.fsutil import read_bytes, write_bytes, write_json
+from vqvae2.config import config_to_dict
+
+from ..config import PipelineConfig, Runtime
+from ..fidelity import Extractor, fidelity_table, resolve_extractor
+from ..manifests import (
+    AutoencoderManifest,
+    ClassifierManifest,
+    CodesManifest,
+    DatasetManifest,
+    PriorManifest,
+    ReportManifest,
+    SamplesManifest,
+    TrainedManifest,
+)
+from ..runtime.artifacts import Artifact
+from ..runtime.cached import with_records
+from ..runtime.codes import held_out_bits_per_code, validation_batches
+from ..runtime.datasets import first_images
+from ..runtime.models import load_model, reconstruct
+from ..runtime.report_markdown import render_markdown
+from ..runtime.reporting import (
+    Panel,
+    display_scale,
+    image_grid,
+    logger,
+    pairs_grid,
+    plot_png,
+    png_bytes,
+    publish_markdown,
+    publish_table,
+)
+from ..runtime.samples import kept_images
+from ..stage import Needs, Settings, Stage, stage_task
+
+
+class EvaluateSettings(Settings):
+    features: str  # auto, inception or domain
+    inception_weights: str | None
+    grid_size: int
+    eval_images: int  # real images per reference set
+    preset: str  # what the report says it describes
+    overrides: dict[str, Any]
+    model: dict[str, Any]  # the whole model config, recorded in the report
+
+    @classmethod
+    def of(cls, config: PipelineConfig, variant: Any = None) -> EvaluateSettings:
+        evaluate = config.evaluate
+        return cls(features=evaluate.features, inception_weights=evaluate.inception_weights,
+                   grid_size=evaluate.grid_size, eval_images=config.eval_images, preset=config.preset,
+                   overrides=config.overrides, model=config_to_dict(config.model))
+
+
+def run(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManifest, autoencoder: AutoencoderManifest,
+        codes: CodesManifest, priors: list[PriorManifest], classifiers: list[ClassifierManifest],
+        samples: SamplesManifest) -> ReportManifest:
+    return with_records(evaluate, runtime.root, runtime.storage_options)(
+        settings, runtime, dataset, autoencoder, codes, priors, classifiers, samples)
+
+
+STAGE = Stage(
+    name="evaluate", directory="reports", code_version="3", settings=EvaluateSettings, output=ReportManifest,
+    inputs={"dataset": Needs("ingest"), "autoencoder": Needs("train-autoencoder"), "codes": Needs("encode"),
+            "priors": Needs("train-priors"), "classifiers": Needs("train-classifiers"), "samples": Needs("sample")},
+    run=run, summary="Measure a finished run and write its report.",
+)
+
+
+def as_uint8(images: torch.Tensor) -> torch.Tensor:
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def codebook_metrics(codes: CodesManifest, storage_options: dict[str, Any], names: list[str]) -> dict[str, float]:
+    """Distinct codes and perplexity per level over the whole held-out split (chunk by chunk)."""
+    dataset = CodeDataset(codes.codes, "test", storage_options=storage_options)
+    counts = [np.zeros(codes.codebook_size, dtype=np.int64) for _ in names]
+    for chunk in range(dataset.num_chunks):
+        levels, _ = dataset.chunk(chunk)
+        for total, level in zip(counts, levels):
+            total += np.bincount(level.reshape(-1).numpy(), minlength=len(total))
+    metrics = {}
+    for name, total in zip(names, counts):
+        metrics[f"codes_used_{name}"] = int((total > 0).sum())
+        metrics[f"perplexity_{name}"] = float(vqvae2.quantize.perplexity(torch.from_numpy(total).float()))
+    return metrics
+
+
+def fidelity_rows(extractor: Extractor, reference: torch.Tensor, sets: dict[str, torch.Tensor],
+                  rates: dict[str, float | None]) -> list[dict[str, Any]]:
+    """One row of FID/KID/precision/recall/IS per named image set, all against `reference`."""
+    rows = []
+    for name, metrics in fidelity_table(sets, reference, extractor).items():
+        rows.append({"set": name, "rate": rates.get(name), **metrics})
+        logger().info(f"{name}: FID {metrics['fid']:.3f}, precision {metrics['precision']:.3f}, "
+                      f"recall {metrics['recall']:.3f}, IS {metrics['isc_mean']:.3f}")
+    return rows
+
+
+def tradeoff_png(rows: list[dict[str, Any]], extractor: Extractor) -> bytes:
+    """The paper's trade-off curve: FID, precision and recall against the acceptance rate."""
+    sampled = sorted((row for row in rows if row["rate"] is not None), key=lambda row: row["rate"])
+
+    def points(key: str) -> list[tuple[float, float]]:
+        return [(row["rate"], row[key]) for row in sampled]
+
+    return plot_png([
+        Panel(f"FID ({extractor.kind} features)", "acceptance rate", {"FID": points("fid")}, log_x=True, invert_x=True),
+        Panel("precision / recall", "acceptance rate", {"precision": points("precision"), "recall": points("recall")},
+              log_x=True, invert_x=True),
+    ])
+
+
+def training_row(manifest: TrainedManifest) -> dict[str, Any]:
+    metrics = manifest.metrics
+    return {"stage": manifest.display_name, "steps": manifest.steps, "seconds": manifest.seconds,
+            "train_loss": metrics.get("loss"), **{k: v for k, v in metrics.items() if k.startswith("val_")}}
+
+
+@stage_task(STAGE)
+def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManifest, autoencoder: AutoencoderManifest,
+             codes: CodesManifest, priors: list[PriorManifest], classifiers: list[ClassifierManifest],
+             samples: SamplesManifest, artifact: Artifact) -> ReportManifest:
+    options = artifact.storage_options
+    names = vqvae2.level_names(len(codes.level_shapes))
+    test_images, _ = first_images(dataset, "test", settings.eval_images, options)
+    train_images, _ = first_images(dataset, "train", settings.eval_images, options)
+    recon = reconstruct(load_model(autoencoder, options), test_images)
+    mse = F.mse_loss(recon, test_images).item()
+    metrics: dict[str, Any] = {"recon_mse": mse, "recon_psnr_db": 10 * math.log10(1 / max(mse, 1e-12))}
+    metrics.update(codebook_metrics(codes, options, names))
+    for prior in priors:
+        metrics[f"nll_bits_per_code_{names[prior.level]}"] = held_out_bits_per_code(
+            load_model(prior, options), prior.level, validation_batches(codes, options, settings.eval_images, 128))
+
+    # Sample quality, every row in the same feature space and against the same real images.
+    features = next((c for c in classifiers if c.role == "features"), None)
+    extractor = resolve_extractor(settings.features, inception_weights=settings.inception_weights,
+                                  domain_checkpoint=features.model if features else None, storage_options=options)
+    logger().info(f"fidelity features: {extractor.kind} ({extractor.name})")
+    kept = kept_images(samples, options)
+    sets = {"real train images (floor)": as_uint8(train_images), "reconstructions": as_uint8(recon)}
+    rates: dict[str, float | None] = {}
+    for rate, images in kept.items():
+        name = "samples, no rejection" if rate == 1.0 else f"samples, acceptance rate {rate:g}"
+        sets[name], rates[name] = torch.from_numpy(images), rate
+    rows = fidelity_rows(extractor, as_uint8(test_images), sets, rates)
+    judged = {row.rate: row.judge_confidence_kept for row in samples.rates}
+    for row in rows:
+        row["judge_confidence"] = judged.get(row["rate"])
+    unrejected = next(row for row in rows if row["rate"] == 1.0)
+    metrics.update({f"sample_{k}": unrejected[k] for k in ("fid", "kid_mean", "precision", "recall", "isc_mean")})
+    if samples.judge_mean_confidence is not None:
+        metrics["sample_judge_confidence"] = samples.judge_mean_confidence
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"evaluation produced non-finite metrics: {bad}")
+
+    scale = display_scale(dataset.image_size)
+    images = {
+        "samples": png_bytes(image_grid(torch.from_numpy(kept[1.0][: settings.grid_size]).float() / 255), scale),
+        "reconstructions": png_bytes(pairs_grid(test_images, recon, settings.grid_size), scale),
+        "rejection-tradeoff": tradeoff_png(rows, extractor),
+    }
+    if samples.rejection_grid:
+        images["rejection"] = read_bytes(samples.rejection_grid, options)
+    trained: list[TrainedManifest] = [autoencoder, *priors, *classifiers]
+    images |= {f"loss-{m.display_name}": read_bytes(m.loss_curve, options) for m in trained}
+    for name, png in images.items():
+        write_bytes(artifact.path(f"{name}.png"), png, options)
+
+    model = settings.model
+    report = {
+        "preset": settings.preset,
+        "overrides": settings.overrides,
+        "model": model,
+        "dataset": {"key": dataset.key, "images": dataset.num_samples, "source": dataset.source},
+        "metrics": metrics,
+        "fidelity": {"extractor": extractor.report(), "reference": f"{len(test_images)} held-out test images",
+                     "rows": rows},
+        "training": [training_row(m) for m in trained],
+        "samples": {"candidates": samples.candidates, "kept_per_rate": samples.num_samples,
+                    "temperature": samples.temperature, "top_k": samples.top_k, "seed": samples.seed},
+        "seeds": {"sample": samples.seed, **{name: model[name]["seed"] for name in
+                                             ("train_autoencoder", "train_prior", "train_classifier")}},
+        "artifacts": {m.stage: m.url for m in [dataset, autoencoder, codes, samples]}
+        | {m.display_name: m.url for m in trained},
+    }
+    write_json(artifact.path("report.json"), report, options)
+    write_bytes(artifact.path("report.md"), render_markdown(report, {n: f"{n}.png" for n in images}).encode(), options)
+    publish_markdown("vqvae2-report", render_markdown(report, images),
+                     f"vqvae2 report ({settings.preset}, dataset {dataset.key})")
+    publish_table("vqvae2-fidelity", [_fidelity_cells(row) for row in rows],
+                  f"FID/KID/precision/recall/IS per image set ({extractor.kind} features)")
+    logger().info(f"report: {artifact.path('report.md')}")
+    return ReportManifest(**artifact.identity(), report=artifact.path("report.json"),
+                          markdown=artifact.path("report.md"), metrics=metrics, fidelity=rows,
+                          extractor=extractor.kind)
+
+
+def _fidelity_cells(row: dict[str, Any]) -> dict[str, Any]:
+    keys = ("set", "rate", "fid", "kid_mean", "precision", "recall", "isc_mean", "num_generated", "judge_confidence")
+    return {k: row.get(k) for k in keys}

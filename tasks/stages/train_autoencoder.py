@@ -1,0 +1,80 @@
+"""Stage 2: train the hierarchical VQ-VAE on the dataset's train split."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import vqvae2
+
+from ..config import PipelineConfig, Runtime
+from ..manifests import AutoencoderManifest, DatasetManifest
+from ..runtime.artifacts import Artifact
+from ..runtime.cached import with_records
+from ..runtime.datasets import first_images, train_batches
+from ..runtime.process import train
+from ..runtime.trainer import TrainingJob
+from ..stage import Needs, Settings, Stage, stage_task
+
+VALIDATION_IMAGES = 256
+
+
+class AutoencoderSettings(Settings):
+    autoencoder: vqvae2.AutoencoderConfig
+    train: vqvae2.TrainConfig
+    image_size: int
+    image_channels: int
+    num_workers: int  # the shard readers interleave: the batch order depends on it
+
+    @classmethod
+    def of(cls, config: PipelineConfig, variant: Any = None) -> AutoencoderSettings:
+        model = config.model
+        return cls(autoencoder=model.autoencoder, train=model.train_autoencoder, image_size=model.image_size,
+                   image_channels=model.image_channels, num_workers=config.training.num_workers)
+
+    def model(self) -> vqvae2.VQVAE2:
+        return vqvae2.VQVAE2(self.autoencoder, in_channels=self.image_channels)
+
+
+def run(settings: AutoencoderSettings, runtime: Runtime, dataset: DatasetManifest) -> AutoencoderManifest:
+    return with_records(train_autoencoder, runtime.root, runtime.storage_options)(settings, runtime, dataset)
+
+
+STAGE = Stage(
+    name="train-autoencoder", directory="autoencoder", code_version="1", settings=AutoencoderSettings,
+    output=AutoencoderManifest, inputs={"dataset": Needs("ingest")}, run=run,
+    summary="Train the autoencoder on an ingested dataset.",
+)
+
+
+def autoencoder_job(settings: AutoencoderSettings, runtime: Runtime, dataset: DatasetManifest,
+                    artifact: Artifact) -> TrainingJob:
+    vqvae2.seed_everything(settings.train.seed)
+    model = settings.model()
+    validation, _ = first_images(dataset, "test", VALIDATION_IMAGES, runtime.storage_options)
+
+    def evaluate(model: vqvae2.VQVAE2) -> dict[str, float]:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            out = model(validation.to(device))
+            mse = F.mse_loss(out.reconstruction.clamp(0, 1), validation.to(device)).item()
+        names = vqvae2.level_names(model.levels)
+        return {"mse": mse, **{f"usage_{n}": float(u) for n, u in zip(names, out.usage)}}
+
+    batches, per_epoch = train_batches(dataset, settings.train.batch_size, settings.train.seed, settings.num_workers,
+                                       runtime.storage_options)
+    return TrainingJob(
+        name="autoencoder", model=model, loss_fn=vqvae2.autoencoder_loss, train=settings.train, batches=batches,
+        batches_per_epoch=per_epoch, artifact=artifact, options=runtime.training, evaluate=evaluate,
+    )
+
+
+@stage_task(STAGE)
+def train_autoencoder(settings: AutoencoderSettings, runtime: Runtime, dataset: DatasetManifest,
+                      artifact: Artifact) -> AutoencoderManifest:
+    summary = train(autoencoder_job, settings, runtime, dataset, artifact, title="autoencoder: training",
+                    options=runtime.training)
+    return AutoencoderManifest(**artifact.identity(), **summary.model_dump(), dataset=dataset.key,
+                               latent_shapes=settings.autoencoder.latent_shapes(settings.image_size),
+                               codebook_size=settings.autoencoder.codebook_size)

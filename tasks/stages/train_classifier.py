@@ -1,0 +1,103 @@
+"""Stage 4b: train image classifiers on the real train split. The `judge` scores samples
+for classifier-based rejection (Razavi et al. 2019, Sec. 4.1); without Inception weights a
+second one, `features`, trained independently with another seed, is the feature network
+of FID/KID/precision/recall, so the metric never grades with the judge's eyes."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from prefect.futures import PrefectFuture
+
+import vqvae2
+
+from ..config import PipelineConfig, Runtime
+from ..fidelity import inception_cache_path
+from ..manifests import ClassifierManifest, DatasetManifest
+from ..runtime.artifacts import Artifact
+from ..runtime.cached import with_records
+from ..runtime.datasets import first_images, train_batches
+from ..runtime.process import train
+from ..runtime.trainer import TrainingJob
+from ..stage import Needs, Settings, Stage, stage_task
+
+VALIDATION_IMAGES = 1000
+ROLE_SEEDS = {"judge": 0, "features": 1000}
+
+
+def uses_domain_features(config: PipelineConfig) -> bool:
+    """Whether the evaluation needs the pipeline's own features classifier (no Inception)."""
+    if config.evaluate.features != "auto":
+        return config.evaluate.features == "domain"
+    return not os.path.isfile(config.evaluate.inception_weights or inception_cache_path())
+
+
+def classifier_roles(config: PipelineConfig) -> list[str]:
+    """The judge (rejection sampling) and, without Inception weights, the FID feature network."""
+    if not config.model.num_classes:
+        return []
+    return ["judge"] + (["features"] if uses_domain_features(config) else [])
+
+
+class ClassifierSettings(Settings):
+    role: str
+    classifier: vqvae2.ClassifierConfig
+    train: vqvae2.TrainConfig  # its seed offset by the role's
+    image_channels: int
+    num_classes: int
+    num_workers: int  # the shard readers interleave: the batch order depends on it
+
+    @classmethod
+    def of(cls, config: PipelineConfig, variant: Any = None) -> ClassifierSettings:
+        if variant not in ROLE_SEEDS:
+            raise ValueError(f"classifier role must be one of {sorted(ROLE_SEEDS)}, got {variant!r}")
+        model = config.model
+        seed = model.train_classifier.seed + ROLE_SEEDS[variant]
+        return cls(role=variant, classifier=model.classifier,
+                   train=vqvae2.apply_overrides(model.train_classifier, {"seed": seed}),
+                   image_channels=model.image_channels, num_classes=model.num_classes,
+                   num_workers=config.training.num_workers)
+
+    def model(self) -> vqvae2.ResNetClassifier:
+        return vqvae2.ResNetClassifier(self.classifier, self.image_channels, self.num_classes)
+
+
+def run(settings: ClassifierSettings, runtime: Runtime, dataset: DatasetManifest) -> PrefectFuture:
+    # A future: the classifiers train while the autoencoder does.
+    return with_records(train_classifier, runtime.root, runtime.storage_options).submit(settings, runtime, dataset)
+
+
+STAGE = Stage(
+    name="train-classifiers", directory="classifiers", code_version="1", settings=ClassifierSettings,
+    output=ClassifierManifest, inputs={"dataset": Needs("ingest")}, run=run, variants=classifier_roles,
+    summary="Train the judge for rejection sampling (and, without Inception weights, the FID feature network).",
+)
+
+
+def classifier_job(settings: ClassifierSettings, runtime: Runtime, dataset: DatasetManifest,
+                   artifact: Artifact) -> TrainingJob:
+    vqvae2.seed_everything(settings.train.seed)
+    model = settings.model()
+    images, labels = first_images(dataset, "test", VALIDATION_IMAGES, runtime.storage_options)
+
+    def evaluate(model: vqvae2.ResNetClassifier) -> dict[str, float]:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            predictions = torch.cat([model(chunk.to(device)).argmax(1).cpu() for chunk in images.split(256)])
+        return {"accuracy": (predictions == labels).float().mean().item()}
+
+    batches, per_epoch = train_batches(dataset, settings.train.batch_size, settings.train.seed, settings.num_workers,
+                                       runtime.storage_options)
+    return TrainingJob(
+        name=f"classifier-{settings.role}", model=model, loss_fn=vqvae2.classifier_loss, train=settings.train,
+        batches=batches, batches_per_epoch=per_epoch, artifact=artifact, options=runtime.training, evaluate=evaluate,
+    )
+
+
+@stage_task(STAGE, name="train-classifier", task_run_name="train-classifier-{settings.role}")
+def train_classifier(settings: ClassifierSettings, runtime: Runtime, dataset: DatasetManifest,
+                     artifact: Artifact) -> ClassifierManifest:
+    summary = train(classifier_job, settings, runtime, dataset, artifact, title=f"classifier-{settings.role}: training",
+                    options=runtime.training)
+    return ClassifierManifest(**artifact.identity(), **summary.model_dump(), dataset=dataset.key, role=settings.role)

@@ -1,0 +1,97 @@
+"""Stage 4a: train one level's prior on the codes: the top prior p(z_top), or a lower
+prior p(z_level | levels above), conditioned on the true codes above (teacher forcing).
+The priors of different levels train concurrently."""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.futures import PrefectFuture
+from torch.utils.data import DataLoader
+
+import vqvae2
+from storage.codes import ChunkShuffleSampler, CodeDataset
+
+from ..config import PipelineConfig, Runtime
+from ..manifests import CodesManifest, PriorManifest
+from ..runtime.artifacts import Artifact
+from ..runtime.cached import with_records
+from ..runtime.codes import held_out_bits_per_code, level_batch, validation_batches
+from ..runtime.process import train
+from ..runtime.trainer import TrainingJob, private_generator
+from ..stage import Needs, Settings, Stage, stage_task
+
+VALIDATION_ROWS = 1024
+
+
+class PriorSettings(Settings):
+    level: int  # 0 = top
+    prior: vqvae2.PriorConfig
+    train: vqvae2.TrainConfig
+    num_classes: int  # 0: not class-conditional
+
+    @classmethod
+    def of(cls, config: PipelineConfig, variant: Any = None) -> PriorSettings:
+        model, level = config.model, int(variant)
+        return cls(level=level, prior=model.priors[level], train=model.train_prior,
+                   num_classes=model.prior_num_classes(level))
+
+    def model(self, codes: CodesManifest) -> vqvae2.PixelCNNPrior:
+        shapes = [tuple(shape) for shape in codes.level_shapes]
+        return vqvae2.PixelCNNPrior(self.prior, num_codes=codes.codebook_size, shape=shapes[self.level],
+                                    cond_shapes=shapes[: self.level], num_classes=self.num_classes)
+
+    def name(self, levels: int) -> str:
+        return f"prior-{vqvae2.level_names(levels)[self.level]}"
+
+
+def run(settings: PriorSettings, runtime: Runtime, codes: CodesManifest) -> PrefectFuture:
+    # A future: the priors of all levels train at once.
+    return with_records(train_prior, runtime.root, runtime.storage_options).submit(settings, runtime, codes)
+
+
+STAGE = Stage(
+    name="train-priors", directory="priors", code_version="1", settings=PriorSettings, output=PriorManifest,
+    inputs={"codes": Needs("encode")}, run=run, variants=lambda config: list(range(config.model.levels)),
+    summary="Train the prior of every level on the codes, concurrently.",
+)
+
+
+def _loss(level: int):
+    def loss(model: vqvae2.PixelCNNPrior, batch: Any):
+        return vqvae2.prior_loss(model, level_batch(batch, level, model))
+
+    return loss
+
+
+def prior_job(settings: PriorSettings, runtime: Runtime, codes: CodesManifest, artifact: Artifact) -> TrainingJob:
+    level, train_config, options = settings.level, settings.train, runtime.storage_options
+    vqvae2.seed_everything(train_config.seed + level)
+    prior = settings.model(codes)
+    dataset = CodeDataset(codes.codes, "train", storage_options=options)
+    sampler = ChunkShuffleSampler(dataset, seed=train_config.seed + level)
+    batch_size = train_config.batch_size
+
+    def batches(epoch: int, start: int):
+        # The sampler fixes the order: reading workers do not change it, so they are no part of the key.
+        sampler.set_epoch(epoch, start * batch_size)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                          generator=private_generator(train_config.seed + level, epoch))
+
+    held_out = validation_batches(codes, options, VALIDATION_ROWS, batch_size)
+
+    def evaluate(model: vqvae2.PixelCNNPrior) -> dict[str, float]:
+        return {"bits_per_code": held_out_bits_per_code(model, level, held_out)}
+
+    return TrainingJob(
+        name=settings.name(len(codes.level_shapes)), model=prior, loss_fn=_loss(level), train=train_config,
+        batches=batches, batches_per_epoch=-(-len(sampler) // batch_size), artifact=artifact,
+        options=runtime.training, evaluate=evaluate,
+    )
+
+
+@stage_task(STAGE, name="train-prior", task_run_name="train-prior-{settings.level}")
+def train_prior(settings: PriorSettings, runtime: Runtime, codes: CodesManifest, artifact: Artifact) -> PriorManifest:
+    name = settings.name(len(codes.level_shapes))
+    summary = train(prior_job, settings, runtime, codes, artifact, title=f"{name}: training", options=runtime.training)
+    return PriorManifest(**artifact.identity(), **summary.model_dump(), codes=codes.key, level=settings.level,
+                         level_name=name)

@@ -1,0 +1,186 @@
+"""The stage contract: typed manifests that fail naming the file and the field, one cached-unit
+decorator whose "already done" is Prefect's own `Cached`, with its records under the
+storage root (so another machine, or a fresh PREFECT_HOME, sees the same cache)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from storage.fsutil import exists, join, read_json, write_bytes, write_json
+from tasks.manifests import EncodedShard, PriorManifest, SamplesManifest
+from tasks.runtime.artifacts import Artifact, ManifestError
+from tasks.runtime.cached import cached_unit, with_records
+from tasks.stages import FinishedRun
+from pipeline_helpers import log_lines, smoke_config, snapshot, state_names
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+# --- typed manifests -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def artifact(tmp_path) -> Artifact:
+    return Artifact(str(tmp_path / "root"), "priors", "0123456789abcdef")
+
+
+GOOD_PRIOR = {"steps": 40, "resumed_from_step": 0, "epochs": 1, "metrics": {"loss": 1.5}, "model": "m.pt",
+              "loss_curve": "l.png", "history": "h.json", "device": "cpu", "codes": "k", "level": 0,
+              "level_name": "prior-top"}
+
+
+def test_a_manifest_reads_back_typed_with_its_identity(artifact):
+    write_json(artifact.path("manifest.json"), GOOD_PRIOR)
+    manifest = artifact.read(PriorManifest)
+    assert isinstance(manifest, PriorManifest) and manifest.level == 0 and manifest.metrics == {"loss": 1.5}
+    assert (manifest.stage, manifest.key, manifest.url) == ("priors", artifact.key, artifact.url)
+
+
+def test_a_missing_manifest_is_an_incomplete_artifact(artifact):
+    assert artifact.read(PriorManifest) is None
+    with pytest.raises(FileNotFoundError, match="run the `train-priors` stage"):
+        artifact.require(PriorManifest, "train-priors")
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b'{"steps": 40,', "not valid JSON"),
+    (json.dumps({k: v for k, v in GOOD_PRIOR.items() if k != "level"}).encode(), "field `level`: Field required"),
+    (json.dumps({**GOOD_PRIOR, "steps": "many"}).encode(), "field `steps`: Input should be a valid integer"),
+    (json.dumps({**GOOD_PRIOR, "metrics": {"loss": "low"}}).encode(), "field `metrics.loss`: Input should be a valid number"),
+    (b"[1, 2]", "expected a JSON object"),
+])
+def test_a_damaged_manifest_names_the_artifact_and_the_field(artifact, content, problem):
+    write_bytes(artifact.path("manifest.json"), content)
+    with pytest.raises(ManifestError) as error:
+        artifact.read(PriorManifest)
+    assert str(error.value).startswith(artifact.path("manifest.json") + ": ") and problem in str(error.value)
+
+
+# --- the cached-unit decorator, against a real Prefect API ------------------------------------
+
+
+def _counting_unit(calls: list[int]):
+    def locate(index: int, root: str):
+        return Artifact(root, "units", "k").unit_marker(f"unit-{index}", EncodedShard)
+
+    @cached_unit(locate=locate, name="count-unit", retries=0)
+    def unit(index: int, root: str) -> EncodedShard:
+        calls.append(index)
+        return EncodedShard(split="train", index=index, rows=10 * index, offset=0)
+
+    return unit
+
+
+def test_a_unit_is_cached_by_prefect_itself_and_recomputes_when_its_output_is_gone(prefect_api, tmp_path):
+    from prefect import flow
+
+    calls: list[int] = []
+    unit, root = _counting_unit(calls), str(tmp_path / "root")
+
+    @flow
+    def twice() -> list:
+        bound = with_records(unit, root, None)
+        return [bound(3, root, return_state=True) for _ in range(2)]
+
+    first, second = twice()
+    assert (first.name, second.name) == ("Completed", "Cached") and calls == [3]
+    assert second.result() == EncodedShard(split="train", index=3, rows=30, offset=0)
+    marker = Artifact(root, "units", "k").unit_marker("unit-3", EncodedShard)
+    assert exists(join(root, marker.record))  # Prefect's record, beside the artifact
+
+    # The output is deleted: the stale record goes with it, and the unit runs again.
+    os.remove(marker.url)
+    again, cached = twice()
+    assert (again.name, cached.name) == ("Completed", "Cached") and calls == [3, 3]
+
+    # A damaged marker is not "done": recomputed, and overwritten with a good one.
+    write_bytes(marker.url, b'{"split": "train"}')
+    repaired, _ = twice()
+    assert repaired.name == "Completed" and calls == [3, 3, 3]
+    assert read_json(marker.url)["rows"] == 30
+
+
+def test_a_finished_unit_without_a_record_does_no_work(prefect_api, tmp_path):
+    from prefect import flow
+
+    calls: list[int] = []
+    unit, root = _counting_unit(calls), str(tmp_path / "root")
+    marker = Artifact(root, "units", "k").unit_marker("unit-5", EncodedShard)
+    write_json(marker.url, {"split": "test", "index": 5, "rows": 7, "offset": 3})  # e.g. a root from before records
+
+    @flow
+    def once():
+        return with_records(unit, root, None)(5, root, return_state=True)
+
+    state = once()
+    assert state.is_completed() and calls == [] and state.result().rows == 7
+    assert once().name == "Cached"
+
+
+# --- the whole pipeline ----------------------------------------------------------------------
+
+pipeline = pytest.mark.slow
+
+FRESH_RUN = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from flows.pipeline import vqvae2_pipeline
+from pipeline_helpers import smoke_config, state_names
+state = vqvae2_pipeline(smoke_config(sys.argv[1]), return_state=True)
+print("STATES " + json.dumps({{"flow": state.name, "tasks": state_names(state.state_details.flow_run_id)}}))
+"""
+
+
+@pipeline
+def test_a_fresh_prefect_home_finds_every_task_cached_under_the_root(smoke_run, tmp_path):
+    _, root, _ = smoke_run
+    before = snapshot(root)
+    home = tmp_path / "another-machine"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH")}
+    env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done = subprocess.run([sys.executable, "-c", FRESH_RUN.format(tests=str(TESTS)), str(root)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    states = json.loads(done.stdout.split("STATES ", 1)[1])
+    assert states["flow"] == "Completed"
+    assert len(states["tasks"]) > 20 and set(states["tasks"].values()) == {"Cached"}, states["tasks"]
+    assert snapshot(root) == before  # nothing written
+
+
+@pipeline
+def test_a_damaged_manifest_is_named_and_its_stage_recomputes(smoke_run, tmp_path):
+    _, smoke_root, _ = smoke_run
+    root = tmp_path / "root"
+    shutil.copytree(smoke_root, root)
+    config = smoke_config(str(root))
+    finished = FinishedRun(config)
+    prior = Path(finished.priors[1].url) / "manifest.json"
+    samples = Path(finished.samples.url) / "manifest.json"
+    samples.write_text(samples.read_text()[:-20])
+    with pytest.raises(ManifestError, match=rf"^{samples}: not valid JSON"):
+        _ = FinishedRun(config).samples
+    prior.write_text(json.dumps({k: v for k, v in json.loads(prior.read_text()).items() if k != "steps"}))
+    with pytest.raises(ManifestError, match=rf"^{prior}: field `steps`: Field required"):
+        _ = FinishedRun(config).priors
+
+    from flows.pipeline import vqvae2_pipeline
+
+    state = vqvae2_pipeline(config, return_state=True)
+    assert state.is_completed(), state.message
+    states = state_names(state.state_details.flow_run_id)
+    recomputed = {name.removesuffix(name[-4:]) if name.startswith("finalize") else name  # run names: finalize-samples-6c0
+                  for name, s in states.items() if s != "Cached"}
+    assert recomputed == {"train-prior-1", "finalize-samples"}, states
+    warned = log_lines(state.state_details.flow_run_id, "recomputing it", at_least=2)
+    assert any(f"{prior}: field `steps`: Field required" in line for line in warned), warned
+    assert any(f"{samples}: not valid JSON" in line for line in warned), warned
+    repaired = FinishedRun(config)
+    assert repaired.priors[1].steps == 40 and isinstance(repaired.samples, SamplesManifest)
+    assert state.result().metrics == smoke_run[2].result().metrics  # the report's inputs kept their keys
