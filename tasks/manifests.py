@@ -2,9 +2,10 @@
 small results of mapped units (a shard encoded, a batch sampled).
 
 A manifest is `manifest.json` in its artifact directory, written last; it names files
-(URLs), never holds tensors. The artifact store fills in the identity fields (`stage`,
-`key`, `url`) when it reads one, so a manifest moved with its root still reads right.
-A manifest that does not validate is a `ManifestError` naming the artifact and the field.
+(URLs), never holds tensors. The identity fields (`stage`, `key`, `url`) are filled in
+from where a manifest is read, so one written by the storage layer alone (a dataset's)
+reads the same. A manifest that does not validate is a `ManifestError` naming the
+artifact and the field.
 """
 from __future__ import annotations
 

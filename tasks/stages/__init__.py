@@ -112,7 +112,7 @@ class FinishedRun(Outputs):
         super().__init__(config, self._find)
 
     def _find(self, stage: Stage, variant: Any, settings: Settings, inputs: dict[str, Any]) -> Manifest:
-        return stage.artifact(settings, inputs, self.runtime).require(stage.output, stage.instance(variant))
+        return stage.artifact(settings, inputs, self.runtime).require(stage.output, stage.name)
 
     @property
     def dataset(self) -> DatasetManifest:
