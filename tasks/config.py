@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+import torch
+
 import vqvae2
 from storage.fsutil import join
 from storage.ingest import ShardingOptions
@@ -95,6 +97,9 @@ class TrainingRun(Section):
                              "CUDA context); off runs it in the task's thread, for debugging")
     cpu_threads: int | None = Field(None, ge=1, description="CPU threads of each training process; None: half the "
                                     "cores, since the pipeline trains two models at a time")
+    gpus: int | None = Field(None, ge=0, description="GPUs of a worker that trainings share: at most one training "
+                             "per GPU at a time, each on its own (Prefect concurrency limits `gpu` and "
+                             "`vqvae2-gpu-<i>`); None: the visible CUDA devices; 0: no limit")
 
     fail_once_at_step: dict[str, int] = Field(
         default_factory=dict,
@@ -107,14 +112,32 @@ class TrainingRun(Section):
 
 
 class TrainingSection(TrainingRun):
-    """The `training` section: how trainings run, and how many processes read their shards."""
+    """The `training` section: how trainings run, how many processes train each model, and
+    how many read its shards."""
 
+    processes: int | Literal["auto"] = Field(
+        1, description="Data-parallel training processes per model (torchrun: NCCL on GPUs, gloo on CPU), sharing "
+        "each batch; auto: one per visible GPU. Part of the cache keys: the ranks split the data",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes for reading shards (the shard "
                              "readers interleave, so this changes the batch order and is part of the cache keys)")
 
+    @field_validator("processes")
+    @classmethod
+    def _processes(cls, processes: int | str) -> int | str:
+        if processes != "auto" and processes < 1:
+            raise ValueError(f"training.processes must be >= 1 or 'auto', got {processes}")
+        return processes
+
     def run(self) -> TrainingRun:
-        """The part every stage may read; `num_workers` reaches only the stages whose key holds it."""
-        return TrainingRun(**self.model_dump(exclude={"num_workers"}))
+        """The part every stage may read; the rest reaches only the stages whose key holds it."""
+        return TrainingRun(**self.model_dump(exclude={"num_workers", "processes"}))
+
+    def world_size(self) -> int:
+        """The training processes per model, `auto` resolved on this machine."""
+        if self.processes == "auto":
+            return max(1, torch.cuda.device_count())
+        return self.processes
 
 
 class EncodeSection(Section):

@@ -85,6 +85,7 @@ class TrainingSummary(Record):
     loss_curve: str
     history: str
     device: str
+    processes: int = 1  # data-parallel ranks it trained with
 
 
 class TrainedManifest(Manifest, TrainingSummary):

@@ -46,6 +46,7 @@ READERS: dict[str, set[str]] = {
     "ingest": {"ingest"},
     "training": set(),
     "training.num_workers": {"train-autoencoder"} | CLASSIFIERS,  # shard readers interleave: batch order
+    "training.processes": {"train-autoencoder"} | CLASSIFIERS | PRIORS,  # data-parallel ranks split the data
     "encode": set(),  # per image, deterministic: the batch size is throughput only
     "sample": {"sample"},
     "evaluate": {"evaluate"},

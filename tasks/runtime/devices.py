@@ -1,7 +1,17 @@
-"""Which device a stage computes on."""
+"""Which device a stage computes on, and which GPU a training has to itself."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
 import torch
+from prefect import Task
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+
+from ..config import Runtime, TrainingRun
+from .cached import with_records
+from .reporting import in_prefect_run
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -11,3 +21,73 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
+
+
+# --- sharing GPUs between concurrent trainings ------------------------------------------------
+# The pipeline trains several models at once (the classifiers beside the autoencoder, the
+# priors of every level together). On GPUs, Prefect's concurrency limits keep them from
+# sharing one: the tag limit `gpu` lets at most one training per GPU run at a time (the
+# others wait in `AwaitingConcurrencySlot`, visible in the UI), and inside a training,
+# one limit per device (`vqvae2-gpu-<index>`, one slot each) says which GPU is its own.
+
+GPU_TAG = "gpu"
+
+
+def gpu_limit_name(index: int) -> str:
+    return f"vqvae2-gpu-{index}"
+
+
+def gpu_count(training: TrainingRun) -> int:
+    """The GPUs trainings share on a worker: `training.gpus`, else the visible CUDA devices."""
+    if training.device == "cpu":
+        return 0
+    return training.gpus if training.gpus is not None else torch.cuda.device_count()
+
+
+def ensure_gpu_limits(count: int) -> None:
+    """Set the concurrency limits for `count` GPUs: `training.gpus` is the operator's word.
+    (Prefect keeps a tag's limit as the global concurrency limit `tag:<tag>`.)"""
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(f"tag:{GPU_TAG}", limit=count)
+        for index in range(count):
+            client.upsert_global_concurrency_limit_by_name(gpu_limit_name(index), limit=1)
+
+
+def training_task(unit: Task, runtime: Runtime) -> Task:
+    """How a flow calls a training task: cached under the root, and, where trainings share
+    GPUs, waiting for a GPU of its own."""
+    cached = with_records(unit, runtime.root, runtime.storage_options)
+    count = gpu_count(runtime.training)
+    if not count:
+        return cached
+    ensure_gpu_limits(count)
+    return cached.with_options(tags={GPU_TAG})
+
+
+@contextmanager
+def claimed_gpus(training: TrainingRun, count: int = 1, poll_seconds: float = 1.0) -> Iterator[list[int]]:
+    """Inside a training task: the indices of `count` GPUs (one per data-parallel rank) no
+    other training holds, held until the block ends ([] without GPUs or outside a Prefect
+    run). They are claimed all at once, so two trainings never wait on each other's half."""
+    gpus = gpu_count(training)
+    if not gpus or not in_prefect_run():
+        yield []
+        return
+    if count > gpus:
+        raise ValueError(f"a training on {count} processes needs {count} GPUs, but training.gpus is {gpus}")
+    with ExitStack() as held:
+        while (claimed := _try_claim(held, gpus, count, poll_seconds)) is None:
+            pass
+        yield claimed
+
+
+def _try_claim(held: ExitStack, gpus: int, count: int, poll_seconds: float) -> list[int] | None:
+    for first in range(gpus - count + 1):
+        indices = list(range(first, first + count))
+        try:
+            held.enter_context(concurrency([gpu_limit_name(i) for i in indices], occupy=1,
+                                           timeout_seconds=poll_seconds, strict=True))
+            return indices
+        except TimeoutError:
+            continue
+    return None

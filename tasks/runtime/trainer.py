@@ -22,7 +22,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import vqvae2
 from storage.checkpoints import checkpoint_url, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
@@ -39,6 +41,66 @@ from .reporting import Progress, format_metrics, logger, loss_curve_png, publish
 # (epoch, batches of it already consumed) -> the rest of that epoch's batches
 BatchSource = Callable[[int, int], Iterable[Any]]
 Evaluator = Callable[[nn.Module], dict[str, float]]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's data-parallel rank and the number of ranks (0, 1 without torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_batch_size(global_batch: int) -> int:
+    """This rank's share of a global batch: the ranks' gradients are averaged, so equal
+    shares make a step equal to one process's step on the whole batch."""
+    _, world = rank_and_world()
+    if global_batch % world:
+        raise ValueError(f"train.batch_size {global_batch} cannot be shared equally by {world} training processes: "
+                         "make it a multiple of training.processes")
+    return global_batch // world
+
+
+class _WithLoss(nn.Module):
+    """A model and its loss as one module: DDP synchronises the gradients of what its
+    forward computes, and the losses call other methods than `forward` (`prior.loss`)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, Metrics]:
+        return self.loss_fn(self.model, batch)
+
+
+def _forward(module: nn.Module, batch: Any) -> tuple[torch.Tensor, Metrics]:
+    return module(batch)
+
+
+def _gather(value: Any, world: int) -> list[Any]:
+    """`value` of every rank, in rank order (a collective: every rank calls it)."""
+    if world == 1:
+        return [value]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _mean_over_ranks(means: dict[str, float], world: int) -> dict[str, float]:
+    if world == 1 or not means:
+        return means
+    keys = sorted(means)
+    values = torch.tensor([means[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return {k: float(v) / world for k, v in zip(keys, values.tolist())}
+
+
+def _rank0_says(flag: bool, world: int) -> bool:
+    """Rank 0's decision, on every rank (a decision taken on a clock must be the same everywhere)."""
+    if world == 1:
+        return flag
+    decided = [flag]
+    dist.broadcast_object_list(decided, src=0)
+    return bool(decided[0])
 
 
 class InjectedFault(RuntimeError):
@@ -154,9 +216,16 @@ class Trainer:
 
     def __init__(self, job: TrainingJob, reporter: Reporter) -> None:
         self.job, self.reporter = job, reporter
+        self.rank, self.world = rank_and_world()
         self.device = resolve_device(job.options.device)
         self.model = vqvae2.prepare_model(job.model, self.device, job.train.channels_last)
         self.optimizer, self.scheduler = vqvae2.make_optimizer(self.model, job.train)
+        # Under torchrun the steps go through DDP (it starts every rank from rank 0's weights
+        # and averages the gradients); the quantizers all-reduce their own statistics.
+        self.stepped, self.loss_fn = self.model, job.loss_fn
+        if self.world > 1:
+            device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
+            self.stepped, self.loss_fn = DistributedDataParallel(_WithLoss(self.model, job.loss_fn), device_ids), _forward
         self.checkpoints = job.artifact.path("checkpoints")
         self.step = 0
         self.history: list[dict[str, Any]] = []  # logged step metrics
@@ -166,9 +235,11 @@ class Trainer:
         self.last_save = time.monotonic()
 
     def state_dict(self) -> dict[str, Any]:
+        """The state to resume from; a collective under DDP (every rank's RNG state is in it)."""
+        rngs = _gather(_rng_state(), self.world)
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "step": self.step,
+            "scheduler": self.scheduler.state_dict(), "rng": rngs[0], "rng_ranks": rngs, "step": self.step,
             "epoch": self.stream.epoch, "consumed": self.stream.consumed, "history": self.history,
             "epochs": self.epochs,
         }  # fmt: skip
@@ -177,7 +248,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks", [state["rng"]])
+        _set_rng_state(ranks[self.rank] if len(ranks) == self.world else state["rng"])
         self.step, self.stream.epoch, self.stream.consumed = state["step"], state["epoch"], state["consumed"]
         self.history, self.epochs = list(state["history"]), list(state["epochs"])
 
@@ -186,7 +258,7 @@ class Trainer:
         storage = self.job.artifact.storage_options
         latest = latest_checkpoint(self.checkpoints, storage)
         if latest is None:
-            vqvae2.seed_everything(self.job.train.seed)
+            vqvae2.seed_everything(self.job.train.seed + self.rank)  # ranks draw different dropout masks
             return 0
         self.load_state_dict(load_checkpoint(latest, storage, map_location=self.device))
         self.reporter.log(f"{self.job.name}: resuming from step {self.step} (epoch {self.stream.epoch}, "
@@ -194,13 +266,16 @@ class Trainer:
         return self.step
 
     def save(self) -> None:
-        storage = self.job.artifact.storage_options
-        save_checkpoint(checkpoint_url(self.checkpoints, self.step), self.state_dict(), storage)
-        prune_checkpoints(self.checkpoints, keep=2, storage_options=storage)
+        """Checkpoint (rank 0 writes); every rank calls it at the same step."""
+        storage, state = self.job.artifact.storage_options, self.state_dict()
+        if self.rank == 0:
+            save_checkpoint(checkpoint_url(self.checkpoints, self.step), state, storage)
+            prune_checkpoints(self.checkpoints, keep=2, storage_options=storage)
         self.last_save = time.monotonic()
 
     def _close_epoch(self, finished: int, partial: bool = False) -> None:
-        row = {"epoch": finished, "step": self.step, **{f"train_{k}": v for k, v in self.epoch_window.pop().items()}}
+        train = _mean_over_ranks(self.epoch_window.pop(), self.world)
+        row = {"epoch": finished, "step": self.step, **{f"train_{k}": v for k, v in train.items()}}
         if self.job.evaluate is not None:
             self.model.eval()
             row.update({f"val_{k}": v for k, v in self.job.evaluate(self.model).items()})
@@ -215,40 +290,53 @@ class Trainer:
         self.step = step
         self.interval.add(metrics)
         self.epoch_window.add(metrics)
-        if step % opts.log_every == 0 or step == steps:
-            means = self.interval.pop()
+        logged = step % opts.log_every == 0 or step == steps
+        if logged:
+            means = _mean_over_ranks(self.interval.pop(), self.world)
             self.history.append({"step": step, "epoch": self.stream.epoch, **means})
             self.reporter.progress(step, steps, f"step {step}/{steps}, loss {means.get('loss', float('nan')):.4g}")
             self.reporter.log(f"{job.name} step {step}/{steps}: {format_metrics(means)}")
-        if step % opts.checkpoint_every == 0 or time.monotonic() - self.last_save > 60 * opts.checkpoint_minutes:
+        # The clock is looked at when metrics are logged, and rank 0's reading decides for all ranks.
+        overdue = logged and _rank0_says(time.monotonic() - self.last_save > 60 * opts.checkpoint_minutes, self.world)
+        if step % opts.checkpoint_every == 0 or overdue:
             self.save()
         fault = job.artifact.path("fault-injected")
-        if opts.fail_once_at_step.get(job.name) == step and not exists(fault, job.artifact.storage_options):
+        failing = self.rank == self.world - 1  # under DDP a rank other than 0: the one that writes checkpoints lives
+        if failing and opts.fail_once_at_step.get(job.name) == step and not exists(fault, job.artifact.storage_options):
             write_bytes(fault, b"", job.artifact.storage_options)
             raise InjectedFault(f"{job.name}: fault injected at step {step} (training.fail_once_at_step)")
 
     def run(self) -> TrainingSummary:
-        job, storage = self.job, self.job.artifact.storage_options
+        job = self.job
         resumed_from = self.resume()
         # The divergence check runs first: a diverged model is never checkpointed.
         hooks = [vqvae2.raise_if_diverged(job.options.log_every), self._on_step]
         try:
-            self.step = vqvae2.fit(self.model, self.optimizer, self.stream, job.loss_fn, job.train,
+            self.step = vqvae2.fit(self.stepped, self.optimizer, self.stream, self.loss_fn, job.train,
                                    scheduler=self.scheduler, start_step=self.step, hooks=hooks)
         except FloatingPointError as err:
             raise FloatingPointError(f"{job.name}: {err}") from None
         if self.epoch_window.count:
             self._close_epoch(self.stream.epoch, partial=self.stream.consumed < job.batches_per_epoch)
         self.save()
+        summary = self.summary(resumed_from)
+        if self.rank == 0:
+            self._write_results()
+        return summary
 
+    def _write_results(self) -> None:
+        job, storage = self.job, self.job.artifact.storage_options
         self.model.eval()
         write_bytes(job.artifact.path("loss_curve.png"), loss_curve_png(self.history, f"{job.name} training loss"), storage)
         write_json(job.artifact.path("history.json"), {"steps": self.history, "epochs": self.epochs}, storage)
         save_checkpoint(job.artifact.path("model.pt"), vqvae2.to_checkpoint(self.model.cpu().float()), storage)
+
+    def summary(self, resumed_from: int) -> TrainingSummary:
+        job = self.job
         final = {**(self.history[-1] if self.history else {}), **(self.epochs[-1] if self.epochs else {})}
         return TrainingSummary(
             steps=self.step, resumed_from_step=resumed_from, epochs=len(self.epochs),
             metrics={k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
             model=job.artifact.path("model.pt"), loss_curve=job.artifact.path("loss_curve.png"),
-            history=job.artifact.path("history.json"), device=str(self.device),
+            history=job.artifact.path("history.json"), device=str(self.device), processes=self.world,
         )

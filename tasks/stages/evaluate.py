@@ -41,6 +41,7 @@ from ..runtime.artifacts import Artifact
 from ..runtime.cached import with_records
 from ..runtime.codes import held_out_bits_per_code, validation_batches
 from ..runtime.datasets import first_images
+from ..runtime.devices import resolve_device
 from ..runtime.models import load_model, reconstruct
 from ..runtime.report_markdown import render_markdown
 from ..runtime.reporting import (
@@ -148,13 +149,15 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
     names = vqvae2.level_names(len(codes.level_shapes))
     test_images, _ = first_images(dataset, "test", settings.eval_images, options)
     train_images, _ = first_images(dataset, "train", settings.eval_images, options)
-    recon = reconstruct(load_model(autoencoder, options), test_images)
+    device = resolve_device(runtime.training.device)
+    recon = reconstruct(load_model(autoencoder, options, device), test_images.to(device)).cpu()
     mse = F.mse_loss(recon, test_images).item()
     metrics: dict[str, Any] = {"recon_mse": mse, "recon_psnr_db": 10 * math.log10(1 / max(mse, 1e-12))}
     metrics.update(codebook_metrics(codes, options, names))
     for prior in priors:
+        held_out = validation_batches(codes, options, settings.eval_images, 128)
         metrics[f"nll_bits_per_code_{names[prior.level]}"] = held_out_bits_per_code(
-            load_model(prior, options), prior.level, validation_batches(codes, options, settings.eval_images, 128))
+            load_model(prior, options, device), prior.level, held_out)
 
     # Sample quality, every row in the same feature space and against the same real images.
     features = next((c for c in classifiers if c.role == "features"), None)

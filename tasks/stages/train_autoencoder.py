@@ -11,10 +11,10 @@ import vqvae2
 from ..config import PipelineConfig, Runtime
 from ..manifests import AutoencoderManifest, DatasetManifest
 from ..runtime.artifacts import Artifact
-from ..runtime.cached import with_records
+from ..runtime.devices import training_task
 from ..runtime.datasets import first_images, train_batches
 from ..runtime.process import train
-from ..runtime.trainer import TrainingJob
+from ..runtime.trainer import TrainingJob, rank_batch_size
 from ..stage import Needs, Settings, Stage, stage_task
 
 VALIDATION_IMAGES = 256
@@ -26,19 +26,21 @@ class AutoencoderSettings(Settings):
     image_size: int
     image_channels: int
     num_workers: int  # the shard readers interleave: the batch order depends on it
+    processes: int  # data-parallel ranks: each reads its share of every epoch
 
     @classmethod
     def of(cls, config: PipelineConfig, variant: Any = None) -> AutoencoderSettings:
         model = config.model
         return cls(autoencoder=model.autoencoder, train=model.train_autoencoder, image_size=model.image_size,
-                   image_channels=model.image_channels, num_workers=config.training.num_workers)
+                   image_channels=model.image_channels, num_workers=config.training.num_workers,
+                   processes=config.training.world_size())
 
     def model(self) -> vqvae2.VQVAE2:
         return vqvae2.VQVAE2(self.autoencoder, in_channels=self.image_channels)
 
 
 def run(settings: AutoencoderSettings, runtime: Runtime, dataset: DatasetManifest) -> AutoencoderManifest:
-    return with_records(train_autoencoder, runtime.root, runtime.storage_options)(settings, runtime, dataset)
+    return training_task(train_autoencoder, runtime)(settings, runtime, dataset)
 
 
 STAGE = Stage(
@@ -62,8 +64,8 @@ def autoencoder_job(settings: AutoencoderSettings, runtime: Runtime, dataset: Da
         names = vqvae2.level_names(model.levels)
         return {"mse": mse, **{f"usage_{n}": float(u) for n, u in zip(names, out.usage)}}
 
-    batches, per_epoch = train_batches(dataset, settings.train.batch_size, settings.train.seed, settings.num_workers,
-                                       runtime.storage_options)
+    batches, per_epoch = train_batches(dataset, rank_batch_size(settings.train.batch_size), settings.train.seed,
+                                       settings.num_workers, runtime.storage_options)
     return TrainingJob(
         name="autoencoder", model=model, loss_fn=vqvae2.autoencoder_loss, train=settings.train, batches=batches,
         batches_per_epoch=per_epoch, artifact=artifact, options=runtime.training, evaluate=evaluate,
@@ -74,7 +76,7 @@ def autoencoder_job(settings: AutoencoderSettings, runtime: Runtime, dataset: Da
 def train_autoencoder(settings: AutoencoderSettings, runtime: Runtime, dataset: DatasetManifest,
                       artifact: Artifact) -> AutoencoderManifest:
     summary = train(autoencoder_job, settings, runtime, dataset, artifact, title="autoencoder: training",
-                    options=runtime.training)
+                    options=runtime.training, processes=settings.processes)
     return AutoencoderManifest(**artifact.identity(), **summary.model_dump(), dataset=dataset.key,
                                latent_shapes=settings.autoencoder.latent_shapes(settings.image_size),
                                codebook_size=settings.autoencoder.codebook_size)

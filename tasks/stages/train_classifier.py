@@ -16,10 +16,10 @@ from ..config import PipelineConfig, Runtime
 from ..fidelity import inception_cache_path
 from ..manifests import ClassifierManifest, DatasetManifest
 from ..runtime.artifacts import Artifact
-from ..runtime.cached import with_records
+from ..runtime.devices import training_task
 from ..runtime.datasets import first_images, train_batches
 from ..runtime.process import train
-from ..runtime.trainer import TrainingJob
+from ..runtime.trainer import TrainingJob, rank_batch_size
 from ..stage import Needs, Settings, Stage, stage_task
 
 VALIDATION_IMAGES = 1000
@@ -47,6 +47,7 @@ class ClassifierSettings(Settings):
     image_channels: int
     num_classes: int
     num_workers: int  # the shard readers interleave: the batch order depends on it
+    processes: int  # data-parallel ranks: each reads its share of every epoch
 
     @classmethod
     def of(cls, config: PipelineConfig, variant: Any = None) -> ClassifierSettings:
@@ -57,7 +58,7 @@ class ClassifierSettings(Settings):
         return cls(role=variant, classifier=model.classifier,
                    train=vqvae2.apply_overrides(model.train_classifier, {"seed": seed}),
                    image_channels=model.image_channels, num_classes=model.num_classes,
-                   num_workers=config.training.num_workers)
+                   num_workers=config.training.num_workers, processes=config.training.world_size())
 
     def model(self) -> vqvae2.ResNetClassifier:
         return vqvae2.ResNetClassifier(self.classifier, self.image_channels, self.num_classes)
@@ -65,7 +66,7 @@ class ClassifierSettings(Settings):
 
 def run(settings: ClassifierSettings, runtime: Runtime, dataset: DatasetManifest) -> PrefectFuture:
     # A future: the classifiers train while the autoencoder does.
-    return with_records(train_classifier, runtime.root, runtime.storage_options).submit(settings, runtime, dataset)
+    return training_task(train_classifier, runtime).submit(settings, runtime, dataset)
 
 
 STAGE = Stage(
@@ -87,8 +88,8 @@ def classifier_job(settings: ClassifierSettings, runtime: Runtime, dataset: Data
             predictions = torch.cat([model(chunk.to(device)).argmax(1).cpu() for chunk in images.split(256)])
         return {"accuracy": (predictions == labels).float().mean().item()}
 
-    batches, per_epoch = train_batches(dataset, settings.train.batch_size, settings.train.seed, settings.num_workers,
-                                       runtime.storage_options)
+    batches, per_epoch = train_batches(dataset, rank_batch_size(settings.train.batch_size), settings.train.seed,
+                                       settings.num_workers, runtime.storage_options)
     return TrainingJob(
         name=f"classifier-{settings.role}", model=model, loss_fn=vqvae2.classifier_loss, train=settings.train,
         batches=batches, batches_per_epoch=per_epoch, artifact=artifact, options=runtime.training, evaluate=evaluate,
@@ -99,5 +100,5 @@ def classifier_job(settings: ClassifierSettings, runtime: Runtime, dataset: Data
 def train_classifier(settings: ClassifierSettings, runtime: Runtime, dataset: DatasetManifest,
                      artifact: Artifact) -> ClassifierManifest:
     summary = train(classifier_job, settings, runtime, dataset, artifact, title=f"classifier-{settings.role}: training",
-                    options=runtime.training)
+                    options=runtime.training, processes=settings.processes)
     return ClassifierManifest(**artifact.identity(), **summary.model_dump(), dataset=dataset.key, role=settings.role)

@@ -14,10 +14,10 @@ from storage.codes import ChunkShuffleSampler, CodeDataset
 from ..config import PipelineConfig, Runtime
 from ..manifests import CodesManifest, PriorManifest
 from ..runtime.artifacts import Artifact
-from ..runtime.cached import with_records
+from ..runtime.devices import training_task
 from ..runtime.codes import held_out_bits_per_code, level_batch, validation_batches
 from ..runtime.process import train
-from ..runtime.trainer import TrainingJob, private_generator
+from ..runtime.trainer import TrainingJob, private_generator, rank_batch_size
 from ..stage import Needs, Settings, Stage, stage_task
 
 VALIDATION_ROWS = 1024
@@ -28,12 +28,13 @@ class PriorSettings(Settings):
     prior: vqvae2.PriorConfig
     train: vqvae2.TrainConfig
     num_classes: int  # 0: not class-conditional
+    processes: int  # data-parallel ranks: each reads its share of every epoch
 
     @classmethod
     def of(cls, config: PipelineConfig, variant: Any = None) -> PriorSettings:
         model, level = config.model, int(variant)
         return cls(level=level, prior=model.priors[level], train=model.train_prior,
-                   num_classes=model.prior_num_classes(level))
+                   num_classes=model.prior_num_classes(level), processes=config.training.world_size())
 
     def model(self, codes: CodesManifest) -> vqvae2.PixelCNNPrior:
         shapes = [tuple(shape) for shape in codes.level_shapes]
@@ -46,7 +47,7 @@ class PriorSettings(Settings):
 
 def run(settings: PriorSettings, runtime: Runtime, codes: CodesManifest) -> PrefectFuture:
     # A future: the priors of all levels train at once.
-    return with_records(train_prior, runtime.root, runtime.storage_options).submit(settings, runtime, codes)
+    return training_task(train_prior, runtime).submit(settings, runtime, codes)
 
 
 STAGE = Stage(
@@ -69,7 +70,7 @@ def prior_job(settings: PriorSettings, runtime: Runtime, codes: CodesManifest, a
     prior = settings.model(codes)
     dataset = CodeDataset(codes.codes, "train", storage_options=options)
     sampler = ChunkShuffleSampler(dataset, seed=train_config.seed + level)
-    batch_size = train_config.batch_size
+    batch_size = rank_batch_size(train_config.batch_size)
 
     def batches(epoch: int, start: int):
         # The sampler fixes the order: reading workers do not change it, so they are no part of the key.
@@ -92,6 +93,7 @@ def prior_job(settings: PriorSettings, runtime: Runtime, codes: CodesManifest, a
 @stage_task(STAGE, name="train-prior", task_run_name="train-prior-{settings.level}")
 def train_prior(settings: PriorSettings, runtime: Runtime, codes: CodesManifest, artifact: Artifact) -> PriorManifest:
     name = settings.name(len(codes.level_shapes))
-    summary = train(prior_job, settings, runtime, codes, artifact, title=f"{name}: training", options=runtime.training)
+    summary = train(prior_job, settings, runtime, codes, artifact, title=f"{name}: training", options=runtime.training,
+                    processes=settings.processes)
     return PriorManifest(**artifact.identity(), **summary.model_dump(), codes=codes.key, level=settings.level,
                          level_name=name)
