@@ -63,11 +63,28 @@ def test_config_round_trips_through_a_plain_dict():
         ({"image_size": 18}, "image_size 18 must be divisible"),
         ({"priors.0.attention_heads": 3}, "divisible by prior.attention_heads"),
         ({"train_prior.amp": "fp8"}, "train.amp must be"),
+        ({"train_prior.micro_batch_size": 0},
+         r"train.micro_batch_size must be between 1 and train.batch_size \(32\), got 0"),
+        ({"train_autoencoder.micro_batch_size": 33},
+         r"between 1 and train.batch_size \(32\), got 33: .* raise train.batch_size"),
+        ({"train_prior.micro_batch_size": "four"}, "train_prior.micro_batch_size must be an integer"),
+        ({"train_prior.activation_checkpointing": "maybe"},
+         "train_prior.activation_checkpointing must be true or false"),
     ],
 )
 def test_bad_overrides_fail_with_a_message_naming_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
         vqvae2.preset("smoke", overrides)
+
+
+def test_micro_batches_and_activation_checkpointing_are_set_by_override_and_round_trip():
+    overrides = {"train_prior.micro_batch_size": "8", "train_prior.activation_checkpointing": "true"}
+    config = vqvae2.preset("smoke", overrides)
+    assert config.train_prior.micro_batch_size == 8 and config.train_prior.activation_checkpointing is True
+    assert config.train_autoencoder.micro_batch_size is None  # the default: the whole batch at once
+    assert vqvae2.config_from_dict(vqvae2.ModelConfig, vqvae2.config_to_dict(config)) == config
+    back = vqvae2.preset("smoke", {"train_prior.micro_batch_size": None})
+    assert back.train_prior.micro_batch_size is None
 
 
 def test_unknown_preset_lists_the_known_ones():

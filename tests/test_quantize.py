@@ -1,9 +1,10 @@
+import copy
 import math
 
 import pytest
 import torch
 
-from vqvae2.quantize import VectorQuantizer
+from vqvae2.quantize import VectorQuantizer, accumulate_codebook_updates
 
 
 def _quantizer(codebook, **kwargs) -> VectorQuantizer:
@@ -119,3 +120,89 @@ def test_lookup_inverts_the_assignment():
     out = vq(torch.randn(2, 3, 4, 5))
     # equal up to the rounding of the straight-through sum z + (e - z)
     assert torch.allclose(vq.lookup(out.codes), out.quantized, atol=1e-6)
+
+
+# --- one codebook update per optimizer step (gradient accumulation) ------------------------
+
+_BUFFERS = ("embed", "embed_sum", "cluster_size", "steps_unused")
+
+
+def test_micro_batches_move_the_codebook_once_as_the_whole_batch_would():
+    torch.manual_seed(0)
+    z = torch.randn(10, 4, 3, 3)
+    whole = VectorQuantizer(16, 4, decay=0.9, dead_code_steps=50).train()
+    accumulated, per_micro_batch = copy.deepcopy(whole), copy.deepcopy(whole)
+    expected = whole(z).codes
+    with accumulate_codebook_updates(accumulated):
+        codes = [accumulated(chunk).codes for chunk in z.split(4)]  # 4 + 4 + 2 samples
+    # Every micro-batch was quantized by the step's codebook, as the whole batch was ...
+    assert torch.equal(torch.cat(codes), expected)
+    # ... and the step moved the codebook once, by the whole batch's statistics.
+    for name in _BUFFERS:
+        assert torch.allclose(getattr(accumulated, name), getattr(whole, name), rtol=1e-6, atol=1e-6), name
+    # Not what updating per micro-batch (three EMA steps of decay 0.9) would give:
+    for chunk in z.split(4):
+        per_micro_batch(chunk)
+    assert not torch.allclose(per_micro_batch.embed, whole.embed, atol=1e-3)
+
+
+def test_a_step_that_raises_applies_nothing_and_later_steps_update_at_once():
+    vq = _quantizer([[0, 0], [10, 10]], decay=0.5, dead_code_steps=0).train()
+    before = vq.embed.clone()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with accumulate_codebook_updates(vq):
+            vq(_grid([[1, 1], [3, 3]]))
+            raise RuntimeError("out of memory")
+    assert torch.equal(vq.embed, before)
+    vq(_grid([[1, 1], [3, 3]]))  # outside the context: the usual update in forward
+    assert not torch.equal(vq.embed, before)
+
+
+def test_dead_codes_count_steps_not_micro_batches_and_restart_from_any_micro_batch():
+    vq = _quantizer([[0, 0], [1, 1], [100, 100]], dead_code_steps=2).train()
+    micro_batches = [[[0.1, 0.0], [0.9, 1.1]], [[0.0, 0.2]], [[1.0, 0.8], [0.2, 0.1], [0.8, 0.9]]]
+    rows = [torch.tensor(row) for batch in micro_batches for row in batch]
+    with accumulate_codebook_updates(vq):
+        for batch in micro_batches:
+            vq(_grid(batch))
+    assert vq.steps_unused.tolist() == [0, 0, 1]  # one step without use, not three
+    assert vq.embed[2, 0].item() > 50
+    with accumulate_codebook_updates(vq):
+        for batch in micro_batches:
+            vq(_grid(batch))
+    assert any(torch.equal(vq.embed[2], row) for row in rows)  # re-seeded from an encoder output of the step
+    assert vq.steps_unused[2].item() == 0 and vq.cluster_size[2].item() == 1.0
+
+
+def test_a_restart_draws_uniformly_over_the_whole_step():
+    # Micro-batches of 1, 1 and 2 rows, each on its own spot: a dead code is re-seeded from a row
+    # of the step picked uniformly, so from the third micro-batch half of the time.
+    torch.manual_seed(0)
+    vq = _quantizer([[0, 0], [1000, 1000]], dead_code_steps=1).train()
+    micro_batches = [[[0.1, 0.0]], [[0.2, 0.0]], [[0.3, 0.0], [0.3, 0.0]]]
+    origins = []
+    for _ in range(400):
+        vq.embed[1] = vq.embed_sum[1] = 1000.0  # dead again
+        with accumulate_codebook_updates(vq):
+            for batch in micro_batches:
+                vq(_grid(batch))
+        origins.append(round(vq.embed[1, 0].item(), 1))
+    share = {x: origins.count(x) / len(origins) for x in (0.1, 0.2, 0.3)}
+    # 400 draws: standard deviations of 0.022 (share 1/4) and 0.025 (share 1/2); 0.1 is 4 of them.
+    assert share[0.1] == pytest.approx(0.25, abs=0.1) and share[0.2] == pytest.approx(0.25, abs=0.1)
+    assert share[0.3] == pytest.approx(0.5, abs=0.1)
+
+
+def test_kmeans_initialises_from_the_first_micro_batch_and_the_ema_waits_for_the_step():
+    torch.manual_seed(0)
+    centers = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [0.0, 5.0], [0.0, -5.0]])
+    points = centers.repeat_interleave(64, dim=0) + 0.05 * torch.randn(256, 2)
+    first = points.t().reshape(1, 2, 16, 16)
+    vq = VectorQuantizer(4, 2, kmeans_init=True, dead_code_steps=0).train()
+    with accumulate_codebook_updates(vq):
+        assert vq(first).usage.item() == 4
+        initialised = vq.embed.clone()
+        assert torch.cdist(initialised, centers).min(dim=1).values.max().item() < 0.2
+        vq(first + 1.0)  # quantized by the k-means codebook; k-means does not run again
+        assert torch.equal(vq.embed, initialised)
+    assert bool(vq.initialized) and not torch.equal(vq.embed, initialised)  # one EMA update, at the end

@@ -24,14 +24,16 @@ from .config import (
 from .fast_sampling import incremental_logits, sample_level_fast
 from .presets import PRESETS, preset
 from .prior import PixelCNNPrior, bits_per_code
-from .quantize import QuantizerOutput, VectorQuantizer
+from .quantize import QuantizerOutput, VectorQuantizer, accumulate_codebook_updates
 from .rejection import accept_mask, candidates_needed, keep_count
 from .sampling import sample_codes, sample_images, sample_level_reference, sample_logits
 from .train import (
+    SavedTensorBytes,
     autoencoder_loss,
     autoencoder_step,
     classifier_loss,
     classifier_step,
+    enable_activation_checkpointing,
     fit,
     level_names,
     make_optimizer,
@@ -52,4 +54,5 @@ __all__ = [
     "prepare_model", "preset", "prior_loss", "prior_step", "raise_if_diverged", "sample_codes", "sample_images",
     "sample_level_fast", "sample_level_reference", "sample_logits", "seed_everything", "to_checkpoint", "train_step",
     "accept_mask", "candidates_needed", "keep_count",
+    "SavedTensorBytes", "accumulate_codebook_updates", "enable_activation_checkpointing",
 ]

@@ -129,6 +129,13 @@ class TrainConfig:
     amp: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "off"
     channels_last: bool = False
     seed: int = 0
+    # Gradient accumulation: each batch of batch_size (one optimizer step) runs as
+    # micro-batches of this size whose gradients add up; None: the whole batch at once.
+    micro_batch_size: int | None = None
+    # Recompute the priors' gated layers, attention blocks and conditioning res-blocks and
+    # the autoencoder's encoders and decoders in backward instead of keeping their
+    # activations: less memory, about one more forward of compute (vqvae2.enable_activation_checkpointing).
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "train.steps must be >= 1")
@@ -138,6 +145,14 @@ class TrainConfig:
         _require(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
         _require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         _require(self.amp in ("auto", "bf16", "off"), f"train.amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+        if self.micro_batch_size is not None:
+            _require(
+                1 <= self.micro_batch_size <= self.batch_size,
+                f"train.micro_batch_size must be between 1 and train.batch_size ({self.batch_size}), got "
+                f"{self.micro_batch_size}: it cuts each batch of train.batch_size into micro-batches that add up to "
+                "one optimizer step; raise train.batch_size for a larger step, or leave micro_batch_size unset (null) "
+                "to run the whole batch at once",
+            )
 
 
 @dataclass

@@ -121,7 +121,13 @@ class GatedLayer(nn.Module):
             term = bias if term is None else term + bias
         return term
 
-    def forward(self, v: Tensor, h: Tensor, cond_term: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, v: Tensor, h: Tensor, cond: Tensor | None = None, class_emb: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """v, h (B, C, H, W); cond (B, cond_channels, H, W) and class_emb (B, class_channels), each
+        when configured. The conditioning term is made here, not passed in: one (B, 4C, H, W) map
+        alive at a time, and inside the block that activation checkpointing recomputes."""
+        cond_term = self.conditioning(cond, class_emb)
         cond_v, cond_h = cond_term.chunk(2, dim=1) if cond_term is not None else (None, None)
         v, v_to_h = self.vertical(v, self.v_conv(v), cond_v)
         return v, self.horizontal(h, self.h_conv(h), v_to_h, cond_h)

@@ -105,12 +105,21 @@ class PixelCNNPrior(nn.Module):
         elif labels is not None:
             raise ValueError("this prior is not class-conditional: labels must be None")
 
+    def conditioning_inputs(
+        self, cond_codes: Sequence[Tensor] | None, labels: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """(the conditioning stack's features (B, cond_channels, H, W), the class embedding (B, C)),
+        each None when this prior has none: what every layer's conditioning is made from."""
+        cond = self.cond_stack(cond_codes, self.shape) if self.cond_stack is not None else None
+        class_emb = self.class_embed(labels) if self.class_embed is not None else None
+        return cond, class_emb
+
     def conditioning_terms(
         self, cond_codes: Sequence[Tensor] | None, labels: Tensor | None
     ) -> list[Tensor | None]:
-        """Per-layer additive conditioning, computed once per sample (not per position)."""
-        cond = self.cond_stack(cond_codes, self.shape) if self.cond_stack is not None else None
-        class_emb = self.class_embed(labels) if self.class_embed is not None else None
+        """Per-layer additive conditioning, computed once per sample (not per position), for
+        the cached sampler; the full forward makes each inside its layer instead."""
+        cond, class_emb = self.conditioning_inputs(cond_codes, labels)
         return [layer.conditioning(cond, class_emb) for layer in self.layers]
 
     def logits_from_embedding(
@@ -119,10 +128,10 @@ class PixelCNNPrior(nn.Module):
         """Embedded codes (B, D, H, W) -> logits (B, K, H, W); exposed so tests can
         differentiate the logits with respect to the input."""
         self.check_inputs(x.shape[0], cond_codes, labels)
-        terms = self.conditioning_terms(cond_codes, labels)
+        cond, class_emb = self.conditioning_inputs(cond_codes, labels)
         v, h = self.input(x)
-        for i, (layer, term) in enumerate(zip(self.layers, terms)):
-            v, h = layer(v, h, term)
+        for i, layer in enumerate(self.layers):
+            v, h = layer(v, h, cond, class_emb)
             if self.attention_at[i]:
                 h = self.attention[str(i)](h)
         return self.head(h)

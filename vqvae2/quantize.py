@@ -13,10 +13,15 @@ cluster sizes. On top of the paper, for codebook health:
   from a current encoder output (Dhariwal et al. 2020, "Jukebox", Sec. 3.1);
 - optional k-means initialisation from the first training batch;
 - EMA statistics are all-reduced when torch.distributed is initialised, and
-  re-seeded vectors are broadcast from rank 0, so every replica keeps one codebook.
+  re-seeded vectors are broadcast from rank 0, so every replica keeps one codebook;
+- one codebook update per optimizer step under gradient accumulation
+  (`accumulate_codebook_updates`): the paper's EMA moves once per batch, so the
+  micro-batches of a step only collect their statistics, applied once at its end.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +66,39 @@ def perplexity(counts: Tensor) -> Tensor:
     return torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())
 
 
+def _uniform_rows(flat: Tensor) -> Callable[[int], Tensor]:
+    """draw(n): n rows of flat (N, D), picked uniformly with replacement."""
+    return lambda n: flat[torch.randint(flat.shape[0], (n,), device=flat.device)]
+
+
+@dataclass
+class StepStatistics:
+    """What the training forwards of one optimizer step (its micro-batches) add to a codebook,
+    applied at the step's end as one forward over the whole batch would apply them."""
+
+    counts: Tensor  # (K,) code counts, all ranks
+    sums: Tensor  # (K, D) sums of the vectors assigned to each code, this rank
+    spare: Tensor | None = None  # (m, D) restart candidates, each a uniform pick from all rows seen
+    rows: int = 0  # vectors seen on this rank
+
+    def add(self, flat: Tensor, codes: Tensor, counts: Tensor) -> None:
+        self.counts += counts
+        self.sums.index_add_(0, codes, flat)
+        self.rows += flat.shape[0]
+        if self.spare is not None:
+            # Reservoir sampling with replacement, slot by slot: replacing a slot with
+            # probability n / rows-so-far leaves it uniform over every row seen, as the whole
+            # batch's draw would be, while holding m rows instead of the whole batch.
+            m, n = self.spare.shape[0], flat.shape[0]
+            picks = torch.randint(n, (m,), device=flat.device)
+            keep = torch.rand(m, device=flat.device) >= n / self.rows
+            self.spare = torch.where(keep[:, None], self.spare, flat[picks])
+
+    def take_spare(self, n: int) -> Tensor:
+        assert self.spare is not None and n <= self.spare.shape[0], "more dead codes than candidates"
+        return self.spare[:n]
+
+
 @dataclass
 class QuantizerOutput:
     quantized: Tensor  # (B, D, H, W), straight-through: forward = codebook vectors, backward = identity
@@ -93,6 +131,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.ones(codebook_size))
         self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        self._step: StepStatistics | None = None  # set while a step's updates are collected
 
     def forward(self, z: Tensor, update: bool | None = None) -> QuantizerOutput:
         """Quantize z (B, D, H, W). `update` (default: self.training) moves the codebook."""
@@ -106,9 +145,11 @@ class VectorQuantizer(nn.Module):
             codes = nearest_codes(flat.detach(), self.embed)
             quantized = F.embedding(codes, self.embed)
             counts = _all_reduce_sum(code_counts(codes, self.codebook_size))
-            if update:
-                self._ema_update(flat.detach(), codes, counts)
-                self._restart_dead_codes(flat.detach(), counts)
+            if update and self._step is not None:
+                self._step.add(flat.detach(), codes, counts)
+            elif update:
+                self._ema_update(counts, torch.zeros_like(self.embed_sum).index_add_(0, codes, flat.detach()))
+                self._restart_dead_codes(counts, _uniform_rows(flat.detach()))
             loss = self.beta * F.mse_loss(flat, quantized)
             quantized = flat + (quantized - flat).detach()
             quantized = quantized.view(b, h, w, d).permute(0, 3, 1, 2)
@@ -124,9 +165,28 @@ class VectorQuantizer(nn.Module):
         """Inverse of the assignment: codes (B, H, W) -> codebook vectors (B, D, H, W)."""
         return F.embedding(codes, self.embed).permute(0, 3, 1, 2)
 
+    def begin_step(self) -> None:
+        """Collect the statistics of the training forwards from here on, instead of applying them."""
+        assert self._step is None, "begin_step called twice without end_step"
+        # Only a code unused for dead_code_steps - 1 steps already can die in this one: it
+        # needs a restart candidate; no other does.
+        may_die = int((self.steps_unused >= self.dead_code_steps - 1).sum()) if self.dead_code_steps > 0 else 0
+        self._step = StepStatistics(
+            counts=torch.zeros_like(self.cluster_size), sums=torch.zeros_like(self.embed_sum),
+            spare=torch.zeros(may_die, self.dim, device=self.embed.device) if may_die else None,
+        )
+
     @torch.no_grad()
-    def _ema_update(self, flat: Tensor, codes: Tensor, counts: Tensor) -> None:
-        sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, flat)
+    def end_step(self, apply: bool = True) -> None:
+        """Apply the collected statistics as one update (unless `apply` is False), and stop collecting."""
+        step, self._step = self._step, None
+        if apply and step is not None and step.rows:
+            self._ema_update(step.counts, step.sums)
+            self._restart_dead_codes(step.counts, step.take_spare)
+
+    @torch.no_grad()
+    def _ema_update(self, counts: Tensor, sums: Tensor) -> None:
+        """counts (K,) of all ranks; sums (K, D) of the vectors assigned to each code, this rank."""
         _all_reduce_sum(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
@@ -136,7 +196,8 @@ class VectorQuantizer(nn.Module):
         self.embed.copy_(self.embed_sum / smoothed.unsqueeze(1))
 
     @torch.no_grad()
-    def _restart_dead_codes(self, flat: Tensor, counts: Tensor) -> None:
+    def _restart_dead_codes(self, counts: Tensor, draw: Callable[[int], Tensor]) -> None:
+        """counts (K,) of this step; draw(n) -> n current encoder outputs (n, D), uniform picks."""
         if self.dead_code_steps <= 0:
             return
         self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
@@ -144,8 +205,7 @@ class VectorQuantizer(nn.Module):
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
-        picks = torch.randint(flat.shape[0], (n_dead,), device=flat.device)
-        fresh = _broadcast_from_rank0(flat[picks].contiguous())
+        fresh = _broadcast_from_rank0(draw(n_dead).contiguous())
         self.embed[dead] = fresh
         self.embed_sum[dead] = fresh
         self.cluster_size[dead] = 1.0
@@ -171,3 +231,28 @@ class VectorQuantizer(nn.Module):
         self.embed_sum.copy_(centers)
         self.cluster_size.fill_(1.0)
         self.initialized.fill_(True)
+
+
+@contextmanager
+def accumulate_codebook_updates(model: nn.Module) -> Iterator[None]:
+    """Within: every quantizer of `model` collects the codebook statistics of its training
+    forwards; on leaving, it applies them once: one EMA update, one dead-code check.
+
+    For gradient accumulation: the k micro-batches of one optimizer step, all quantized
+    by the same codebook, then move it as the whole batch would (the paper's EMA is one
+    update per batch: VQ-VAE-2 Sec. 3.1, VQ-VAE Appendix A.1), where k updates would
+    decay the old statistics k times per step and make decay and dead-code counts depend
+    on the micro-batch size. Two differences from the whole batch: k-means initialisation
+    (when configured) sees the first micro-batch only, which must be quantized at once;
+    a dead code is re-seeded from a uniform pick over the step's encoder outputs drawn by
+    reservoir sampling, so by other random numbers. Nothing is applied when the body raises."""
+    quantizers = [m for m in model.modules() if isinstance(m, VectorQuantizer)]
+    for quantizer in quantizers:
+        quantizer.begin_step()
+    applied = False
+    try:
+        yield
+        applied = True
+    finally:
+        for quantizer in quantizers:
+            quantizer.end_step(apply=applied)

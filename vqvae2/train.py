@@ -2,24 +2,31 @@
 
 A step is `train_step(model, optimizer, batch, loss_fn, ...)`; the loss functions below
 say what a batch is for each model. Mixed precision (bf16 autocast, on CUDA by
-default) and channels_last are applied here, from outside the models; the quantizers
-keep their own statistics in fp32 regardless. Checkpointing, logging and fault
-injection are hooks of `fit`, so there is one loop, not one per model.
+default), channels_last, gradient accumulation over micro-batches and activation
+checkpointing are applied here, from outside the models; the quantizers keep their own
+statistics in fp32 regardless. Checkpointing, logging and fault injection are hooks of
+`fit`, so there is one loop, not one per model.
 """
 from __future__ import annotations
 
 import random
+import weakref
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .autoencoder import VQVAE2
 from .classifier import ResNetClassifier
 from .config import TrainConfig
+from .layers import Decoder, Encoder, ResBlock
+from .pixelcnn import CausalSelfAttention, GatedLayer
 from .prior import PixelCNNPrior, bits_per_code
+from .quantize import accumulate_codebook_updates
 
 Metrics = dict[str, Tensor]
 LossFn = Callable[[nn.Module, Any], tuple[Tensor, Metrics]]
@@ -59,6 +66,94 @@ def prepare_model(model: nn.Module, device: torch.device | str, channels_last: b
     return model
 
 
+# --- activation checkpointing ----------------------------------------------------------
+# Blocks that keep only their inputs between forward and backward and run again in
+# backward (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"): the
+# priors' gated layers and attention blocks, the residual blocks of their conditioning
+# stacks, and the autoencoder's encoders and decoders whole (their residual stacks and
+# the full-resolution convolutions around them). Only the outermost block is
+# checkpointed, never one inside another. None holds a quantizer (its forward moves the
+# codebook) or a BatchNorm (its running statistics would move twice): the classifier
+# has no such blocks, and the flag does nothing there.
+CHECKPOINTED_BLOCKS: tuple[type[nn.Module], ...] = (GatedLayer, CausalSelfAttention, ResBlock, Encoder, Decoder)
+
+
+class _Recomputed:
+    """A block's forward under torch.utils.checkpoint, when training with gradients; as is otherwise
+    (eval, no_grad, and the cached sampler, which calls the layers' own vertical/horizontal)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        forward = type(self.module).forward.__get__(self.module)
+        if self.module.training and torch.is_grad_enabled():
+            # Non-reentrant: works with inputs that need no gradient and with DDP; it saves
+            # and restores the RNG state, so dropout draws the same masks when recomputed.
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+
+def enable_activation_checkpointing(model: nn.Module, enabled: bool = True) -> int:
+    """Checkpoint (or, enabled=False, stop checkpointing) the outermost blocks of `model`
+    of the CHECKPOINTED_BLOCKS types; returns how many. In place and reversible: the
+    blocks' forward is shadowed on the instance, so the module tree, parameter names and
+    state_dict keys stay as they are (checkpoints load either way). `fit` calls it when
+    `TrainConfig.activation_checkpointing` is set."""
+    blocks = list(_outermost_blocks(model))
+    for block in blocks:
+        if enabled:
+            block.forward = _Recomputed(block)
+        else:
+            block.__dict__.pop("forward", None)
+    return len(blocks)
+
+
+def _outermost_blocks(module: nn.Module) -> Iterable[nn.Module]:
+    if isinstance(module, CHECKPOINTED_BLOCKS):
+        yield module
+    else:
+        for child in module.children():
+            yield from _outermost_blocks(child)
+
+
+class SavedTensorBytes:
+    """Bytes that autograd holds for backward, of the tensors saved while this context was
+    active, counted when it exits: each storage once, the model's parameters left out. The
+    activation memory of a training forward, measured the same way on any device
+    (torch.autograd.graph.saved_tensors_hooks). Wrap the forward only (backward recomputes
+    checkpointed blocks and saves again); read `bytes` after the context."""
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        params = model.parameters() if model is not None else ()
+        self.skip = {p.untyped_storage().data_ptr() for p in params}
+        self.saved: list[weakref.ref[Tensor]] = []
+        self.bytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: Tensor) -> Tensor:
+        # A weak reference: a tensor saved by a branch the loss never uses (the last layer's
+        # vertical stack) is freed during the forward, and its address may be reused.
+        self.saved.append(weakref.ref(t))
+        return t
+
+    def __enter__(self) -> SavedTensorBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+        storages = {}
+        for ref in self.saved:
+            t = ref()
+            if t is not None and t.untyped_storage().data_ptr() not in self.skip:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        self.bytes = sum(storages.values())
+
+
+# --- batches ---------------------------------------------------------------------------
+
+
 def move_batch(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
     """Tensors of a (nested) batch onto `device`; images (4-D floats) channels_last if asked."""
     if isinstance(batch, Tensor):
@@ -68,6 +163,39 @@ def move_batch(batch: Any, device: torch.device, channels_last: bool = False) ->
         return batch
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_batch(b, device, channels_last) for b in batch)
+    return batch
+
+
+def batch_length(batch: Any) -> int:
+    """Samples in a (nested) batch: the first dimension of its first tensor."""
+    first = next(_tensors(batch), None)
+    if first is None:
+        raise ValueError(f"a batch needs a tensor to count its samples, got {batch!r:.80}")
+    return first.shape[0]
+
+
+def _tensors(batch: Any) -> Iterable[Tensor]:
+    if isinstance(batch, Tensor):
+        yield batch
+    elif isinstance(batch, (list, tuple)):
+        for item in batch:
+            yield from _tensors(item)
+
+
+def split_batch(batch: Any, size: int | None) -> list[Any]:
+    """A (nested) batch cut along the first dimension of every tensor into micro-batches of
+    `size` samples (the last may be smaller); [batch] itself when size is None or >= the batch."""
+    n = batch_length(batch)
+    if size is None or size >= n:
+        return [batch]
+    return [_rows(batch, start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _rows(batch: Any, start: int, stop: int) -> Any:
+    if isinstance(batch, Tensor):
+        return batch[start:stop]
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_rows(b, start, stop) for b in batch)
     return batch
 
 
@@ -121,16 +249,37 @@ def train_step(
     channels_last: bool = False,
     grad_clip: float = 0.0,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    micro_batch_size: int | None = None,
 ) -> Metrics:
-    """One optimisation step; returns detached metrics (tensors: no device sync here)."""
+    """One optimisation step; returns detached metrics (tensors: no device sync here).
+
+    With `micro_batch_size`, the batch runs as micro-batches whose gradients add up before
+    the one optimizer step (gradient accumulation): each micro-batch's mean loss is scaled
+    by its share of the batch, so the step equals the whole batch's up to float rounding,
+    in the activation memory of one micro-batch. Metrics are the micro-batches' values
+    averaged by size (so `usage_*`, distinct codes hit, counts a micro-batch's codes), and
+    codebooks move once per step (`accumulate_codebook_updates`). What is not the whole
+    batch's: dropout masks (other random numbers) and BatchNorm (the classifier), which
+    normalises each micro-batch by its own statistics, as under DDP."""
     device = next(model.parameters()).device
     batch = move_batch(batch, device, channels_last)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     dtype = autocast_dtype(amp, device)
-    with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
-        loss, metrics = loss_fn(model, batch)
-    loss.backward()
+    parts, total = split_batch(batch, micro_batch_size), batch_length(batch)
+    metrics: Metrics = {}
+    with accumulate_codebook_updates(model) if len(parts) > 1 else nullcontext():
+        for i, part in enumerate(parts):
+            share = batch_length(part) / total
+            # A model wrapped in DDP all-reduces the gradients in every backward outside its
+            # no_sync(): only the last micro-batch's backward needs to, once per step.
+            last = i == len(parts) - 1
+            with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+                with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
+                    loss, part_metrics = loss_fn(model, part)
+                (loss * share).backward()
+            for name, value in part_metrics.items():
+                metrics[name] = metrics.get(name, 0) + value.detach() * share
     if grad_clip > 0:
         metrics["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -185,14 +334,19 @@ def fit(
     """Train until `config.steps` (counting from `start_step`) or the batches run out.
 
     Each hook is called as hook(step, metrics) after every step, `step` counting
-    completed steps; hooks checkpoint, log, report progress. Returns the last step."""
+    completed steps; hooks checkpoint, log, report progress. Returns the last step.
+    `config.micro_batch_size` splits every batch (see `train_step`);
+    `config.activation_checkpointing` switches it on for `model`, in place."""
     step = start_step
     if step >= config.steps:
         return step
+    if config.activation_checkpointing:
+        enable_activation_checkpointing(model)
     for batch in batches:
         metrics = train_step(
             model, optimizer, batch, loss_fn,
             amp=config.amp, channels_last=config.channels_last, grad_clip=config.grad_clip, scheduler=scheduler,
+            micro_batch_size=config.micro_batch_size,
         )
         step += 1
         for hook in hooks:
