@@ -7,7 +7,7 @@ on in-memory uint8 images, in one of two feature spaces, always stated:
 
 - `inception`: torch-fidelity's `inception-v3-compat` (the TF FID network, pool3 2048-d),
   only when its weights are on this machine; nothing is ever downloaded.
-- `domain`: the pipeline's *features* classifier (`tasks.train_classifier`, role
+- `domain`: the pipeline's *features* classifier (`tasks.stages.train_classifier`, role
   `features`), registered with torch-fidelity under `DOMAIN_EXTRACTOR`: its penultimate
   layer for FID/KID/precision-recall, its logits for IS. It is trained with another seed
   than the *judge* that scores rejection sampling, so FID does not reward samples for
@@ -178,7 +178,7 @@ def _domain_extractor(choice: str, checkpoint: str | None, storage_options: dict
     if checkpoint is None:
         hint = f"no Inception weights at {inception_cache_path()} and " if choice == "auto" else ""
         raise ValueError(f"features={choice!r}: {hint}no domain_checkpoint given; pass the model.pt URL of the "
-                         "pipeline's 'features' classifier (tasks.train_classifier, role 'features')")
+                         "pipeline's 'features' classifier (tasks.stages.train_classifier, role 'features')")
     if not exists(checkpoint, storage_options):
         raise FileNotFoundError(f"{redact(checkpoint)}: the features classifier's checkpoint does not exist; "
                                 "train it first (stage train-classifier, role 'features')")

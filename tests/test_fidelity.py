@@ -62,7 +62,7 @@ def features_checkpoint(images16, fashion_mnist_test_split, tmp_path_factory) ->
     torch.set_num_threads(1)
     labels = torch.from_numpy(fashion_mnist_test_split[1]).long()
     config = vqvae2.preset("smoke")
-    vqvae2.seed_everything(1000)  # the 'features' role's seed offset, as in tasks.train_classifier
+    vqvae2.seed_everything(1000)  # the 'features' role's seed offset, as in tasks.stages.train_classifier
     model = vqvae2.build_classifier(config)
     optimizer, scheduler = vqvae2.make_optimizer(model, config.train_classifier)
     for _ in range(config.train_classifier.steps):
