@@ -17,7 +17,7 @@ from typing import Any
 from prefect import Flow, flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, Runtime
 from tasks.manifests import ReportManifest
 from tasks.stage import Stage
 from tasks.stages import STAGES, FinishedRun, Outputs, resolved
@@ -26,7 +26,8 @@ TASK_RUNNER = ThreadPoolTaskRunner(max_workers=4)
 
 
 def run_pipeline(config: PipelineConfig) -> ReportManifest:
-    outputs = Outputs(config, lambda stage, variant, settings, inputs: stage.run(settings, outputs.runtime, **inputs))
+    runtime = Runtime.of(config)
+    outputs = Outputs(config, lambda stage, _variant, settings, inputs: stage.run(settings, runtime, **inputs))
     for stage in STAGES:
         outputs.start(stage)
     return outputs.get("evaluate")

@@ -4,7 +4,6 @@ processes (torchrun's ranks), so it lives in a module of its own."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 import vqvae2
 from tasks.config import TrainingRun
@@ -46,5 +45,3 @@ def autoencoder_job(root: str, steps: int, options: TrainingRun) -> TrainingJob:
                        batches=batches, batches_per_epoch=BATCHES_PER_EPOCH, artifact=Artifact(root, "tiny", "k"),
                        options=options, evaluate=codebooks)
 
-
-__all__ = ["autoencoder_job", "dist"]

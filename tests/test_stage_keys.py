@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-import vqvae2
 from tasks.config import PipelineConfig, pipeline_config
 
 SOURCE_DIGEST = "sha256:" + "0" * 64

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -29,6 +29,18 @@ class ManifestError(ValueError):
 
 def _nothing(result: Any) -> None:
     return None
+
+
+class UnitMarker(Protocol[R]):
+    """What the cached-unit decorator asks of a unit: `Marker`, or an object that works
+    the same and computes its parts lazily."""
+
+    url: str
+    record: str
+
+    def read(self) -> R | None: ...
+    def write(self, result: R) -> None: ...
+    def is_done(self) -> bool: ...
 
 
 @dataclass(frozen=True)

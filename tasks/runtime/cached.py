@@ -36,7 +36,7 @@ from pydantic import Field
 from storage.artifacts import canonical_json
 from storage.fsutil import exists, join, read_bytes, redact, remove, write_bytes
 
-from .artifacts import ManifestError, Marker
+from .artifacts import ManifestError, UnitMarker
 from .reporting import logger
 
 RETRIES = 2
@@ -93,7 +93,7 @@ def with_records(unit: Task, root: str, storage_options: dict[str, Any] | None) 
     return unit.with_options(result_storage=cache_records(root, storage_options))
 
 
-def _is_done(marker: Marker) -> bool:
+def _is_done(marker: UnitMarker) -> bool:
     try:
         return marker.is_done()
     except ManifestError:
@@ -102,7 +102,7 @@ def _is_done(marker: Marker) -> bool:
 
 def cached_unit(
     *,
-    locate: Callable[..., Marker],
+    locate: Callable[..., UnitMarker],
     name: str,
     task_run_name: str | None = None,
     retries: int = RETRIES,

@@ -7,6 +7,7 @@ grown one to a new key (every later stage recomputes).
 from __future__ import annotations
 
 import dataclasses
+from functools import cached_property
 from typing import Any
 
 from prefect import unmapped
@@ -49,19 +50,35 @@ STAGE = Stage(
 )
 
 
-def _plan_marker(settings: IngestSettings, runtime: Runtime, source: Source) -> Marker[IngestPlan]:
-    # Done when the dataset this source's content names is complete; the plan is then
-    # made again only if Prefect's record of it is gone.
-    digest = source.digest()
-    dataset = STAGE.artifact(settings, {"source": digest}, runtime)
+class _PlanMarker:
+    """Planning is done when the dataset this source's content names is complete. The
+    source's digest (hashing or listing all of it) is taken only when the key needs it,
+    and nothing is read back: without Prefect's record, planning again costs what
+    reading a plan back would."""
 
-    def read() -> IngestPlan | None:
-        if dataset.read(DatasetManifest) is None:
-            return None
-        return _without_credentials(plan_ingest(source, settings.config, digest=digest))
+    def __init__(self, settings: IngestSettings, runtime: Runtime, source: Source) -> None:
+        self.settings, self.runtime, self.source = settings, runtime, source
 
-    return Marker(url=dataset.url, record=dataset.record("plan"), read=read,
-                  done=lambda: dataset.read(DatasetManifest) is not None)
+    @cached_property
+    def dataset(self) -> Artifact:
+        return STAGE.artifact(self.settings, {"source": self.source.digest()}, self.runtime)
+
+    @property
+    def url(self) -> str:
+        return self.dataset.url
+
+    @property
+    def record(self) -> str:
+        return self.dataset.record("plan")
+
+    def read(self) -> None:
+        return None
+
+    def write(self, plan: IngestPlan) -> None:
+        return None
+
+    def is_done(self) -> bool:
+        return self.dataset.read(DatasetManifest) is not None
 
 
 def _without_credentials(plan: IngestPlan) -> IngestPlan:
@@ -71,7 +88,7 @@ def _without_credentials(plan: IngestPlan) -> IngestPlan:
     return dataclasses.replace(plan, source=bare, tasks=tuple(dataclasses.replace(t, source=bare) for t in plan.tasks))
 
 
-@cached_unit(locate=_plan_marker, name="plan-dataset", result_serializer="pickle")
+@cached_unit(locate=_PlanMarker, name="plan-dataset", result_serializer="pickle")
 def plan_dataset(settings: IngestSettings, runtime: Runtime, source: Source) -> IngestPlan:
     """List the shards to write; fails fast, naming the URL, on a missing or malformed source."""
     plan = _without_credentials(plan_ingest(source, settings.config))
