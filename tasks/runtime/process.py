@@ -159,6 +159,9 @@ def process_group() -> Iterator[int]:
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     try:
         yield dist.get_rank()
+        # Leave together: a rank tearing its group down while rank 0 still writes the
+        # results can abort in gloo's threads.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
