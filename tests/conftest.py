@@ -19,6 +19,16 @@ os.environ["TORCH_HOME"] = os.path.join(_PREFECT_HOME, "torch-home")
 import numpy as np
 import pytest
 
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if item.get_closest_marker("cuda"):
+                item.add_marker(skip)
+
+
 FASHION_MNIST_DIR = Path(os.environ.get("VQVAE2_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 
 

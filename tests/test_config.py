@@ -6,6 +6,7 @@ import vqvae2
 LATENT_SHAPES = {
     "smoke": [(4, 4), (8, 8)],
     "fashion-mnist": [(8, 8), (16, 16)],
+    "fashion-mnist-gpu": [(8, 8), (16, 16)],
     "imagenet-256": [(32, 32), (64, 64)],
     "ffhq-1024": [(32, 32), (64, 64), (128, 128)],
 }
@@ -88,5 +89,5 @@ def test_micro_batches_and_activation_checkpointing_are_set_by_override_and_roun
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ValueError, match="smoke, fashion-mnist, imagenet-256, ffhq-1024"):
+    with pytest.raises(ValueError, match="smoke, fashion-mnist, fashion-mnist-gpu, imagenet-256, ffhq-1024"):
         vqvae2.preset("cifar")

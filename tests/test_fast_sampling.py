@@ -1,7 +1,5 @@
 """The cached sampler is exact: its logits are the full forward's at every position, and
 with the same seed it draws the same codes as the reference sampler."""
-import inspect
-
 import pytest
 import torch
 from test_prior import CASES, THREE_LEVELS, _prior_and_inputs
@@ -93,9 +91,21 @@ def test_the_hierarchy_gets_the_same_codes_with_either_sampler(hierarchy):
     assert all(torch.equal(a, b) for a, b in zip(fast, reference))
 
 
-def test_the_fast_sampler_is_the_default():
-    # sample_images hands its keyword arguments to sample_codes
-    assert inspect.signature(vqvae2.sample_codes).parameters["sampler"].default is sample_level_fast
+def test_the_default_sampler_is_the_fastest_for_the_device(monkeypatch):
+    import vqvae2.sampling
+
+    used = []
+    monkeypatch.setattr(vqvae2.sampling, "sample_level_fast", lambda *a: used.append("cached") or sample_level_fast(*a))
+    monkeypatch.setattr(vqvae2.sampling, "sample_level_graphed",
+                        lambda *a, **k: used.append(("graphed", k.get("dtype"))) or sample_level_fast(*a))
+    priors = [vqvae2.build_prior(vqvae2.preset("smoke"), 0).eval()]
+    vqvae2.sample_codes(priors, 2, labels=torch.tensor([0, 1]), seed=0)
+    assert used == ["cached"]  # on a CPU; on CUDA it is the graphed one (tests/test_graph_sampling.py)
+    used.clear()
+    vqvae2.sample_codes(priors, 2, labels=torch.tensor([0, 1]), seed=0, dtype=torch.bfloat16)
+    assert used == [("graphed", torch.bfloat16)]
+    with pytest.raises(ValueError, match="a sampler or a dtype"):
+        vqvae2.sample_codes(priors, 2, labels=torch.tensor([0, 1]), sampler=sample_level_fast, dtype=torch.bfloat16)
 
 
 def test_bad_conditioning_and_temperature_are_clear_errors():
@@ -108,7 +118,7 @@ def test_bad_conditioning_and_temperature_are_clear_errors():
         sample_level_fast(prior, 2, cond, labels, temperature=0.0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cached_logits_equal_the_full_forward_on_cuda():
     prior, codes, cond, labels = _prior_and_inputs("bottom-of-three-given-two")
     prior, codes, cond, labels = prior.cuda(), codes.cuda(), [c.cuda() for c in cond], labels.cuda()

@@ -61,6 +61,39 @@ def test_resuming_at_a_batch_continues_the_same_epoch(uneven_dataset, num_worker
     assert resumed == full[9:]
 
 
+def _batches(dataset: ShardDataset) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(shard_loader(dataset))
+
+
+def test_decoded_cache_gives_the_same_batches_and_reads_no_shard_after_the_first_epoch(uneven_dataset, tmp_path):
+    import shutil
+
+    copy = str(tmp_path / "ds")
+    shutil.copytree(uneven_dataset, copy)
+    plain = ShardDataset(copy, batch_size=16, seed=4)
+    cached = ShardDataset(copy, batch_size=16, seed=4, decoded_cache_bytes=370 * 8 * 8)  # exactly fits
+    too_small = ShardDataset(copy, batch_size=16, seed=4, decoded_cache_bytes=370 * 8 * 8 - 1)
+    epochs = [(0, 0), (1, 0), (2, 5)]  # the last resumes mid-epoch
+    expected = []
+    for epoch, start in epochs:
+        plain.set_epoch(epoch, start)
+        expected.append(_batches(plain))
+    for epoch, start in epochs[:1]:
+        cached.set_epoch(epoch, start)
+        got = _batches(cached)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, expected[0], strict=True))
+    shards = list((tmp_path / "ds" / "train").glob("*.tar"))
+    assert len(shards) == 7
+    for shard in shards:
+        shard.unlink()  # from now on, the images can only come from the cache
+    for (epoch, start), want in zip(epochs[1:], expected[1:]):
+        cached.set_epoch(epoch, start)
+        got = _batches(cached)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want, strict=True))
+    with pytest.raises(FileNotFoundError):  # a split that does not fit is read from its shards each epoch
+        _batches(too_small)
+
+
 def test_drop_last_yields_only_full_batches(uneven_dataset):
     dataset = ShardDataset(uneven_dataset, batch_size=100, drop_last=True)
     assert len(dataset) == 3 and [len(y) for _, y in shard_loader(dataset, 2)] == [100, 100, 100]

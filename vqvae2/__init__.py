@@ -22,6 +22,7 @@ from .config import (
     config_to_dict,
 )
 from .fast_sampling import incremental_logits, sample_level_fast
+from .graph_sampling import StaticPrior, sample_level_graphed, static_logits
 from .presets import PRESETS, preset
 from .prior import PixelCNNPrior, bits_per_code
 from .quantize import QuantizerOutput, VectorQuantizer, accumulate_codebook_updates
@@ -55,4 +56,5 @@ __all__ = [
     "sample_level_fast", "sample_level_reference", "sample_logits", "seed_everything", "to_checkpoint", "train_step",
     "accept_mask", "candidates_needed", "keep_count",
     "SavedTensorBytes", "accumulate_codebook_updates", "enable_activation_checkpointing",
+    "StaticPrior", "sample_level_graphed", "static_logits",
 ]

@@ -22,8 +22,9 @@ one matrix product each, `pixelcnn.conv_at`: far cheaper per call on a CPU),
 there is one source of truth; `tests/test_fast_sampling.py` checks the logits against the
 full forward at every position (they differ by rounding only, a few 1e-7 in fp32).
 Both samplers draw once per position with `sample_logits`, in raster order, so with the same
-generator they give the same codes. Device-agnostic (no host sync in the loop); nothing
-CUDA-specific (graphs, compile) is used: it has not been measured on a GPU yet.
+generator they give the same codes. Device-agnostic, but on a GPU launch-bound: every kernel of
+a step is launched from Python, and every draw waits for the device (`torch.multinomial` checks
+the probabilities on the host). `vqvae2.graph_sampling` runs the same math as CUDA graphs.
 """
 from __future__ import annotations
 

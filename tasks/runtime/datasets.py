@@ -7,6 +7,7 @@ import torch
 
 from storage.loader import ShardDataset, iter_shard_batches, shard_loader
 
+from ..config import Runtime
 from ..manifests import DatasetManifest
 from .trainer import BatchSource, private_generator
 
@@ -27,10 +28,13 @@ def first_images(dataset: DatasetManifest, split: str, count: int,
 
 
 def train_batches(dataset: DatasetManifest, batch_size: int, seed: int, num_workers: int,
-                  storage_options: dict[str, Any] | None) -> tuple[BatchSource, int]:
+                  runtime: Runtime) -> tuple[BatchSource, int]:
     """(batch source for a `TrainingJob`, batches per epoch) over the train split's shards.
-    `num_workers` changes the batch order (the shard readers interleave)."""
-    shards = ShardDataset(dataset.url, "train", batch_size=batch_size, seed=seed, storage_options=storage_options)
+    `num_workers` changes the batch order (the shard readers interleave); the decoded-image
+    cache (`training.decoded_cache_mb`) does not."""
+    shards = ShardDataset(dataset.url, "train", batch_size=batch_size, seed=seed,
+                          storage_options=runtime.storage_options,
+                          decoded_cache_bytes=runtime.training.decoded_cache_mb * 2**20)
 
     def batches(epoch: int, start: int):
         shards.set_epoch(epoch, start)

@@ -1,6 +1,7 @@
 """Which device a stage computes on, and which GPU a training has to itself."""
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -31,6 +32,7 @@ def resolve_device(choice: str) -> torch.device:
 # one limit per device (`vqvae2-gpu-<index>`, one slot each) says which GPU is its own.
 
 GPU_TAG = "gpu"
+CLAIM_LIMIT = "vqvae2-gpu-claim"
 
 
 def gpu_limit_name(index: int) -> str:
@@ -49,6 +51,7 @@ def ensure_gpu_limits(count: int) -> None:
     (Prefect keeps a tag's limit as the global concurrency limit `tag:<tag>`.)"""
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(f"tag:{GPU_TAG}", limit=count)
+        client.upsert_global_concurrency_limit_by_name(CLAIM_LIMIT, limit=1)
         for index in range(count):
             client.upsert_global_concurrency_limit_by_name(gpu_limit_name(index), limit=1)
 
@@ -76,18 +79,28 @@ def claimed_gpus(training: TrainingRun, count: int = 1, poll_seconds: float = 1.
     if count > gpus:
         raise ValueError(f"a training on {count} processes needs {count} GPUs, but training.gpus is {gpus}")
     with ExitStack() as held:
-        while (claimed := _try_claim(held, gpus, count, poll_seconds)) is None:
-            pass
-        yield claimed
+        while (indices := _claim(held, gpus, count)) is None:
+            time.sleep(poll_seconds)
+        yield indices
 
 
-def _try_claim(held: ExitStack, gpus: int, count: int, poll_seconds: float) -> list[int] | None:
+def _claim(held: ExitStack, gpus: int, count: int) -> list[int] | None:
+    # One training at a time looks for free GPUs and takes them (the limit CLAIM_LIMIT), so
+    # what it found free is still free when it takes it. Waiting is sleeping between looks,
+    # not acquiring with a timeout: Prefect logs every such timeout as an ERROR.
+    with concurrency(CLAIM_LIMIT, occupy=1, strict=True):
+        indices = _free_gpus(gpus, count)
+        if indices is not None:
+            held.enter_context(concurrency([gpu_limit_name(i) for i in indices], occupy=1, strict=True))
+        return indices
+
+
+def _free_gpus(gpus: int, count: int) -> list[int] | None:
+    """The first `count` consecutive GPUs whose limits have no slot taken, if any."""
+    with get_client(sync_client=True) as client:
+        busy = [client.read_global_concurrency_limit_by_name(gpu_limit_name(i)).active_slots > 0
+                for i in range(gpus)]
     for first in range(gpus - count + 1):
-        indices = list(range(first, first + count))
-        try:
-            held.enter_context(concurrency([gpu_limit_name(i) for i in indices], occupy=1,
-                                           timeout_seconds=poll_seconds, strict=True))
-            return indices
-        except TimeoutError:
-            continue
+        if not any(busy[first:first + count]):
+            return list(range(first, first + count))
     return None

@@ -39,6 +39,7 @@ class SampleSettings(Settings):
     acceptance_rates: list[float]
     temperature: float
     top_k: int | None
+    dtype: str  # the priors' precision while sampling
     batch_size: int  # each batch draws with its own seed: part of what is drawn
     seed: int
     num_classes: int
@@ -49,7 +50,8 @@ class SampleSettings(Settings):
     def of(cls, config: PipelineConfig, variant: Any = None) -> SampleSettings:
         sample = config.sample
         return cls(num_samples=config.num_samples, acceptance_rates=sample.acceptance_rates,
-                   temperature=sample.temperature, top_k=sample.top_k, batch_size=sample.batch_size,
+                   temperature=sample.temperature, top_k=sample.top_k, dtype=sample.dtype,
+                   batch_size=config.sample_batch_size,
                    seed=sample.seed, num_classes=config.model.num_classes, grid_size=config.evaluate.grid_size,
                    image_size=config.model.image_size)
 
@@ -152,6 +154,7 @@ def sample_batch(index: int, settings: SampleSettings, runtime: Runtime, autoenc
     images, codes = vqvae2.sample_images(
         model, prior_models, size, labels=labels if settings.num_classes else None,
         temperature=settings.temperature, top_k=settings.top_k, seed=settings.seed + index,
+        dtype=torch.bfloat16 if settings.dtype == "bf16" else None,
     )
     url = samples.path("batches", f"batch-{index:05d}.npz")
     save_npz(

@@ -65,7 +65,7 @@ def autoencoder_job(settings: AutoencoderSettings, runtime: Runtime, dataset: Da
         return {"mse": mse, **{f"usage_{n}": float(u) for n, u in zip(names, out.usage)}}
 
     batches, per_epoch = train_batches(dataset, rank_batch_size(settings.train.batch_size), settings.train.seed,
-                                       settings.num_workers, runtime.storage_options)
+                                       settings.num_workers, runtime)
     return TrainingJob(
         name="autoencoder", model=model, loss_fn=vqvae2.autoencoder_loss, train=settings.train, batches=batches,
         batches_per_epoch=per_epoch, artifact=artifact, options=runtime.training, evaluate=evaluate,

@@ -89,7 +89,7 @@ def classifier_job(settings: ClassifierSettings, runtime: Runtime, dataset: Data
         return {"accuracy": (predictions == labels).float().mean().item()}
 
     batches, per_epoch = train_batches(dataset, rank_batch_size(settings.train.batch_size), settings.train.seed,
-                                       settings.num_workers, runtime.storage_options)
+                                       settings.num_workers, runtime)
     return TrainingJob(
         name=f"classifier-{settings.role}", model=model, loss_fn=vqvae2.classifier_loss, train=settings.train,
         batches=batches, batches_per_epoch=per_epoch, artifact=artifact, options=runtime.training, evaluate=evaluate,

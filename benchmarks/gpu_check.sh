@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# The GPU check: everything that needs a GPU to be measured, in one run that fits a lent
+# machine's time (README, "On GPUs"). In order, each step under its own time limit, so one
+# that fails or overruns costs only itself:
+#   1. the device, and the CUDA-only tests;
+#   2. the whole pipeline on the `fashion-mnist-gpu` preset: wall time, training seconds
+#      per model, the report's metrics (sample FID: domain features, no rejection);
+#   3. the sampler at the imagenet-256 paper widths (benchmarks/bench_sampling.py);
+#   4. activation checkpointing on the paper's bottom prior (benchmarks/bench_memory.py);
+#   5. bf16 and channels_last against fp32 (benchmarks/bench_precision.py).
+# Prints a summary at the end; the log, the summary, the report and its sample grid go
+# to --out.
+#
+#   bash benchmarks/gpu_check.sh --out DIR             # on a GPU machine
+#   bash benchmarks/gpu_check.sh --dry-run --out DIR   # the same steps at tiny sizes on a CPU
+#
+# A bare machine (Python and torch, nothing else) needs the other dependencies as wheels
+# in .whl/ (installed into a temporary folder first) and may take Fashion-MNIST's IDX
+# files xz-compressed from .gpudata/ (else the Debian package's are used).
+set -uo pipefail
+
+dry=0
+only=""  # --steps a,b: only these steps (setup always runs)
+out=gpu-check-out
+budget=560  # seconds for the whole check; the pipeline gets what the other steps leave
+while [ $# -gt 0 ]; do
+  case $1 in
+    --dry-run) dry=1 ;;
+    --out) out=$2; shift ;;
+    --budget) budget=$2; shift ;;
+    --steps) only=",$2,"; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+log=$out/gpu_check.log
+summary=$out/summary.txt
+: > "$log"
+: > "$summary"
+exec > >(tee -a "$log") 2>&1
+
+work=$(mktemp -d /tmp/vqvae2-gpu-check.XXXXXX)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export PREFECT_HOME=${PREFECT_HOME:-$work/prefect-home}
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-180}
+
+if [ $dry = 1 ]; then device=cpu; else device=cuda; fi
+
+# Steps (seconds) left for after the pipeline: what their limits below add up to.
+after_pipeline=$(( dry ? 240 : 200 ))
+
+step() {  # step NAME LIMIT: run the function NAME under a time limit; its outcome goes to the summary
+  local name=$1 limit=$2 started=$SECONDS rc outcome
+  if [ -n "$only" ] && [ "$name" != setup ] && [[ $only != *",$name,"* ]]; then return 0; fi
+  echo
+  echo "=== $name (at most ${limit}s)"
+  if [ "$limit" = none ]; then "$name"; else timeout --kill-after=15 "$limit" bash -c "$name"; fi
+  rc=$?
+  case $rc in 0) outcome=ok ;; 124|137) outcome="TIMED OUT" ;; *) outcome="failed ($rc)" ;; esac
+  printf '%-26s %-12s %5d s\n' "$name" "$outcome" $((SECONDS - started)) >> "$work/steps"
+  return $rc
+}
+
+setup() {
+  if [ -d .whl ] && ! python3 -c "import prefect, zarr, webdataset, torch_fidelity" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" .whl/*.whl \
+      || return 1
+    export PYTHONPATH="$PYTHONPATH:$work/site"
+  fi
+  if ls .gpudata/*.xz >/dev/null 2>&1; then
+    mkdir -p "$work/fashion-mnist"
+    local pids=() f
+    for f in .gpudata/*.xz; do
+      python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        "$f" "$work/fashion-mnist/$(basename "$f" .xz)" & pids+=($!)
+    done
+    wait "${pids[@]}"  # not a bare `wait`: that would wait for the log's tee too
+  fi
+  python3 - <<'EOF'
+import platform, torch
+print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA devices: {torch.cuda.device_count()}")
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"  cuda:{i} {p.name}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs")
+import prefect, zarr, webdataset, torch_fidelity  # the pipeline's dependencies, importable
+print(f"prefect {prefect.__version__}, zarr {zarr.__version__}")
+EOF
+}
+
+cuda_tests() {
+  python3 -m pytest -q -p no:cacheprovider -m cuda tests
+}
+
+pipeline() {
+  local config=$work/config.json root=$work/root
+  python3 - "$config" "$dry" "$work/fashion-mnist" <<'EOF'
+import json, os, sys
+path, dry, data = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+config = {"preset": "fashion-mnist-gpu", "overrides": {}}
+if os.path.isdir(data):
+    config["source"] = {"kind": "fashion-mnist", "url": data}
+if dry:  # the preset's stages and shapes at a CPU's size
+    tiny = {"channels": 16, "res_channels": 8}
+    config["overrides"] = {
+        **{f"autoencoder.{k}": v for k, v in tiny.items()},
+        **{f"priors.{i}.{k}": v for i in (0, 1) for k, v in {"channels": 16, "layers": 2, "embed_dim": 8}.items()},
+        "priors.1.cond_channels": 16, "priors.1.cond_res_blocks": 1, "classifier.widths": [8, 16, 32],
+        **{f"{t}.{k}": v for t in ("train_autoencoder", "train_prior", "train_classifier")
+           for k, v in {"steps": 6, "batch_size": 16, "warmup_steps": 0}.items()},
+    }
+    config["ingest"] = {"max_samples_per_split": 400}
+    config["sample"] = {"num_samples": 10, "batch_size": 25}
+    config["evaluate"] = {"eval_images": 64, "grid_size": 16}
+json.dump(config, open(path, "w"), indent=1)
+EOF
+  local started=$SECONDS
+  python3 -m flows.cli run --config "$config" --root "$root" || return 1
+  echo "pipeline wall time: $((SECONDS - started)) s" | tee -a "$work/pipeline"
+  python3 - "$root" "$out" <<'EOF' | tee -a "$work/pipeline"
+import glob, json, os, shutil, sys
+root, out = sys.argv[1:]
+for path in sorted(glob.glob(f"{root}/*/*/manifest.json")):
+    m = json.load(open(path))
+    if "device" in m:
+        which = m.get("role") or (f"level {m['level']}" if "level" in m else "")
+        print(f"  trained {m['stage']:<12} {which:<9} {m['seconds']:7.1f} s on {m['device']}, {m['steps']} steps")
+for path in glob.glob(f"{root}/reports/*/manifest.json"):
+    report = os.path.dirname(path)
+    metrics = json.load(open(path))["metrics"]
+    for name in ("sample_fid", "sample_kid_mean", "sample_isc_mean", "recon_psnr_db", "codes_used_top",
+                 "codes_used_bottom", "nll_bits_per_code_top", "nll_bits_per_code_bottom"):
+        if name in metrics:
+            print(f"  {name:<26} {metrics[name]:.4g}")
+    for name in ("report.md", "samples.png"):
+        shutil.copy(os.path.join(report, name), os.path.join(out, name))
+EOF
+}
+
+sampling() {
+  if [ $dry = 1 ]; then
+    python3 benchmarks/bench_sampling.py --device cpu --widths tiny --batches 2,4
+  else
+    python3 benchmarks/bench_sampling.py --device cuda --widths paper --batches 16,128
+  fi
+}
+
+memory() {
+  if [ $dry = 1 ]; then
+    python3 benchmarks/bench_memory.py --device cpu --channels 16 --micro-batch 2 --steps 1 --models prior
+  else
+    python3 benchmarks/bench_memory.py --device cuda --channels 0 --micro-batch 32 --dtype bf16 --steps 3 --models prior
+  fi
+}
+
+precision() {
+  if [ $dry = 1 ]; then
+    python3 benchmarks/bench_precision.py --device cpu --preset smoke --batch 8 --steps 1 --warmup 1
+  else
+    python3 benchmarks/bench_precision.py --device cuda --steps 20 &&
+      python3 benchmarks/bench_precision.py --device cuda --preset imagenet-256 --models autoencoder --batch 32 --steps 10
+  fi
+}
+
+export -f cuda_tests pipeline sampling memory precision
+export work out dry
+started=$SECONDS
+step setup none || { echo "gpu_check.sh: setup failed: see $log" >&2; exit 1; }
+step cuda_tests 60
+left=$(( budget - (SECONDS - started) - after_pipeline ))
+step pipeline $(( left > 60 ? left : 60 ))
+step sampling $(( dry ? 120 : 100 ))
+step memory 60
+step precision $(( dry ? 60 : 40 ))
+
+{
+  echo "gpu_check ($([ $dry = 1 ] && echo "dry run, CPU" || echo "$device")) in $((SECONDS - started)) s"
+  cat "$work/steps"
+  echo
+  cat "$work/pipeline" 2>/dev/null
+} > "$summary"
+echo
+echo "=== summary"
+cat "$summary"
+grep -q -v ' ok ' "$work/steps" && exit 1 || exit 0

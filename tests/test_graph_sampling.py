@@ -1,0 +1,160 @@
+"""The static-buffer sampler is exact: its steps' logits are the full forward's (and the cached
+step's) at every position, it draws what the cached sampler draws for the same seed, and on
+CUDA the replayed graphs compute what the eager steps compute."""
+import pytest
+import torch
+from test_fast_sampling import ATOL, HIERARCHIES, _small_prior, one_thread  # noqa: F401 (an autouse fixture)
+from test_prior import CASES, _prior_and_inputs
+
+import vqvae2
+from vqvae2.draw import race_draw, sample_logits, tempered_probs
+from vqvae2.fast_sampling import incremental_logits, sample_level_fast
+from vqvae2.graph_sampling import sample_level_graphed, static_logits
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_static_logits_equal_the_full_forward_and_the_cached_step_at_every_position(case):
+    prior, codes, cond, labels = _prior_and_inputs(case)
+    with torch.no_grad():
+        full = prior(codes, cond, labels)
+    static = static_logits(prior, codes, cond, labels)
+    torch.testing.assert_close(static, full, atol=ATOL, rtol=0)
+    torch.testing.assert_close(static, incremental_logits(prior, codes, cond, labels), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 6), (6, 1), (3, 5), (5, 2)])
+def test_static_logits_equal_the_full_forward_on_any_grid(shape, kernel_size):
+    torch.manual_seed(0)
+    prior = _small_prior(shape, kernel_size)
+    codes, cond, labels = torch.randint(16, (3, *shape)), [torch.randint(16, (3, 2, 3))], torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        full = prior(codes, cond, labels)
+    torch.testing.assert_close(static_logits(prior, codes, cond, labels), full, atol=ATOL, rtol=0)
+
+
+def test_in_float64_the_difference_is_rounding_alone():
+    prior, codes, cond, labels = _prior_and_inputs("bottom-of-three-given-two")
+    prior = prior.double()
+    with torch.no_grad():
+        full = prior(codes, cond, labels)
+    torch.testing.assert_close(static_logits(prior, codes, cond, labels), full.float(), atol=1e-6, rtol=0)
+
+
+def test_the_exponential_race_draws_what_multinomial_draws():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 33) * 3
+    generators = [torch.Generator().manual_seed(11) for _ in range(2)]
+    noise = torch.empty(4, 33)
+    for temperature, top_k in [(1.0, None), (0.5, 4), (2.0, 1)]:
+        for _ in range(20):
+            drawn = race_draw(tempered_probs(logits, temperature, top_k), noise, generators[1])
+            assert torch.equal(drawn, sample_logits(logits, temperature, top_k, generators[0]))
+    assert torch.equal(generators[0].get_state(), generators[1].get_state())
+
+
+@pytest.mark.parametrize("case, temperature, top_k", [
+    ("top-attention", 1.0, None),
+    ("top-class-conditional", 0.7, 5),
+    ("bottom-given-top-class-conditional", 1.5, None),
+    ("middle-of-three", 0.9, 3),
+])
+def test_the_same_seed_draws_the_same_codes_as_the_cached_sampler(case, temperature, top_k):
+    prior, _, cond, labels = _prior_and_inputs(case)
+    prior.train()  # both samplers switch dropout off, and restore the mode
+    generators = [torch.Generator().manual_seed(5) for _ in range(2)]
+    cached, graphed = (
+        sampler(prior, 2, cond, labels, temperature, top_k, g)
+        for sampler, g in zip([sample_level_fast, sample_level_graphed], generators)
+    )
+    assert torch.equal(graphed, cached)
+    assert torch.equal(generators[0].get_state(), generators[1].get_state()), "the same draws, in the same order"
+    assert prior.training
+
+
+@pytest.mark.parametrize("hierarchy", HIERARCHIES)
+def test_the_hierarchy_gets_the_same_codes_with_the_graphed_sampler(hierarchy):
+    torch.manual_seed(0)
+    priors = vqvae2.build_priors(vqvae2.preset("smoke", HIERARCHIES[hierarchy]))
+    kwargs = dict(labels=torch.tensor([1, 8]), temperature=0.8, top_k=[None, 6, 4][:len(priors)], seed=3)
+    cached = vqvae2.sample_codes(priors, 2, **kwargs)
+    graphed = vqvae2.sample_codes(priors, 2, sampler=vqvae2.sample_level_graphed, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(graphed, cached))
+
+
+def test_a_tiny_temperature_draws_the_argmax_and_top_1_is_the_argmax():
+    prior, codes, cond, labels = _prior_and_inputs("bottom-given-top-class-conditional")
+    for temperature, top_k in [(1e-4, None), (1.0, 1)]:
+        drawn = sample_level_graphed(prior, 2, cond, labels, temperature, top_k, torch.Generator().manual_seed(0))
+        # teacher forcing with the drawn codes gives each position's logits given the codes before it
+        assert torch.equal(static_logits(prior, drawn, cond, labels).argmax(dim=1), drawn)
+
+
+def test_bf16_samples_from_a_copy_and_its_logits_are_close():
+    prior, codes, cond, labels = _prior_and_inputs("middle-of-three")
+    with torch.no_grad():
+        full = prior(codes, cond, labels)
+    logits = static_logits(prior, codes, cond, labels, dtype=torch.bfloat16)
+    assert logits.dtype == torch.float32 and prior.embed.weight.dtype == torch.float32
+    torch.testing.assert_close(logits, full, atol=0.05, rtol=0.05)
+    drawn = sample_level_graphed(prior, 2, cond, labels, generator=torch.Generator().manual_seed(0),
+                                 dtype=torch.bfloat16)
+    assert drawn.shape == (2, *prior.shape) and 0 <= drawn.min() and drawn.max() < prior.num_codes
+
+
+def test_bad_input_is_a_clear_error():
+    prior, _, cond, labels = _prior_and_inputs("bottom-given-top-class-conditional")
+    with pytest.raises(ValueError, match="cond_codes"):
+        sample_level_graphed(prior, 2, None, labels)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample_level_graphed(prior, 2, cond, labels, temperature=0.0)
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        sample_level_graphed(prior, 2, cond, labels, top_k=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            sample_level_graphed(prior, 2, cond, labels, capture=True)
+
+
+def _on_cuda(case):
+    prior, codes, cond, labels = _prior_and_inputs(case)
+    return (prior.cuda(), codes.cuda(), [c.cuda() for c in cond] if cond else None,
+            labels.cuda() if labels is not None else None)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["top-attention", "bottom-of-three-given-two", "bottom-given-top-class-conditional"])
+def test_the_captured_steps_logits_equal_the_uncaptured_steps_at_every_position(case):
+    prior, codes, cond, labels = _on_cuda(case)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        eager = static_logits(prior, codes, cond, labels, capture=False)
+        captured = static_logits(prior, codes, cond, labels, capture=True)
+        with torch.no_grad():
+            full = prior(codes, cond, labels)
+    torch.testing.assert_close(captured, eager, atol=ATOL, rtol=0)
+    torch.testing.assert_close(captured, full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_the_captured_sampler_samples_and_a_seed_repeats_it(dtype):
+    prior, _, cond, labels = _on_cuda("middle-of-three")
+
+    def sample(capture):
+        generator = torch.Generator(device="cuda").manual_seed(5)
+        return sample_level_graphed(prior, 2, cond, labels, 0.9, 3, generator, dtype=dtype, capture=capture)
+
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        first, again, eager = sample(True), sample(True), sample(False)
+    assert first.shape == (2, *prior.shape) and 0 <= first.min() and first.max() < prior.num_codes
+    assert torch.equal(first, again)
+    # The graph advances the generator's philox offset as the eager step does: the same noise.
+    assert torch.equal(first, eager)
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_graphed_sampler_draws_the_cached_samplers_codes():
+    prior, _, cond, labels = _on_cuda("bottom-given-top-class-conditional")
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        cached, graphed = (sampler(prior, 2, cond, labels, 1.0, None, torch.Generator(device="cuda").manual_seed(7))
+                           for sampler in (sample_level_fast, sample_level_graphed))
+    assert torch.equal(graphed, cached)
