@@ -190,6 +190,12 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(f"  trained {row['stage']:20s} {row['steps']} steps")
 
 
+def cmd_node(args: argparse.Namespace) -> None:
+    from tasks.runtime.process import serve_node
+
+    raise SystemExit(serve_node(args.rdzv_endpoint, args.nnodes, args.node_rank, args.nproc_per_node, args.once))
+
+
 def parser() -> argparse.ArgumentParser:
     from flows.pipeline import STAGE_FLOWS
     from tasks.config import PresetName
@@ -225,6 +231,15 @@ def parser() -> argparse.ArgumentParser:
     recon.add_argument("--out", required=True, help="PNG of originals and reconstructions side by side")
     recon.add_argument("--scale", type=_positive_int, default=4)
     recon.set_defaults(fn=cmd_reconstruct)
+
+    node = commands.add_parser("node", help="on another machine: join the multi-node trainings of a worker "
+                               "(training.nnodes > 1), one after another")
+    node.add_argument("--rdzv-endpoint", required=True, metavar="HOST:PORT", help="the worker's training.rdzv_endpoint")
+    node.add_argument("--nnodes", type=_positive_int, required=True, help="training.nnodes")
+    node.add_argument("--node-rank", type=_positive_int, required=True, help="this machine's number, 1 to nnodes - 1")
+    node.add_argument("--nproc-per-node", type=_positive_int, default=1, help="training.processes (default 1)")
+    node.add_argument("--once", action="store_true", help="join one training, then exit with its code")
+    node.set_defaults(fn=cmd_node)
 
     report = commands.add_parser("report", parents=[common], help="print a finished run's report")
     report.add_argument("--json", action="store_true", help="the whole report.json")

@@ -111,6 +111,12 @@ class TrainingRun(Section):
                              "per GPU at a time, each on its own (Prefect concurrency limits `gpu` and "
                              "`vqvae2-gpu-<i>`); None: the visible CUDA devices; 0: no limit")
 
+    nnodes: int = Field(1, ge=1, description="Machines each data-parallel training spans, `training.processes` "
+                        "on each: this worker is node 0, and every other machine runs `vqvae2 node --rdzv-endpoint "
+                        "HOST:PORT --nnodes N --node-rank K --nproc-per-node P`; all must reach the storage root")
+    rdzv_endpoint: str | None = Field(None, description="host:port of this worker, where the training processes of "
+                                      "several machines meet (torchrun's static rendezvous); needed when nnodes > 1")
+
     fail_once_at_step: dict[str, int] = Field(
         default_factory=dict,
         description="Testing only: make a training stage ('autoencoder', 'prior-top', 'classifier', ...) fail once "
@@ -120,14 +126,25 @@ class TrainingRun(Section):
     def threads(self) -> int:
         return self.cpu_threads or max(1, (os.cpu_count() or 2) // 2)
 
+    @model_validator(mode="after")
+    def _rendezvous(self) -> TrainingRun:
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"training.rdzv_endpoint must be host:port, got {self.rdzv_endpoint!r}")
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"training.nnodes is {self.nnodes}: set training.rdzv_endpoint to this worker's "
+                             "host:port, where the other machines' training processes join it")
+        return self
+
 
 class TrainingSection(TrainingRun):
     """The `training` section: how trainings run, how many processes train each model, and
     how many read its shards."""
 
     processes: int | Literal["auto"] = Field(
-        1, description="Data-parallel training processes per model (torchrun: NCCL on GPUs, gloo on CPU), sharing "
-        "each batch; auto: one per visible GPU. Part of the cache keys: the ranks split the data",
+        1, description="Data-parallel training processes per model and machine (torchrun: NCCL on GPUs, gloo on "
+        "CPU), sharing each batch; auto: one per visible GPU. Part of the cache keys: the ranks split the data",
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes for reading shards (the shard "
                              "readers interleave, so this changes the batch order and is part of the cache keys)")
@@ -144,10 +161,9 @@ class TrainingSection(TrainingRun):
         return TrainingRun(**self.model_dump(exclude={"num_workers", "processes"}))
 
     def world_size(self) -> int:
-        """The training processes per model, `auto` resolved on this machine."""
-        if self.processes == "auto":
-            return max(1, torch.cuda.device_count())
-        return self.processes
+        """The training processes per model on all nodes, `auto` resolved on this machine."""
+        per_node = max(1, torch.cuda.device_count()) if self.processes == "auto" else self.processes
+        return per_node * self.nnodes
 
 
 class EncodeSection(Section):

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,6 +65,41 @@ def test_a_run_whose_rank_was_killed_resumes_exactly(tmp_path):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert _losses(tmp_path / "faulty") == _losses(tmp_path / "clean")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_machines_train_like_one_process(tmp_path):
+    # Two nodes of one process each, both on this machine: node 0 is the task's, node 1 is
+    # what `vqvae2 node` runs on another machine. The job reaches node 1 through rank 0.
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = OPTIONS.model_copy(update={"nnodes": 2, "rdzv_endpoint": endpoint})
+    other = subprocess.Popen([sys.executable, "-m", "flows.cli", "node", "--rdzv-endpoint", endpoint, "--nnodes", "2",
+                              "--node-rank", "1", "--once"], cwd=TESTS.parent, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        two = _train(tmp_path / "nodes", 2, options=nodes)
+        assert other.wait(timeout=120) == 0, other.stdout.read()
+    finally:
+        other.kill()
+    one = _train(tmp_path / "one", 1)
+    assert (two.steps, two.processes) == (10, 2)
+    assert _losses(tmp_path / "nodes") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4, abs=1e-6)
+    rank0 = torch.load(tmp_path / "nodes" / "buffers-rank0-of-2.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "nodes" / "buffers-rank1-of-2.pt", weights_only=True)
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+
+
+def test_a_run_on_several_machines_needs_a_rendezvous_endpoint():
+    with pytest.raises(ValueError, match="set training.rdzv_endpoint"):
+        TrainingRun(nnodes=2)
+    with pytest.raises(ValueError, match="must be host:port"):
+        TrainingRun(nnodes=2, rdzv_endpoint="node0")
 
 
 def test_a_global_batch_the_ranks_cannot_share_is_refused(tmp_path):

@@ -46,6 +46,7 @@ READERS: dict[str, set[str]] = {
     "training": set(),
     "training.num_workers": {"train-autoencoder"} | CLASSIFIERS,  # shard readers interleave: batch order
     "training.processes": {"train-autoencoder"} | CLASSIFIERS | PRIORS,  # data-parallel ranks split the data
+    "training.nnodes": {"train-autoencoder"} | CLASSIFIERS | PRIORS,  # processes on each node
     "encode": set(),  # per image, deterministic: the batch size is throughput only
     "sample": {"sample"},
     "evaluate": {"evaluate"},
@@ -109,7 +110,7 @@ def _candidates(value: Any, annotation: Any) -> list[Any]:
     if isinstance(value, float):
         return [value * 0.5, value * 2, value + 0.1, 0.5]
     if isinstance(value, str):
-        return {"auto": ["bf16", "off"]}.get(value, []) + [value + "-changed"]
+        return {"auto": ["bf16", "off"]}.get(value, []) + [value + "-changed", "changed-" + value]
     if isinstance(value, tuple):
         return [(first, *value[1:]) for first in _candidates(value[0], type(value[0]))]
     if isinstance(value, list):
@@ -161,7 +162,9 @@ def _expected(path: str) -> set[str]:
 
 def _base() -> PipelineConfig:
     # A source URL, so that the walk can change the source's kind too (other kinds need one).
-    return pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"}, source={"url": "/data/fashion-mnist"})
+    # A rendezvous endpoint, so that the walk can change the number of nodes too.
+    return pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"}, source={"url": "/data/fashion-mnist"},
+                           training={"rdzv_endpoint": "node0:29500"})
 
 
 def _fields() -> list[tuple[str, Any, Any, Any]]:

@@ -33,6 +33,7 @@ def resolve_device(choice: str) -> torch.device:
 
 GPU_TAG = "gpu"
 CLAIM_LIMIT = "vqvae2-gpu-claim"
+NODES_LIMIT = "vqvae2-nodes"
 
 
 def gpu_limit_name(index: int) -> str:
@@ -82,6 +83,20 @@ def claimed_gpus(training: TrainingRun, count: int = 1, poll_seconds: float = 1.
         while (indices := _claim(held, gpus, count)) is None:
             time.sleep(poll_seconds)
         yield indices
+
+
+@contextmanager
+def one_multi_node_training(training: TrainingRun) -> Iterator[None]:
+    """Inside a training task on several machines: the other machines serve one training at
+    a time (`vqvae2 node`, at one rendezvous endpoint), so such trainings take turns (the
+    limit NODES_LIMIT); a training on one machine goes straight on."""
+    if training.nnodes == 1 or not in_prefect_run():
+        yield
+        return
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(NODES_LIMIT, limit=1)
+    with concurrency(NODES_LIMIT, occupy=1, strict=True):
+        yield
 
 
 def _claim(held: ExitStack, gpus: int, count: int) -> list[int] | None:

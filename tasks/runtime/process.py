@@ -1,12 +1,14 @@
 """Each training attempt in fresh processes: `train()` starts `python -m tasks.runtime.process`,
-or, for data-parallel training, `torchrun` with one such process per rank.
+or, for data-parallel training, `torchrun` with one such process per rank (on several
+machines: `serve_node` on each of the others).
 
 Concurrent trainings then never share torch's global RNG (the pipeline runs several at
 once, in threads), a retry after a CUDA failure gets a fresh CUDA context, and a crash
 cannot take the flow down. Each process connects back to the task over a local socket
 (`multiprocessing.connection`, with a one-time key), receives the pickled
 `(make_job, args)`, builds and runs the job, and sends its reports (rank 0), then its
-summary (rank 0) or its error (any rank); the task relays the reports to Prefect.
+summary (rank 0) or its error (any rank); the task relays the reports to Prefect. Ranks on
+other machines get the job from rank 0 through the process group.
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ import torch.distributed as dist
 
 from ..config import TrainingRun
 from ..manifests import TrainingSummary
-from .devices import claimed_gpus
+from .devices import claimed_gpus, one_multi_node_training
 from .trainer import Trainer, TrainingJob, UIReporter
 
 CHANNEL, CHANNEL_KEY = "VQVAE2_TRAINING_CHANNEL", "VQVAE2_TRAINING_CHANNEL_KEY"
+WORKER = ["-m", "tasks.runtime.process"]
 
 
 class TrainingFailed(RuntimeError):
@@ -77,7 +80,10 @@ def train(make_job: Callable[..., TrainingJob], *args: Any, title: str, options:
         if processes > 1:
             raise ValueError("training.processes > 1 needs training.subprocess: torchrun starts the processes")
         return Trainer(make_job(*args), reporter).run()
-    with claimed_gpus(options, processes) as gpus:
+    if processes % options.nnodes:
+        raise ValueError(f"{processes} training processes cannot be shared equally by {options.nnodes} nodes")
+    local = processes // options.nnodes
+    with one_multi_node_training(options), claimed_gpus(options, local) as gpus:
         env = {**os.environ, "OMP_NUM_THREADS": str(options.threads())}
         if gpus:
             # the claimed ones among the devices this worker was given, if it was given a subset
@@ -85,10 +91,38 @@ def train(make_job: Callable[..., TrainingJob], *args: Any, title: str, options:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(given[i] if i < len(given) else str(i) for i in gpus)
             reporter.log(f"{title} on GPU {', '.join(map(str, gpus))} "
                          f"(CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']})")
-        worker = ["-m", "tasks.runtime.process"]
-        command = [sys.executable, *worker] if processes == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *worker]
-        return _run(command, processes, pickle.dumps((make_job, args)), title, env, reporter)
+        if options.nnodes > 1:
+            command = torchrun(options.rdzv_endpoint, options.nnodes, 0, local)
+        elif processes > 1:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={local}",
+                       *WORKER]
+        else:
+            command = [sys.executable, *WORKER]
+        return _run(command, local, pickle.dumps((make_job, args)), title, env, reporter)
+
+
+def torchrun(endpoint: str, nnodes: int, node_rank: int, local: int) -> list[str]:
+    """The command that starts node `node_rank`'s `local` training processes of a run on
+    `nnodes` machines, meeting at `endpoint` (host:port of node 0). A static rendezvous:
+    node 0, the worker that runs the task, holds ranks 0 to local - 1, so rank 0, which
+    reports and checkpoints, is always on it."""
+    host, _, port = endpoint.rpartition(":")
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
+            f"--master-addr={host}", f"--master-port={port}", f"--nproc-per-node={local}", *WORKER]
+
+
+def serve_node(endpoint: str, nnodes: int, node_rank: int, local: int, once: bool = False) -> int:
+    """On a machine other than node 0: join each multi-node training as node `node_rank`,
+    one after another (the trainings of a multi-node run take turns), until interrupted;
+    with `once`, join one and return its exit code. The job comes from rank 0."""
+    if not 0 < node_rank < nnodes:
+        raise ValueError(f"node rank must be between 1 and {nnodes - 1} (node 0 is the Prefect worker), got {node_rank}")
+    while True:
+        print(f"node {node_rank} of {nnodes}: waiting for a training at {endpoint}", flush=True)
+        code = subprocess.call(torchrun(endpoint, nnodes, node_rank, local), stdin=subprocess.DEVNULL)
+        if once:
+            return code
+        print(f"node {node_rank} of {nnodes}: training ended (exit code {code})", flush=True)
 
 
 def _run(command: list[str], ranks: int, job: bytes, title: str, env: dict[str, str],
@@ -166,13 +200,28 @@ def process_group() -> Iterator[int]:
         dist.destroy_process_group()
 
 
+def _job_on_every_node(job: tuple | None) -> tuple:
+    """The ranks on other machines than node 0 have no channel: rank 0 sends them the job."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
+        return job
+    holder = [job]
+    dist.broadcast_object_list(holder, src=0, device=torch.device("cpu"))
+    return holder[0]
+
+
 def main() -> None:
-    host, port = os.environ[CHANNEL].rsplit(":", 1)
     rank = int(os.environ.get("RANK", "0"))
+    if CHANNEL not in os.environ:  # a rank on another machine (`vqvae2 node`): its errors go to its console
+        with process_group():
+            make_job, args = _job_on_every_node(None)
+            Trainer(make_job(*args), SilentReporter()).run()
+        return
+    host, port = os.environ[CHANNEL].rsplit(":", 1)
     with Client((host, int(port)), authkey=bytes.fromhex(os.environ[CHANNEL_KEY])) as conn:
         try:
-            make_job, args = pickle.loads(conn.recv_bytes())  # our own task process: trusted
+            job = pickle.loads(conn.recv_bytes())  # our own task process: trusted
             with process_group() as rank:
+                make_job, args = _job_on_every_node(job)
                 reporter = ChannelReporter(conn) if rank == 0 else SilentReporter()
                 summary = Trainer(make_job(*args), reporter).run()
             if rank == 0:
