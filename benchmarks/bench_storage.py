@@ -8,6 +8,9 @@ Prints:
   pool of ``--processes`` processes, measured in this run (best of ``--rounds``);
 - the ingest rate (IDX -> resized PNG -> tar shards + manifest, ``--processes`` workers)
   and its ratio to the bare pool rate (the goal is at least 0.5);
+- the same for a folder of 256x256 RGB JPEGs (Fashion-MNIST upscaled, made once under the
+  scratch folder, one sub-folder per class): ingest into 256x256 shards against the bare
+  rate of decoding, fitting and PNG-encoding the same files over the same pool;
 - peak RSS of ingesting 7k and 70k images, and of one epoch of reading 7k and 70k rows of
   codes through CodeDataset + ChunkShuffleSampler, each in a fresh subprocess.
 """
@@ -32,7 +35,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from storage.idx import read_idx  # noqa: E402
-from storage.imaging import encode_png, fit  # noqa: E402
+from storage.imaging import encode_png, fit, prepare  # noqa: E402
 from storage.sources import FASHION_MNIST_DIR  # noqa: E402
 
 IMAGE_SIZE = 32
@@ -78,6 +81,43 @@ def child_ingest(out: str, per_split: int | None, processes: int) -> dict:
     return {"images": manifest["num_samples"], "seconds": seconds, "peak_rss_mib": _peak_rss_mib(), "children_peak_rss_mib": children}
 
 
+JPEG_SIZE = 256
+
+
+def make_jpeg_folder(folder: Path, count: int) -> list[str]:
+    """`count` Fashion-MNIST images upscaled to 256x256 RGB JPEGs (quality 90), by class."""
+    images = read_idx(f"{FASHION_MNIST_DIR}/train-images-idx3-ubyte.gz")[:count]
+    labels = read_idx(f"{FASHION_MNIST_DIR}/train-labels-idx1-ubyte.gz")[:count]
+    paths = []
+    for i, (pixels, label) in enumerate(zip(images, labels)):
+        path = folder / f"class{label}" / f"{i:06d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).resize((JPEG_SIZE, JPEG_SIZE), Image.Resampling.BICUBIC).convert("RGB").save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def _prepare_all(paths: list[str]) -> int:
+    return sum(len(prepare(Path(p).read_bytes(), JPEG_SIZE, "RGB")[0]) for p in paths)
+
+
+def bare_jpeg_rate(paths: list[str], pool, processes: int) -> float:
+    """Images/s of decoding, fitting and PNG-encoding the JPEGs over ``pool``, nothing else."""
+    start = time.perf_counter()
+    pool.map(_prepare_all, [list(part) for part in np.array_split(paths, processes)])
+    return len(paths) / (time.perf_counter() - start)
+
+
+def child_ingest_folder(folder: str, out: str, processes: int) -> dict:
+    from storage.ingest import IngestConfig, ingest
+    from storage.sources import ImageFolderSource
+
+    start = time.perf_counter()
+    config = IngestConfig(image_size=JPEG_SIZE, mode="RGB", shard_size=100, holdout_fraction=0.0)
+    manifest = ingest(ImageFolderSource(folder), out, config, processes=processes)
+    return {"images": manifest["num_samples"], "seconds": time.perf_counter() - start}
+
+
 def child_write_codes(url: str, rows: int) -> dict:
     from storage.codes import create_codes, finish_codes, write_codes
 
@@ -118,12 +158,15 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="repeat the rate measurements, keep the best")
     parser.add_argument("--root", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--jpegs", type=int, default=1000, help="256x256 JPEGs in the folder case (0: skip it)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
         if kind == "ingest":
             result = child_ingest(rest[0], int(rest[1]) or None, int(rest[2]))
+        elif kind == "ingest-folder":
+            result = child_ingest_folder(rest[0], rest[1], int(rest[2]))
         elif kind == "write-codes":
             result = child_write_codes(rest[0], int(rest[1]))
         else:
@@ -154,6 +197,21 @@ def main() -> None:
         f"{full['images'] / rate:.1f} s, {rate:8.0f} images/s = {rate / many:.2f} x the bare {args.processes}-process "
         f"PNG rate ({rate / one:.2f} x one core's)"
     )
+
+    if args.jpegs:
+        paths = make_jpeg_folder(root / "jpegs", args.jpegs)
+        bare = folder_rate = 0.0
+        with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
+            pool.map(_prepare_all, [paths[:1]] * args.processes)  # workers up first
+            for round_ in range(args.rounds):
+                bare = max(bare, bare_jpeg_rate(paths, pool, args.processes))
+                r = run_child("ingest-folder", str(root / "jpegs"), str(root / f"jpeg-ingest-{round_}"), str(args.processes))
+                folder_rate = max(folder_rate, r["images"] / r["seconds"])
+        print(
+            f"ingest ({args.processes} processes), folder of {r['images']} {JPEG_SIZE}x{JPEG_SIZE} JPEGs -> "
+            f"{JPEG_SIZE}x{JPEG_SIZE} RGB shards: {folder_rate:8.0f} images/s = {folder_rate / bare:.2f} x the bare "
+            f"{args.processes}-process decode + fit + PNG rate ({bare:.0f} images/s)"
+        )
 
     for per_split, label in ((3500, "7k"), (0, "70k")):
         r = run_child("ingest", str(root / f"rss-{label}"), str(per_split), "1")

@@ -21,6 +21,7 @@ from tasks.config import PipelineConfig, Runtime
 from tasks.manifests import ReportManifest
 from tasks.stage import Stage
 from tasks.stages import STAGES, FinishedRun, Outputs, resolved
+from tasks.stages.ingest import check_classes
 
 TASK_RUNNER = ThreadPoolTaskRunner(max_workers=4)
 
@@ -30,6 +31,8 @@ def run_pipeline(config: PipelineConfig) -> ReportManifest:
     outputs = Outputs(config, lambda stage, _variant, settings, inputs: stage.run(settings, runtime, **inputs))
     for stage in STAGES:
         outputs.start(stage)
+        if stage.name == "ingest":  # every later stage waits for the dataset anyway
+            check_classes(outputs.get(stage), config)
     return outputs.get("evaluate")
 
 
@@ -53,6 +56,8 @@ def run_stage(config: PipelineConfig, stage: Stage) -> Any:
     """Run every variant of `stage` on the artifacts a finished run of `config` left."""
     finished = FinishedRun(config)
     inputs = finished.inputs(stage)
+    if stage.name != "ingest":
+        check_classes(finished.dataset, config)
     started = [stage.run(stage.settings_for(config, variant), finished.runtime, **inputs)
                for variant in stage.variants_of(config)]
     results = [resolved(output) for output in started]

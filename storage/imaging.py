@@ -1,9 +1,10 @@
 """Pixels in and out of shards: decode any source image once, bring it to the model's
 resolution and colour mode, store it as lossless PNG; decode PNG back to arrays.
 
-Resizing scales the shorter side to the target and centre-crops the longer one, so
-objects keep their aspect ratio (the usual ImageNet/FFHQ preprocessing; Razavi et al.
-2019, Sec. 4, train on centre-cropped squares).
+Resizing keeps the aspect ratio: `center-crop` (the default) scales the shorter side to the
+target and centre-crops the longer one (the usual ImageNet/FFHQ preprocessing; Razavi et
+al. 2019, Sec. 4, train on centre-cropped squares); `resize-pad` scales the longer side and
+pads the shorter one with black, so nothing of the image is lost.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MODES = {"L": 1, "RGB": 3}  # colour mode -> channels
+RESIZE_MODES = ("center-crop", "resize-pad")
 
 # PIL reports a broken file through any of these; each becomes a skipped, named sample.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, UnidentifiedImageError)
@@ -31,14 +33,31 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
     return img
 
 
-def fit(img: Image.Image, size: int, mode: str) -> Image.Image:
-    """``img`` as a ``size`` x ``size`` image in ``mode``: shorter side scaled, centre crop."""
-    img = _flatten_alpha(img)
+def _eight_bit(img: Image.Image) -> Image.Image:
+    # Pillow turns 16-bit gray (modes I;16*, and I, as which some 16-bit PNGs open) into L by
+    # clipping at 255, so all but the darkest pixels become white. The rule here: such images
+    # hold 16-bit values, and 0..65535 maps linearly onto 0..255.
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        pixels = np.asarray(img, dtype=np.float64) / 257
+        return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+    return img
+
+
+def fit(img: Image.Image, size: int, mode: str, resize: str = "center-crop") -> Image.Image:
+    """``img`` as a ``size`` x ``size`` image in ``mode``, resized as ``resize`` says.
+    Transparent images are composited on white; 16-bit gray is scaled to 8 bits."""
+    img = _eight_bit(_flatten_alpha(img))
     if img.mode != mode:
         img = img.convert(mode)
     w, h = img.size
     if (w, h) == (size, size):
         return img
+    if resize == "resize-pad":
+        scale = size / max(w, h)
+        inner = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+        square = Image.new(mode, (size, size))  # black
+        square.paste(inner, ((size - inner.width) // 2, (size - inner.height) // 2))
+        return square
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
     left, top = (new_w - size) // 2, (new_h - size) // 2
@@ -65,11 +84,15 @@ def load(data: bytes | np.ndarray) -> Image.Image:
     return img
 
 
-def prepare(data: bytes | np.ndarray, size: int, mode: str) -> tuple[bytes, tuple[int, int]]:
-    """PNG bytes of the fitted image and the original ``(width, height)``; raises :class:`ImageError`."""
+def prepare(data: bytes | np.ndarray, size: int, mode: str, resize: str = "center-crop",
+            min_size: int = 0) -> tuple[bytes, tuple[int, int]]:
+    """PNG bytes of the fitted image and the original ``(width, height)``; raises
+    :class:`ImageError` for an image that does not decode or is smaller than ``min_size``."""
     img = load(data)
+    if min(img.size) < min_size:
+        raise ImageError(f"{img.size[0]}x{img.size[1]} is smaller than ingest.min_size ({min_size} pixels)")
     try:
-        fitted = fit(img, size, mode)
+        fitted = fit(img, size, mode, resize)
     except _DECODE_ERRORS as err:  # some formats decode lazily, during convert/resize
         raise ImageError(f"cannot convert image: {err}") from err
     return encode_png(fitted), img.size

@@ -29,11 +29,11 @@ import multiprocessing
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from .artifacts import MANIFEST, read_manifest, write_manifest
 from .fsutil import StorageOptions, atomic_open, exists, filesystem, join, read_json, redact, storage_errors, write_json
-from .imaging import MODES, ImageError, prepare
+from .imaging import MODES, RESIZE_MODES, ImageError, prepare
 from .shards import ShardWriter, sample_key, shard_name, shard_url
 from .sources import Source, SourceItem
 
@@ -65,6 +65,11 @@ class ShardingOptions:
     """Seeds the held-out selection and the order of image-folder files"""
     max_samples_per_split: int | None = None
     """Keep only the first N images of each split (None: all; the pipeline's presets may choose)"""
+    resize: Literal["center-crop", "resize-pad"] = "center-crop"
+    """How an image becomes a square: center-crop scales the shorter side and crops the longer one;
+    resize-pad scales the longer side and pads the shorter one with black, keeping the whole image"""
+    min_size: int = 0
+    """Skip (and count as skipped) images whose shorter side has fewer pixels; 0: keep every size"""
 
     def __post_init__(self) -> None:
         self._need(_is_int(self.shard_size) and self.shard_size >= 1, "shard_size", "a positive integer")
@@ -76,6 +81,8 @@ class ShardingOptions:
             "max_samples_per_split",
             "None or a positive integer",
         )
+        self._need(self.resize in RESIZE_MODES, "resize", f"one of {', '.join(RESIZE_MODES)}")
+        self._need(_is_int(self.min_size) and self.min_size >= 0, "min_size", "an integer >= 0")
 
     def _need(self, ok: bool, name: str, what: str) -> None:
         if not ok:
@@ -236,7 +243,8 @@ def _write(task: ShardTask, reader: Any, dataset_url: str, storage_options: Stor
                 problem = _problem(item, task.class_names)
                 if problem is None:
                     try:
-                        png, size = prepare(item.data, task.config.image_size, task.config.mode)
+                        config = task.config
+                        png, size = prepare(item.data, config.image_size, config.mode, config.resize, config.min_size)
                     except ImageError as err:
                         problem = str(err)
                 if problem is not None:

@@ -12,6 +12,7 @@ from flows.pipeline import STAGE_FLOWS, vqvae2_pipeline
 from storage.checkpoints import load_checkpoint
 from storage.fsutil import exists, read_json
 from tasks.stages import FinishedRun
+from tasks.stages.ingest import check_classes
 from pipeline_helpers import artifacts, smoke_config, snapshot, state_names, task_runs
 
 pytestmark = pytest.mark.slow
@@ -166,3 +167,25 @@ def test_a_stage_without_its_inputs_names_the_stage_to_run(prefect_api, tmp_path
     assert state.is_failed()
     with pytest.raises(FileNotFoundError, match="run the `ingest` stage"):
         state.result()
+
+
+def test_a_dataset_of_other_classes_than_the_model_fails_after_ingest_before_any_training(
+        prefect_api, tmp_path, fashion_mnist_test_split):
+    from PIL import Image
+
+    images, labels = fashion_mnist_test_split
+    folder = tmp_path / "three-classes"
+    for i in range(90):
+        target = folder / f"class{labels[i] % 3}" / f"img{i:05d}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(target)
+    root = tmp_path / "root"
+    config = smoke_config(str(root), source={"kind": "image-folder", "url": str(folder)})  # smoke: 10 classes
+    state = vqvae2_pipeline(config, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match=r"the dataset has 3 classes \(class0, class1, class2\) but the model has "
+                                         r"num_classes=10 .*--set num_classes=3"):
+        state.result()
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["datasets"]  # no training began
+    fixed = smoke_config(str(root), source={"kind": "image-folder", "url": str(folder)}, overrides={"num_classes": 3})
+    check_classes(ingest_flow(fixed), fixed)  # what the message says to do passes the check

@@ -129,3 +129,17 @@ def finalize(settings: IngestSettings, runtime: Runtime, source: str, plan: Inge
     ]  # fmt: skip
     publish_table("dataset", rows, f"dataset {artifact.key}: images per split and class")
     return manifest
+
+
+def check_classes(dataset: DatasetManifest, config: PipelineConfig) -> None:
+    """The model's classes are the data's: a class-conditional model of another number of
+    classes than the dataset holds fails here, after ingest and before any training, rather
+    than mid-training (a label out of range) or, worse, by sampling classes that do not exist."""
+    expected, found = config.model.num_classes, len(dataset.class_names)
+    if expected and expected != found:
+        names = ", ".join(dataset.class_names[:12]) + (", ..." if found > 12 else "")
+        raise ValueError(
+            f"the dataset has {found} classes ({names}) but the model has num_classes={expected} (preset "
+            f"{config.preset!r}): set the override num_classes to {found} (--set num_classes={found}), or 0 for "
+            f"unconditional priors, or use a source with {expected} classes"
+        )
