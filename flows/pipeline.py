@@ -22,11 +22,13 @@ from tasks.manifests import ReportManifest
 from tasks.stage import Stage
 from tasks.stages import STAGES, FinishedRun, Outputs, resolved
 from tasks.stages.ingest import check_classes
+from tasks.stages.train_classifier import check_features_available
 
 TASK_RUNNER = ThreadPoolTaskRunner(max_workers=4)
 
 
 def run_pipeline(config: PipelineConfig) -> ReportManifest:
+    check_features_available(config)  # not after hours of training
     runtime = Runtime.of(config)
     outputs = Outputs(config, lambda stage, _variant, settings, inputs: stage.run(settings, runtime, **inputs))
     for stage in STAGES:

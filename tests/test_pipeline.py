@@ -189,3 +189,18 @@ def test_a_dataset_of_other_classes_than_the_model_fails_after_ingest_before_any
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["datasets"]  # no training began
     fixed = smoke_config(str(root), source={"kind": "image-folder", "url": str(folder)}, overrides={"num_classes": 3})
     check_classes(ingest_flow(fixed), fixed)  # what the message says to do passes the check
+
+
+@pytest.mark.parametrize("overrides, evaluate, message", [
+    ({"num_classes": 0}, {}, r"the model is unconditional \(num_classes=0\).*no Inception-v3 weights at"),
+    ({}, {"features": "inception"}, r"evaluate.features is 'inception' but there are no Inception-v3 weights at"),
+])
+def test_a_run_that_could_not_be_evaluated_fails_before_anything_runs(prefect_api, tmp_path, overrides, evaluate,
+                                                                        message):
+    root = tmp_path / "root"
+    config = smoke_config(str(root), overrides=overrides, evaluate=evaluate)  # no Inception weights in the tests
+    state = vqvae2_pipeline(config, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match=message):
+        state.result()
+    assert not root.exists()  # nothing ingested, nothing trained

@@ -33,6 +33,22 @@ def uses_domain_features(config: PipelineConfig) -> bool:
     return not os.path.isfile(config.evaluate.inception_weights or inception_cache_path())
 
 
+def check_features_available(config: PipelineConfig) -> None:
+    """Evaluation must be possible before anything trains: an unconditional model trains no
+    classifier (the features network learns the labels), so it needs Inception's weights on
+    this machine; `features: inception` always does."""
+    weights = config.evaluate.inception_weights or inception_cache_path()
+    if config.evaluate.features == "inception" and not os.path.isfile(weights):
+        raise ValueError(f"evaluate.features is 'inception' but there are no Inception-v3 weights at {weights}: put "
+                         "torch-fidelity's pt_inception-2015-12-05 file there (or name it in "
+                         "evaluate.inception_weights), or choose evaluate.features 'domain'")
+    if not config.model.num_classes and uses_domain_features(config):
+        raise ValueError(f"the model is unconditional (num_classes=0), so the pipeline trains no features classifier "
+                         f"(it learns the labels), and there are no Inception-v3 weights at {weights} to evaluate "
+                         "with: put torch-fidelity's pt_inception-2015-12-05 file there (or name it in "
+                         "evaluate.inception_weights), or give the model the dataset's classes (num_classes)")
+
+
 def classifier_roles(config: PipelineConfig) -> list[str]:
     """The judge (rejection sampling) and, without Inception weights, the FID feature network."""
     if not config.model.num_classes:
