@@ -13,6 +13,10 @@
 #
 #   bash benchmarks/gpu_check.sh --out DIR             # on a GPU machine
 #   bash benchmarks/gpu_check.sh --dry-run --out DIR   # the same steps at tiny sizes on a CPU
+#   bash benchmarks/gpu_check.sh --steps pipeline --budget 800 --out DIR   # one step (setup always runs)
+#
+# --budget (seconds, default 560) bounds the whole check: the pipeline gets what is left
+# after the other steps' limits.
 #
 # A bare machine (Python and torch, nothing else) needs the other dependencies as wheels
 # in .whl/ (installed into a temporary folder first) and may take Fashion-MNIST's IDX
@@ -29,7 +33,7 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift ;;
     --budget) budget=$2; shift ;;
     --steps) only=",$2,"; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift

@@ -171,6 +171,7 @@ class ShardDataset(IterableDataset):
         fits = 0 < total * int(np.prod(self.shape)) <= decoded_cache_bytes
         # shard URL -> its samples, decoded, by position (None: not decoded yet)
         self._decoded: dict[str, list[Decoded | None]] | None = {} if fits else None
+        self._shard_sizes = dict(self.shards)
         self.set_epoch(epoch, start_batch)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -231,7 +232,7 @@ class ShardDataset(IterableDataset):
         item = _decode(sample, self.shape)
         if self._decoded is not None:
             url = sample["__url__"]
-            self._decoded.setdefault(url, [None] * dict(self.shards)[url])[sample["__index__"]] = item
+            self._decoded.setdefault(url, [None] * self._shard_sizes[url])[sample["__index__"]] = item
         return item
 
 

@@ -12,6 +12,7 @@ other machines get the job from rank 0 through the process group.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import pickle
 import queue
@@ -198,6 +199,29 @@ def process_group() -> Iterator[int]:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    _last_to_leave_is_node_0()
+
+
+def _last_to_leave_is_node_0() -> None:
+    """On several machines, node 0's torchrun holds the store every rank's group talks
+    through, and exits with node 0's ranks: a rank elsewhere still tearing its group down
+    then loses the store and aborts. So the other machines' ranks say when they are done,
+    and rank 0 leaves only then (or after a minute: the training itself is over)."""
+    world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
+    if world == local or (0 < rank < local):
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=60))
+    try:
+        if rank == 0:
+            store.wait([f"vqvae2/left/{r}" for r in range(local, world)])
+        else:
+            store.set(f"vqvae2/left/{rank}", "1")
+    except (RuntimeError, dist.DistStoreError):  # a rank that is gone already: nothing to wait for
+        pass
+    finally:
+        del store
 
 
 def _job_on_every_node(job: tuple | None) -> tuple:
