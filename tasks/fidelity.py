@@ -93,7 +93,9 @@ class InceptionWeightsMissing(FileNotFoundError):
     """`features: inception` on a machine without the Inception-v3 weights file."""
 
 
-def _missing_inception(choice: str, configured: str | None) -> InceptionWeightsMissing:
+def missing_inception(choice: str, configured: str | None, domain_possible: bool = True) -> InceptionWeightsMissing:
+    """The error for Inception-v3 weights that are not where `configured` (or torch-fidelity's
+    cache) says, telling where to put them."""
     name = os.path.basename(urlparse(URL_INCEPTION_V3).path)
     where = (f"{INCEPTION_WEIGHTS_FIELD} is {configured!r}, which does not exist: put the file there, or unset "
              f"{INCEPTION_WEIGHTS_FIELD} and put it at {inception_cache_path()}" if configured else
@@ -102,8 +104,9 @@ def _missing_inception(choice: str, configured: str | None) -> InceptionWeightsM
              f"{INCEPTION_WEIGHTS_FIELD} to its path")
     return InceptionWeightsMissing(
         f"features={choice!r} needs torch-fidelity's Inception-v3 weights {name}, which are not on this machine "
-        f"(nothing is downloaded at run time): {where}. Get the file on a connected machine from {URL_INCEPTION_V3}. "
-        "Or use features='domain' or 'auto' to measure with the pipeline's own features classifier."
+        f"(nothing is downloaded at run time): {where}. Get the file on a connected machine from {URL_INCEPTION_V3}."
+        + (" Or use features='domain' or 'auto' to measure with the pipeline's own features classifier."
+           if domain_possible else "")
     )
 
 
@@ -156,7 +159,7 @@ def resolve_extractor(choice: str, *, inception_weights: str | None = None, doma
     # A configured file that is missing is a mistake to report, even under auto: falling
     # back silently would measure in another feature space than the one asked for.
     if not os.path.isfile(weights) and (choice == "inception" or (choice == "auto" and inception_weights)):
-        raise _missing_inception(choice, inception_weights)
+        raise missing_inception(choice, inception_weights)
     if choice == "inception" or (choice == "auto" and os.path.isfile(weights)):
         _check_inception_weights(weights)
         extractor = Extractor(

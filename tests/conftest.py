@@ -19,7 +19,9 @@ os.environ["TORCH_HOME"] = os.path.join(_PREFECT_HOME, "torch-home")
 import numpy as np
 import pytest
 
+
 def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped on a machine without CUDA (`pytest -m cuda` selects them on a GPU)."""
     import torch
 
     if not torch.cuda.is_available():

@@ -11,6 +11,7 @@ import torch
 from flows.pipeline import STAGE_FLOWS, vqvae2_pipeline
 from storage.checkpoints import load_checkpoint
 from storage.fsutil import exists, read_json
+from tasks.fidelity import InceptionWeightsMissing
 from tasks.stages import FinishedRun
 from tasks.stages.ingest import check_classes
 from pipeline_helpers import artifacts, smoke_config, snapshot, state_names, task_runs
@@ -191,16 +192,23 @@ def test_a_dataset_of_other_classes_than_the_model_fails_after_ingest_before_any
     check_classes(ingest_flow(fixed), fixed)  # what the message says to do passes the check
 
 
-@pytest.mark.parametrize("overrides, evaluate, message", [
-    ({"num_classes": 0}, {}, r"the model is unconditional \(num_classes=0\).*no Inception-v3 weights at"),
-    ({}, {"features": "inception"}, r"evaluate.features is 'inception' but there are no Inception-v3 weights at"),
+@pytest.mark.parametrize("overrides, evaluate, error, message", [
+    ({"num_classes": 0}, {}, ValueError,
+     r"the model is unconditional \(num_classes=0\).*evaluation needs Inception-v3: features='auto' needs "
+     r"torch-fidelity's Inception-v3 weights .* which are not on this machine"),
+    ({"num_classes": 0}, {"features": "domain"}, ValueError,
+     r"evaluate.features is 'domain', but the model is unconditional \(num_classes=0\)"),
+    ({}, {"features": "inception"}, InceptionWeightsMissing,
+     r"features='inception' needs torch-fidelity's Inception-v3 weights .* which are not on this machine"),
+    ({}, {"inception_weights": "/nowhere/inception.pth"}, InceptionWeightsMissing,
+     r"evaluate.inception_weights is '/nowhere/inception.pth', which does not exist"),
 ])
 def test_a_run_that_could_not_be_evaluated_fails_before_anything_runs(prefect_api, tmp_path, overrides, evaluate,
-                                                                        message):
+                                                                        error, message):
     root = tmp_path / "root"
     config = smoke_config(str(root), overrides=overrides, evaluate=evaluate)  # no Inception weights in the tests
     state = vqvae2_pipeline(config, return_state=True)
     assert state.is_failed()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         state.result()
     assert not root.exists()  # nothing ingested, nothing trained

@@ -207,9 +207,8 @@ def _last_to_leave_is_node_0() -> None:
     through, and exits with node 0's ranks: a rank elsewhere still tearing its group down
     then loses the store and aborts. So the other machines' ranks say when they are done,
     and rank 0 leaves only then (or after a minute: the training itself is over)."""
-    world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
-    rank = int(os.environ["RANK"])
-    if world == local or (0 < rank < local):
+    world, local, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["RANK"])
+    if not _on_several_machines() or 0 < rank < local:
         return
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=datetime.timedelta(seconds=60))
@@ -224,9 +223,13 @@ def _last_to_leave_is_node_0() -> None:
         del store
 
 
+def _on_several_machines() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def _job_on_every_node(job: tuple | None) -> tuple:
     """The ranks on other machines than node 0 have no channel: rank 0 sends them the job."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
+    if not _on_several_machines():
         return job
     holder = [job]
     dist.broadcast_object_list(holder, src=0, device=torch.device("cpu"))

@@ -13,7 +13,7 @@ from prefect.futures import PrefectFuture
 import vqvae2
 
 from ..config import PipelineConfig, Runtime
-from ..fidelity import inception_cache_path
+from ..fidelity import inception_cache_path, missing_inception
 from ..manifests import ClassifierManifest, DatasetManifest
 from ..runtime.artifacts import Artifact
 from ..runtime.devices import training_task
@@ -34,19 +34,21 @@ def uses_domain_features(config: PipelineConfig) -> bool:
 
 
 def check_features_available(config: PipelineConfig) -> None:
-    """Evaluation must be possible before anything trains: an unconditional model trains no
-    classifier (the features network learns the labels), so it needs Inception's weights on
-    this machine; `features: inception` always does."""
-    weights = config.evaluate.inception_weights or inception_cache_path()
-    if config.evaluate.features == "inception" and not os.path.isfile(weights):
-        raise ValueError(f"evaluate.features is 'inception' but there are no Inception-v3 weights at {weights}: put "
-                         "torch-fidelity's pt_inception-2015-12-05 file there (or name it in "
-                         "evaluate.inception_weights), or choose evaluate.features 'domain'")
-    if not config.model.num_classes and uses_domain_features(config):
+    """Evaluation must be possible before anything trains: `features: inception` needs
+    Inception's weights on this machine, and so does an unconditional model, which trains no
+    classifier (the features network learns the labels)."""
+    evaluate, labelled = config.evaluate, bool(config.model.num_classes)
+    if not labelled and evaluate.features == "domain":
+        raise ValueError("evaluate.features is 'domain', but the model is unconditional (num_classes=0): the domain "
+                         "features are a classifier trained on the labels; choose 'inception' or 'auto'")
+    # As resolve_extractor decides at evaluation: a configured file is wanted even under auto.
+    needs_inception = evaluate.features == "inception" or not labelled or bool(evaluate.inception_weights)
+    if needs_inception and not os.path.isfile(evaluate.inception_weights or inception_cache_path()):
+        missing = missing_inception(evaluate.features, evaluate.inception_weights, domain_possible=labelled)
+        if labelled:
+            raise missing
         raise ValueError(f"the model is unconditional (num_classes=0), so the pipeline trains no features classifier "
-                         f"(it learns the labels), and there are no Inception-v3 weights at {weights} to evaluate "
-                         "with: put torch-fidelity's pt_inception-2015-12-05 file there (or name it in "
-                         "evaluate.inception_weights), or give the model the dataset's classes (num_classes)")
+                         f"(it learns the labels) and evaluation needs Inception-v3: {missing}")
 
 
 def classifier_roles(config: PipelineConfig) -> list[str]:
