@@ -1,6 +1,7 @@
 """`vqvae2`: the pipeline from a terminal, with Prefect in ephemeral mode (no server needed).
 
     vqvae2 run --preset smoke --root ./runs           # the whole pipeline; prints where the report is
+    vqvae2 run --source ./my-images --preset imagenet-256 --set num_classes=auto   # your own images
     vqvae2 stage train-priors --preset smoke --root ./runs
     vqvae2 sample --preset smoke --root ./runs --class Sneaker -n 16 --out sneakers.png
     vqvae2 reconstruct --preset smoke --root ./runs --images a.png b.jpg --out recon.png
@@ -61,6 +62,8 @@ def build_config(args: argparse.Namespace):
         data["preset"] = args.preset
     if args.root:
         data.setdefault("storage", {})["root"] = args.root
+    if args.source:
+        data.setdefault("source", {})["url"] = args.source
     for item in args.set or []:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -204,6 +207,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--preset", choices=typing.get_args(PresetName),
                         help="model and training preset (default: fashion-mnist)")
     common.add_argument("--root", help="storage root: a local path or s3://bucket/prefix (default: ~/vqvae2-runs)")
+    common.add_argument("--source", metavar="URL", help="your images: a folder (flat, or a sub-folder per class), a "
+                        "CSV/JSONL/Parquet list, or a .tar pattern; local, s3:// or http(s):// (source.url; "
+                        "default: Fashion-MNIST)")
     common.add_argument("--config", help="a JSON file with a whole pipeline config")
     common.add_argument("--set", action="append", metavar="KEY=VALUE", help="set a config field (repeatable)")
 

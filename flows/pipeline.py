@@ -21,20 +21,20 @@ from tasks.config import PipelineConfig, Runtime
 from tasks.manifests import ReportManifest
 from tasks.stage import Stage
 from tasks.stages import STAGES, FinishedRun, Outputs, resolved
-from tasks.stages.ingest import check_classes
 from tasks.stages.train_classifier import check_features_available
 
 TASK_RUNNER = ThreadPoolTaskRunner(max_workers=4)
 
 
 def run_pipeline(config: PipelineConfig) -> ReportManifest:
-    check_features_available(config)  # not after hours of training
+    if not config.classes_from_data:
+        check_features_available(config)  # not after hours of training
     runtime = Runtime.of(config)
     outputs = Outputs(config, lambda stage, _variant, settings, inputs: stage.run(settings, runtime, **inputs))
+    outputs.adopt_classes()  # every later stage waits for the dataset anyway
+    check_features_available(outputs.config)
     for stage in STAGES:
         outputs.start(stage)
-        if stage.name == "ingest":  # every later stage waits for the dataset anyway
-            check_classes(outputs.get(stage), config)
     return outputs.get("evaluate")
 
 
@@ -56,10 +56,10 @@ def vqvae2_pipeline(config: PipelineConfig = PipelineConfig()) -> ReportManifest
 
 def run_stage(config: PipelineConfig, stage: Stage) -> Any:
     """Run every variant of `stage` on the artifacts a finished run of `config` left."""
-    finished = FinishedRun(config)
-    inputs = finished.inputs(stage)
-    if stage.name != "ingest":
-        check_classes(finished.dataset, config)
+    if stage.name == "ingest":
+        return stage.run(stage.settings_for(config), Runtime.of(config), source=config.build_source())
+    finished = FinishedRun(config)  # the dataset's classes adopted
+    config, inputs = finished.config, finished.inputs(stage)
     started = [stage.run(stage.settings_for(config, variant), finished.runtime, **inputs)
                for variant in stage.variants_of(config)]
     results = [resolved(output) for output in started]

@@ -1,5 +1,7 @@
 """Pixels in and out of shards: decode any source image once, bring it to the model's
-resolution and colour mode, store it as lossless PNG; decode PNG back to arrays.
+resolution and colour mode, store it as lossless PNG (or WebP / JPEG at a stated
+quality, for large images where PNG shards would be several times bigger); decode back
+to arrays.
 
 Resizing keeps the aspect ratio: `center-crop` (the default) scales the shorter side to the
 target and centre-crops the longer one (the usual ImageNet/FFHQ preprocessing; Razavi et
@@ -15,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 MODES = {"L": 1, "RGB": 3}  # colour mode -> channels
 RESIZE_MODES = ("center-crop", "resize-pad")
+SHARD_FORMATS = {"png": "png", "webp": "webp", "jpeg": "jpg"}  # format -> its member's extension in a shard
 
 # PIL reports a broken file through any of these; each becomes a skipped, named sample.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, UnidentifiedImageError)
@@ -79,15 +82,18 @@ def load(data: bytes | np.ndarray) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         img = ImageOps.exif_transpose(img)  # camera photos store their rotation in EXIF
         img.load()
+    except Image.UnidentifiedImageError as err:  # its message names an anonymous in-memory buffer
+        raise ImageError("not an image: no format Pillow reads recognises the file") from err
     except _DECODE_ERRORS as err:
         raise ImageError(f"cannot decode image: {err}") from err
     return img
 
 
-def prepare(data: bytes | np.ndarray, size: int, mode: str, resize: str = "center-crop",
-            min_size: int = 0) -> tuple[bytes, tuple[int, int]]:
-    """PNG bytes of the fitted image and the original ``(width, height)``; raises
-    :class:`ImageError` for an image that does not decode or is smaller than ``min_size``."""
+def prepare(data: bytes | np.ndarray, size: int, mode: str, resize: str = "center-crop", min_size: int = 0,
+            image_format: str = "png", quality: int = 95) -> tuple[bytes, tuple[int, int]]:
+    """The fitted image encoded as ``image_format`` (PNG by default) and the original
+    ``(width, height)``; raises :class:`ImageError` for an image that does not decode or is
+    smaller than ``min_size``."""
     img = load(data)
     if min(img.size) < min_size:
         raise ImageError(f"{img.size[0]}x{img.size[1]} is smaller than ingest.min_size ({min_size} pixels)")
@@ -95,21 +101,35 @@ def prepare(data: bytes | np.ndarray, size: int, mode: str, resize: str = "cente
         fitted = fit(img, size, mode, resize)
     except _DECODE_ERRORS as err:  # some formats decode lazily, during convert/resize
         raise ImageError(f"cannot convert image: {err}") from err
-    return encode_png(fitted), img.size
+    return encode(fitted, image_format, quality), img.size
+
+
+def encode(img: Image.Image, image_format: str = "png", quality: int = 95) -> bytes:
+    """``img`` as PNG (lossless), WebP (lossless at quality 100) or JPEG (4:4:4 chroma, so
+    colour edges are not halved) bytes."""
+    out = io.BytesIO()
+    if image_format == "webp":
+        img.save(out, format="WEBP", quality=quality, lossless=quality == 100, method=4)
+    elif image_format == "jpeg":
+        img.save(out, format="JPEG", quality=quality, subsampling=0)
+    else:
+        img.save(out, format="PNG")
+    return out.getvalue()
 
 
 def encode_png(img: Image.Image) -> bytes:
     """Lossless PNG bytes of ``img``."""
-    out = io.BytesIO()
-    img.save(out, format="PNG")
-    return out.getvalue()
+    return encode(img, "png")
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """uint8 array H x W x C (C = 1 for gray) of a PNG; raises :class:`ImageError`."""
+def decode_png(data: bytes, channels: int | None = None) -> np.ndarray:
+    """uint8 array H x W x C of a shard's image (PNG, WebP or JPEG); C = ``channels`` when
+    given (WebP stores gray as RGB), else 1 for gray; raises :class:`ImageError`."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if channels is not None and MODES.get(img.mode) != channels:
+                img = img.convert({1: "L", 3: "RGB"}[channels])
             pixels = np.array(img)  # a writable copy: torch tensors are made from it
     except _DECODE_ERRORS as err:
-        raise ImageError(f"cannot decode PNG: {err}") from err
+        raise ImageError(f"cannot decode image: {err}") from err
     return pixels[:, :, None] if pixels.ndim == 2 else pixels

@@ -10,13 +10,18 @@ or in one call, over a process pool: ``ingest(source, dataset_url, config, proce
 
 Layout under ``dataset_url`` (any fsspec URL)::
 
-    {split}/shard-NNNNNN.tar    samples {key}.png (lossless, image_size^2, mode), {key}.cls, {key}.json
+    {split}/shard-NNNNNN.tar    samples {key}.png (lossless, image_size^2, mode; or .webp/.jpg), {key}.cls, {key}.json
     {split}/shard-NNNNNN.json   the shard's result record, written just before its tar appears
     manifest.json               written last; its presence marks the dataset complete
 
 Every shard is written under a temporary name and moved into place only when complete.
 A shard whose tar and record exist from the same task is reused, not rewritten, so an
-interrupted ingest resumes. Unreadable images are skipped and named (file and reason)
+interrupted ingest resumes. A source that grows (folders, lists, tars) is ingested
+incrementally against ``base``, the dataset it made last time: a shard of the base whose
+files are all unchanged is copied over, not decoded and encoded again, and only the new
+or changed files make new shards (``carried`` and ``base`` in the manifest say so). The
+images, labels and splits are those a fresh ingest would make; which shard holds which
+image depends on the history. Unreadable images are skipped and named (file and reason)
 in the manifest; :func:`finalize_dataset` refuses to mark the dataset complete when
 more than ``max_bad_fraction`` of the images failed.
 """
@@ -26,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +39,7 @@ from typing import Any, Literal
 
 from .artifacts import MANIFEST, read_manifest, write_manifest
 from .fsutil import StorageOptions, atomic_open, exists, filesystem, join, read_json, redact, storage_errors, write_json
-from .imaging import MODES, RESIZE_MODES, ImageError, prepare
+from .imaging import MODES, RESIZE_MODES, SHARD_FORMATS, ImageError, prepare
 from .shards import ShardWriter, sample_key, shard_name, shard_url
 from .sources import Source, SourceItem
 
@@ -70,6 +76,11 @@ class ShardingOptions:
     resize-pad scales the longer side and pads the shorter one with black, keeping the whole image"""
     min_size: int = 0
     """Skip (and count as skipped) images whose shorter side has fewer pixels; 0: keep every size"""
+    image_format: Literal["png", "webp", "jpeg"] = "png"
+    """How shards store images: png (lossless); webp or jpeg at `quality`, several times smaller at 256 px and
+    above, at the cost of compression artefacts the autoencoder then learns"""
+    quality: int = 95
+    """webp/jpeg quality, 1 to 100 (webp at 100 is lossless)"""
 
     def __post_init__(self) -> None:
         self._need(_is_int(self.shard_size) and self.shard_size >= 1, "shard_size", "a positive integer")
@@ -83,6 +94,8 @@ class ShardingOptions:
         )
         self._need(self.resize in RESIZE_MODES, "resize", f"one of {', '.join(RESIZE_MODES)}")
         self._need(_is_int(self.min_size) and self.min_size >= 0, "min_size", "an integer >= 0")
+        self._need(self.image_format in SHARD_FORMATS, "image_format", f"one of {', '.join(SHARD_FORMATS)}")
+        self._need(_is_int(self.quality) and 1 <= self.quality <= 100, "quality", "an integer from 1 to 100")
 
     def _need(self, ok: bool, name: str, what: str) -> None:
         if not ok:
@@ -127,6 +140,7 @@ class ShardTask:
     index: int
     unit: Any  # the source's description of the shard's items (row range, file list, tar URL)
     class_names: tuple[str, ...] | None
+    carry: str | None = None  # a base dataset's shard with this very unit: copied, not encoded again
 
     @property
     def name(self) -> str:
@@ -148,6 +162,7 @@ class IngestPlan:
     class_names: tuple[str, ...] | None
     tasks: tuple[ShardTask, ...]
     ignored: tuple[tuple[str, str], ...] = ()  # (file, reason) for files that are no sample at all
+    base: str | None = None  # the dataset whose shards some tasks carry over
 
     def num_shards(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -167,6 +182,7 @@ class ShardResult:
     skipped: tuple[tuple[str, str], ...]  # (source ref, reason) of unusable images
     num_bytes: int
     reused: bool = False  # found complete from an earlier run
+    carried: bool = False  # copied from the base dataset, not encoded
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -175,24 +191,64 @@ class ShardResult:
     def from_dict(cls, d: Mapping[str, Any]) -> ShardResult:
         return cls(
             d["split"], d["index"], d["num_samples"], tuple(d["class_counts"]),
-            tuple(tuple(s) for s in d["skipped"]), d["num_bytes"], d.get("reused", False),
+            tuple(tuple(s) for s in d["skipped"]), d["num_bytes"], d.get("reused", False), d.get("carried", False),
         )  # fmt: skip
 
 
-def plan_ingest(source: Source, config: IngestConfig, *, digest: str | None = None) -> IngestPlan:
+def plan_ingest(
+    source: Source,
+    config: IngestConfig,
+    *,
+    digest: str | None = None,
+    base: str | None = None,
+    storage_options: StorageOptions = None,
+) -> IngestPlan:
     """List the shards ``source`` becomes under ``config``; fails fast on a missing or malformed source.
 
     ``digest`` skips recomputing :func:`storage.sources.source_digest` when the caller has it.
+    ``base``: the URL of the dataset this source made last time under the same config
+    (on ``storage_options``' storage); its shards whose units the source keeps are copied.
     """
-    partition = source.partition(config)
+    base_units = shard_units(base, storage_options) if base else {}
+    partition = source.partition(config, {split: [u for _, u in units] for split, units in base_units.items()} or None)
+    carried = {(split, _frozen(unit)): url for split, units in base_units.items() for url, unit in units}
     tasks = tuple(
-        ShardTask(source, config, split, index, unit, partition.class_names)
+        ShardTask(source, config, split, index, unit, partition.class_names, carried.get((split, _frozen(unit))))
         for split in sorted(partition.units)
         for index, unit in enumerate(partition.units[split])
     )
     if not tasks:
         raise ValueError(f"{source.describe()}: the source holds no images")
-    return IngestPlan(source, config, digest or source.digest(), partition.class_names, tasks, partition.ignored)
+    return IngestPlan(source, config, digest or source.digest(), partition.class_names, tasks, partition.ignored,
+                      base if any(t.carry for t in tasks) else None)
+
+
+def _frozen(unit: Any) -> Any:
+    """A unit as a hashable value, whether it came from a source (tuples) or from JSON (lists)."""
+    return tuple(_frozen(u) for u in unit) if isinstance(unit, (list, tuple)) else unit
+
+
+def shard_units(dataset_url: str, storage_options: StorageOptions = None) -> dict[str, list[tuple[str, Any]]]:
+    """``{split: [(shard URL, unit), ...]}`` of a complete dataset, from its shard records;
+    empty for a dataset that is incomplete or predates recorded units."""
+    manifest = read_manifest(dataset_url, storage_options)
+    if manifest is None:
+        return {}
+    records = {}
+    for split, info in manifest["splits"].items():
+        urls = [join(dataset_url, shard["name"]) for shard in info["shards"]]
+        fs, _ = filesystem(dataset_url, storage_options)
+        paths = [filesystem(url[: -len(".tar")] + ".json", storage_options)[1] for url in urls]
+        with storage_errors(dataset_url):
+            blobs = fs.cat(paths, on_error="return")
+        units = []
+        for url, path in zip(urls, paths):
+            blob = blobs.get(path)
+            record = json.loads(blob) if isinstance(blob, bytes) else {}
+            if "unit" in record:
+                units.append((url, record["unit"]))
+        records[split] = units
+    return records
 
 
 def write_shard(task: ShardTask, dataset_url: str, storage_options: StorageOptions = None) -> ShardResult:
@@ -232,8 +288,11 @@ def _write(task: ShardTask, reader: Any, dataset_url: str, storage_options: Stor
     done = finished_shard(task, dataset_url, storage_options)
     if done is not None:
         return done
+    if task.carry is not None:
+        return _carry(task, dataset_url, storage_options)
     url, record_url = shard_url(dataset_url, task.split, task.index), _record_url(dataset_url, task)
 
+    config = task.config
     counts: list[int] = []  # samples per label
     skipped: list[tuple[str, str]] = []
     written = 0
@@ -243,8 +302,8 @@ def _write(task: ShardTask, reader: Any, dataset_url: str, storage_options: Stor
                 problem = _problem(item, task.class_names)
                 if problem is None:
                     try:
-                        config = task.config
-                        png, size = prepare(item.data, config.image_size, config.mode, config.resize, config.min_size)
+                        image, size = prepare(item.data, config.image_size, config.mode, config.resize,
+                                              config.min_size, config.image_format, config.quality)
                     except ImageError as err:
                         problem = str(err)
                 if problem is not None:
@@ -253,20 +312,42 @@ def _write(task: ShardTask, reader: Any, dataset_url: str, storage_options: Stor
                 meta = {"source": item.ref, "original_size": list(size)}
                 writer.write(
                     sample_key(task.split, task.index, written),
-                    {"png": png, "cls": b"%d" % item.label, "json": json.dumps(meta).encode()},
+                    {SHARD_FORMATS[config.image_format]: image, "cls": b"%d" % item.label,
+                     "json": json.dumps(meta).encode()},
                 )
                 counts.extend([0] * (item.label + 1 - len(counts)))
                 counts[item.label] += 1
                 written += 1
         result = ShardResult(task.split, task.index, written, tuple(counts), tuple(skipped), writer.bytes_written)
-        # The record goes first: a visible tar always has one (a record alone means "redo").
-        write_json(record_url, {"task": task.digest(), "result": result.to_dict()}, storage_options)
+        _write_record(record_url, task, result, storage_options)
+    return result
+
+
+def _write_record(record_url: str, task: ShardTask, result: ShardResult, storage_options: StorageOptions) -> None:
+    # The record goes first: a visible tar always has one (a record alone means "redo"). Its
+    # unit lets a later ingest of the grown source find what this shard already holds.
+    write_json(record_url, {"task": task.digest(), "result": result.to_dict(), "unit": task.unit}, storage_options)
+
+
+def _carry(task: ShardTask, dataset_url: str, storage_options: StorageOptions) -> ShardResult:
+    """Copy the base dataset's shard of the same unit (the bytes a fresh encode would write),
+    with its record's counts; no image is decoded or encoded."""
+    base = read_json(task.carry[: -len(".tar")] + ".json", storage_options)["result"]
+    url = shard_url(dataset_url, task.split, task.index)
+    src_fs, src_path = filesystem(task.carry, storage_options)
+    with atomic_open(url, storage_options) as out:
+        with storage_errors(task.carry), src_fs.open(src_path, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 22)
+        result = dataclasses.replace(ShardResult.from_dict(base), split=task.split, index=task.index, carried=True)
+        _write_record(_record_url(dataset_url, task), task, result, storage_options)
     return result
 
 
 def _problem(item: SourceItem, class_names: tuple[str, ...] | None) -> str | None:
     if item.error is not None:
         return item.error
+    if class_names == ():  # unlabelled: every image is class 0 in the shards
+        return None if item.label == 0 else f"label {item.label} in an unlabelled source"
     if item.label < 0 or (class_names is not None and item.label >= len(class_names)):
         return f"label {item.label} outside the {len(class_names or ())} classes"
     return None
@@ -290,14 +371,17 @@ def finalize_dataset(
     _check_bad_fraction(plan, ordered, dataset_url)
     _check_shards_exist(ordered, dataset_url, storage_options)
 
-    num_classes = max([len(plan.class_names or ())] + [len(r.class_counts) for r in ordered])
-    class_names = list(plan.class_names or (str(i) for i in range(num_classes)))
+    if plan.class_names == ():  # unlabelled: no class names, no counts per class
+        num_classes, class_names = 0, []
+    else:
+        num_classes = max([len(plan.class_names or ())] + [len(r.class_counts) for r in ordered])
+        class_names = list(plan.class_names or (str(i) for i in range(num_classes)))
     splits: dict[str, Any] = {}
     for r in ordered:
         split = splits.setdefault(r.split, {"num_samples": 0, "class_counts": [0] * num_classes, "shards": [], "skipped": []})
         split["shards"].append({"name": f"{r.split}/{shard_name(r.index)}", "num_samples": r.num_samples, "offset": split["num_samples"]})
         split["num_samples"] += r.num_samples
-        for label, n in enumerate(r.class_counts):
+        for label, n in enumerate(r.class_counts[:num_classes]):
             split["class_counts"][label] += n
         split["skipped"] += [{"ref": ref, "reason": reason} for ref, reason in r.skipped]
     manifest = {
@@ -311,6 +395,8 @@ def finalize_dataset(
         "class_names": class_names,
         "num_samples": sum(s["num_samples"] for s in splits.values()),
         "num_skipped": sum(len(s["skipped"]) for s in splits.values()),
+        "carried": sum(r.num_samples for r in ordered if r.carried),  # copied from `base`, not encoded
+        "base": redact(plan.base) if plan.base else None,
         "splits": splits,
         "ignored": [{"ref": ref, "reason": reason} for ref, reason in plan.ignored],
     }
@@ -354,15 +440,17 @@ def ingest(
     *,
     processes: int = 1,
     storage_options: StorageOptions = None,
+    base: str | None = None,
 ) -> dict[str, Any]:
     """Plan, write every shard (over ``processes`` worker processes), finalize; return the manifest.
 
-    A dataset whose manifest exists is complete and returned as is.
+    A dataset whose manifest exists is complete and returned as is. ``base``: the dataset
+    the source made before it grew, whose unchanged shards are copied (see the module doc).
     """
     done = read_manifest(dataset_url, storage_options)
     if done is not None:
         return done
-    plan = plan_ingest(source, config)
+    plan = plan_ingest(source, config, base=base, storage_options=storage_options)
     tasks = list(plan.tasks)
     if processes <= 1:
         results = write_shards(tasks, dataset_url, storage_options)

@@ -15,9 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 import torch
 
 import vqvae2
-from storage.fsutil import join
+from storage.fsutil import filesystem, join, storage_errors
 from storage.ingest import ShardingOptions
-from storage.sources import FASHION_MNIST_DIR, IdxSource, ImageFolderSource, Source, TarSource, fashion_mnist_source
+from storage.sources import (
+    FASHION_MNIST_DIR,
+    IdxSource,
+    ImageFolderSource,
+    ListSource,
+    Source,
+    TarSource,
+    fashion_mnist_source,
+)
 
 PresetName = Literal["smoke", "fashion-mnist", "fashion-mnist-gpu", "imagenet-256", "ffhq-1024"]
 
@@ -35,39 +43,100 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+AUTO = "auto"
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SourceSection(Section):
-    kind: Literal["fashion-mnist", "idx", "image-folder", "tars"] = Field(
-        "fashion-mnist", description="fashion-mnist: the Debian package's files (or a checked download); "
-        "idx: MNIST-style IDX files at `url`; image-folder: one sub-folder per class at `url`; "
-        "tars: existing WebDataset tars, `url` a brace/glob pattern",
+    kind: Literal["auto", "fashion-mnist", "idx", "image-folder", "list", "tars"] = Field(
+        AUTO, description="auto: fashion-mnist without a url, else list for a .csv/.tsv/.jsonl/.ndjson/.parquet "
+        "file, tars for a .tar pattern, image-folder otherwise; fashion-mnist: the Debian package's files (or a "
+        "checked download); "
+        "idx: MNIST-style IDX files at `url`; image-folder: a folder of images, flat or one sub-folder per class, "
+        "at `url`; list: a CSV/TSV, JSON Lines or Parquet file at `url`, a row per image; tars: existing "
+        "WebDataset tars (img2dataset's too), `url` a brace/glob pattern",
     )
     url: str | None = Field(None, description="Where the source lives (any fsspec URL); fashion-mnist needs none")
-    class_names: list[str] | None = Field(None, description="Class names of an idx or tars source")
+    labels: str = Field(
+        AUTO, description="Where labels come from. image-folder: folders (the first sub-folder is the class), none, "
+        "or auto (folders when every image is in a sub-folder, none when all lie at the top); list: column:NAME, "
+        "none, or auto (the column `label` when there is one); tars: cls (the .cls member), json:FIELD (a field of "
+        "each sample's .json, as img2dataset writes), none, or auto (cls). Unlabelled data trains unconditional "
+        "priors: set num_classes to 0 or auto",
+    )
+    path_column: str | None = Field(None, description="list: the column of image paths or URLs (relative ones are "
+                                    "relative to the list's folder); None: the first of path, url, file, image")
+    split_column: str | None = Field(None, description="list: a column of train/test; None: `ingest.holdout_fraction` "
+                                     "of the images, chosen by a stable hash, are held out")
+    class_names: list[str] | None = Field(None, description="Class names of an idx, list or tars source")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the source's URL")
+
+    @property
+    def resolved_kind(self) -> str:
+        """The kind, `auto` decided from the URL."""
+        if self.kind != AUTO:
+            return self.kind
+        if not self.url:
+            return "fashion-mnist"
+        path = self.url.split("?", 1)[0].rstrip("/").lower()
+        if path.endswith(LIST_SUFFIXES):
+            return "list"
+        return "tars" if path.endswith(".tar") else "image-folder"
 
     @model_validator(mode="after")
     def _url_when_needed(self) -> SourceSection:
-        if self.kind != "fashion-mnist" and not self.url:
-            raise ValueError(f"source.url is required for a source of kind {self.kind!r}")
+        kind = self.resolved_kind
+        if kind != "fashion-mnist" and not self.url:
+            raise ValueError(f"source.url is required for a source of kind {kind!r}")
+        allowed = LABELS.get(kind, (AUTO,))
+        if self.labels not in allowed and not any(p.endswith(":") and self.labels.startswith(p) for p in allowed):
+            raise ValueError(f"source.labels is {self.labels!r}, but a source of kind {kind!r} takes one of "
+                             f"{', '.join(p + 'NAME' if p.endswith(':') else p for p in allowed)}")
+        for name in ("path_column", "split_column"):
+            if getattr(self, name) is not None and kind != "list":
+                raise ValueError(f"source.{name} applies to a list source, not to kind {kind!r}")
         return self
 
     def build(self, download_to: str) -> Source:
-        options = self.storage_options or None
-        if self.kind == "fashion-mnist":
+        options, kind = self.storage_options or None, self.resolved_kind
+        if kind == "fashion-mnist":
             if self.url:
                 return IdxSource(self.url, storage_options=options)
             return fashion_mnist_source(download_to=download_to, storage_options=options)
-        if self.kind == "idx":
+        if kind == "idx":
             names = tuple(self.class_names) if self.class_names else IdxSource.__dataclass_fields__["class_names"].default
             return IdxSource(self.url, class_names=names, storage_options=options)
-        if self.kind == "image-folder":
-            return ImageFolderSource(self.url, storage_options=options)
-        return TarSource(self.url, class_names=tuple(self.class_names) if self.class_names else None,
-                         storage_options=options)
+        names = tuple(self.class_names) if self.class_names else None
+        if kind == "image-folder" and self.kind == AUTO and _holds_idx_files(self.url, options):
+            return IdxSource(self.url, storage_options=options)  # Fashion-MNIST's files elsewhere
+        if kind == "image-folder":
+            return ImageFolderSource(self.url, labels=self.labels, storage_options=options)
+        if kind == "list":
+            column = None if self.labels == "none" else self.labels.removeprefix("column:")
+            return ListSource(self.url, path_column=self.path_column, label_column=column,
+                              split_column=self.split_column, class_names=names, storage_options=options)
+        label = {AUTO: "cls", "none": None}.get(self.labels, self.labels)
+        return TarSource(self.url, class_names=names, label=label, storage_options=options)
+
+
+def _holds_idx_files(url: str, storage_options: dict[str, Any] | None) -> bool:
+    """Whether a folder given without a kind is an MNIST-style IDX folder, not a folder of images."""
+    fs, path = filesystem(url, storage_options)
+    with storage_errors(url):
+        names = fs.ls(path, detail=False) if fs.isdir(path) else []
+    return any(name.rstrip("/").rsplit("/", 1)[-1].startswith("train-images-idx3-ubyte") for name in names)
+
+
+LIST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
+# What `source.labels` may be per kind; a trailing ':' takes a name after it.
+LABELS: dict[str, tuple[str, ...]] = {
+    "image-folder": (AUTO, "folders", "none"),
+    "list": (AUTO, "none", "column:"),
+    "tars": (AUTO, "cls", "none", "json:"),
+}
 
 
 class StorageSection(Section):
@@ -200,10 +269,11 @@ class SampleSection(Section):
 class EvaluateSection(Section):
     eval_images: int | None = Field(None, ge=4, description="Real images per reference set (held-out test images, "
                                     "and train images for the floor); None: the preset's choice")
-    features: Literal["auto", "inception", "domain"] = Field(
+    features: Literal["auto", "inception", "domain", "self-supervised"] = Field(
         "auto", description="Feature space of FID/KID/precision/recall: inception (torch-fidelity's Inception-v3, "
-        "from local weights only), domain (a classifier the pipeline trains on the real images), or auto "
-        "(inception when its weights are here, else domain)",
+        "from local weights only), domain (a classifier the pipeline trains on the real images' labels), "
+        "self-supervised (a network the pipeline trains on the real images without labels, predicting rotations), "
+        "or auto (inception when its weights are here, else domain, or self-supervised for an unconditional model)",
     )
     inception_weights: str | None = Field(None, description="Path of the Inception-v3 weights file, if not in "
                                           "torch-fidelity's cache under TORCH_HOME")
@@ -223,7 +293,8 @@ class PipelineConfig(BaseModel):
     preset: PresetName = Field("fashion-mnist", description="Model and training preset")
     overrides: dict[str, Any] = Field(
         default_factory=dict,
-        description="Dotted-path overrides of the preset, e.g. {'autoencoder.channels': 64, 'train_prior.steps': 100}",
+        description="Dotted-path overrides of the preset, e.g. {'autoencoder.channels': 64, 'train_prior.steps': 100}; "
+        "{'num_classes': 'auto'} takes the number of classes from the data (0, unconditional, when it has no labels)",
     )
     source: SourceSection = Field(default_factory=SourceSection)
     storage: StorageSection = Field(default_factory=StorageSection)
@@ -247,8 +318,20 @@ class PipelineConfig(BaseModel):
 
     @cached_property
     def model(self) -> vqvae2.ModelConfig:
-        """The preset with the overrides applied."""
-        return vqvae2.preset(self.preset, self.overrides)
+        """The preset with the overrides applied (`num_classes: auto` keeps the preset's
+        number until `with_classes` adopts the dataset's)."""
+        overrides = {k: v for k, v in self.overrides.items() if not (k == "num_classes" and v == AUTO)}
+        return vqvae2.preset(self.preset, overrides)
+
+    @property
+    def classes_from_data(self) -> bool:
+        """`num_classes: auto`: the model takes the number of classes the dataset has."""
+        return self.overrides.get("num_classes") == AUTO
+
+    def with_classes(self, num_classes: int) -> PipelineConfig:
+        """This config with `num_classes` fixed: what an `auto` config becomes once the data is known,
+        with the same keys as a config that set that number itself."""
+        return PipelineConfig.model_validate(self.model_dump() | {"overrides": self.overrides | {"num_classes": num_classes}})
 
     def preset_default(self, name: str, value: Any) -> Any:
         return PRESET_DEFAULTS[self.preset][name] if value is None else value

@@ -12,7 +12,13 @@ on in-memory uint8 images, in one of two feature spaces, always stated:
   layer for FID/KID/precision-recall, its logits for IS. It is trained with another seed
   than the *judge* that scores rejection sampling, so FID does not reward samples for
   pleasing the very network that selected them.
-- `auto`: inception when its weights are present, otherwise domain; logged and recorded.
+- `self-supervised`: for unlabelled data, the same ResNet trained without labels to predict
+  which quarter turn each image was given (`vqvae2.rotation_loss`; Gidaris et al. 2018):
+  penultimate features for FID/KID/precision/recall, and no IS (rotation logits say nothing
+  of classes).
+- `auto`: inception when its weights are present, otherwise domain (self-supervised for an
+  unconditional model); logged and recorded. The three spaces give incomparable numbers:
+  every report names its own.
 
     extractor = resolve_extractor("auto", domain_checkpoint=features_manifest["model"])
     metrics = fidelity_metrics(sample_images_uint8, test_images_uint8, extractor)
@@ -45,7 +51,7 @@ from storage.checkpoints import load_checkpoint
 from storage.fsutil import exists, redact
 
 
-FEATURES = ("auto", "inception", "domain")
+FEATURES = ("auto", "inception", "domain", "self-supervised")
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 DOMAIN_EXTRACTOR = "vqvae2-domain-classifier"
 INCEPTION_WEIGHTS_FIELD = "evaluate.inception_weights"  # the pipeline config field naming a custom weights file
@@ -146,12 +152,13 @@ def _layers(cls: type) -> dict[str, str]:
 
 
 def resolve_extractor(choice: str, *, inception_weights: str | None = None, domain_checkpoint: str | None = None,
-                      storage_options: dict[str, Any] | None = None) -> Extractor:
-    """The extractor for `choice` (auto | inception | domain), checked to be usable now.
+                      storage_options: dict[str, Any] | None = None, self_supervised: bool = False) -> Extractor:
+    """The extractor for `choice` (auto | inception | domain | self-supervised), checked to be usable now.
 
     `inception_weights`: a local file (the config field `evaluate.inception_weights`);
     None looks in torch-fidelity's cache (`inception_cache_path()`).
-    `domain_checkpoint`: URL of the *features* classifier's `model.pt` (never the judge's).
+    `domain_checkpoint`: URL of the *features* classifier's `model.pt` (never the judge's);
+    `self_supervised`: whether that classifier learned rotations rather than labels.
     """
     if choice not in FEATURES:
         raise ValueError(f"features must be one of {list(FEATURES)}, got {choice!r}")
@@ -170,14 +177,18 @@ def resolve_extractor(choice: str, *, inception_weights: str | None = None, doma
             _layers(FeatureExtractorInceptionV3),
         )
     else:
-        extractor = _domain_extractor(choice, domain_checkpoint, storage_options)
+        if (choice == "self-supervised") != self_supervised and choice != "auto":
+            learned = "rotations, without labels" if self_supervised else "the labels"
+            raise ValueError(f"features={choice!r}, but the features classifier learned {learned}")
+        extractor = _domain_extractor(choice, domain_checkpoint, storage_options, self_supervised)
     if choice == "auto":
         reason = "its weights are present" if extractor.kind == "inception" else f"no Inception weights at {weights}"
         LOG.info(f"features=auto: using the {extractor.kind} extractor ({extractor.name}) because {reason}")
     return extractor
 
 
-def _domain_extractor(choice: str, checkpoint: str | None, storage_options: dict[str, Any] | None) -> Extractor:
+def _domain_extractor(choice: str, checkpoint: str | None, storage_options: dict[str, Any] | None,
+                      self_supervised: bool) -> Extractor:
     if checkpoint is None:
         hint = f"no Inception weights at {inception_cache_path()} and " if choice == "auto" else ""
         raise ValueError(f"features={choice!r}: {hint}no domain_checkpoint given; pass the model.pt URL of the "
@@ -187,6 +198,15 @@ def _domain_extractor(choice: str, checkpoint: str | None, storage_options: dict
                                 "train it first (stage train-classifier, role 'features')")
     register_domain_extractor()
     fallback = f"no Inception weights at {inception_cache_path()}; " if choice == "auto" else ""
+    if self_supervised:
+        return Extractor(
+            choice, "self-supervised", DOMAIN_EXTRACTOR, checkpoint,
+            f"{fallback}self-supervised features (the pipeline's 'features' ResNet, trained without labels on the "
+            f"real train split to tell which quarter turn an image was given) from {redact(checkpoint)}: "
+            "penultimate-layer features for FID, KID and precision/recall; no IS (it needs class logits). Comparable "
+            "only to other self-supervised FIDs of this pipeline on the same data, never to Inception or domain FIDs",
+            _layers(DomainFeatureExtractor), storage_options,
+        )
     return Extractor(
         choice, "domain", DOMAIN_EXTRACTOR, checkpoint,
         f"{fallback}domain classifier (the pipeline's 'features' ResNet, trained on the real train split) from "
@@ -322,8 +342,9 @@ def fidelity_metrics(generated: FidelityImages | Tensor | np.ndarray, reference:
                          f"{n_ref} reference images")
     subset = kid_subset_size_for(n_gen, n_ref, kid_subset_size)
     splits = isc_splits_for(n_gen)
+    isc = isc and extractor.kind != "self-supervised"  # rotation logits are no class posterior
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if extractor.kind == "domain":
+    if extractor.kind != "inception":
         register_domain_extractor()  # this process may not be the one that resolved the extractor
     layers = extractor.feature_layers
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -61,6 +61,12 @@ class DatasetManifest(Manifest):
     num_skipped: int
     splits: dict[str, SplitInfo]
     ignored: list[Skipped]
+    carried: int = 0  # images copied in shards of `base`, the dataset the source made before it grew
+    base: str | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.class_names)
 
     def shard_counts(self) -> dict[str, list[int]]:
         """{split: [samples per shard]}, what storage.codes.create_codes takes."""
@@ -118,6 +124,7 @@ class PriorManifest(TrainedManifest):
 class ClassifierManifest(TrainedManifest):
     dataset: str
     role: str  # judge (rejection sampling) or features (the FID feature network)
+    target: str = "labels"  # what it learned to predict: labels, or rotations (self-supervised)
 
     @property
     def display_name(self) -> str:

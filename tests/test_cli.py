@@ -127,3 +127,23 @@ def test_the_installed_command_runs_a_stage_with_ephemeral_prefect(tmp_path):
     assert "Traceback" not in done.stderr and "| ERROR" not in done.stderr, done.stderr[-3000:]
     manifest = json.loads(done.stdout[done.stdout.index("{"):])
     assert manifest["num_samples"] == 4000 and (tmp_path / "root" / "datasets" / manifest["key"] / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("source, kind", [
+    ("./my-images", "image-folder"), ("s3://bucket/photos.parquet", "list"), ("/data/list.CSV", "list"),
+    ("s3://bucket/laion/{00000..00099}.tar", "tars"), (None, "fashion-mnist"),
+])
+def test_source_takes_its_kind_from_the_url(source, kind):
+    from flows.cli import build_config, parser
+
+    args = parser().parse_args(["run", "--preset", "smoke", *(["--source", source] if source else []),
+                                "--set", "num_classes=auto"])
+    config = build_config(args)
+    assert (config.source.url, config.source.resolved_kind) == (source, kind)
+    assert config.classes_from_data and config.with_classes(3).model.num_classes == 3
+
+
+def test_labels_a_source_kind_does_not_take_are_refused_naming_the_field():
+    with pytest.raises(SystemExit, match=r"source.labels is 'json:label', but a source of kind 'image-folder' takes one of "
+                                         r"auto, folders, none"):
+        main(["report", "--source", "./my-images", "--set", "source.labels=json:label"])

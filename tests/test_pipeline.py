@@ -13,7 +13,7 @@ from storage.checkpoints import load_checkpoint
 from storage.fsutil import exists, read_json
 from tasks.fidelity import InceptionWeightsMissing
 from tasks.stages import FinishedRun
-from tasks.stages.ingest import check_classes
+from tasks.stages.ingest import adopt_classes
 from pipeline_helpers import artifacts, smoke_config, snapshot, state_names, task_runs
 
 pytestmark = pytest.mark.slow
@@ -124,8 +124,15 @@ def test_a_training_that_fails_midway_is_retried_and_resumes_from_its_checkpoint
         assert torch.allclose(a[name].float(), b[name].float(), atol=1e-6), name
 
 
-def test_a_grown_source_gets_a_new_dataset_and_recomputes_downstream(prefect_api, tmp_path, fashion_mnist_test_split):
+def test_a_grown_source_encodes_only_its_new_images_and_recomputes_downstream(prefect_api, tmp_path, monkeypatch,
+                                                                              fashion_mnist_test_split):
     from PIL import Image
+
+    import storage.ingest
+
+    encoded = []
+    encode = storage.ingest.prepare
+    monkeypatch.setattr(storage.ingest, "prepare", lambda data, *args: encoded.append(1) or encode(data, *args))
 
     images, labels = fashion_mnist_test_split
     folder = tmp_path / "folder"
@@ -138,16 +145,25 @@ def test_a_grown_source_gets_a_new_dataset_and_recomputes_downstream(prefect_api
 
     add_images(0, 300)
     config = smoke_config(str(tmp_path / "root"), source={"kind": "image-folder", "url": str(folder)},
-                          ingest={"holdout_fraction": 0.2})
+                          ingest={"holdout_fraction": 0.2, "shard_size": 100})
     first = ingest_flow(config)
+    assert len(encoded) == 300 and first.carried == 0 and first.base is None
     first_ae = train_autoencoder_flow(config)
     again = ingest_flow(config, return_state=True)
     assert again.result().key == first.key
     assert set(state_names(again.state_details.flow_run_id).values()) == {"Cached"}
 
-    add_images(300, 360)
+    encoded.clear()
+    add_images(300, 330)  # 10% more
     grown = ingest_flow(config)
-    assert grown.key != first.key and grown.num_samples == 360
+    assert grown.key != first.key and grown.num_samples == 330
+    assert len(encoded) == 30  # the old images' shards were copied, not decoded and encoded again
+    assert grown.carried == 300 and grown.base == first.url
+    first_shards = {s.name: s.num_samples for split in first.splits.values() for s in split.shards}
+    grown_shards = {s.name: s.num_samples for split in grown.splits.values() for s in split.shards}
+    assert {name: grown_shards[name] for name in first_shards} == first_shards
+    for name in first_shards:  # byte for byte what the first ingest wrote
+        assert (Path(grown.url) / name).read_bytes() == (Path(first.url) / name).read_bytes()
     state = train_autoencoder_flow(config, return_state=True)
     second_ae = state.result()
     assert second_ae.key != first_ae.key and second_ae.dataset == grown.key
@@ -185,17 +201,16 @@ def test_a_dataset_of_other_classes_than_the_model_fails_after_ingest_before_any
     state = vqvae2_pipeline(config, return_state=True)
     assert state.is_failed()
     with pytest.raises(ValueError, match=r"the dataset has 3 classes \(class0, class1, class2\) but the model has "
-                                         r"num_classes=10 .*--set num_classes=3"):
+                                         r"num_classes=10 .*set the override num_classes to 3 or auto"):
         state.result()
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["datasets"]  # no training began
-    fixed = smoke_config(str(root), source={"kind": "image-folder", "url": str(folder)}, overrides={"num_classes": 3})
-    check_classes(ingest_flow(fixed), fixed)  # what the message says to do passes the check
+    for fix in (3, "auto"):  # what the message says to do passes the check
+        fixed = smoke_config(str(root), source={"kind": "image-folder", "url": str(folder)},
+                             overrides={"num_classes": fix})
+        assert adopt_classes(ingest_flow(fixed), fixed).model.num_classes == 3
 
 
 @pytest.mark.parametrize("overrides, evaluate, error, message", [
-    ({"num_classes": 0}, {}, ValueError,
-     r"the model is unconditional \(num_classes=0\).*evaluation needs Inception-v3: features='auto' needs "
-     r"torch-fidelity's Inception-v3 weights .* which are not on this machine"),
     ({"num_classes": 0}, {"features": "domain"}, ValueError,
      r"evaluate.features is 'domain', but the model is unconditional \(num_classes=0\)"),
     ({}, {"features": "inception"}, InceptionWeightsMissing,

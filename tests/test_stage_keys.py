@@ -110,7 +110,7 @@ def _candidates(value: Any, annotation: Any) -> list[Any]:
     if isinstance(value, float):
         return [value * 0.5, value * 2, value + 0.1, 0.5]
     if isinstance(value, str):
-        return {"auto": ["bf16", "off"]}.get(value, []) + [value + "-changed", "changed-" + value]
+        return {"auto": ["bf16", "off", "none"]}.get(value, []) + [value + "-changed", "changed-" + value]
     if isinstance(value, tuple):
         return [(first, *value[1:]) for first in _candidates(value[0], type(value[0]))]
     if isinstance(value, list):
@@ -161,9 +161,10 @@ def _expected(path: str) -> set[str]:
 
 
 def _base() -> PipelineConfig:
-    # A source URL, so that the walk can change the source's kind too (other kinds need one).
-    # A rendezvous endpoint, so that the walk can change the number of nodes too.
-    return pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"}, source={"url": "/data/fashion-mnist"},
+    # A list source, whose URL lets the walk change the source's kind too (other kinds need one), and
+    # which takes every source field. A rendezvous endpoint, so that the walk can change the number of nodes too.
+    return pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"},
+                           source={"kind": "list", "url": "/data/images.csv"},
                            training={"rdzv_endpoint": "node0:29500"})
 
 

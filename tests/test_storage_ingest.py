@@ -129,7 +129,7 @@ def test_image_folder_on_s3_ingests_to_memory(folder_with_bad_files, s3_bucket, 
     manifest = ingest(source, f"memory://{tmp_path.name}/ds", config)
     assert manifest["num_samples"] == 24
     assert sorted(s["ref"] for split in manifest["splits"].values() for s in split["skipped"]) == ["dog/corrupt.png", "owl/empty.png"]
-    assert manifest["source"] == {"kind": "image_folder", "url": f"{s3_bucket.url}/images"}
+    assert manifest["source"] == {"kind": "image_folder", "url": f"{s3_bucket.url}/images", "labels": "auto"}
 
 
 def test_too_many_bad_images_fail_clearly_and_leave_no_manifest(folder_with_bad_files, tmp_path):

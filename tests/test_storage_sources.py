@@ -56,14 +56,14 @@ def test_folder_holdout_is_stable_and_grows_without_moving_files(tmp_path):
     root = _folder(tmp_path / "src")
     config = IngestConfig(holdout_fraction=0.25, shard_size=100)
     before = ImageFolderSource(str(root)).partition(config)
-    test_files = {rel for unit in before.units["test"] for rel, _ in unit}
+    test_files = {item.ref for unit in before.units["test"] for item in unit}
     assert 4 <= len(test_files) <= 16 and before.class_names == ("a", "b")
     digest = source_digest(ImageFolderSource(str(root)))
     assert source_digest(ImageFolderSource(str(root))) == digest
 
     _folder(root, n_per_class=30)  # the folder grows: 10 more per class
     after = ImageFolderSource(str(root)).partition(config)
-    assert test_files <= {rel for unit in after.units["test"] for rel, _ in unit}  # old files keep their split
+    assert test_files <= {item.ref for unit in after.units["test"] for item in unit}  # old files keep their split
     assert source_digest(ImageFolderSource(str(root))) != digest
     other_seed = ImageFolderSource(str(root)).partition(IngestConfig(holdout_fraction=0.25, seed=1))
     assert other_seed.units["test"] != after.units["test"]

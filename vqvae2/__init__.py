@@ -29,6 +29,7 @@ from .quantize import QuantizerOutput, VectorQuantizer, accumulate_codebook_upda
 from .rejection import accept_mask, candidates_needed, keep_count
 from .sampling import sample_codes, sample_images, sample_level_reference, sample_logits
 from .train import (
+    ROTATIONS,
     SavedTensorBytes,
     autoencoder_loss,
     autoencoder_step,
@@ -41,6 +42,8 @@ from .train import (
     prepare_model,
     prior_loss,
     prior_step,
+    rotated,
+    rotation_loss,
     raise_if_diverged,
     seed_everything,
     train_step,
@@ -50,7 +53,7 @@ __all__ = [
     "AutoencoderConfig", "AutoencoderOutput", "ClassifierConfig", "ModelConfig", "PRESETS", "PixelCNNPrior",
     "PriorConfig", "QuantizerOutput", "ResNetClassifier", "TrainConfig", "VQVAE2", "VectorQuantizer",
     "apply_overrides", "autoencoder_loss", "autoencoder_step", "bits_per_code", "build_autoencoder",
-    "build_classifier", "build_prior", "build_priors", "classifier_loss", "classifier_step", "config_from_dict",
+    "ROTATIONS", "build_classifier", "build_prior", "build_priors", "classifier_loss", "rotated", "rotation_loss", "classifier_step", "config_from_dict",
     "config_to_dict", "fit", "from_checkpoint", "incremental_logits", "level_names", "make_optimizer",
     "prepare_model", "preset", "prior_loss", "prior_step", "raise_if_diverged", "sample_codes", "sample_images",
     "sample_level_fast", "sample_level_reference", "sample_logits", "seed_everything", "to_checkpoint", "train_step",

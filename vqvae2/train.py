@@ -228,6 +228,25 @@ def classifier_loss(model: ResNetClassifier, batch: Sequence) -> tuple[Tensor, M
     return loss, {"loss": loss, "accuracy": (logits.argmax(1) == labels).float().mean()}
 
 
+ROTATIONS = 4  # 0, 90, 180 and 270 degrees
+
+
+def rotated(images: Tensor) -> tuple[Tensor, Tensor]:
+    """Every image turned by each quarter turn, and which turn: (4B, C, H, W), (4B,)."""
+    turns = [torch.rot90(images, k, dims=(2, 3)) for k in range(ROTATIONS)]
+    labels = torch.arange(ROTATIONS, device=images.device).repeat_interleave(len(images))
+    return torch.cat(turns), labels
+
+
+def rotation_loss(model: ResNetClassifier, batch: Sequence) -> tuple[Tensor, Metrics]:
+    """Self-supervised: predict which quarter turn an image was given (Gidaris et al. 2018,
+    "Unsupervised Representation Learning by Predicting Image Rotations"). Needs no labels,
+    so an unlabelled dataset still gets a feature network trained on its own images.
+    batch: (images (B, C, H, W) in [0, 1], labels ignored); square images."""
+    images, labels = rotated(batch[0])
+    return classifier_loss(model, (images, labels))
+
+
 # --- the step and the loop -------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ Sources are frozen dataclasses, so a plan pickles them to other processes;
 ``storage_options`` (possibly holding credentials) is kept out of ``repr`` and of
 :meth:`describe`, which is what manifests record.
 """
-from .base import Partition, Reader, Source, SourceItem, source_digest
+from .base import FileItem, Partition, Reader, Source, SourceItem, grow_units, source_digest
 from .idx_folder import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
@@ -26,10 +26,11 @@ from .idx_folder import (
     fetch_fashion_mnist,
 )
 from .image_folder import ImageFolderSource
+from .list_file import ListSource
 from .tar_shards import IMAGE_EXTENSIONS, TarSource
 
 __all__ = [
-    "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "FASHION_MNIST_MD5", "FASHION_MNIST_MIRROR", "IMAGE_EXTENSIONS",
-    "IdxSource", "ImageFolderSource", "Partition", "Reader", "Source", "SourceItem", "TarSource",
-    "fashion_mnist_source", "fetch_fashion_mnist", "source_digest",
+    "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "FASHION_MNIST_MD5", "FASHION_MNIST_MIRROR", "IMAGE_EXTENSIONS", "FileItem",
+    "IdxSource", "ImageFolderSource", "ListSource", "Partition", "Reader", "Source", "SourceItem", "TarSource",
+    "fashion_mnist_source", "fetch_fashion_mnist", "grow_units", "source_digest",
 ]  # fmt: skip

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 
@@ -25,19 +25,55 @@ class Partition:
     """A source's items cut into shard-sized units per split."""
 
     units: dict[str, list[Any]]
-    class_names: tuple[str, ...] | None  # None: taken from the labels seen (tar sources)
+    class_names: tuple[str, ...] | None  # None: taken from the labels seen (tar sources); (): unlabelled
     ignored: tuple[tuple[str, str], ...] = ()  # (ref, reason): files that are no sample at all
+
+    @property
+    def labelled(self) -> bool:
+        return self.class_names != ()
 
 
 class Source(Protocol):
-    """What :func:`storage.ingest.plan_ingest` needs from a source."""
+    """What :func:`storage.ingest.plan_ingest` needs from a source.
+
+    ``partition(config, base)``: ``base`` is ``{split: [unit, ...]}`` of the dataset the
+    same source made last time (or None). A source whose units are lists of
+    :class:`FileItem` (it can grow) keeps every base unit whose files are all still
+    there unchanged, with the same labels, and puts only the other files in new units
+    (:func:`grow_units`); other sources ignore it.
+    """
 
     kind: ClassVar[str]
 
     def describe(self) -> dict[str, Any]: ...
     def digest(self) -> str: ...
-    def partition(self, config: Any) -> Partition: ...
+    def partition(self, config: Any, base: Mapping[str, Sequence[Any]] | None = None) -> Partition: ...
     def open(self) -> Any: ...
+
+
+class FileItem(NamedTuple):
+    """One file of a source whose units are file lists: where it is (relative to the
+    source or a full URL), its label (0 when unlabelled), and its size plus content tag
+    or modification time (:func:`storage.fsutil.fingerprint`), so a changed file is a new item."""
+
+    ref: str
+    label: int
+    fingerprint: str
+
+
+def grow_units(items: Sequence[FileItem], shard_size: int, base: Sequence[Any] | None = None) -> list[tuple[FileItem, ...]]:
+    """Cut one split's ``items`` (in order) into units of ``shard_size``, first keeping, in
+    their order, the ``base`` units whose items are all among ``items``: their shards are then
+    carried over, not encoded again, and only the rest (new or changed files, and the
+    files of base units that lost one) is cut into new units after them."""
+    present = set(items)
+    kept = []
+    for unit in base or ():
+        unit = tuple(FileItem(*item) for item in unit)  # JSON gives lists back
+        if unit and all(item in present for item in unit):
+            kept.append(unit)
+    taken = {item for unit in kept for item in unit}
+    return kept + chunks([item for item in items if item not in taken], shard_size)
 
 
 def source_digest(source: Source) -> str:

@@ -75,7 +75,8 @@ class IdxSource:
         }
         return content_digest({"kind": self.kind, "class_names": self.class_names, "files": hashes})
 
-    def partition(self, config: Any) -> Partition:
+    def partition(self, config: Any, base: Any = None) -> Partition:
+        """Row ranges per split; ``base`` is ignored: IDX files are replaced whole, never grown."""
         units = {}
         for split, (images_url, labels_url) in self.files().items():
             labels = parse_idx(read_bytes(labels_url, self.storage_options), labels_url)

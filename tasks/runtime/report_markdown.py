@@ -41,7 +41,7 @@ def render_markdown(report: dict[str, Any], images: dict[str, str | bytes]) -> s
         "## Samples",
         f"Temperature {samples['temperature']}, top-k {samples['top_k']}, seed {samples['seed']}; "
         f"{samples['candidates']} candidates, {samples['kept_per_rate']} kept per acceptance rate. "
-        "Without rejection:",
+        f"Rejection sampling: {samples.get('rejection', 'classifier-based')}. Without rejection:",
         image("samples"),
     ]
     if "rejection" in images:

@@ -45,6 +45,13 @@ class Outputs:
         self._source = source
         self._outputs: dict[tuple[str, Any], Any] = {}
 
+    def adopt_classes(self) -> None:
+        """Fix the config's classes from the dataset (`num_classes: auto`), or check they agree
+        with it: once the dataset exists, before any stage that depends on the classes starts."""
+        dataset = self.get("ingest")
+        self.config = ingest.adopt_classes(dataset, self.config)
+        self._outputs = {("ingest", None): self._outputs["ingest", None]}  # the rest were started for the old config
+
     @cached_property
     def source(self) -> Any:
         """The data source (its content digest is the dataset's key input)."""
@@ -90,6 +97,8 @@ def resolved(output: Any) -> Any:
 def stage_keys(config: PipelineConfig, source_digest: str) -> dict[str, str]:
     """The artifact key of every stage (and variant) a run of `config` makes from a source
     with content digest `source_digest`, computed from the declarations alone."""
+    if config.classes_from_data:
+        raise ValueError("num_classes is auto: the keys depend on the dataset's classes; pass config.with_classes(n)")
     keys: dict[str, str] = {}
     runtime = Runtime.of(config)
 
@@ -110,6 +119,7 @@ class FinishedRun(Outputs):
 
     def __init__(self, config: PipelineConfig) -> None:
         super().__init__(config, self._find)
+        self.adopt_classes()
 
     def _find(self, stage: Stage, variant: Any, settings: Settings, inputs: dict[str, Any]) -> Manifest:
         return stage.artifact(settings, inputs, self.runtime).require(stage.output, stage.name)

@@ -116,8 +116,9 @@ def fidelity_rows(extractor: Extractor, reference: torch.Tensor, sets: dict[str,
     rows = []
     for name, metrics in fidelity_table(sets, reference, extractor).items():
         rows.append({"set": name, "rate": rates.get(name), **metrics})
+        inception_score = f", IS {metrics['isc_mean']:.3f}" if "isc_mean" in metrics else ""
         logger().info(f"{name}: FID {metrics['fid']:.3f}, precision {metrics['precision']:.3f}, "
-                      f"recall {metrics['recall']:.3f}, IS {metrics['isc_mean']:.3f}")
+                      f"recall {metrics['recall']:.3f}{inception_score}")
     return rows
 
 
@@ -162,7 +163,8 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
     # Sample quality, every row in the same feature space and against the same real images.
     features = next((c for c in classifiers if c.role == "features"), None)
     extractor = resolve_extractor(settings.features, inception_weights=settings.inception_weights,
-                                  domain_checkpoint=features.model if features else None, storage_options=options)
+                                  domain_checkpoint=features.model if features else None, storage_options=options,
+                                  self_supervised=features is not None and features.target == "rotations")
     logger().info(f"fidelity features: {extractor.kind} ({extractor.name})")
     kept = kept_images(samples, options)
     sets = {"real train images (floor)": as_uint8(train_images), "reconstructions": as_uint8(recon)}
@@ -175,7 +177,8 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
     for row in rows:
         row["judge_confidence"] = judged.get(row["rate"])
     unrejected = next(row for row in rows if row["rate"] == 1.0)
-    metrics.update({f"sample_{k}": unrejected[k] for k in ("fid", "kid_mean", "precision", "recall", "isc_mean")})
+    metrics.update({f"sample_{k}": unrejected[k] for k in ("fid", "kid_mean", "precision", "recall", "isc_mean")
+                    if k in unrejected})
     if samples.judge_mean_confidence is not None:
         metrics["sample_judge_confidence"] = samples.judge_mean_confidence
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
@@ -206,7 +209,8 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
                      "rows": rows},
         "training": [training_row(m) for m in trained],
         "samples": {"candidates": samples.candidates, "kept_per_rate": samples.num_samples,
-                    "temperature": samples.temperature, "top_k": samples.top_k, "seed": samples.seed},
+                    "temperature": samples.temperature, "top_k": samples.top_k, "seed": samples.seed,
+                    "rejection": _rejection(samples, dataset)},
         "seeds": {"sample": samples.seed, **{name: model[name]["seed"] for name in
                                              ("train_autoencoder", "train_prior", "train_classifier")}},
         "artifacts": {m.stage: m.url for m in [dataset, autoencoder, codes, samples]}
@@ -222,6 +226,13 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
     return ReportManifest(**artifact.identity(), report=artifact.path("report.json"),
                           markdown=artifact.path("report.md"), metrics=metrics, fidelity=rows,
                           extractor=extractor.kind)
+
+
+def _rejection(samples: SamplesManifest, dataset: DatasetManifest) -> str:
+    if samples.judge_mean_confidence is not None:
+        return "classifier-based (the judge's confidence in each sample's class)"
+    why = "the dataset has no labels" if not dataset.labelled else "the model is unconditional (num_classes=0)"
+    return f"off: {why}, so there is no judge and every candidate is kept"
 
 
 def _fidelity_cells(row: dict[str, Any]) -> dict[str, Any]:

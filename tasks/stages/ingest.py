@@ -2,7 +2,9 @@
 
 The dataset's key digests the source's content and the ingest settings: an unchanged
 source maps to the same dataset (every later stage is then `Cached`), a changed or
-grown one to a new key (every later stage recomputes).
+grown one to a new key (every later stage recomputes). A grown one is ingested
+incrementally: `{root}/datasets/source-<id>.json` names the last dataset this source made under
+these settings, and its shards whose files are unchanged are copied, not encoded again.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from typing import Any
 
 from prefect import unmapped
 
+from storage.artifacts import artifact_key, artifact_url
+from storage.fsutil import exists, join, read_json, write_json
 from storage.ingest import IngestConfig, IngestPlan, ShardResult, ShardTask, finalize_dataset, finished_shard, plan_ingest
 from storage.ingest import write_shard as write_shard_files
 from storage.sources import Source
@@ -30,7 +34,9 @@ class IngestSettings(Settings):
     @classmethod
     def of(cls, config: PipelineConfig, variant: Any = None) -> IngestSettings:
         model, options = config.model, config.ingest
-        limit = config.preset_default("max_samples_per_split", options.max_samples_per_split)
+        limit = options.max_samples_per_split
+        if limit is None and config.source.resolved_kind != "tars":  # a tar's count is unknown until it is read
+            limit = config.preset_default("max_samples_per_split", None)
         return cls(config=IngestConfig.of(dataclasses.replace(options, max_samples_per_split=limit),
                                           image_size=model.image_size, mode="L" if model.image_channels == 1 else "RGB"))
 
@@ -91,12 +97,35 @@ def _without_credentials(plan: IngestPlan) -> IngestPlan:
 @cached_unit(locate=_PlanMarker, name="plan-dataset", result_serializer="pickle")
 def plan_dataset(settings: IngestSettings, runtime: Runtime, source: Source) -> IngestPlan:
     """List the shards to write; fails fast, naming the URL, on a missing or malformed source."""
-    plan = _without_credentials(plan_ingest(source, settings.config))
+    digest = source.digest()
+    dataset = STAGE.artifact(settings, {"source": digest}, runtime)
+    base = previous_dataset(settings, runtime, source, dataset.key)
+    plan = plan_ingest(source, settings.config, digest=digest, base=base, storage_options=runtime.storage_options)
+    plan = _without_credentials(plan)
     counts = ", ".join(f"{split}: {n}" for split, n in plan.num_shards().items())
-    dataset = STAGE.artifact(settings, {"source": plan.source_digest}, runtime)
-    logger().info(f"source {source.describe()} (digest {plan.source_digest[:12]}): {len(plan.tasks)} shards "
-                  f"({counts}) -> {dataset.url}")
+    carried = sum(1 for task in plan.tasks if task.carry)
+    grown = f"; {carried} shards carried over from {plan.base}" if plan.base else ""
+    logger().info(f"source {source.describe()} (digest {digest[:12]}): {len(plan.tasks)} shards "
+                  f"({counts}) -> {dataset.url}{grown}")
     return plan
+
+
+def lineage_url(settings: IngestSettings, runtime: Runtime, source: Source) -> str:
+    """Where the last dataset this source (by its description, not its content) made under
+    `settings` is named: what a grown source is ingested against."""
+    identity = artifact_key("sources", settings, {"source": source.describe()}, STAGE.code_version)
+    return join(runtime.root, STAGE.directory, f"source-{identity}.json")  # a file beside the datasets: none of them
+
+
+def previous_dataset(settings: IngestSettings, runtime: Runtime, source: Source, key: str) -> str | None:
+    """The URL of the complete dataset this source made last time, if it is not `key` itself."""
+    url = lineage_url(settings, runtime, source)
+    if not exists(url, runtime.storage_options):
+        return None
+    previous = read_json(url, runtime.storage_options).get("dataset")
+    if not previous or previous == key:
+        return None
+    return artifact_url(runtime.root, STAGE.directory, previous)
 
 
 def _shard_marker(shard: ShardTask, digest: str, source: Source, settings: IngestSettings,
@@ -122,6 +151,12 @@ def finalize(settings: IngestSettings, runtime: Runtime, source: str, plan: Inge
     """Check the shards, enforce the bad-image budget, write the dataset manifest last."""
     written = finalize_dataset(plan, shards, artifact.url, artifact.storage_options)
     manifest = DatasetManifest(**written, **artifact.identity())
+    write_json(lineage_url(settings, runtime, plan.source), {"dataset": artifact.key,
+                                                             "source_digest": plan.source_digest},
+               artifact.storage_options)
+    new = manifest.num_samples - manifest.carried
+    logger().info(f"dataset {artifact.key}: {manifest.num_samples} images, {new} new"
+                  + (f", {manifest.carried} carried over from {manifest.base}" if manifest.base else ""))
     rows = [
         {"split": split, "images": info.num_samples, "shards": len(info.shards), "skipped": len(info.skipped),
          **{name: n for name, n in zip(manifest.class_names, info.class_counts)}}
@@ -131,15 +166,26 @@ def finalize(settings: IngestSettings, runtime: Runtime, source: str, plan: Inge
     return manifest
 
 
-def check_classes(dataset: DatasetManifest, config: PipelineConfig) -> None:
-    """The model's classes are the data's: a class-conditional model of another number of
-    classes than the dataset holds fails here, after ingest and before any training, rather
+def adopt_classes(dataset: DatasetManifest, config: PipelineConfig) -> PipelineConfig:
+    """The config whose model has the dataset's classes: `num_classes: auto` takes them (0, an
+    unconditional model, for unlabelled data or a single class); a class-conditional model
+    of another number of classes fails here, after ingest and before any training, rather
     than mid-training (a label out of range) or, worse, by sampling classes that do not exist."""
-    expected, found = config.model.num_classes, len(dataset.class_names)
+    found = len(dataset.class_names)
+    if config.classes_from_data:
+        adopted = found if found >= 2 else 0
+        logger().info(f"num_classes auto: {adopted} (the dataset has " + (f"{found} classes)" if found else "no labels)"))
+        return config.with_classes(adopted)
+    expected = config.model.num_classes
+    if expected and not found:
+        raise ValueError(f"the dataset has no labels (source {dataset.source}) but the model has num_classes={expected} "
+                         f"(preset {config.preset!r}): set the override num_classes to 0 or auto "
+                         "(--set num_classes=auto) for unconditional priors, or give the source labels (source.labels)")
     if expected and expected != found:
         names = ", ".join(dataset.class_names[:12]) + (", ..." if found > 12 else "")
         raise ValueError(
             f"the dataset has {found} classes ({names}) but the model has num_classes={expected} (preset "
-            f"{config.preset!r}): set the override num_classes to {found} (--set num_classes={found}), or 0 for "
-            f"unconditional priors, or use a source with {expected} classes"
+            f"{config.preset!r}): set the override num_classes to {found} or auto (--set num_classes=auto), or 0 "
+            f"for unconditional priors, or use a source with {expected} classes"
         )
+    return config

@@ -1,7 +1,11 @@
 """Stage 4b: train image classifiers on the real train split. The `judge` scores samples
 for classifier-based rejection (Razavi et al. 2019, Sec. 4.1); without Inception weights a
 second one, `features`, trained independently with another seed, is the feature network
-of FID/KID/precision/recall, so the metric never grades with the judge's eyes."""
+of FID/KID/precision/recall, so the metric never grades with the judge's eyes.
+
+An unconditional model (unlabelled data) has no judge, and its `features` network learns
+without labels, by predicting which quarter turn each image was given
+(`vqvae2.rotation_loss`): the `self-supervised` feature space."""
 from __future__ import annotations
 
 import os
@@ -26,40 +30,38 @@ VALIDATION_IMAGES = 1000
 ROLE_SEEDS = {"judge": 0, "features": 1000}
 
 
-def uses_domain_features(config: PipelineConfig) -> bool:
-    """Whether the evaluation needs the pipeline's own features classifier (no Inception)."""
-    if config.evaluate.features != "auto":
-        return config.evaluate.features == "domain"
-    return not os.path.isfile(config.evaluate.inception_weights or inception_cache_path())
+def feature_space(config: PipelineConfig) -> str:
+    """The feature space the evaluation will use: inception, domain (a classifier of the
+    labels) or self-supervised (a rotation predictor, for an unconditional model)."""
+    choice, labelled = config.evaluate.features, bool(config.model.num_classes)
+    if choice == "auto":
+        have = os.path.isfile(config.evaluate.inception_weights or inception_cache_path())
+        return "inception" if have else "domain" if labelled else "self-supervised"
+    return choice
 
 
 def check_features_available(config: PipelineConfig) -> None:
-    """Evaluation must be possible before anything trains: `features: inception` needs
-    Inception's weights on this machine, and so does an unconditional model, which trains no
-    classifier (the features network learns the labels)."""
-    evaluate, labelled = config.evaluate, bool(config.model.num_classes)
-    if not labelled and evaluate.features == "domain":
+    """Evaluation must be possible before anything trains: Inception's weights on this
+    machine when the feature space is inception, labels when it is domain."""
+    evaluate = config.evaluate
+    if feature_space(config) == "domain" and not config.model.num_classes:
         raise ValueError("evaluate.features is 'domain', but the model is unconditional (num_classes=0): the domain "
-                         "features are a classifier trained on the labels; choose 'inception' or 'auto'")
+                         "features are a classifier of the labels; choose 'self-supervised', 'inception' or 'auto'")
     # As resolve_extractor decides at evaluation: a configured file is wanted even under auto.
-    needs_inception = evaluate.features == "inception" or not labelled or bool(evaluate.inception_weights)
-    if needs_inception and not os.path.isfile(evaluate.inception_weights or inception_cache_path()):
-        missing = missing_inception(evaluate.features, evaluate.inception_weights, domain_possible=labelled)
-        if labelled:
-            raise missing
-        raise ValueError(f"the model is unconditional (num_classes=0), so the pipeline trains no features classifier "
-                         f"(it learns the labels) and evaluation needs Inception-v3: {missing}")
+    wanted = evaluate.features == "inception" or (evaluate.features == "auto" and evaluate.inception_weights)
+    if wanted and not os.path.isfile(evaluate.inception_weights or inception_cache_path()):
+        raise missing_inception(evaluate.features, evaluate.inception_weights)
 
 
 def classifier_roles(config: PipelineConfig) -> list[str]:
-    """The judge (rejection sampling) and, without Inception weights, the FID feature network."""
-    if not config.model.num_classes:
-        return []
-    return ["judge"] + (["features"] if uses_domain_features(config) else [])
+    """The judge (rejection sampling, labels only) and, without Inception, the FID feature network."""
+    judge = ["judge"] if config.model.num_classes else []
+    return judge + (["features"] if feature_space(config) != "inception" else [])
 
 
 class ClassifierSettings(Settings):
     role: str
+    target: str  # labels, or rotations (self-supervised: no labels needed)
     classifier: vqvae2.ClassifierConfig
     train: vqvae2.TrainConfig  # its seed offset by the role's
     image_channels: int
@@ -73,9 +75,11 @@ class ClassifierSettings(Settings):
             raise ValueError(f"classifier role must be one of {sorted(ROLE_SEEDS)}, got {variant!r}")
         model = config.model
         seed = model.train_classifier.seed + ROLE_SEEDS[variant]
-        return cls(role=variant, classifier=model.classifier,
+        target = "rotations" if variant == "features" and feature_space(config) == "self-supervised" else "labels"
+        return cls(role=variant, target=target, classifier=model.classifier,
                    train=vqvae2.apply_overrides(model.train_classifier, {"seed": seed}),
-                   image_channels=model.image_channels, num_classes=model.num_classes,
+                   image_channels=model.image_channels,
+                   num_classes=vqvae2.ROTATIONS if target == "rotations" else model.num_classes,
                    num_workers=config.training.num_workers, processes=config.training.world_size())
 
     def model(self) -> vqvae2.ResNetClassifier:
@@ -99,6 +103,10 @@ def classifier_job(settings: ClassifierSettings, runtime: Runtime, dataset: Data
     vqvae2.seed_everything(settings.train.seed)
     model = settings.model()
     images, labels = first_images(dataset, "test", VALIDATION_IMAGES, runtime.storage_options)
+    loss_fn = vqvae2.classifier_loss
+    if settings.target == "rotations":
+        images, labels = vqvae2.rotated(images)
+        loss_fn = vqvae2.rotation_loss
 
     def evaluate(model: vqvae2.ResNetClassifier) -> dict[str, float]:
         device = next(model.parameters()).device
@@ -109,7 +117,7 @@ def classifier_job(settings: ClassifierSettings, runtime: Runtime, dataset: Data
     batches, per_epoch = train_batches(dataset, rank_batch_size(settings.train.batch_size), settings.train.seed,
                                        settings.num_workers, runtime)
     return TrainingJob(
-        name=f"classifier-{settings.role}", model=model, loss_fn=vqvae2.classifier_loss, train=settings.train,
+        name=f"classifier-{settings.role}", model=model, loss_fn=loss_fn, train=settings.train,
         batches=batches, batches_per_epoch=per_epoch, artifact=artifact, options=runtime.training, evaluate=evaluate,
     )
 
@@ -119,4 +127,5 @@ def train_classifier(settings: ClassifierSettings, runtime: Runtime, dataset: Da
                      artifact: Artifact) -> ClassifierManifest:
     summary = train(classifier_job, settings, runtime, dataset, artifact, title=f"classifier-{settings.role}: training",
                     options=runtime.training, processes=settings.processes)
-    return ClassifierManifest(**artifact.identity(), **summary.model_dump(), dataset=dataset.key, role=settings.role)
+    return ClassifierManifest(**artifact.identity(), **summary.model_dump(), dataset=dataset.key, role=settings.role,
+                              target=settings.target)

@@ -1,0 +1,306 @@
+"""A list of images as a source: one row per image in a CSV, TSV, JSON Lines or Parquet file.
+
+Paths in the list are relative to the list's folder, or absolute (a local path, or a URL
+such as ``file://``, ``s3://``, ``https://``) and taken as they are. The list's
+``storage_options`` reach the files whose URL has the list's protocol (or is relative);
+other URLs are opened without options.
+
+A list names files, it does not fingerprint them: :meth:`ListSource.digest` hashes the
+list's bytes, so an edited list is noticed, but an image replaced behind an unchanged
+line is not (write a new list, e.g. with a content hash column, to re-ingest it).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import posixpath
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from ..fsutil import filesystem, join, read_bytes, redact, sha256_file
+from .base import FileItem, Partition, Reader, SourceItem, content_digest, grow_units, unit_interval
+from .image_folder import FETCH_BATCH, fetch, unreadable
+
+PATH_COLUMNS = ("path", "url", "file", "filename", "image", "filepath")  # tried in order when path_column is None
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+SPLITS = ("train", "test")
+AUTO = "auto"
+AUTO_LABEL_COLUMN = "label"  # what label_column "auto" takes when the list has it
+_INTEGER = re.compile(r"-?\d+")
+
+Row = tuple[str, Mapping[str, Any]]  # (where in the file, e.g. "row 3 (line 4)"; the row's values by column)
+
+
+@dataclass(frozen=True)
+class ListSource:
+    """Images named by a list file (kind ``"list"``).
+
+    ``path_column``: the column holding each image's path (None: the first of
+    :data:`PATH_COLUMNS` present). ``label_column``: None for unlabelled images (class
+    names ``()``, label 0); ``"auto"``: the column ``label`` if the list has one, else None; each row's class, a name in ``class_names`` or an index
+    into it; without ``class_names``, the sorted distinct values (numbers in numeric
+    order) are the classes. Rows without a path, with a missing or unknown label, or
+    repeating a path are ignored and named in the manifest. ``split_column``: ``train``
+    or ``test`` per row; without it, a stable hash of each path (and the config's seed)
+    holds out ``holdout_fraction`` as ``test``. Units are :class:`FileItem` tuples with
+    an empty fingerprint (see the module's note).
+    """
+
+    url: str
+    path_column: str | None = None
+    label_column: str | None = None
+    split_column: str | None = None
+    class_names: tuple[str, ...] | None = None
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+    kind: ClassVar[str] = "list"
+
+    def __post_init__(self) -> None:
+        list_format(self.url)  # fail at construction on an unsupported extension
+        if self.class_names is not None:
+            names = tuple(self.class_names)
+            if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) < len(names):
+                raise ValueError(f"ListSource.class_names must be distinct non-empty strings, got {self.class_names!r}")
+            object.__setattr__(self, "class_names", names)  # a list from a config becomes hashable
+            if self.label_column is None:
+                raise ValueError("ListSource.class_names needs ListSource.label_column (the column holding the labels)")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "url": redact(self.url), "path_column": self.path_column,
+            "label_column": self.label_column, "split_column": self.split_column, "class_names": self.class_names,
+        }  # fmt: skip
+
+    def digest(self) -> str:
+        # The place stays in: two folders may hold equal lists of relative paths to different images.
+        return content_digest({**self.describe(), "sha256": sha256_file(self.url, self.storage_options)})
+
+    def partition(self, config: Any, base: Mapping[str, Sequence[Any]] | None = None) -> Partition:
+        columns, rows = read_rows(self.url, self.storage_options)
+        if self.label_column == AUTO:
+            resolved = dataclasses.replace(self, label_column=AUTO_LABEL_COLUMN if AUTO_LABEL_COLUMN in columns else None)
+            return resolved._partition(columns, rows, config, base)
+        return self._partition(columns, rows, config, base)
+
+    def _partition(self, columns: Sequence[str], rows: Sequence[tuple[str, Mapping[str, Any]]], config: Any,
+                   base: Mapping[str, Sequence[Any]] | None) -> Partition:
+        path_column = self._column(columns)
+        ignored: list[tuple[str, str, str]] = []  # (where, ref, reason)
+        found: list[tuple[str, str, str, Any]] = []  # (where, path as written, split, label value)
+        first_row: dict[str, str] = {}
+        for where, row in rows:
+            path = row.get(path_column)
+            path = path.strip() if isinstance(path, str) else ""
+            if not path:
+                ignored.append((where, f"{redact(self.url)}#{where}", f"{where}: no path in column {path_column!r}"))
+            elif path in first_row:
+                ignored.append((where, redact(path), f"{where}: repeats the path of {first_row[path]}"))
+            else:
+                first_row[path] = where
+                found.append((where, path, self._split(where, row, config, path), row.get(self.label_column)))
+        class_names, labels = self._labels(found, ignored)
+        units = {}
+        for split in SPLITS:
+            chosen = [(path, labels[path]) for _, path, s, _ in found if s == split and path in labels]
+            chosen.sort(key=lambda item: (unit_interval(config.seed, item[0]), item[0]))
+            chosen = chosen[: config.max_samples_per_split or len(chosen)]
+            if chosen:
+                items = [FileItem(path, label, "") for path, label in chosen]
+                units[split] = grow_units(items, config.shard_size, (base or {}).get(split))
+        if not units:
+            raise ValueError(f"{redact(self.url)}: the list names no usable image ({len(ignored)} rows ignored)")
+        ignored.sort(key=lambda entry: _row_number(entry[0]))  # in the list's order, whatever the reason
+        return Partition(units, class_names, tuple((ref, reason) for _, ref, reason in ignored))
+
+    def _column(self, columns: Sequence[str]) -> str:
+        for name, given in (("label_column", self.label_column), ("split_column", self.split_column)):
+            if given is not None and given not in columns:
+                raise ValueError(
+                    f"{redact(self.url)}: no column {given!r} (ListSource.{name}); columns: {list(columns)}"
+                )
+        if self.path_column is not None:
+            if self.path_column not in columns:
+                raise ValueError(f"{redact(self.url)}: no column {self.path_column!r} (ListSource.path_column); "
+                                 f"columns: {list(columns)}")
+            return self.path_column
+        for name in PATH_COLUMNS:
+            if name in columns:
+                return name
+        raise ValueError(f"{redact(self.url)}: no path column; expected one of {list(PATH_COLUMNS)} or "
+                         f"ListSource.path_column, columns: {list(columns)}")
+
+    def _split(self, where: str, row: Mapping[str, Any], config: Any, path: str) -> str:
+        if self.split_column is None:
+            return "test" if unit_interval(config.seed, path) < config.holdout_fraction else "train"
+        value = row.get(self.split_column)
+        split = value.strip().lower() if isinstance(value, str) else None
+        if split not in SPLITS:
+            raise ValueError(f"{redact(self.url)}: {where}: split {value!r} in column {self.split_column!r} "
+                             "is neither 'train' nor 'test'")
+        return split
+
+    def _labels(
+        self, found: Sequence[tuple[str, str, str, Any]], ignored: list[tuple[str, str, str]]
+    ) -> tuple[tuple[str, ...], dict[str, int]]:
+        """``(class_names, {path: label index})``; rows whose label is missing or unknown go to ``ignored``."""
+        if self.label_column is None:
+            return (), {path: 0 for _, path, _, _ in found}
+        texts = [(where, path, value, label_text(value)) for where, path, _, value in found]
+        names = self.class_names or tuple(sorted({t for *_, t in texts if t is not None}, key=_class_order))
+        index = {name: i for i, name in enumerate(names)}
+        labels: dict[str, int] = {}
+        for where, path, value, text in texts:
+            if text in index:
+                labels[path] = index[text]
+            elif text is not None and _INTEGER.fullmatch(text) and 0 <= int(text) < len(names):
+                labels[path] = int(text)  # an index into the given class_names
+            elif text is None:
+                ignored.append((where, redact(path), f"{where}: no label in column {self.label_column!r}"))
+            else:
+                reason = f"{where}: label {value!r} is neither one of class_names nor an index"
+                ignored.append((where, redact(path), reason))
+        return names, labels
+
+    def open(self) -> _ListReader:
+        return _ListReader(self)
+
+
+def list_format(url: str) -> str:
+    """``csv``, ``tsv``, ``jsonl`` or ``parquet``, from the list file's extension."""
+    extension = posixpath.splitext(urlsplit(str(url)).path if "://" in str(url) else str(url))[1].lower()
+    if extension not in FORMATS:
+        raise ValueError(
+            f"{redact(url)}: a list file must end in one of {', '.join(FORMATS)}, got {extension or 'none'!r}"
+        )
+    return FORMATS[extension]
+
+
+def label_text(value: Any) -> str | None:
+    """A label value as the class name it stands for; None when missing. 3, 3.0 and "3" are all "3"."""
+    if value is None or (isinstance(value, float) and value != value):  # NaN: a missing Parquet/JSON value
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def _row_number(where: str) -> int:
+    return int(where.split()[1])
+
+
+def _class_order(name: str) -> tuple[int, int, str]:
+    return (0, int(name), "") if _INTEGER.fullmatch(name) else (1, 0, name)
+
+
+def read_rows(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[list[str], list[Row]]:
+    """``(columns, rows)`` of a list file; a malformed line or row fails naming the file and where."""
+    kind = list_format(url)
+    data = read_bytes(url, storage_options)
+    if kind == "parquet":
+        return _parquet_rows(url, data)
+    try:
+        text = data.decode("utf-8-sig")  # a BOM is what spreadsheet programs write first
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{redact(url)}: not UTF-8 text ({err})") from err
+    return _jsonl_rows(url, text) if kind == "jsonl" else _csv_rows(url, text, "\t" if kind == "tsv" else ",")
+
+
+def _csv_rows(url: str, text: str, delimiter: str) -> tuple[list[str], list[Row]]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows: list[Row] = []
+    try:
+        header = next(reader, None)
+        if not header or not any(h.strip() for h in header):
+            raise ValueError(f"{redact(url)}: empty; the first line must name the columns")
+        header = [h.strip() for h in header]
+        if len(set(header)) < len(header):
+            raise ValueError(f"{redact(url)}: line 1: repeated column names in {header}")
+        for values in reader:
+            if not values:
+                continue  # a blank line
+            if len(values) != len(header):
+                raise ValueError(
+                    f"{redact(url)}: line {reader.line_num}: {len(values)} fields, the header has {len(header)}"
+                )
+            rows.append((f"row {len(rows) + 1} (line {reader.line_num})", dict(zip(header, values))))
+    except csv.Error as err:
+        raise ValueError(f"{redact(url)}: line {reader.line_num}: malformed CSV ({err})") from err
+    return header, rows
+
+
+def _jsonl_rows(url: str, text: str) -> tuple[list[str], list[Row]]:
+    columns: dict[str, None] = {}  # ordered set: columns as first seen
+    rows: list[Row] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"{redact(url)}: line {number}: not valid JSON ({err})") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{redact(url)}: line {number}: expected a JSON object, got {type(row).__name__}")
+        columns.update(dict.fromkeys(row))
+        rows.append((f"row {len(rows) + 1} (line {number})", row))
+    return list(columns), rows
+
+
+def _parquet_rows(url: str, data: bytes) -> tuple[list[str], list[Row]]:
+    try:
+        import pyarrow as pa  # optional: only Parquet lists need it
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError(f"{redact(url)}: reading Parquet lists needs pyarrow: pip install pyarrow") from err
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise ValueError(f"{redact(url)}: not a readable Parquet file ({err})") from err
+    return list(table.column_names), [(f"row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+class _ListReader(Reader):
+    def __init__(self, source: ListSource):
+        self.source = source
+        self.folder = source.url.rsplit("/", 1)[0] if "/" in source.url else ""
+        self.protocol = _protocol(source.url)
+
+    def resolve(self, path: str) -> str:
+        """The URL of a path as written in the list."""
+        if "://" in path or path.startswith("/") or not self.folder:
+            return path
+        return join(self.folder, path)
+
+    def read(self, split: str, unit: Sequence[Sequence[Any]]) -> Iterator[SourceItem]:
+        items = [FileItem(*item) for item in unit]  # tuples, or lists when the unit came back from JSON
+        for i in range(0, len(items), FETCH_BATCH):
+            batch = items[i : i + FETCH_BATCH]
+            found: dict[int, bytes | Exception] = {}
+            # One request per filesystem: a list may mix local files, buckets and web servers.
+            for fs, positions, paths, url in self._by_filesystem(batch):
+                found.update(zip(positions, fetch(fs, paths, url)))
+            for position, item in enumerate(batch):
+                data = found[position]
+                if isinstance(data, Exception):
+                    yield SourceItem(redact(item.ref), item.label, None, unreadable(data))
+                else:
+                    yield SourceItem(redact(item.ref), item.label, data)
+
+    def _by_filesystem(self, batch: Sequence[FileItem]) -> list[tuple[Any, list[int], list[str], str]]:
+        groups: dict[int, tuple[Any, list[int], list[str], str]] = {}
+        for position, item in enumerate(batch):
+            url = self.resolve(item.ref)
+            options = self.source.storage_options if _protocol(url) == self.protocol else None
+            fs, path = filesystem(url, options)
+            group = groups.setdefault(id(fs), (fs, [], [], redact(url)))
+            group[1].append(position)
+            group[2].append(path)
+        return list(groups.values())

@@ -1,0 +1,55 @@
+"""Real image files, as users have them, written with Pillow from Fashion-MNIST pixels:
+a folder of mixed formats (one file corrupt), and tar shards in img2dataset's layout."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FORMATS = ("png", "jpg", "webp", "bmp", "png16")  # png16: 16-bit gray, what a scanner or microscope writes
+
+
+def encoded(pixels: np.ndarray, fmt: str) -> bytes:
+    """One gray uint8 image as a file of format `fmt` (see FORMATS)."""
+    buffer = io.BytesIO()
+    if fmt == "png16":
+        Image.fromarray(pixels.astype(np.uint16) * 257).save(buffer, format="PNG")
+    else:
+        Image.fromarray(pixels).save(buffer, format={"jpg": "JPEG"}.get(fmt, fmt.upper()))
+    return buffer.getvalue()
+
+
+def write_folder(folder: Path, images: np.ndarray, names: Sequence[str] | None = None) -> list[Path]:
+    """`images` as files cycling through FORMATS, under `folder/<names[i]>/` when names are
+    given (a class-folder tree), else flat; plus one file that is not an image at all."""
+    paths = []
+    for i, pixels in enumerate(images):
+        fmt = FORMATS[i % len(FORMATS)]
+        path = folder / (names[i] if names is not None else "") / f"img{i:05d}.{fmt.removesuffix('16')}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encoded(pixels, fmt))
+        paths.append(path)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but the rest of it was never written")
+    return paths
+
+
+def img2dataset_tar(images: np.ndarray, labels: Sequence[int], first_key: int) -> bytes:
+    """One tar as img2dataset writes it: per sample {key}.jpg, {key}.txt (caption) and
+    {key}.json (its metadata), here with the label in the json field `label`."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for i, (pixels, label) in enumerate(zip(images, labels)):
+            key = f"{first_key + i:09d}"
+            meta = {"url": f"https://images.example.com/{key}.jpg", "key": key, "status": "success",
+                    "caption": f"item {key}", "width": 28, "height": 28, "label": int(label)}
+            for ext, data in (("jpg", encoded(pixels, "jpg")), ("txt", meta["caption"].encode()),
+                              ("json", json.dumps(meta).encode())):
+                member = tarfile.TarInfo(f"{key}.{ext}")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()

@@ -1,0 +1,101 @@
+"""Users' own images through to a report: a flat folder of mixed formats with no labels, an
+img2dataset tar set on S3 with labels in its json, a CSV of paths with label names. Real
+files written by Pillow, a real S3 API, a real Prefect API, smoke-sized models."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.pipeline import vqvae2_pipeline
+from storage.fsutil import read_bytes, read_json, write_bytes
+from tasks.stages import FinishedRun
+from image_files import img2dataset_tar, write_folder
+from pipeline_helpers import smoke_config, state_names
+
+pytestmark = pytest.mark.slow
+
+
+def _report(state) -> tuple[dict, str]:
+    assert state.is_completed(), state.message
+    manifest = state.result()
+    return read_json(manifest.report), manifest.markdown
+
+
+def test_a_flat_folder_of_mixed_formats_without_labels_runs_to_a_report(prefect_api, tmp_path,
+                                                                         fashion_mnist_test_split):
+    images, _ = fashion_mnist_test_split
+    folder = tmp_path / "my-images"
+    write_folder(folder, images[:400])
+    config = smoke_config(str(tmp_path / "root"), source={"url": str(folder)}, overrides={"num_classes": "auto"})
+    state = vqvae2_pipeline(config, return_state=True)
+    report, markdown = _report(state)
+
+    finished = FinishedRun(config)
+    dataset = finished.dataset
+    assert finished.config.model.num_classes == 0  # auto: no labels, unconditional priors
+    assert dataset.class_names == [] and dataset.source["kind"] == "image_folder"
+    assert dataset.num_samples == 400 and dataset.num_skipped == 1
+    skipped = [s for split in dataset.splits.values() for s in split.skipped]
+    assert (skipped[0].ref, skipped[0].reason) == ("broken.png", "not an image: no format Pillow reads recognises the file")
+    # No labels: no judge, rejection off and said so; features learned without labels, named as such.
+    assert [c.role for c in finished.classifiers] == ["features"] and finished.classifiers[0].target == "rotations"
+    assert report["samples"]["rejection"].startswith("off: the dataset has no labels")
+    extractor = report["fidelity"]["extractor"]
+    assert extractor["kind"] == "self-supervised" and "never to Inception or domain FIDs" in extractor["description"]
+    assert [row["set"] for row in report["fidelity"]["rows"]] == [
+        "real train images (floor)", "reconstructions", "samples, no rejection"]
+    assert all("isc_mean" not in row for row in report["fidelity"]["rows"])  # no IS without class logits
+    text = Path(markdown).read_text()
+    assert "Feature space: **self-supervised**" in text and "Rejection sampling: off" in text
+    assert {"train-classifier-features"} <= set(state_names(state.state_details.flow_run_id))
+
+
+def test_img2dataset_shards_on_s3_with_labels_in_their_json_run_to_a_report(prefect_api, s3_bucket,
+                                                                           fashion_mnist_test_split):
+    images, labels = fashion_mnist_test_split
+    shards = f"{s3_bucket.url}/laion-like"
+    for t in range(4):
+        part = slice(100 * t, 100 * (t + 1))
+        write_bytes(f"{shards}/{t:05d}.tar", img2dataset_tar(images[part], labels[part] % 3, 100 * t))
+        write_bytes(f"{shards}/{t:05d}_stats.json", json.dumps({"count": 100, "successes": 100}).encode())
+    config = smoke_config(f"{s3_bucket.url}/root", overrides={"num_classes": "auto"},
+                          source={"url": f"{shards}/{{00000..00003}}.tar", "labels": "json:label"})
+    report, markdown = _report(vqvae2_pipeline(config, return_state=True))
+
+    dataset = FinishedRun(config).dataset
+    assert dataset.source["kind"] == "tar" and dataset.class_names == ["0", "1", "2"]
+    assert dataset.num_samples == 400 and dataset.splits["test"].num_samples == 100  # one whole tar held out
+    assert sum(dataset.splits["train"].class_counts) == 300
+    assert report["fidelity"]["extractor"]["kind"] == "domain"
+    assert report["samples"]["rejection"].startswith("classifier-based")
+    assert "Feature space: **domain**" in read_bytes(markdown).decode()
+
+
+def test_a_csv_of_paths_with_label_names_runs_to_a_report(prefect_api, tmp_path, fashion_mnist_test_split):
+    images, labels = fashion_mnist_test_split
+    names = ["Trouser", "Bag", "Sneaker"]
+    folder = tmp_path / "photos"
+    paths = write_folder(folder, images[:360])
+    with open(folder / "images.csv", "w", newline="") as file:
+        rows = csv.writer(file)
+        rows.writerow(["path", "label"])
+        for i, path in enumerate(paths):
+            rows.writerow([path.relative_to(folder).as_posix(), names[labels[i] % 3]])
+        rows.writerow(["missing.png", "Bag"])  # listed, but never copied
+    config = smoke_config(str(tmp_path / "root"), source={"url": str(folder / "images.csv"), "labels": "column:label"},
+                          overrides={"num_classes": "auto"})
+    report, markdown = _report(vqvae2_pipeline(config, return_state=True))
+
+    finished = FinishedRun(config)
+    dataset = finished.dataset
+    assert finished.config.model.num_classes == 3
+    assert dataset.source["kind"] == "list" and dataset.class_names == sorted(names)
+    assert dataset.num_samples == 360 and dataset.num_skipped == 1
+    counts = [sum(split.class_counts[c] for split in dataset.splits.values()) for c in range(3)]
+    expected = [sum(1 for i in range(360) if names[labels[i] % 3] == name) for name in sorted(names)]
+    assert counts == expected
+    assert report["fidelity"]["extractor"]["kind"] == "domain"
+    assert "Feature space: **domain**" in Path(markdown).read_text()
