@@ -6,7 +6,10 @@ to arrays.
 Resizing keeps the aspect ratio: `center-crop` (the default) scales the shorter side to the
 target and centre-crops the longer one (the usual ImageNet/FFHQ preprocessing; Razavi et
 al. 2019, Sec. 4, train on centre-cropped squares); `resize-pad` scales the longer side and
-pads the shorter one with black, so nothing of the image is lost.
+pads the shorter one with black, so nothing of the image is lost; `keep-ratio` scales the
+shorter side to the target and keeps the longer one (up to `MAX_RATIO` times the target,
+centre-cropped beyond), and training then takes a random square crop each epoch
+(`storage.loader`), encoding and evaluation the centre one.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MODES = {"L": 1, "RGB": 3}  # colour mode -> channels
-RESIZE_MODES = ("center-crop", "resize-pad")
+RESIZE_MODES = ("center-crop", "resize-pad", "keep-ratio")
+MAX_RATIO = 2  # keep-ratio: a longer side beyond twice the shorter is centre-cropped to that
 SHARD_FORMATS = {"png": "png", "webp": "webp", "jpeg": "jpg"}  # format -> its member's extension in a shard
 
 # PIL reports a broken file through any of these; each becomes a skipped, named sample.
@@ -63,10 +67,12 @@ def fit(img: Image.Image, size: int, mode: str, resize: str = "center-crop") -> 
         return square
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    left, top = (new_w - size) // 2, (new_h - size) // 2
+    out_w, out_h = (min(new_w, MAX_RATIO * size), min(new_h, MAX_RATIO * size)) if resize == "keep-ratio" else (size, size)
+    left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
     # BICUBIC in PIL widens its kernel when shrinking, so it also antialiases.
     return img.resize(
-        (size, size), Image.Resampling.BICUBIC, box=(left / scale, top / scale, (left + size) / scale, (top + size) / scale)
+        (out_w, out_h), Image.Resampling.BICUBIC,
+        box=(left / scale, top / scale, (left + out_w) / scale, (top + out_h) / scale),
     )
 
 

@@ -71,9 +71,11 @@ class ShardingOptions:
     """Seeds the held-out selection and the order of image-folder files"""
     max_samples_per_split: int | None = None
     """Keep only the first N images of each split (None: all; the pipeline's presets may choose)"""
-    resize: Literal["center-crop", "resize-pad"] = "center-crop"
+    resize: Literal["center-crop", "resize-pad", "keep-ratio"] = "center-crop"
     """How an image becomes a square: center-crop scales the shorter side and crops the longer one;
-    resize-pad scales the longer side and pads the shorter one with black, keeping the whole image"""
+    resize-pad scales the longer side and pads the shorter one with black, keeping the whole image;
+    keep-ratio scales the shorter side and stores the longer one (up to twice as long), and training
+    takes a random square of it each epoch (augmentation), encoding and evaluation the centre one"""
     min_size: int = 0
     """Skip (and count as skipped) images whose shorter side has fewer pixels; 0: keep every size"""
     image_format: Literal["png", "webp", "jpeg"] = "png"

@@ -36,6 +36,7 @@ batches are identical with or without it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import random
 from collections.abc import Iterator, Sequence
@@ -48,7 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .artifacts import read_manifest
 from .fsutil import StorageOptions, join, redact
-from .imaging import SHARD_FORMATS, ImageError, decode_png
+from .imaging import MAX_RATIO, SHARD_FORMATS, ImageError, decode_png
 from .ingest import FORMAT
 from .ranks import rank_share
 from .shards import ShardError, iter_samples
@@ -77,6 +78,11 @@ def _split_shards(manifest: dict[str, Any], dataset_url: str, split: str) -> lis
 Decoded = tuple[torch.Tensor, int, str]  # (uint8 C x H x W, label, key)
 
 
+def ratio_kept(manifest: dict[str, Any]) -> bool:
+    """Whether the dataset's images keep their aspect ratio (cropped to squares when read)."""
+    return manifest.get("config", {}).get("resize") == "keep-ratio"
+
+
 def _read_segments(segments: Sequence[Segment], storage_options: StorageOptions,
                    decoded: dict[str, list[Decoded | None]] | None = None) -> Iterator[dict[str, Any] | Decoded]:
     """Raw samples of each segment, checking that a shard holds what its manifest promises;
@@ -99,8 +105,9 @@ def _read_segments(segments: Sequence[Segment], storage_options: StorageOptions,
             )
 
 
-def _decode(sample: dict[str, Any], shape: tuple[int, int, int]) -> Decoded:
-    """``(uint8 C x H x W, label, key)``; a sample that is not ours fails naming its shard."""
+def _decode(sample: dict[str, Any], shape: tuple[int, int, int], ratio_kept: bool = False) -> Decoded:
+    """``(uint8 C x H x W, label, key)``; a sample that is not ours fails naming its shard.
+    `ratio_kept` (ingest.resize keep-ratio): H x W has its shorter side the manifest's size."""
     where = f"{redact(sample['__url__'])}: sample {sample['__key__']!r}"
     try:
         image = next((sample[ext] for ext in SHARD_FORMATS.values() if ext in sample), None)
@@ -112,9 +119,33 @@ def _decode(sample: dict[str, Any], shape: tuple[int, int, int]) -> Decoded:
         raise ShardError(f"{where} has no {err} member (has {fields}); not a shard written by storage.ingest") from err
     except (ImageError, ValueError) as err:
         raise ShardError(f"{where}: {err}; the shard is corrupt, ingest it again") from err
-    if pixels.shape != shape:
-        raise ShardError(f"{where}: image is {pixels.shape} (H, W, C), the manifest says {shape}")
+    size, fits = shape[0], pixels.shape == shape
+    if ratio_kept:
+        fits = pixels.shape[2] == shape[2] and min(pixels.shape[:2]) == size and max(pixels.shape[:2]) <= MAX_RATIO * size
+    if not fits:
+        raise ShardError(f"{where}: image is {pixels.shape} (H, W, C), the manifest says {shape}"
+                         + (" with the ratio kept" if ratio_kept else ""))
     return torch.from_numpy(pixels).permute(2, 0, 1), label, sample["__key__"]
+
+
+def square_crop(item: Decoded, size: int, offset: float | None = None) -> Decoded:
+    """``item``'s image cut to ``size`` x ``size`` along its longer side: at ``offset`` in
+    [0, 1) of the free room (random crops), the centre when None."""
+    image, label, key = item
+    height, width = image.shape[1:]
+    if height == width == size:
+        return item
+    room = max(height, width) - size
+    start = room // 2 if offset is None else int(offset * (room + 1))
+    image = image[:, start:start + size, :] if height > width else image[:, :, start:start + size]
+    return image, label, key
+
+
+def _crop_offset(seed: int, epoch: int, key: str) -> float:
+    """Where a training crop of sample `key` falls this epoch: a function of (seed, epoch, key)
+    alone, so a resumed epoch, any worker and any rank cut the same crop."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 def _collate(samples: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -164,6 +195,7 @@ class ShardDataset(IterableDataset):
         self.dataset_url, self.split = dataset_url, split
         self.shards = _split_shards(manifest, dataset_url, split)
         self.shape = (manifest["image_size"], manifest["image_size"], manifest["channels"])
+        self.ratio_kept = ratio_kept(manifest)
         self.class_names = list(manifest["class_names"])
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
@@ -171,7 +203,8 @@ class ShardDataset(IterableDataset):
         total = sum(n for _, n in self.shards)
         where = f"ShardDataset({redact(dataset_url)}, {split!r})"
         self.rank, self.world_size, self.samples_per_rank = rank_share(total, rank, world_size, where)
-        fits = 0 < total * int(np.prod(self.shape)) <= decoded_cache_bytes
+        per_image = int(np.prod(self.shape)) * (MAX_RATIO if self.ratio_kept else 1)  # at most: kept ratios vary
+        fits = 0 < total * per_image <= decoded_cache_bytes
         # shard URL -> its samples, decoded, by position (None: not decoded yet)
         self._decoded: dict[str, list[Decoded | None]] | None = {} if fits else None
         self._shard_sizes = dict(self.shards)
@@ -231,12 +264,19 @@ class ShardDataset(IterableDataset):
 
     def _decode(self, sample: dict[str, Any] | Decoded) -> Decoded:
         if isinstance(sample, tuple):  # from the cache
-            return sample
-        item = _decode(sample, self.shape)
+            return self._crop(sample)
+        item = _decode(sample, self.shape, self.ratio_kept)
         if self._decoded is not None:
             url = sample["__url__"]
             self._decoded.setdefault(url, [None] * self._shard_sizes[url])[sample["__index__"]] = item
-        return item
+        return self._crop(item)
+
+    def _crop(self, item: Decoded) -> Decoded:
+        """A square: random per epoch when shuffling (training), else the centre."""
+        if not self.ratio_kept:
+            return item
+        offset = _crop_offset(self.seed, self.epoch, item[2]) if self.shuffle else None
+        return square_crop(item, self.shape[0], offset)
 
 
 def shard_loader(dataset: ShardDataset, num_workers: int = 0, **kwargs: Any) -> DataLoader:
@@ -260,7 +300,8 @@ def iter_shard_batches(
     if not 0 <= index < len(shards):
         raise ValueError(f"{redact(dataset_url)} split {split!r} has shards 0..{len(shards) - 1}, not {index}")
     url, count = shards[index]
-    shape = (manifest["image_size"], manifest["image_size"], manifest["channels"])
-    samples = (_decode(s, shape) for s in _read_segments([(url, 0, count, count)], storage_options))
+    shape, kept = (manifest["image_size"], manifest["image_size"], manifest["channels"]), ratio_kept(manifest)
+    samples = (square_crop(_decode(s, shape, kept), shape[0])
+               for s in _read_segments([(url, 0, count, count)], storage_options))
     while batch := list(itertools.islice(samples, batch_size)):
         yield _collate(batch)

@@ -345,3 +345,28 @@ def test_list_on_s3_reads_relative_and_local_files_and_skips_a_missing_one(tmp_p
     assert read["img/b.jpg"][1] == (tmp_path / "up" / "img" / "b.jpg").read_bytes()
     assert read[str(local)][1] == local.read_bytes()
     assert read["img/gone.png"][1] is None and read["img/gone.png"][2].startswith("unreadable: FileNotFoundError")
+
+
+def test_a_list_of_http_urls_is_fetched_and_a_missing_one_is_a_counted_skip(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "web"
+    names = _images(served, [f"img{i}.png" for i in range(6)])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        listing = tmp_path / "urls.jsonl"
+        rows = [{"url": f"{base}/{name}"} for name in names] + [{"url": f"{base}/gone.png"}]
+        listing.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        config = IngestConfig(image_size=8, mode="L", holdout_fraction=0, max_bad_fraction=0.2)
+        manifest = ingest(ListSource(str(listing)), str(tmp_path / "ds"), config)
+    finally:
+        server.shutdown()
+    assert manifest["num_samples"] == 6 and manifest["class_names"] == []
+    skipped = manifest["splits"]["train"]["skipped"]
+    assert [s["ref"] for s in skipped] == [f"{base}/gone.png"] and "FileNotFoundError" in skipped[0]["reason"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +155,35 @@ def test_unlabelled_tar_source_streams_with_class_zero(tmp_path):
     ingest(TarSource({"train": str(src)}), str(tmp_path / "ds"), IngestConfig(image_size=8, mode="RGB"))
     images, labels = next(iter(shard_loader(ShardDataset(str(tmp_path / "ds"), batch_size=6, shuffle=False))))
     assert images.shape == (6, 3, 8, 8) and labels.tolist() == [0] * 6
+
+
+def test_keep_ratio_stores_whole_images_and_training_crops_a_new_square_each_epoch(tmp_path):
+    from PIL import Image
+
+    from storage.imaging import fit
+    from storage.sources import ImageFolderSource
+
+    ramp = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (32, 1))  # 64 wide, 32 high: left dark, right light
+    assert fit(Image.fromarray(ramp), 16, "L", "keep-ratio").size == (32, 16)  # the ratio kept
+    assert fit(Image.new("L", (300, 50)), 16, "L", "keep-ratio").size == (32, 16)  # at most twice as long
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    for i in range(8):
+        Image.fromarray(ramp).save(folder / f"img{i}.png")
+    config = IngestConfig(image_size=16, mode="L", holdout_fraction=0, resize="keep-ratio")
+    ingest(ImageFolderSource(str(folder), labels="none"), str(tmp_path / "ds"), config)
+
+    def epoch(n: int, num_workers: int = 0) -> torch.Tensor:
+        dataset = ShardDataset(str(tmp_path / "ds"), "train", batch_size=8, seed=3, epoch=n)
+        images, _ = next(iter(shard_loader(dataset, num_workers=num_workers)))
+        return images
+
+    first = epoch(0)
+    assert first.shape == (8, 1, 16, 16)
+    left_edges = {round(float(img[0, :, 0].mean()), 3) for img in first}
+    assert len(left_edges) > 1  # crops fall at different places along the width
+    assert torch.equal(epoch(0).sort(0).values, first.sort(0).values)  # the same crops when the epoch is read again
+    assert not torch.equal(epoch(1).sort(0).values, first.sort(0).values)  # new ones the next epoch
+    centre, _, _ = next(iter_shard_batches(str(tmp_path / "ds"), "train", 0, 8))  # encoding: the centre square
+    expected = torch.from_numpy(np.asarray(fit(Image.fromarray(ramp), 16, "L", "keep-ratio"))[:, 8:24] / 255).float()
+    assert torch.allclose(centre[0, 0], expected, atol=1e-6)
