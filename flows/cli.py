@@ -155,7 +155,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     import torch
 
     from storage.fsutil import read_bytes
-    from storage.imaging import decode_png, prepare
+    from storage.imaging import decode_image, prepare
     from tasks.runtime.datasets import first_images
     from tasks.runtime.models import load_model, reconstruct
     from tasks.runtime.reporting import pairs_grid, png_bytes
@@ -166,7 +166,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     model = load_model(finished.autoencoder, config.storage.storage_options)
     if args.images:
         mode = "L" if config.model.image_channels == 1 else "RGB"
-        arrays = [decode_png(prepare(read_bytes(path), config.model.image_size, mode)[0]) for path in args.images]
+        arrays = [decode_image(prepare(read_bytes(path), config.model.image_size, mode)[0]) for path in args.images]
         images = torch.from_numpy(np.stack([a.reshape(a.shape[0], a.shape[1], -1) for a in arrays])).permute(0, 3, 1, 2)
         images = images.float() / 255
     else:

@@ -128,7 +128,7 @@ def encode_png(img: Image.Image) -> bytes:
     return encode(img, "png")
 
 
-def decode_png(data: bytes, channels: int | None = None) -> np.ndarray:
+def decode_image(data: bytes, channels: int | None = None) -> np.ndarray:
     """uint8 array H x W x C of a shard's image (PNG, WebP or JPEG); C = ``channels`` when
     given (WebP stores gray as RGB), else 1 for gray; raises :class:`ImageError`."""
     try:

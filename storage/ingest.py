@@ -40,7 +40,7 @@ from typing import Any, Literal
 from .artifacts import MANIFEST, read_manifest, write_manifest
 from .fsutil import StorageOptions, atomic_open, exists, filesystem, join, read_json, redact, storage_errors, write_json
 from .imaging import MODES, RESIZE_MODES, SHARD_FORMATS, ImageError, prepare
-from .shards import ShardWriter, sample_key, shard_name, shard_url
+from .shards import ShardWriter, iter_samples, sample_key, shard_name, shard_url
 from .sources import Source, SourceItem
 
 FORMAT = "vqvae2-shards/1"
@@ -236,20 +236,18 @@ def shard_units(dataset_url: str, storage_options: StorageOptions = None) -> dic
     manifest = read_manifest(dataset_url, storage_options)
     if manifest is None:
         return {}
+    fs, root = filesystem(dataset_url, storage_options)
     records = {}
     for split, info in manifest["splits"].items():
-        urls = [join(dataset_url, shard["name"]) for shard in info["shards"]]
-        fs, _ = filesystem(dataset_url, storage_options)
-        paths = [filesystem(url[: -len(".tar")] + ".json", storage_options)[1] for url in urls]
+        names = [shard["name"][: -len(".tar")] for shard in info["shards"]]
+        paths = [f"{root.rstrip('/')}/{name}.json" for name in names]
         with storage_errors(dataset_url):
-            blobs = fs.cat(paths, on_error="return")
-        units = []
-        for url, path in zip(urls, paths):
-            blob = blobs.get(path)
-            record = json.loads(blob) if isinstance(blob, bytes) else {}
+            blobs = fs.cat(paths, on_error="return")  # one batch: concurrent on an object store
+        records[split] = []
+        for name, path in zip(names, paths):
+            record = json.loads(blobs[path]) if isinstance(blobs.get(path), bytes) else {}
             if "unit" in record:
-                units.append((url, record["unit"]))
-        records[split] = units
+                records[split].append((join(dataset_url, f"{name}.tar"), record["unit"]))
     return records
 
 
@@ -333,14 +331,23 @@ def _write_record(record_url: str, task: ShardTask, result: ShardResult, storage
 
 def _carry(task: ShardTask, dataset_url: str, storage_options: StorageOptions) -> ShardResult:
     """Copy the base dataset's shard of the same unit (the bytes a fresh encode would write),
-    with its record's counts; no image is decoded or encoded."""
-    base = read_json(task.carry[: -len(".tar")] + ".json", storage_options)["result"]
+    with its record's counts; no image is decoded or encoded. A shard that moved to another
+    index (an earlier one of the base was dropped) is re-packed under keys naming its new place."""
+    base = ShardResult.from_dict(read_json(task.carry[: -len(".tar")] + ".json", storage_options)["result"])
     url = shard_url(dataset_url, task.split, task.index)
-    src_fs, src_path = filesystem(task.carry, storage_options)
+    num_bytes = base.num_bytes
     with atomic_open(url, storage_options) as out:
-        with storage_errors(task.carry), src_fs.open(src_path, "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 22)
-        result = dataclasses.replace(ShardResult.from_dict(base), split=task.split, index=task.index, carried=True)
+        if base.index == task.index:
+            src_fs, src_path = filesystem(task.carry, storage_options)
+            with storage_errors(task.carry), src_fs.open(src_path, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 22)
+        else:
+            with ShardWriter(out) as writer:
+                for position, sample in enumerate(iter_samples(task.carry, storage_options)):
+                    fields = {ext: data for ext, data in sample.items() if not ext.startswith("__")}
+                    writer.write(sample_key(task.split, task.index, position), fields)
+            num_bytes = writer.bytes_written
+        result = dataclasses.replace(base, split=task.split, index=task.index, num_bytes=num_bytes, carried=True)
         _write_record(_record_url(dataset_url, task), task, result, storage_options)
     return result
 

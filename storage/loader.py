@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .artifacts import read_manifest
 from .fsutil import StorageOptions, join, redact
-from .imaging import MAX_RATIO, SHARD_FORMATS, ImageError, decode_png
+from .imaging import MAX_RATIO, SHARD_FORMATS, ImageError, decode_image
 from .ingest import FORMAT
 from .ranks import rank_share
 from .shards import ShardError, iter_samples
@@ -113,7 +113,7 @@ def _decode(sample: dict[str, Any], shape: tuple[int, int, int], ratio_kept: boo
         image = next((sample[ext] for ext in SHARD_FORMATS.values() if ext in sample), None)
         if image is None:
             raise KeyError("png")
-        pixels, label = decode_png(image, shape[2]), int(sample["cls"])
+        pixels, label = decode_image(image, shape[2]), int(sample["cls"])
     except KeyError as err:
         fields = sorted(k for k in sample if not k.startswith("__"))
         raise ShardError(f"{where} has no {err} member (has {fields}); not a shard written by storage.ingest") from err

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 import torch
 
 import vqvae2
-from storage.fsutil import filesystem, join, storage_errors
+from storage.fsutil import join
 from storage.ingest import ShardingOptions
 from storage.sources import (
     FASHION_MNIST_DIR,
@@ -26,6 +26,8 @@ from storage.sources import (
     TarSource,
     fashion_mnist_source,
 )
+from storage.sources.image_folder import LABEL_MODES
+from storage.sources.list_file import FORMATS as LIST_FORMATS
 
 PresetName = Literal["smoke", "fashion-mnist", "fashion-mnist-gpu", "imagenet-256", "ffhq-1024"]
 
@@ -110,7 +112,7 @@ class SourceSection(Section):
             names = tuple(self.class_names) if self.class_names else IdxSource.__dataclass_fields__["class_names"].default
             return IdxSource(self.url, class_names=names, storage_options=options)
         names = tuple(self.class_names) if self.class_names else None
-        if kind == "image-folder" and self.kind == AUTO and _holds_idx_files(self.url, options):
+        if kind == "image-folder" and self.kind == AUTO and IdxSource.holds_idx_files(self.url, options):
             return IdxSource(self.url, storage_options=options)  # Fashion-MNIST's files elsewhere
         if kind == "image-folder":
             return ImageFolderSource(self.url, labels=self.labels, storage_options=options)
@@ -122,18 +124,10 @@ class SourceSection(Section):
         return TarSource(self.url, class_names=names, label=label, storage_options=options)
 
 
-def _holds_idx_files(url: str, storage_options: dict[str, Any] | None) -> bool:
-    """Whether a folder given without a kind is an MNIST-style IDX folder, not a folder of images."""
-    fs, path = filesystem(url, storage_options)
-    with storage_errors(url):
-        names = fs.ls(path, detail=False) if fs.isdir(path) else []
-    return any(name.rstrip("/").rsplit("/", 1)[-1].startswith("train-images-idx3-ubyte") for name in names)
-
-
-LIST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
+LIST_SUFFIXES = tuple(LIST_FORMATS)
 # What `source.labels` may be per kind; a trailing ':' takes a name after it.
 LABELS: dict[str, tuple[str, ...]] = {
-    "image-folder": (AUTO, "folders", "none"),
+    "image-folder": LABEL_MODES,
     "list": (AUTO, "none", "column:"),
     "tars": (AUTO, "cls", "none", "json:"),
 }

@@ -99,9 +99,10 @@ class InceptionWeightsMissing(FileNotFoundError):
     """`features: inception` on a machine without the Inception-v3 weights file."""
 
 
-def missing_inception(choice: str, configured: str | None, domain_possible: bool = True) -> InceptionWeightsMissing:
+def missing_inception(choice: str, configured: str | None, instead: str = "domain") -> InceptionWeightsMissing:
     """The error for Inception-v3 weights that are not where `configured` (or torch-fidelity's
-    cache) says, telling where to put them."""
+    cache) says, telling where to put them, or to use the `instead` feature space (the one
+    `auto` falls back to: domain with labels, self-supervised without)."""
     name = os.path.basename(urlparse(URL_INCEPTION_V3).path)
     where = (f"{INCEPTION_WEIGHTS_FIELD} is {configured!r}, which does not exist: put the file there, or unset "
              f"{INCEPTION_WEIGHTS_FIELD} and put it at {inception_cache_path()}" if configured else
@@ -111,8 +112,7 @@ def missing_inception(choice: str, configured: str | None, domain_possible: bool
     return InceptionWeightsMissing(
         f"features={choice!r} needs torch-fidelity's Inception-v3 weights {name}, which are not on this machine "
         f"(nothing is downloaded at run time): {where}. Get the file on a connected machine from {URL_INCEPTION_V3}."
-        + (" Or use features='domain' or 'auto' to measure with the pipeline's own features classifier."
-           if domain_possible else "")
+        + f" Or use features={instead!r} or 'auto' to measure with the pipeline's own features network."
     )
 
 

@@ -38,18 +38,25 @@ def write_folder(folder: Path, images: np.ndarray, names: Sequence[str] | None =
     return paths
 
 
+def tar_bytes(members: Sequence[tuple[str, bytes]]) -> bytes:
+    """A tar of `(name, data)` members, written by Python's tarfile as other tools would."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 def img2dataset_tar(images: np.ndarray, labels: Sequence[int], first_key: int) -> bytes:
     """One tar as img2dataset writes it: per sample {key}.jpg, {key}.txt (caption) and
     {key}.json (its metadata), here with the label in the json field `label`."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for i, (pixels, label) in enumerate(zip(images, labels)):
-            key = f"{first_key + i:09d}"
-            meta = {"url": f"https://images.example.com/{key}.jpg", "key": key, "status": "success",
-                    "caption": f"item {key}", "width": 28, "height": 28, "label": int(label)}
-            for ext, data in (("jpg", encoded(pixels, "jpg")), ("txt", meta["caption"].encode()),
-                              ("json", json.dumps(meta).encode())):
-                member = tarfile.TarInfo(f"{key}.{ext}")
-                member.size = len(data)
-                tar.addfile(member, io.BytesIO(data))
-    return buffer.getvalue()
+    members = []
+    for i, (pixels, label) in enumerate(zip(images, labels)):
+        key = f"{first_key + i:09d}"
+        meta = {"url": f"https://images.example.com/{key}.jpg", "key": key, "status": "success",
+                "caption": f"item {key}", "width": 28, "height": 28, "label": int(label)}
+        members += [(f"{key}.jpg", encoded(pixels, "jpg")), (f"{key}.txt", meta["caption"].encode()),
+                    (f"{key}.json", json.dumps(meta).encode())]
+    return tar_bytes(members)

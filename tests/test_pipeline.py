@@ -213,6 +213,8 @@ def test_a_dataset_of_other_classes_than_the_model_fails_after_ingest_before_any
 @pytest.mark.parametrize("overrides, evaluate, error, message", [
     ({"num_classes": 0}, {"features": "domain"}, ValueError,
      r"evaluate.features is 'domain', but the model is unconditional \(num_classes=0\)"),
+    ({"num_classes": 0}, {"features": "inception"}, InceptionWeightsMissing,
+     r"features='inception' needs .* Or use features='self-supervised' or 'auto'"),
     ({}, {"features": "inception"}, InceptionWeightsMissing,
      r"features='inception' needs torch-fidelity's Inception-v3 weights .* which are not on this machine"),
     ({}, {"inception_weights": "/nowhere/inception.pth"}, InceptionWeightsMissing,

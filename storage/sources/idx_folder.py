@@ -54,6 +54,16 @@ class IdxSource:
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "url": redact(self.url), "class_names": list(self.class_names)}
 
+    @classmethod
+    def holds_idx_files(cls, url: str, storage_options: StorageOptions = None) -> bool:
+        """Whether the folder at ``url`` has IDX train images at its top (one listing, not a
+        recursive one: a folder of images may hold millions of files below)."""
+        fs, path = filesystem(url, storage_options)
+        with storage_errors(url):
+            names = fs.ls(path, detail=False) if fs.isdir(path) else []
+        prefix = f"{cls.PREFIXES['train']}-images-idx3-ubyte"
+        return any(name.rstrip("/").rsplit("/", 1)[-1].startswith(prefix) for name in names)
+
     def files(self) -> dict[str, tuple[str, str]]:
         """``{split: (images URL, labels URL)}``; fails naming the folder if a file is missing."""
         present = set(find(self.url, self.storage_options))

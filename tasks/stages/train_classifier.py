@@ -50,7 +50,8 @@ def check_features_available(config: PipelineConfig) -> None:
     # As resolve_extractor decides at evaluation: a configured file is wanted even under auto.
     wanted = evaluate.features == "inception" or (evaluate.features == "auto" and evaluate.inception_weights)
     if wanted and not os.path.isfile(evaluate.inception_weights or inception_cache_path()):
-        raise missing_inception(evaluate.features, evaluate.inception_weights)
+        instead = "domain" if config.model.num_classes else "self-supervised"
+        raise missing_inception(evaluate.features, evaluate.inception_weights, instead)
 
 
 def classifier_roles(config: PipelineConfig) -> list[str]:
