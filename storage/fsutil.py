@@ -64,12 +64,17 @@ def storage_errors(url: str) -> Iterator[None]:
     try:
         yield
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{redact(url)}: not found (missing file, folder or bucket): {err}") from err
+        what = "missing file or folder" if _is_local(url) else "missing file, folder or bucket"
+        raise FileNotFoundError(f"{redact(url)}: not found ({what}): {err}") from err
     except PermissionError as err:
-        raise PermissionError(
-            f"{redact(url)}: access denied ({err}); check the credentials "
-            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options key / secret)"
-        ) from err
+        hint = ("check the permissions of the path and its folders for the user this process runs as"
+                if _is_local(url) else
+                "check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options key / secret)")
+        raise PermissionError(f"{redact(url)}: access denied ({err}); {hint}") from err
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
 
 
 def _make_parent_dirs(fs, path: str) -> None:

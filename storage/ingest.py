@@ -44,6 +44,7 @@ from .shards import ShardWriter, iter_samples, sample_key, shard_name, shard_url
 from .sources import Source, SourceItem
 
 FORMAT = "vqvae2-shards/1"
+MAX_CLASSES = 100_000  # labels a source without class names may use (ImageNet-21k has 21,841)
 
 
 class TooManyBadImages(ValueError):
@@ -275,13 +276,21 @@ def _record_url(dataset_url: str, task: ShardTask) -> str:
 
 
 def finished_shard(task: ShardTask, dataset_url: str, storage_options: StorageOptions = None) -> ShardResult | None:
-    """The result of ``task`` if an equal task already wrote its shard (tar and record), else None."""
+    """The result of ``task`` if an equal task already wrote its shard (tar and record) and
+    the tar still has the size its record says (a truncated or replaced one is made again), else None."""
     url, record_url = shard_url(dataset_url, task.split, task.index), _record_url(dataset_url, task)
-    if exists(url, storage_options) and exists(record_url, storage_options):
-        record = read_json(record_url, storage_options)
-        if record.get("task") == task.digest():
-            return dataclasses.replace(ShardResult.from_dict(record["result"]), reused=True)
-    return None
+    if not exists(record_url, storage_options):
+        return None
+    record = read_json(record_url, storage_options)
+    if record.get("task") != task.digest():
+        return None
+    result = ShardResult.from_dict(record["result"])
+    fs, path = filesystem(url, storage_options)
+    try:
+        size = fs.info(path)["size"]
+    except FileNotFoundError:
+        return None
+    return dataclasses.replace(result, reused=True) if size == result.num_bytes else None
 
 
 def _write(task: ShardTask, reader: Any, dataset_url: str, storage_options: StorageOptions) -> ShardResult:
@@ -359,6 +368,8 @@ def _problem(item: SourceItem, class_names: tuple[str, ...] | None) -> str | Non
         return None if item.label == 0 else f"label {item.label} in an unlabelled source"
     if item.label < 0 or (class_names is not None and item.label >= len(class_names)):
         return f"label {item.label} outside the {len(class_names or ())} classes"
+    if item.label >= MAX_CLASSES:  # labels without class names: each one would add a count to every record
+        return f"label {item.label}, more than {MAX_CLASSES} classes; give the source its class_names"
     return None
 
 

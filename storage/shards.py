@@ -22,6 +22,7 @@ from .fsutil import StorageOptions, filesystem, join, redact, storage_errors
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar pads the archive to whole records
 _MTIME = 0  # fixed, so re-ingesting the same source writes byte-identical shards
+MAX_MEMBER_BYTES = 256 << 20  # a bigger "image" in a tar is not read into memory, its sample is skipped
 
 
 class ShardError(ValueError):
@@ -121,10 +122,18 @@ def _split_name(name: str) -> tuple[str, str] | tuple[None, None]:
     return (name[:dot], name[dot + 1 :].lower()) if dot > slash else (None, None)
 
 
+def _unsafe(name: str) -> bool:
+    # Nothing is ever extracted to disk, but such a name in a shard someone else made says
+    # the tar was crafted, and its key would travel into refs and logs.
+    return name.startswith("/") or ".." in name.split("/")
+
+
 def iter_samples(url: str, storage_options: StorageOptions = None) -> Iterator[dict[str, bytes | str]]:
     """Samples of the tar at ``url`` as ``{"__key__": key, ext: bytes, ...}``, in file order.
 
-    Raises :class:`ShardError` naming the shard if it is truncated, not a tar, or
+    A member larger than ``MAX_MEMBER_BYTES`` or with an absolute or ``..`` name is not
+    read; its sample gets ``"__problem__"`` saying why (a source reader skips and counts
+    it). Raises :class:`ShardError` naming the shard if it is truncated, not a tar, or
     repeats a field within a sample; ``FileNotFoundError`` naming it if it is missing.
     """
     fs, path = filesystem(url, storage_options)
@@ -144,6 +153,13 @@ def iter_samples(url: str, storage_options: StorageOptions = None) -> Iterator[d
                     if ext in sample:
                         raise ShardError(f"{redact(url)}: sample {key!r} has two '{ext}' members; not a WebDataset shard")
                     sample["__key__"] = key
+                    if _unsafe(member.name):
+                        sample["__problem__"] = f"member {member.name!r} has an absolute or '..' name"
+                        continue
+                    if member.size > MAX_MEMBER_BYTES:
+                        sample["__problem__"] = (f"member {member.name!r} has {member.size} bytes, more than the "
+                                                 f"{MAX_MEMBER_BYTES} an image file may have (MAX_MEMBER_BYTES)")
+                        continue
                     sample[ext] = archive.extractfile(member).read()
                     if len(sample[ext]) != member.size:
                         raise tarfile.ReadError(f"member {member.name} is cut short")

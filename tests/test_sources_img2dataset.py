@@ -234,3 +234,25 @@ def test_label_is_validated_and_part_of_the_identity(tmp_path):
     digests = {TarSource(str(tmp_path / "*.tar"), label=label).digest() for label in ("cls", "json:label", None)}
     assert len(digests) == 3
     assert TarSource(str(tmp_path / "*.tar"), label="json:label").describe()["label"] == "json:label"
+
+
+def test_crafted_members_and_huge_labels_are_counted_skips_never_read(tmp_path, monkeypatch):
+    import storage.shards
+
+    monkeypatch.setattr(storage.shards, "MAX_MEMBER_BYTES", 4096)
+    good = [(f"s{i}.png", _image("png", i)) for i in range(5)]
+    members = good + [("../escape.png", _image("png", 7)), ("/etc/abs.png", _image("png", 8)),
+                      ("big.png", _image("png", 9) + bytes(8192)), ("huge.png", _image("png", 10)),
+                      ("huge.cls", b"1000000000")]
+    (tmp_path / "crafted.tar").write_bytes(tar_bytes(members))
+    config = IngestConfig(image_size=8, mode="RGB", holdout_fraction=0, max_bad_fraction=0.9)
+    manifest = ingest(TarSource(str(tmp_path / "crafted.tar")), str(tmp_path / "ds"), config)
+    assert manifest["num_samples"] == 5 and len(manifest["class_names"]) == 1  # all good ones are class 0
+    reasons = {s["ref"].rsplit("#", 1)[1]: s["reason"] for s in manifest["splits"]["train"]["skipped"]}
+    assert reasons == {
+        "../escape": "member '../escape.png' has an absolute or '..' name",
+        "/etc/abs": "member '/etc/abs.png' has an absolute or '..' name",
+        "big": f"member 'big.png' has {len(_image('png', 9)) + 8192} bytes, more than the 4096 an image file may "
+               "have (MAX_MEMBER_BYTES)",
+        "huge": "label 1000000000, more than 100000 classes; give the source its class_names",
+    }

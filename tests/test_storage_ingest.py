@@ -197,6 +197,21 @@ def test_a_crash_mid_shard_leaves_nothing_visible_and_a_rerun_resumes(tmp_path):
     assert read_json(f"{url}/manifest.json") == manifest
 
 
+def test_a_shard_truncated_after_ingest_is_made_again_not_reused(tmp_path):
+    from storage.loader import ShardDataset
+
+    url, config = str(tmp_path / "ds"), IngestConfig(shard_size=40, max_samples_per_split=80)
+    first = ingest(IdxSource(), url, config)
+    shard = tmp_path / "ds" / "train" / "shard-000001.tar"
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[: len(intact) // 2])  # its record and task digest still match
+    (tmp_path / "ds" / "manifest.json").unlink()
+    again = ingest(IdxSource(), url, config)
+    assert again == first and shard.read_bytes() == intact
+    images, _ = next(iter(ShardDataset(url, "train", batch_size=80, shuffle=False)))
+    assert images.shape[0] == 80
+
+
 def test_finalize_refuses_missing_shards(tmp_path):
     url = str(tmp_path / "ds")
     plan = plan_ingest(IdxSource(), IngestConfig(shard_size=30, max_samples_per_split=60), digest="test")

@@ -197,6 +197,9 @@ class _TarReader(Reader):
         url = unit if isinstance(unit, str) else unit[0]  # a bare URL: a plan made before units had fingerprints
         for sample in iter_samples(url, self.storage_options):
             ref = f"{redact(url)}#{sample['__key__']}"
+            if "__problem__" in sample:
+                yield SourceItem(ref, 0, None, str(sample["__problem__"]))
+                continue
             image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
             if image is None:
                 fields = sorted(k for k in sample if not k.startswith("__"))

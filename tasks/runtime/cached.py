@@ -37,10 +37,12 @@ from storage.artifacts import canonical_json
 from storage.fsutil import exists, join, read_bytes, redact, remove, write_bytes
 
 from .artifacts import ManifestError, UnitMarker
+from .failures import retry_unless_permanent
 from .reporting import logger
 
-RETRIES = 2
+RETRIES = 2  # of an error a retry can cure (`tasks.runtime.failures`); others fail at once
 RETRY_DELAYS = [5, 60]
+RETRY_JITTER = 0.5  # each wait up to 50% longer at random: retries of many mapped units do not move in step
 
 
 class CacheRecords(WritableFileSystem):
@@ -143,7 +145,7 @@ def cached_unit(
         return task(
             run, name=name, task_run_name=task_run_name, cache_key_fn=cache_key, persist_result=True,
             result_serializer=result_serializer, retries=retries, retry_delay_seconds=retry_delay_seconds,
-            **task_options,
+            retry_jitter_factor=RETRY_JITTER, retry_condition_fn=retry_unless_permanent, **task_options,
         )
 
     return decorate

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from ..config import TrainingRun
 from ..manifests import TrainingSummary
 from .devices import claimed_gpus, one_multi_node_training
+from .failures import is_permanent
 from .trainer import Trainer, TrainingJob, UIReporter
 
 CHANNEL, CHANNEL_KEY = "VQVAE2_TRAINING_CHANNEL", "VQVAE2_TRAINING_CHANNEL_KEY"
@@ -38,7 +39,12 @@ WORKER = ["-m", "tasks.runtime.process"]
 
 
 class TrainingFailed(RuntimeError):
-    """A training process failed; the message holds its traceback."""
+    """A training process failed; the message holds its traceback. `permanent`: whether its
+    error would recur on a retry (`tasks.runtime.failures`); None when the process died."""
+
+    def __init__(self, message: str, permanent: bool | None = None) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class ChannelReporter:
@@ -151,8 +157,9 @@ def _run(command: list[str], ranks: int, job: bytes, title: str, env: dict[str, 
                 if kind == "done":
                     return payload[0]
                 if kind == "error":
-                    rank, name, trace = payload
-                    raise TrainingFailed(f"{title}: {name} in the training process of rank {rank}:\n{trace}")
+                    rank, name, trace, permanent = payload
+                    raise TrainingFailed(f"{title}: {name} in the training process of rank {rank}:\n{trace}",
+                                         permanent)
                 getattr(reporter, kind)(*payload)
         finally:
             try:
@@ -254,7 +261,7 @@ def main() -> None:
             if rank == 0:
                 conn.send(("done", summary))
         except BaseException as err:  # noqa: BLE001 - every failure must reach the task, which raises it
-            conn.send(("error", rank, type(err).__name__, "".join(traceback.format_exception(err))))
+            conn.send(("error", rank, type(err).__name__, "".join(traceback.format_exception(err)), is_permanent(err)))
             raise SystemExit(1) from None
 
 

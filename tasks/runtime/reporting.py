@@ -73,10 +73,16 @@ class Progress:
 
 
 def track(futures: Sequence[PrefectFuture], description: str) -> list[PrefectFuture]:
-    """Wait for mapped tasks, moving a progress bar as each finishes; returns the futures."""
+    """Wait for mapped tasks, moving a progress bar as each finishes; returns the futures.
+
+    A unit that failed raises its own error here, the first one to fail: handed on, its
+    future would leave the task that takes them Pending, and the run's error would be
+    Prefect's "Run is in PENDING state" instead of the cause."""
     futures = list(futures)
     progress = Progress(description, len(futures))
-    for done, _ in enumerate(as_completed(futures), start=1):
+    for done, future in enumerate(as_completed(futures), start=1):
+        if future.state.is_failed():
+            future.result()  # raises the unit's exception
         progress.update(done, f"{done}/{len(futures)} done")
     return futures
 

@@ -1,0 +1,111 @@
+"""Failures a retry cannot cure end a task in one attempt, with their message in its state;
+others are retried; a failed mapped unit's own error is the run's error. Against a real
+Prefect API."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+from prefect import flow
+
+from flows.pipeline import STAGE_FLOWS
+from storage.fsutil import storage_errors
+from storage.ingest import TooManyBadImages
+from storage.shards import ShardError
+from tasks.manifests import EncodedShard
+from tasks.runtime.artifacts import Artifact
+from tasks.runtime.cached import cached_unit
+from tasks.runtime.failures import is_permanent
+from tasks.runtime.process import TrainingFailed
+from pipeline_helpers import smoke_config, task_runs
+
+
+def _failing_unit(errors: list[BaseException], calls: list[int]):
+    """A cached unit that raises the next of `errors` on each attempt, then succeeds."""
+
+    def locate(root: str):
+        return Artifact(root, "units", "k").unit_marker("unit", EncodedShard)
+
+    @cached_unit(locate=locate, name="failing-unit", retry_delay_seconds=0)
+    def unit(root: str) -> EncodedShard:
+        calls.append(1)
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]
+        return EncodedShard(split="train", index=0, rows=1, offset=0)
+
+    return unit
+
+
+@pytest.mark.parametrize("error", [ValueError("source.url is required"), TooManyBadImages("3 of 10 images"),
+                                   FileNotFoundError("no Inception weights"), FloatingPointError("training diverged")])
+def test_an_error_a_retry_cannot_cure_ends_the_task_in_one_attempt(prefect_api, tmp_path, error):
+    calls: list[int] = []
+    unit = _failing_unit([error, error, error], calls)
+
+    @flow
+    def once() -> tuple[str, str]:
+        state = unit(str(tmp_path / "root"), return_state=True)
+        return state.name, state.message  # the state itself would fail the flow
+
+    name, message = once()
+    assert name == "Failed" and calls == [1]  # retries=2, yet one attempt
+    assert str(error) in message and type(error).__name__ in message
+
+
+def test_a_transient_error_is_retried(prefect_api, tmp_path):
+    calls: list[int] = []
+    unit = _failing_unit([ConnectionResetError("connection reset by peer"), TimeoutError("read timed out")], calls)
+
+    @flow
+    def retried():
+        return unit(str(tmp_path / "root"))
+
+    state = retried(return_state=True)
+    assert state.is_completed() and calls == [1, 1, 1]
+    assert [run.run_count for run in task_runs(state.state_details.flow_run_id).values()] == [3]
+
+
+def test_a_training_process_says_whether_its_error_would_recur():
+    assert is_permanent(TrainingFailed("rank 0: ValueError", permanent=True))
+    assert not is_permanent(TrainingFailed("rank 0: RuntimeError", permanent=False))
+    assert not is_permanent(TrainingFailed("the training process died (exit code -9)"))  # killed: try again
+
+
+def test_a_failed_shard_is_the_runs_error_at_once(prefect_api, tmp_path):
+    """Before: the finalize task stayed Pending and the run ended 'UnfinishedRun: Run is in PENDING state'."""
+    shards = tmp_path / "tars"
+    shards.mkdir()
+    for t in range(3):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for i in range(4):
+                png = io.BytesIO()
+                Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(png, format="PNG")
+                member = tarfile.TarInfo(f"{t}{i:03d}.png")
+                member.size = len(png.getvalue())
+                tar.addfile(member, io.BytesIO(png.getvalue()))
+        data = buffer.getvalue()
+        (shards / f"{t:05d}.tar").write_bytes(data[:700] if t == 1 else data)  # tar 1 is cut short
+    config = smoke_config(str(tmp_path / "root"), source={"url": f"{shards}/{{00000..00002}}.tar"},
+                          overrides={"num_classes": 0})
+    state = STAGE_FLOWS["ingest"](config, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ShardError, match=r"00001\.tar: .*truncated"):
+        state.result()
+    runs = task_runs(state.state_details.flow_run_id)
+    assert [run.run_count for name, run in runs.items() if name.startswith("ingest-")] == [1, 1, 1]
+    assert "finalize-dataset" not in runs or runs["finalize-dataset"].state.name != "Pending"
+
+
+@pytest.mark.parametrize("url, hint", [
+    ("/data/runs/a.txt", "check the permissions of the path and its folders for the user this process runs as"),
+    ("s3://bucket/a.txt", "check the credentials (AWS_ACCESS_KEY_ID"),
+])
+def test_a_permission_error_hints_at_what_the_storage_needs(url, hint):
+    with pytest.raises(PermissionError) as error, storage_errors(url):
+        raise PermissionError("Forbidden")
+    assert str(error.value).startswith(f"{url}: access denied (Forbidden); {hint}")
+    assert ("AWS" in str(error.value)) == url.startswith("s3://")
