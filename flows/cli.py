@@ -130,7 +130,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     config = build_config(args)
     finished = FinishedRun(config)
-    options, device = config.storage.storage_options, resolve_device(config.training.device)
+    options, device = finished.runtime.storage_options, resolve_device(config.training.device)
     autoencoder = load_model(finished.autoencoder, options, device)
     priors = [load_model(p, options, device) for p in finished.priors]
     labels = None
@@ -163,14 +163,14 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
     config = build_config(args)
     finished = FinishedRun(config)
-    model = load_model(finished.autoencoder, config.storage.storage_options)
+    model = load_model(finished.autoencoder, finished.runtime.storage_options)
     if args.images:
         mode = "L" if config.model.image_channels == 1 else "RGB"
         arrays = [decode_image(prepare(read_bytes(path), config.model.image_size, mode)[0]) for path in args.images]
         images = torch.from_numpy(np.stack([a.reshape(a.shape[0], a.shape[1], -1) for a in arrays])).permute(0, 3, 1, 2)
         images = images.float() / 255
     else:
-        images, _ = first_images(finished.dataset, "test", args.count, config.storage.storage_options)
+        images, _ = first_images(finished.dataset, "test", args.count, finished.runtime.storage_options)
     recon = reconstruct(model, images)
     mse = torch.nn.functional.mse_loss(recon, images).item()
     print(f"{len(images)} images, reconstruction MSE {mse:.5f}")
@@ -182,8 +182,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     from tasks.stages import FinishedRun
 
     config = build_config(args)
-    manifest = FinishedRun(config).report
-    report = read_json(manifest.report, config.storage.storage_options)
+    finished = FinishedRun(config)
+    manifest = finished.report
+    report = read_json(manifest.report, finished.runtime.storage_options)
     if args.json:
         print(json.dumps(report, indent=2))
         return

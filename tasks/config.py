@@ -29,6 +29,8 @@ from storage.sources import (
 from storage.sources.image_folder import LABEL_MODES
 from storage.sources.list_file import FORMATS as LIST_FORMATS
 
+from .credentials import block_options, refuse_secrets
+
 PresetName = Literal["smoke", "fashion-mnist", "fashion-mnist-gpu", "imagenet-256", "ffhq-1024"]
 
 # Pipeline-level values that follow the preset unless set explicitly.
@@ -46,10 +48,12 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 AUTO = "auto"
+# Frozen, strict, and its errors never echo the input: a refused credential must not reach a log.
+CONFIG = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = CONFIG
 
 
 class SourceSection(Section):
@@ -74,7 +78,11 @@ class SourceSection(Section):
     split_column: str | None = Field(None, description="list: a column of train/test; None: `ingest.holdout_fraction` "
                                      "of the images, chosen by a stable hash, are held out")
     class_names: list[str] | None = Field(None, description="Class names of an idx, list or tars source")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the source's URL")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the source's URL "
+                                            "(no credentials: see credentials_block)")
+    credentials_block: str | None = Field(None, description="Name of a Prefect Secret block holding a JSON object of "
+                                          "fsspec options as JSON text with the source's credentials (key, secret, ...); without "
+                                          "it, the worker's AWS_* environment variables or instance role")
 
     @property
     def resolved_kind(self) -> str:
@@ -100,10 +108,12 @@ class SourceSection(Section):
         for name in ("path_column", "split_column"):
             if getattr(self, name) is not None and kind != "list":
                 raise ValueError(f"source.{name} applies to a list source, not to kind {kind!r}")
+        refuse_secrets(self.storage_options, "source.storage_options", "source.credentials_block")
         return self
 
     def build(self, download_to: str) -> Source:
-        options, kind = self.storage_options or None, self.resolved_kind
+        credentials = block_options(self.credentials_block, "source.credentials_block")
+        options, kind = {**self.storage_options, **credentials} or None, self.resolved_kind
         if kind == "fashion-mnist":
             if self.url:
                 return IdxSource(self.url, storage_options=options)
@@ -135,10 +145,14 @@ LABELS: dict[str, tuple[str, ...]] = {
 
 class StorageSection(Section):
     root: str = Field("~/vqvae2-runs", description="Storage root, any fsspec URL: a local path, s3://bucket/prefix, "
-                      "memory:// (tests). S3 credentials come from the AWS_* environment variables")
+                      "memory:// (tests). S3 credentials come from the worker's AWS_* environment variables or "
+                      "instance role, or from credentials_block")
     storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options for the root, e.g. {'endpoint_url': 'http://minio:9000'}"
+        default_factory=dict, description="fsspec options for the root, e.g. {'endpoint_url': 'http://minio:9000'} "
+        "(no credentials: see credentials_block)"
     )
+    credentials_block: str | None = Field(None, description="Name of a Prefect Secret block holding a JSON object of "
+                                          "fsspec options as JSON text with the root's credentials (key, secret, ...)")
 
     @field_validator("root")
     @classmethod
@@ -146,6 +160,11 @@ class StorageSection(Section):
         if not root.strip():
             raise ValueError("storage.root must not be empty")
         return root
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> StorageSection:
+        refuse_secrets(self.storage_options, "storage.storage_options", "storage.credentials_block")
+        return self
 
     @property
     def url(self) -> str:
@@ -282,7 +301,7 @@ class RunnerSection(Section):
 class PipelineConfig(BaseModel):
     """Everything one run of the vqvae2 pipeline needs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = CONFIG
 
     preset: PresetName = Field("fashion-mnist", description="Model and training preset")
     overrides: dict[str, Any] = Field(
@@ -351,15 +370,22 @@ class Runtime(BaseModel):
     """What every stage may read besides its own config slice: where the artifacts live and
     how work runs. Nothing here changes a stage's output, so nothing here is in a cache key."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = CONFIG
 
     storage: StorageSection
     training: TrainingRun
     encode: EncodeSection
+    # The credentials block's options, read once by the flow. A task's parameters are never
+    # stored by Prefect (only the flow's are), so they may travel with the Runtime.
+    credentials: dict[str, Any] = Field(default_factory=dict, repr=False)
 
     @classmethod
-    def of(cls, config: PipelineConfig) -> Runtime:
-        return cls(storage=config.storage, training=config.training.run(), encode=config.encode)
+    def of(cls, config: PipelineConfig, credentials: bool = True) -> Runtime:
+        """The runtime of `config`; `credentials=False` leaves the credentials block unread
+        (for what needs no storage access, such as computing keys)."""
+        block = config.storage.credentials_block if credentials else None
+        return cls(storage=config.storage, training=config.training.run(), encode=config.encode,
+                   credentials=block_options(block, "storage.credentials_block"))
 
     @property
     def root(self) -> str:
@@ -367,7 +393,7 @@ class Runtime(BaseModel):
 
     @property
     def storage_options(self) -> dict[str, Any]:
-        return self.storage.storage_options
+        return {**self.storage.storage_options, **self.credentials}
 
 
 def pipeline_config(preset: PresetName = "fashion-mnist", **sections: Any) -> PipelineConfig:

@@ -91,3 +91,51 @@ def test_micro_batches_and_activation_checkpointing_are_set_by_override_and_roun
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ValueError, match="smoke, fashion-mnist, fashion-mnist-gpu, imagenet-256, ffhq-1024"):
         vqvae2.preset("cifar")
+
+
+@pytest.mark.parametrize("section, options, field", [
+    ("storage", {"endpoint_url": "http://minio:9000", "secret": "s3kr1t-value"}, "storage.storage_options"),
+    ("storage", {"client_kwargs": {"aws_secret_access_key": "s3kr1t-value"}}, "storage.storage_options.client_kwargs"),
+    ("source", {"token": "s3kr1t-value"}, "source.storage_options"),
+])
+def test_a_credential_in_the_config_is_refused_without_being_repeated(section, options, field):
+    from tasks.config import pipeline_config
+
+    sections = {"storage": {"root": "s3://bucket/runs"}, "source": {"url": "s3://bucket/images"}}
+    sections[section] = {**sections[section], "storage_options": options}
+    with pytest.raises(ValueError) as error:
+        pipeline_config("smoke", **sections)
+    message = str(error.value)
+    assert f"{field} holds" in message and f"set {section}.credentials_block to its name" in message
+    assert "s3kr1t-value" not in message  # the error never echoes the input
+
+
+def test_a_missing_credentials_block_is_named(prefect_api):
+    from tasks.config import Runtime, pipeline_config
+
+    config = pipeline_config("smoke", storage={"root": "s3://bucket/runs", "credentials_block": "no-such-block"})
+    with pytest.raises(ValueError, match="storage.credentials_block is 'no-such-block', but there is no Secret block"):
+        Runtime.of(config)
+
+
+def test_a_credentials_block_holding_a_dict_is_refused_and_json_text_is_read(prefect_api):
+    import json
+    from uuid import uuid4
+
+    from prefect.blocks.system import Secret
+
+    from tasks.config import Runtime, pipeline_config
+
+    options = {"key": "k", "secret": "s3kr1t-value", "endpoint_url": "http://minio:9000"}
+    as_dict, as_text = f"dict-{uuid4().hex[:8]}", f"text-{uuid4().hex[:8]}"
+    Secret(value=options).save(as_dict)  # Prefect's API returns a dict value in clear
+    Secret(value=json.dumps(options)).save(as_text)
+    config = pipeline_config("smoke", storage={"root": "s3://bucket/runs", "credentials_block": as_dict,
+                                               "storage_options": {"anon": False}})
+    with pytest.raises(ValueError, match=f"the Secret block '{as_dict}' holds a dict, which Prefect's API and UI "
+                                         "show in clear; save the same options as JSON text"):
+        Runtime.of(config)
+    runtime = Runtime.of(config.model_copy(update={"storage": config.storage.model_copy(
+        update={"credentials_block": as_text})}))
+    assert runtime.storage_options == {"anon": False, **options}
+    assert "s3kr1t-value" not in repr(runtime)

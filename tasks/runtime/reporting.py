@@ -81,8 +81,7 @@ def track(futures: Sequence[PrefectFuture], description: str) -> list[PrefectFut
     futures = list(futures)
     progress = Progress(description, len(futures))
     for done, future in enumerate(as_completed(futures), start=1):
-        if future.state.is_failed():
-            future.result()  # raises the unit's exception
+        future.result()  # raises a failed unit's exception (its state may not read Failed yet)
         progress.update(done, f"{done}/{len(futures)} done")
     return futures
 

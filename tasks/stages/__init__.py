@@ -41,7 +41,7 @@ class Outputs:
     `produce` (find it, or run it) after the outputs it takes."""
 
     def __init__(self, config: PipelineConfig, produce: Producer, source: Any = None) -> None:
-        self.config, self.runtime, self._produce = config, Runtime.of(config), produce
+        self.config, self._produce = config, produce
         self._source = source
         self._outputs: dict[tuple[str, Any], Any] = {}
 
@@ -51,6 +51,11 @@ class Outputs:
         dataset = self.get("ingest")
         self.config = ingest.adopt_classes(dataset, self.config)
         self._outputs = {("ingest", None): self._outputs["ingest", None]}  # the rest were started for the old config
+
+    @cached_property
+    def runtime(self) -> Runtime:
+        """Where the artifacts are, with the credentials to read them (read when first needed)."""
+        return Runtime.of(self.config)
 
     @cached_property
     def source(self) -> Any:
@@ -100,7 +105,7 @@ def stage_keys(config: PipelineConfig, source_digest: str) -> dict[str, str]:
     if config.classes_from_data:
         raise ValueError("num_classes is auto: the keys depend on the dataset's classes; pass config.with_classes(n)")
     keys: dict[str, str] = {}
-    runtime = Runtime.of(config)
+    runtime = Runtime.of(config, credentials=False)  # a key names an artifact; finding it is another matter
 
     def key_only(stage: Stage, variant: Any, settings: Settings, inputs: dict[str, Any]) -> str:
         # An input's key is all a stage key takes from it: the key stands in for the manifest.
