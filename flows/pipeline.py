@@ -19,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.config import PipelineConfig, Runtime
 from tasks.manifests import ReportManifest
+from tasks.runtime.exclusive import one_run_at_a_time
 from tasks.stage import Stage
 from tasks.stages import STAGES, FinishedRun, Outputs, resolved
 from tasks.stages.train_classifier import check_features_available
@@ -27,6 +28,11 @@ TASK_RUNNER = ThreadPoolTaskRunner(max_workers=4)
 
 
 def run_pipeline(config: PipelineConfig) -> ReportManifest:
+    with one_run_at_a_time(config):  # a second run of this config waits, then reuses
+        return _run_pipeline(config)
+
+
+def _run_pipeline(config: PipelineConfig) -> ReportManifest:
     if not config.classes_from_data:
         check_features_available(config)  # not after hours of training
     runtime = Runtime.of(config)

@@ -109,3 +109,24 @@ def test_a_permission_error_hints_at_what_the_storage_needs(url, hint):
         raise PermissionError("Forbidden")
     assert str(error.value).startswith(f"{url}: access denied (Forbidden); {hint}")
     assert ("AWS" in str(error.value)) == url.startswith("s3://")
+
+
+def test_two_runs_of_one_config_at_once_leave_the_artifacts_of_one(prefect_api, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flows.pipeline import vqvae2_pipeline
+    from pipeline_helpers import state_names
+
+    config = smoke_config(str(tmp_path / "root"))
+    with ThreadPoolExecutor(2) as pool:  # the nightly run and a manual one, started together
+        states = list(pool.map(lambda _: vqvae2_pipeline(config, return_state=True), range(2)))
+    assert all(state.is_completed() for state in states)
+    first, second = (state.result() for state in states)
+    assert (first.key, first.metrics) == (second.key, second.metrics)
+    root = tmp_path / "root"
+    for stage in ("datasets", "autoencoder", "codes", "priors", "classifiers", "samples", "reports"):
+        dirs = [d for d in (root / stage).iterdir() if d.is_dir()]
+        expected = {"priors": 2, "classifiers": 2}.get(stage, 1)  # two levels; the judge and the features
+        assert len(dirs) == expected and all((d / "manifest.json").exists() for d in dirs), stage
+    names = [set(state_names(state.state_details.flow_run_id).values()) for state in states]
+    assert {"Cached"} in names and any("Completed" in n for n in names)  # one computed, the other reused
