@@ -67,7 +67,9 @@ def fit(img: Image.Image, size: int, mode: str, resize: str = "center-crop") -> 
         return square
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    out_w, out_h = (min(new_w, MAX_RATIO * size), min(new_h, MAX_RATIO * size)) if resize == "keep-ratio" else (size, size)
+    out_w, out_h = (size, size)
+    if resize == "keep-ratio":
+        out_w, out_h = min(new_w, MAX_RATIO * size), min(new_h, MAX_RATIO * size)
     left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
     # BICUBIC in PIL widens its kernel when shrinking, so it also antialiases.
     return img.resize(

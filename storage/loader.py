@@ -121,7 +121,8 @@ def _decode(sample: dict[str, Any], shape: tuple[int, int, int], ratio_kept: boo
         raise ShardError(f"{where}: {err}; the shard is corrupt, ingest it again") from err
     size, fits = shape[0], pixels.shape == shape
     if ratio_kept:
-        fits = pixels.shape[2] == shape[2] and min(pixels.shape[:2]) == size and max(pixels.shape[:2]) <= MAX_RATIO * size
+        height, width, channels = pixels.shape
+        fits = channels == shape[2] and min(height, width) == size and max(height, width) <= MAX_RATIO * size
     if not fits:
         raise ShardError(f"{where}: image is {pixels.shape} (H, W, C), the manifest says {shape}"
                          + (" with the ratio kept" if ratio_kept else ""))

@@ -80,9 +80,9 @@ class SourceSection(Section):
     class_names: list[str] | None = Field(None, description="Class names of an idx, list or tars source")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the source's URL "
                                             "(no credentials: see credentials_block)")
-    credentials_block: str | None = Field(None, description="Name of a Prefect Secret block holding a JSON object of "
-                                          "fsspec options as JSON text with the source's credentials (key, secret, ...); without "
-                                          "it, the worker's AWS_* environment variables or instance role")
+    credentials_block: str | None = Field(None, description="Name of a Prefect Secret block whose value is the JSON "
+                                          "text of the fsspec options with the source's credentials (key, secret, ...); "
+                                          "without it, the worker's AWS_* environment variables or instance role")
 
     @property
     def resolved_kind(self) -> str:
@@ -151,8 +151,8 @@ class StorageSection(Section):
         default_factory=dict, description="fsspec options for the root, e.g. {'endpoint_url': 'http://minio:9000'} "
         "(no credentials: see credentials_block)"
     )
-    credentials_block: str | None = Field(None, description="Name of a Prefect Secret block holding a JSON object of "
-                                          "fsspec options as JSON text with the root's credentials (key, secret, ...)")
+    credentials_block: str | None = Field(None, description="Name of a Prefect Secret block whose value is the JSON "
+                                          "text of the fsspec options with the root's credentials (key, secret, ...)")
 
     @field_validator("root")
     @classmethod
