@@ -97,12 +97,18 @@ def _stage_dirs(root: str, stage: str, storage_options: StorageOptions) -> dict[
 
 
 def clean_incomplete(
-    root: str, stage: str | None = None, *, min_age_s: float = 3600.0, storage_options: StorageOptions = None
+    root: str,
+    stage: str | None = None,
+    *,
+    min_age_s: float = 3600.0,
+    storage_options: StorageOptions = None,
+    keep: Sequence[str] = (),
 ) -> list[str]:
     """Delete artifact directories without a manifest whose newest file is older than ``min_age_s``.
 
-    The age guard spares directories a running task is still writing. Returns the
-    URLs removed. ``stage=None`` cleans every stage under ``root``.
+    The age guard spares directories a running task is still writing; ``keep`` names keys
+    to spare whatever their age (the one a stage is about to resume). Returns the URLs
+    removed. ``stage=None`` cleans every stage under ``root``.
     """
     if not exists(root, storage_options):
         return []
@@ -111,7 +117,7 @@ def clean_incomplete(
     now = time.time()
     for st in stages:
         for key, complete in _stage_dirs(root, st, storage_options).items():
-            if complete:
+            if complete or key in keep:
                 continue
             url = artifact_url(root, st, key)
             files = find(url, storage_options)

@@ -257,3 +257,28 @@ def test_a_run_that_could_not_be_evaluated_fails_before_anything_runs(prefect_ap
     with pytest.raises(error, match=message):
         state.result()
     assert not root.exists()  # nothing ingested, nothing trained
+
+
+def test_ingest_removes_stale_incomplete_datasets_but_resumes_its_own(prefect_api, tmp_path):
+    import os
+    import time
+
+    root = tmp_path / "root"
+    config = smoke_config(str(root))
+    first = ingest_flow(config)
+    datasets = root / "datasets"
+    (datasets / first.key / "manifest.json").unlink()  # this dataset's ingest "crashed" a week ago...
+    abandoned = datasets / "0123456789abcdef"  # ...and so did one of a source that has changed since
+    (abandoned / "train").mkdir(parents=True)
+    (abandoned / "train" / "shard-000000.tar").write_bytes(b"half a shard")
+    recent = datasets / "fedcba9876543210"  # a third is being written right now
+    (recent / "train").mkdir(parents=True)
+    (recent / "train" / "shard-000000.json").write_bytes(b"{}")
+    week_ago = time.time() - 7 * 24 * 3600
+    for path in [*abandoned.rglob("*"), *(datasets / first.key).rglob("*")]:
+        os.utime(path, (week_ago, week_ago))
+    again = ingest_flow(config)
+    assert again.key == first.key and again.num_samples == first.num_samples
+    assert not abandoned.exists() and recent.exists()
+    shards = [t for t in (datasets / first.key).rglob("*.tar")]
+    assert shards and all(t.stat().st_mtime < week_ago + 1 for t in shards)  # its own shards reused, not rewritten

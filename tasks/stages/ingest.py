@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import unmapped
 
-from storage.artifacts import artifact_key, artifact_url
+from storage.artifacts import artifact_key, artifact_url, clean_incomplete
 from storage.fsutil import exists, join, read_json, write_json
 from storage.ingest import IngestConfig, IngestPlan, ShardResult, ShardTask, finalize_dataset, finished_shard, plan_ingest
 from storage.ingest import write_shard as write_shard_files
@@ -26,6 +26,9 @@ from ..runtime.artifacts import Artifact, Marker
 from ..runtime.cached import cached_unit, with_records
 from ..runtime.reporting import logger, publish_table, track
 from ..stage import SOURCE, Settings, Stage, stage_task
+
+
+STALE_AFTER_S = 24 * 3600.0  # an ingest writing a shard less often than this is not running
 
 
 class IngestSettings(Settings):
@@ -99,6 +102,12 @@ def plan_dataset(settings: IngestSettings, runtime: Runtime, source: Source) -> 
     """List the shards to write; fails fast, naming the URL, on a missing or malformed source."""
     digest = source.digest()
     dataset = STAGE.artifact(settings, {"source": digest}, runtime)
+    # A dataset folder without a manifest, untouched for a day, is a failed ingest of a source
+    # that has since changed (an unchanged one resumes into it): nothing will finish it.
+    cleaned = clean_incomplete(runtime.root, STAGE.directory, min_age_s=STALE_AFTER_S,
+                               storage_options=runtime.storage_options, keep=[dataset.key])
+    if cleaned:
+        logger().info(f"removed {len(cleaned)} incomplete datasets untouched for a day: {cleaned}")
     base = previous_dataset(settings, runtime, source, dataset.key)
     plan = plan_ingest(source, settings.config, digest=digest, base=base, storage_options=runtime.storage_options)
     plan = _without_credentials(plan)
