@@ -1,7 +1,8 @@
 """Training checkpoints on any fsspec URL: atomic saves, ``weights_only`` loads, newest-first lookup.
 
 A training run keeps its checkpoints in one directory (usually under its artifact
-directory) as ``step-000001000.pt``; every attempt resumes from :func:`latest_checkpoint`.
+directory) as ``step-000001000.pt``; every attempt resumes from :func:`load_latest`, the
+newest one that loads (a damaged newer one is reported and passed over).
 Loading uses ``torch.load(weights_only=True)``: tensors, numbers, strings and
 containers of them load; arbitrary pickled objects are refused.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,7 +36,7 @@ def load_checkpoint(url: str, storage_options: StorageOptions = None, map_locati
     data = read_bytes(url, storage_options)
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError) as err:
+    except (RuntimeError, EOFError, ValueError) as err:  # what a truncated or corrupted file raises
         raise ValueError(f"{redact(url)}: not a loadable checkpoint ({err})") from err
 
 
@@ -54,6 +56,25 @@ def latest_checkpoint(dir_url: str, storage_options: StorageOptions = None) -> s
     """URL of the highest-step checkpoint in ``dir_url``, or None when there is none."""
     found = list_checkpoints(dir_url, storage_options)
     return found[-1][1] if found else None
+
+
+def load_latest(
+    dir_url: str,
+    storage_options: StorageOptions = None,
+    map_location: Any = "cpu",
+    on_damaged: Callable[[str, ValueError], None] | None = None,
+) -> tuple[int, str, Any] | None:
+    """``(step, url, state)`` of the newest checkpoint in ``dir_url`` that loads, or None.
+
+    A checkpoint that does not load (truncated or corrupted on the storage) is passed over
+    for the next older one, and ``on_damaged(url, error)`` is told; nothing is deleted here."""
+    for step, url in reversed(list_checkpoints(dir_url, storage_options)):
+        try:
+            return step, url, load_checkpoint(url, storage_options, map_location)
+        except ValueError as err:
+            if on_damaged is not None:
+                on_damaged(url, err)
+    return None
 
 
 def prune_checkpoints(dir_url: str, keep: int = 2, storage_options: StorageOptions = None) -> list[str]:

@@ -16,9 +16,16 @@ each writer writes whole, aligned chunks and two writers never touch the same ch
 Protocol: :func:`create_codes` once, :func:`write_codes` per shard (any order, in
 parallel), :func:`finish_codes` once (checks every row was written, marks the group
 complete). :class:`CodeDataset` refuses an incomplete group.
+
+A shard's rows live in chunk objects of their own (``train/level1/c/3/0/0``, ...), so
+:func:`write_codes` returns a record of them: each object's size and SHA-256, read back
+once written. A resumed encoding reuses a shard only if :func:`codes_damage` finds its
+objects as recorded: reading a shard's compressed codes costs far less than encoding it.
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 import os
 from collections import OrderedDict
@@ -31,13 +38,17 @@ import zarr
 from torch.utils.data import Dataset, Sampler
 from zarr.codecs import ZstdCodec
 
-from .fsutil import StorageOptions, redact
+from .fsutil import StorageOptions, filesystem, join, redact, storage_errors
 from .ranks import rank_share
 
 FORMAT = "vqvae2-codes/1"
 CODE_MAX = np.iinfo(np.int16).max  # codebooks up to 32768 entries fit int16
 TARGET_CHUNK_BYTES = 1 << 20  # ~1 MiB of raw codes per chunk: few objects, cheap random reads
 _COMPRESSOR = ZstdCodec(level=3)
+
+CodesRecord = dict[str, tuple[int, str]]
+"""What :func:`write_codes` wrote: chunk object key relative to the group
+(``train/level1/c/3/0/0``) -> (its size in bytes, hex SHA-256 of its bytes)."""
 
 
 def level_name(level: int) -> str:
@@ -133,11 +144,12 @@ def write_codes(
     labels: Any,
     keys: Sequence[str],
     storage_options: StorageOptions = None,
-) -> None:
+) -> CodesRecord:
     """Write rows ``[start_row, start_row + len(labels))`` of ``split``: one shard's codes.
 
     ``codes`` holds one N x h x w integer array (or tensor) per level, top first. The
     row range must start on a chunk boundary and end on one (or at the split's end).
+    Returns the record of the chunk objects written, for :func:`codes_damage`.
     """
     group = _open(url, "r+", storage_options)
     info = group.attrs["splits"].get(split)
@@ -167,6 +179,67 @@ def write_codes(
         group[f"{split}/{level_name(level)}"][start_row:end] = array
     group[f"{split}/labels"][start_row:end] = labels.astype(np.int32)
     group[f"{split}/keys"][start_row:end] = np.asarray(list(keys), dtype=object)
+    fs, root = filesystem(url, storage_options)
+    record = {}
+    for key in _chunk_keys(group, split, start_row, end):
+        data = _chunk_bytes(fs, root, url, key)
+        record[key] = (len(data), hashlib.sha256(data).hexdigest())
+    return record
+
+
+def codes_damage(
+    url: str, split: str, start_row: int, num_rows: int, record: CodesRecord, storage_options: StorageOptions = None
+) -> str | None:
+    """What differs between rows ``[start_row, start_row + num_rows)`` of ``split`` and
+    ``record`` (what :func:`write_codes` returned for them), or None when nothing does.
+
+    Reads the rows' chunk objects (compressed bytes, one read each, nothing decoded) and
+    names the first one missing, of another size or with other bytes than recorded.
+    """
+    end = start_row + num_rows
+    try:
+        group = _open(url, "r", storage_options)
+    except FileNotFoundError:
+        return f"{redact(url)}: the codes group is gone, and rows [{start_row}, {end}) of {split!r} with it"
+    if split not in group.attrs.get("splits", {}):
+        return f"{redact(url)}: no split {split!r}, hence not its rows [{start_row}, {end})"
+    keys = _chunk_keys(group, split, start_row, end)
+    if sorted(keys) != sorted(record):
+        return (f"{redact(url)}/{split}: rows [{start_row}, {end}) are not in the chunk objects their record names "
+                "(a record of other rows, or of another layout)")
+    fs, root = filesystem(url, storage_options)
+    for key in keys:
+        data = _chunk_bytes(fs, root, url, key)
+        size, digest = record[key]
+        if len(data) != size:
+            found = "is missing" if not data else f"has {len(data)} bytes"
+            return f"{redact(join(url, key))} (rows [{start_row}, {end})) {found}; its record says {size} bytes"
+        if hashlib.sha256(data).hexdigest() != digest:
+            return f"{redact(join(url, key))} (rows [{start_row}, {end})) has other bytes than its record (SHA-256)"
+    return None
+
+
+def _chunk_keys(group: zarr.Group, split: str, start_row: int, end: int) -> list[str]:
+    """Keys (relative to the group) of the chunk objects that hold rows [start_row, end) of
+    every array of ``split``; the writer of those rows owns them whole (module docstring)."""
+    rows = group.attrs["splits"][split]["chunk_rows"]
+    names = [level_name(level) for level in range(len(group.attrs["level_shapes"]))] + ["labels", "keys"]
+    keys = []
+    for name in names:
+        array = group[f"{split}/{name}"]
+        # Chunked by `rows` along the rows; one chunk across every other dimension (create_codes).
+        for coords in itertools.product(range(start_row // rows, -(-end // rows)), *map(range, array.cdata_shape[1:])):
+            keys.append(f"{array.path}/{array.metadata.encode_chunk_key(coords)}")
+    return keys
+
+
+def _chunk_bytes(fs: Any, root: str, url: str, key: str) -> bytes:
+    try:
+        with storage_errors(join(url, key)):
+            return fs.cat_file(join(root, key))
+    except FileNotFoundError:
+        # Zarr stores no chunk that holds only fill values: 0 bytes, in a record as on reading.
+        return b""
 
 
 def _numpy(x: Any) -> np.ndarray:

@@ -10,17 +10,24 @@ Errors name the URL (with any ``user:password@`` part removed) and never a secre
 a missing file or bucket raises ``FileNotFoundError``, refused credentials raise
 ``PermissionError``.
 
-Writes are atomic: :func:`atomic_open` writes a sibling ``<name>.tmp-<random>`` and
-moves it onto the final name only once complete (a rename on a disk, a server-side
-copy of the whole object on S3), so a reader never sees half a file.
+Writes are atomic, so a reader never sees half a file. On an object store (S3) an
+object appears only when its upload completes: :func:`atomic_open` writes the final
+name and abandons the upload if the block fails. Elsewhere it writes a sibling
+``<name>.tmp-<host>-<pid>-<random>`` and renames it once complete; a killed writer
+leaves that sibling behind, and :func:`sweep_temporaries` removes the ones whose
+writer is gone.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
+import os
 import re
+import socket
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -62,15 +69,41 @@ def storage_errors(url: str) -> Iterator[None]:
     codes and request ids, never credentials.
     """
     try:
-        yield
+        with _no_room_errors(url):
+            yield
     except FileNotFoundError as err:
         what = "missing file or folder" if _is_local(url) else "missing file, folder or bucket"
         raise FileNotFoundError(f"{redact(url)}: not found ({what}): {err}") from err
+    except ReadOnlyStorage:
+        raise
     except PermissionError as err:
         hint = ("check the permissions of the path and its folders for the user this process runs as"
                 if _is_local(url) else
                 "check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options key / secret)")
         raise PermissionError(f"{redact(url)}: access denied ({err}); {hint}") from err
+
+
+class StorageFull(OSError):
+    """No space left (or over quota) where an artifact is written: a retry cannot cure it."""
+
+
+class ReadOnlyStorage(PermissionError):
+    """The storage refuses every write, whoever asks."""
+
+
+@contextlib.contextmanager
+def _no_room_errors(url: str) -> Iterator[None]:
+    """A full or read-only storage, named: the errors of writing, wherever they arise."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"{redact(url)}: no space left on the storage ({err.strerror}); free space there "
+                              "or choose another storage root") from err
+        if err.errno == errno.EROFS:
+            raise ReadOnlyStorage(f"{redact(url)}: the storage is read-only ({err.strerror}); choose a writable "
+                                  "storage root") from err
+        raise
 
 
 def _is_local(url: str) -> bool:
@@ -88,16 +121,21 @@ def _make_parent_dirs(fs, path: str) -> None:
 def atomic_open(url: str, storage_options: StorageOptions = None) -> Iterator[Any]:
     """A binary file to write that appears at ``url`` only if the block completes."""
     fs, path = filesystem(url, storage_options)
-    tmp = f"{path}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
+    if _uploads_on_close(fs):
+        with _upload(fs, path, url) as handle:
+            yield handle
+        return
+    tmp = f"{path}{TMP_MARKER}{HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     with storage_errors(url):
         _make_parent_dirs(fs, path)
         handle = fs.open(tmp, "wb")
     try:
         try:
-            yield handle
+            with _no_room_errors(url):
+                yield handle
         finally:
             with storage_errors(url):
-                handle.close()  # on an object store the upload happens here
+                handle.close()
         with storage_errors(url):
             fs.mv(tmp, path)
     except BaseException:
@@ -105,6 +143,72 @@ def atomic_open(url: str, storage_options: StorageOptions = None) -> Iterator[An
         with contextlib.suppress(OSError):
             fs.rm(tmp)
         raise
+
+
+# Who writes a temporary: a sweeper on the same host can tell whether that process lives.
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs"}
+_TEMPORARY = re.compile(re.escape(TMP_MARKER) + r"(?:([0-9a-f]{8})-(\d+)-)?[0-9a-f]{12}$")
+
+
+def _uploads_on_close(fs) -> bool:
+    """Whether the filesystem's files are uploads that publish nothing until closed and can
+    be abandoned (s3fs, gcsfs): there, writing the final name is already atomic, and a
+    killed writer leaves no object, where it would leave a temporary behind."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & _OBJECT_STORES)
+
+
+@contextlib.contextmanager
+def _upload(fs, path: str, url: str) -> Iterator[Any]:
+    with storage_errors(url):
+        handle = fs.open(path, "wb")
+    try:
+        yield handle
+    except BaseException:
+        handle.discard()  # aborts a multipart upload; nothing was published
+        handle.closed = True
+        raise
+    with storage_errors(url):
+        handle.close()  # the upload happens here, all or nothing
+
+
+def sweep_temporaries(url: str, storage_options: StorageOptions = None, *, min_age_s: float = 3600.0) -> list[str]:
+    """Remove the temporaries of killed writers under the folder ``url``; returns the URLs removed.
+
+    A temporary written on this host is removed once its process is gone; one from
+    another host (a shared disk) or of unknown origin once untouched for ``min_age_s``.
+    Object stores have none (see :func:`atomic_open`): nothing is listed there.
+    """
+    fs, path = filesystem(url, storage_options)
+    if _uploads_on_close(fs) or not exists(url, storage_options):
+        return []
+    removed, now = [], time.time()
+    for rel, info in find(url, storage_options).items():
+        match = _TEMPORARY.search(rel)
+        if match is None:
+            continue
+        host, pid = match.group(1), match.group(2)
+        if host == HOST and pid is not None:
+            stale = not process_alive(int(pid))
+        else:
+            stale = now - (modified_time(info) or now) >= min_age_s
+        if stale:
+            with contextlib.suppress(FileNotFoundError):  # another sweeper was quicker
+                remove(join(url, rel), storage_options)
+            removed.append(redact(join(url, rel)))
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host lives."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def write_bytes(url: str, data: bytes, storage_options: StorageOptions = None) -> None:

@@ -38,7 +38,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .artifacts import MANIFEST, read_manifest, write_manifest
-from .fsutil import StorageOptions, atomic_open, exists, filesystem, join, read_json, redact, storage_errors, write_json
+from .fsutil import (
+    StorageOptions, atomic_open, exists, filesystem, join, read_json, redact, sha256_file, storage_errors, write_json,
+)
 from .imaging import MODES, RESIZE_MODES, SHARD_FORMATS, ImageError, prepare
 from .shards import ShardWriter, iter_samples, sample_key, shard_name, shard_url
 from .sources import Source, SourceItem
@@ -186,6 +188,7 @@ class ShardResult:
     num_bytes: int
     reused: bool = False  # found complete from an earlier run
     carried: bool = False  # copied from the base dataset, not encoded
+    sha256: str | None = None  # of the tar as written (None in records written before it was kept)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,6 +198,7 @@ class ShardResult:
         return cls(
             d["split"], d["index"], d["num_samples"], tuple(d["class_counts"]),
             tuple(tuple(s) for s in d["skipped"]), d["num_bytes"], d.get("reused", False), d.get("carried", False),
+            d.get("sha256"),
         )  # fmt: skip
 
 
@@ -277,7 +281,8 @@ def _record_url(dataset_url: str, task: ShardTask) -> str:
 
 def finished_shard(task: ShardTask, dataset_url: str, storage_options: StorageOptions = None) -> ShardResult | None:
     """The result of ``task`` if an equal task already wrote its shard (tar and record) and
-    the tar still has the size its record says (a truncated or replaced one is made again), else None."""
+    the tar still has the size and SHA-256 its record says (a truncated, damaged or replaced
+    one is made again), else None. Reading a shard back costs far less than making it."""
     url, record_url = shard_url(dataset_url, task.split, task.index), _record_url(dataset_url, task)
     if not exists(record_url, storage_options):
         return None
@@ -290,7 +295,9 @@ def finished_shard(task: ShardTask, dataset_url: str, storage_options: StorageOp
         size = fs.info(path)["size"]
     except FileNotFoundError:
         return None
-    return dataclasses.replace(result, reused=True) if size == result.num_bytes else None
+    if size != result.num_bytes or (result.sha256 is not None and sha256_file(url, storage_options) != result.sha256):
+        return None
+    return dataclasses.replace(result, reused=True)
 
 
 def _write(task: ShardTask, reader: Any, dataset_url: str, storage_options: StorageOptions) -> ShardResult:
@@ -327,7 +334,8 @@ def _write(task: ShardTask, reader: Any, dataset_url: str, storage_options: Stor
                 counts.extend([0] * (item.label + 1 - len(counts)))
                 counts[item.label] += 1
                 written += 1
-        result = ShardResult(task.split, task.index, written, tuple(counts), tuple(skipped), writer.bytes_written)
+        result = ShardResult(task.split, task.index, written, tuple(counts), tuple(skipped), writer.bytes_written,
+                             sha256=writer.sha256)
         _write_record(record_url, task, result, storage_options)
     return result
 
@@ -344,7 +352,7 @@ def _carry(task: ShardTask, dataset_url: str, storage_options: StorageOptions) -
     index (an earlier one of the base was dropped) is re-packed under keys naming its new place."""
     base = ShardResult.from_dict(read_json(task.carry[: -len(".tar")] + ".json", storage_options)["result"])
     url = shard_url(dataset_url, task.split, task.index)
-    num_bytes = base.num_bytes
+    num_bytes, sha256 = base.num_bytes, base.sha256
     with atomic_open(url, storage_options) as out:
         if base.index == task.index:
             src_fs, src_path = filesystem(task.carry, storage_options)
@@ -355,8 +363,9 @@ def _carry(task: ShardTask, dataset_url: str, storage_options: StorageOptions) -
                 for position, sample in enumerate(iter_samples(task.carry, storage_options)):
                     fields = {ext: data for ext, data in sample.items() if not ext.startswith("__")}
                     writer.write(sample_key(task.split, task.index, position), fields)
-            num_bytes = writer.bytes_written
-        result = dataclasses.replace(base, split=task.split, index=task.index, num_bytes=num_bytes, carried=True)
+            num_bytes, sha256 = writer.bytes_written, writer.sha256
+        result = dataclasses.replace(base, split=task.split, index=task.index, num_bytes=num_bytes, sha256=sha256,
+                                     carried=True)
         _write_record(_record_url(dataset_url, task), task, result, storage_options)
     return result
 

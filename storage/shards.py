@@ -12,6 +12,8 @@ read front to back through any fsspec file (S3 included) without seeking.
 """
 from __future__ import annotations
 
+import hashlib
+
 import tarfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -68,6 +70,7 @@ class ShardWriter:
     def __init__(self, stream: BinaryIO):
         self.stream = stream
         self.bytes_written = 0
+        self._digest = hashlib.sha256()  # of every byte written: the shard's record keeps it
         self._template = _header_template()
         self._template_sum = sum(self._template)
         self._pending: list[bytes] = []
@@ -96,7 +99,9 @@ class ShardWriter:
             self._flush()
 
     def _flush(self) -> None:
-        self.stream.write(b"".join(self._pending))
+        data = b"".join(self._pending)
+        self.stream.write(data)
+        self._digest.update(data)
         self.bytes_written += self._pending_bytes
         self._pending, self._pending_bytes = [], 0
 
@@ -105,7 +110,13 @@ class ShardWriter:
         self._flush()
         end = 2 * BLOCK + (-(self.bytes_written + 2 * BLOCK) % RECORD)
         self.stream.write(bytes(end))
+        self._digest.update(bytes(end))
         self.bytes_written += end
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the archive written so far (all of it, once closed)."""
+        return self._digest.hexdigest()
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -92,6 +92,9 @@ class TrainingSummary(Record):
     history: str
     device: str
     processes: int = 1  # data-parallel ranks it trained with
+    # Each time it diverged and went on from an earlier checkpoint at a lower learning rate
+    # (at most once): {"diverged_at": step, "resumed_from": step, "lr_factor": 0.5}.
+    recoveries: list[dict[str, int | float]] = []
 
 
 class TrainedManifest(Manifest, TrainingSummary):
@@ -139,6 +142,12 @@ class EncodedShard(Record):
     index: int
     rows: int
     offset: int
+    # storage.codes.CodesRecord: chunk object key -> (size, sha256) as write_codes wrote
+    # it; a resumed encoding checks it before reusing the shard. None in markers written
+    # before it was kept: those are trusted as before (their rows cannot be checked, and
+    # encoding every finished shard of an interrupted run again would cost more than the
+    # damage it might find; finish_codes still finds rows never written).
+    chunks: dict[str, tuple[int, str]] | None = None
 
 
 class CodesManifest(Manifest):

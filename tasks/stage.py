@@ -109,7 +109,8 @@ def stage_task(stage: Stage, *, task_run_name: str | None = None, name: str | No
     """The task that produces `stage`'s artifact: `fn(settings, runtime, **inputs, artifact) -> manifest`.
 
     Cached through `cached_unit` on the artifact's manifest; the manifest gets the time
-    the stage took, and is written last."""
+    the stage took, and is written last. It first tidies the stage's folder
+    (`Artifact.tidy_stage`): what failed runs left there is removed by the next run."""
 
     def decorate(fn: Callable[..., M]):
         signature = inspect.signature(fn)
@@ -122,6 +123,7 @@ def stage_task(stage: Stage, *, task_run_name: str | None = None, name: str | No
         def produce(*args: Any, **kwargs: Any) -> M:
             params = shown.bind(*args, **kwargs).arguments
             artifact = stage.artifact(params["settings"], _inputs(params), params["runtime"])
+            artifact.tidy_stage()
             started = time.monotonic()
             manifest = fn(*args, artifact=artifact, **kwargs)
             return manifest.model_copy(update={"seconds": round(time.monotonic() - started, 3)})

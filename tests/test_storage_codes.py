@@ -13,11 +13,13 @@ from storage.codes import (
     ChunkShuffleSampler,
     CodeDataset,
     choose_chunk_rows,
+    codes_damage,
     create_codes,
     finish_codes,
     read_codes_info,
     write_codes,
 )
+from storage.fsutil import filesystem, join
 
 LEVELS = [(4, 4), (8, 8)]  # top first
 SHARDS = {"train": [100, 100, 100, 40], "test": [60]}
@@ -35,7 +37,8 @@ def _shard_codes(split: str, shard: int, n: int):
 def _write_shard(url, split, shard, storage_options=None):
     counts = SHARDS[split]
     codes, labels, keys = _shard_codes(split, shard, counts[shard])
-    write_codes(url, split, sum(counts[:shard]), [torch.from_numpy(c) for c in codes], labels, keys, storage_options)
+    return write_codes(url, split, sum(counts[:shard]), [torch.from_numpy(c) for c in codes], labels, keys,
+                       storage_options)
 
 
 def _expected(split):
@@ -125,6 +128,44 @@ def test_missing_shard_keeps_the_codes_incomplete(tmp_path):
     assert create_codes(url, {"train": SHARDS["train"]}, LEVELS)["complete"] is False  # a retry keeps the rows
     _write_shard(url, "train", 2)
     assert finish_codes(url)["complete"] is True
+
+
+@pytest.mark.parametrize("damage, key", [
+    ("truncate", "train/level1/c/3/0/0"),
+    ("overwrite", "train/labels/c/2"),  # same size, one byte changed
+    ("delete", "train/keys/c/3"),
+])
+def test_a_shard_is_intact_only_while_its_chunk_objects_match_their_record(storage_root, damage, key):
+    root, options = storage_root
+    url = f"{root}/codes.zarr"
+    create_codes(url, {"train": SHARDS["train"]}, LEVELS, chunk_rows=50, storage_options=options)
+    records = [_write_shard(url, "train", shard, options) for shard in range(4)]
+    offsets = [0, 100, 200, 300]
+    assert sorted(records[1]) == sorted([f"train/level{level}/c/{i}/0/0" for level in (0, 1) for i in (2, 3)]
+                                        + [f"train/{name}/c/{i}" for name in ("labels", "keys") for i in (2, 3)])
+    assert all(size > 0 for size, _ in records[1].values())
+    for shard, (offset, record) in enumerate(zip(offsets, records)):
+        assert codes_damage(url, "train", offset, SHARDS["train"][shard], record, options) is None
+
+    fs, path = filesystem(join(url, key), options)
+    data = fs.cat_file(path)
+    if damage == "truncate":
+        fs.pipe_file(path, data[:-3])
+    elif damage == "overwrite":
+        fs.pipe_file(path, data[:-1] + bytes([data[-1] ^ 0xFF]))
+    else:
+        fs.rm(path)
+    problem = codes_damage(url, "train", 100, 100, records[1], options)
+    assert problem is not None and problem.startswith(f"{url}/{key} (rows [100, 200)) ")
+    assert {"truncate": f"has {len(data) - 3} bytes; its record says {len(data)} bytes",
+            "overwrite": "has other bytes than its record (SHA-256)",
+            "delete": f"is missing; its record says {len(data)} bytes"}[damage] in problem
+    for shard in (0, 2, 3):  # the neighbours own other objects
+        assert codes_damage(url, "train", offsets[shard], SHARDS["train"][shard], records[shard], options) is None
+    assert "not in the chunk objects their record names" in codes_damage(url, "train", 0, 100, records[1], options)
+
+    rewritten = _write_shard(url, "train", 1, options)  # encoding the shard again mends it
+    assert rewritten == records[1] and codes_damage(url, "train", 100, 100, rewritten, options) is None
 
 
 def test_chunk_rows_follow_the_shard_offsets():

@@ -197,14 +197,19 @@ def test_a_crash_mid_shard_leaves_nothing_visible_and_a_rerun_resumes(tmp_path):
     assert read_json(f"{url}/manifest.json") == manifest
 
 
-def test_a_shard_truncated_after_ingest_is_made_again_not_reused(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "bytes changed in place"])
+def test_a_shard_damaged_after_ingest_is_made_again_not_reused(tmp_path, damage):
     from storage.loader import ShardDataset
 
     url, config = str(tmp_path / "ds"), IngestConfig(shard_size=40, max_samples_per_split=80)
     first = ingest(IdxSource(), url, config)
     shard = tmp_path / "ds" / "train" / "shard-000001.tar"
     intact = shard.read_bytes()
-    shard.write_bytes(intact[: len(intact) // 2])  # its record and task digest still match
+    if damage == "truncated":  # its record and task digest still match
+        shard.write_bytes(intact[: len(intact) // 2])
+    else:  # the same size, so only the record's SHA-256 tells
+        middle = len(intact) // 2
+        shard.write_bytes(intact[:middle] + bytes([intact[middle] ^ 0xFF]) + intact[middle + 1:])
     (tmp_path / "ds" / "manifest.json").unlink()
     again = ingest(IdxSource(), url, config)
     assert again == first and shard.read_bytes() == intact

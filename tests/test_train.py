@@ -1,13 +1,20 @@
-"""Gradient accumulation over micro-batches and activation checkpointing (vqvae2.train).
+"""Gradient accumulation over micro-batches and activation checkpointing (vqvae2.train),
+and the trainer's recovery from a divergence or a damaged checkpoint (tasks.runtime.trainer).
 
 Accumulation must give the whole batch's step; checkpointing must give the same loss
-and gradients, dropout included, while keeping fewer bytes for backward."""
+and gradients, dropout included, while keeping fewer bytes for backward. A training that
+diverges once goes on at a lower learning rate and says so; twice, it fails."""
 import copy
 
 import pytest
 import torch
 
 import vqvae2
+from ddp_jobs import BATCHES_PER_EPOCH, GLOBAL_BATCH, global_batch, tiny_autoencoder
+from storage.checkpoints import checkpoint_url, list_checkpoints, load_checkpoint
+from tasks.config import TrainingRun
+from tasks.runtime.artifacts import Artifact
+from tasks.runtime.trainer import DIVERGED_LR_FACTOR, InjectedFault, Trainer, TrainingJob
 from vqvae2.train import SavedTensorBytes, split_batch
 
 # fp32 on a CPU: summing a batch's gradient in 3 pieces instead of 1 rounds differently,
@@ -240,3 +247,126 @@ def test_fit_applies_micro_batches_and_checkpointing_from_the_train_config():
     plain, configured = results
     _assert_same_training(configured, plain)
     assert "forward" in vars(configured.layers[0]) and "forward" not in vars(plain.layers[0])
+
+
+# --- divergence and damaged checkpoints (tasks.runtime.trainer) ------------------------------
+
+LR = 3e-3
+
+
+class Recorder:
+    """A Reporter that keeps the log lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+    def progress(self, done: int, total: int, note: str) -> None: ...
+    def table(self, key: str, rows: list, description: str) -> None: ...
+
+
+class NanAt:
+    """The autoencoder's loss, made NaN at the given calls (counting from 1): a loss spike."""
+
+    def __init__(self, *calls: int) -> None:
+        self.calls, self.count = set(calls), 0
+
+    def __call__(self, model, batch):
+        self.count += 1
+        loss, metrics = vqvae2.autoencoder_loss(model, batch)
+        if self.count in self.calls:
+            loss = loss * float("nan")
+        return loss, {**metrics, "loss": loss}
+
+
+def _whole_batches(epoch: int, start: int):
+    for index in range(start, BATCHES_PER_EPOCH):
+        yield global_batch(epoch, index)
+
+
+def _run(root, steps: int = 8, loss_fn=vqvae2.autoencoder_loss, lr: float = LR, **options):
+    """A tiny autoencoder trained in this process: (summary, trainer, log lines)."""
+    vqvae2.seed_everything(0)
+    run = TrainingRun(device="cpu", subprocess=False, **{"log_every": 1, "checkpoint_every": 3, **options})
+    job = TrainingJob(name="tiny", model=tiny_autoencoder(), loss_fn=loss_fn, artifact=Artifact(str(root), "tiny", "k"),
+                      train=vqvae2.TrainConfig(steps=steps, batch_size=GLOBAL_BATCH, lr=lr, warmup_steps=2),
+                      batches=_whole_batches, batches_per_epoch=BATCHES_PER_EPOCH, options=run)
+    reporter = Recorder()
+    trainer = Trainer(job, reporter)
+    return trainer.run(), trainer, reporter.lines
+
+
+def _weights(summary) -> dict[str, torch.Tensor]:
+    return load_checkpoint(summary.model)["state_dict"]
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_diverged_training_goes_on_from_its_last_checkpoint_at_half_the_learning_rate(tmp_path):
+    summary, trainer, lines = _run(tmp_path, loss_fn=NanAt(5))
+    assert summary.steps == 8
+    assert summary.recoveries == [{"diverged_at": 5, "resumed_from": 3, "lr_factor": DIVERGED_LR_FACTOR}]
+    said = [line for line in lines if "training diverged" in line]
+    assert len(said) == 1
+    assert "the loss is nan at step 5" in said[0] and "resuming from step 3 (checkpoint step-000000003.pt)" in said[0]
+    assert f"{DIVERGED_LR_FACTOR:g} times the learning rate" in said[0]
+    assert all(torch.isfinite(w).all() for w in _weights(summary).values())
+    # The lower rate is the optimizer's and the scheduler's, and their checkpoints keep it.
+    low = LR * DIVERGED_LR_FACTOR
+    assert trainer.scheduler.base_lrs == [low] and trainer.optimizer.param_groups[0]["initial_lr"] == low
+    assert trainer.optimizer.param_groups[0]["lr"] == low  # warm-up is over
+    last = load_checkpoint(checkpoint_url(str(tmp_path / "tiny/k/checkpoints"), 8))
+    assert last["scheduler"]["base_lrs"] == [low] and last["optimizer"]["param_groups"][0]["lr"] == low
+    assert last["recoveries"] == summary.recoveries
+
+
+def test_a_training_that_diverges_before_its_first_checkpoint_starts_again_at_half_the_rate(tmp_path):
+    summary, _, lines = _run(tmp_path / "diverged", loss_fn=NanAt(2))
+    assert summary.recoveries == [{"diverged_at": 2, "resumed_from": 0, "lr_factor": DIVERGED_LR_FACTOR}]
+    assert any("resuming from step 0 (the start)" in line for line in lines)
+    # The same weights, data and random numbers as a run at half the rate from the start.
+    halved, _, _ = _run(tmp_path / "halved", lr=LR * DIVERGED_LR_FACTOR)
+    _assert_same_weights(_weights(summary), _weights(halved))
+
+
+def test_a_checkpoint_never_holds_non_finite_weights(tmp_path):
+    # The loss is looked at every 4th step only: the NaN of step 2 is caught by the save at step 3.
+    summary, _, lines = _run(tmp_path, loss_fn=NanAt(2), log_every=4)
+    assert summary.recoveries == [{"diverged_at": 3, "resumed_from": 0, "lr_factor": DIVERGED_LR_FACTOR}]
+    assert any("is not finite at step 3: training diverged; resuming from step 0" in line for line in lines)
+    for _, url in list_checkpoints(str(tmp_path / "tiny/k/checkpoints")):
+        assert all(torch.isfinite(w).all() for w in load_checkpoint(url)["model"].values() if w.is_floating_point())
+
+
+def test_a_second_divergence_fails_the_training(tmp_path):
+    # Calls 6 and 7 are steps 4 and 5 again (from the checkpoint of step 3): call 8 is step 6.
+    with pytest.raises(FloatingPointError, match=r"tiny: the loss is nan at step 6.*diverged once at step 5 and gone on "
+                                                 r"from step 3"):
+        _run(tmp_path / "same-attempt", loss_fn=NanAt(5, 8))
+    # The one recovery is in the checkpoints: an attempt resumed after it does not get another.
+    first, _, _ = _run(tmp_path / "resumed", steps=6, loss_fn=NanAt(5))
+    assert first.recoveries and first.steps == 6
+    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 8.*diverged once at step 5"):
+        _run(tmp_path / "resumed", steps=10, loss_fn=NanAt(2))
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_one_before(tmp_path):
+    uninterrupted, _, _ = _run(tmp_path / "clean", steps=9)
+    root = tmp_path / "damaged"
+    with pytest.raises(InjectedFault):
+        _run(root, steps=9, fail_once_at_step={"tiny": 8})
+    checkpoints = root / "tiny/k/checkpoints"
+    newest = checkpoints / "step-000000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated on the storage
+    summary, _, lines = _run(root, steps=9)  # the retry
+    assert summary.resumed_from_step == 3 and summary.steps == 9 and not summary.recoveries
+    assert any("step-000000006.pt is damaged" in line for line in lines)
+    assert any("removed the damaged checkpoint" in line and "step-000000006.pt" in line for line in lines)
+    assert [step for step, _ in list_checkpoints(str(checkpoints))] == [6, 9]
+    _assert_same_weights(_weights(summary), _weights(uninterrupted))

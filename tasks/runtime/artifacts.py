@@ -14,13 +14,17 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
-from storage.artifacts import MANIFEST, artifact_url
-from storage.fsutil import exists, join, read_bytes, redact, write_bytes
+from storage.artifacts import MANIFEST, artifact_url, clean_incomplete
+from storage.fsutil import exists, join, read_bytes, redact, sweep_temporaries, write_bytes
 
 from ..manifests import Manifest
+from .reporting import logger
 
 R = TypeVar("R")
 M = TypeVar("M", bound=Manifest)
+
+
+ABANDONED_AFTER_S = 24 * 3600.0  # a stage writing into its folder less often than this is not running
 
 
 class ManifestError(ValueError):
@@ -133,6 +137,20 @@ class Artifact:
             url=self.path(MANIFEST), record=self.record("stage"), read=lambda: self.read(model),
             write=lambda manifest: write_typed(self.path(MANIFEST), manifest, self.storage_options),
         )
+
+    def tidy_stage(self) -> None:
+        """At the start of the stage that owns them: remove its abandoned artifact folders
+        (no manifest, untouched for a day: a failed run of a config since changed; a run of
+        this key resumes into its own, so it is kept whatever its age) and the temporaries
+        that killed writers left anywhere under the stage."""
+        stage_url = join(self.root, self.stage)
+        abandoned = clean_incomplete(self.root, self.stage, min_age_s=ABANDONED_AFTER_S,
+                                     storage_options=self.storage_options, keep=[self.key])
+        if abandoned:
+            logger().info(f"removed {len(abandoned)} incomplete {self.stage} folders untouched for a day: {abandoned}")
+        swept = sweep_temporaries(stage_url, self.storage_options)
+        if swept:
+            logger().info(f"removed {len(swept)} unfinished writes of killed processes: {swept}")
 
     def unit_marker(self, unit: str, model: Any) -> Marker:
         """A mapped unit's marker: `units/{unit}.json` holding its result, written after its output."""

@@ -109,10 +109,13 @@ def cached_unit(
     task_run_name: str | None = None,
     retries: int = RETRIES,
     retry_delay_seconds: list[float] | float = RETRY_DELAYS,
-    result_serializer: str = "json",
+    pickled: bool = False,
     **task_options: Any,
 ):
-    """Decorate `fn(**params) -> result` into a cached Prefect task; `locate(**params)` is its marker."""
+    """Decorate `fn(**params) -> result` into a cached Prefect task; `locate(**params)` is its marker.
+
+    Results are kept as JSON under the root (`with_records`); a `pickled` one (a result
+    JSON cannot hold) is kept in the worker's own Prefect result storage instead."""
 
     def decorate(fn: Callable[..., Any]) -> Task:
         signature = inspect.signature(fn)
@@ -134,17 +137,28 @@ def cached_unit(
             return result
 
         def cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
+            if pickled:
+                # Kept in the worker's own result storage, never under the root: whoever can
+                # write a root must not get to unpickle objects into the flow. Named after the
+                # marker's whole URL, since that storage serves every root.
+                return "vqvae2-pickled/" + hashlib.sha256(locate(**parameters).url.encode()).hexdigest()[:32]
             storage = context.result_store.result_storage if context and context.result_store else None
             if not isinstance(storage, CacheRecords):
                 return None  # called without `with_records`: the marker alone decides
             marker = locate(**parameters)
-            if not _is_done(marker):
-                storage.drop(marker.record)
+            try:
+                if not _is_done(marker):
+                    storage.drop(marker.record)
+            except Exception as err:  # noqa: BLE001 - the unit's own run meets the error, and reports it
+                # The storage cannot be reached now (a network error of any client library):
+                # the unit itself meets the error and is retried. Without a key Prefect would
+                # keep no record of its result.
+                logger().warning(f"could not check {redact(marker.url)} ({type(err).__name__}): the unit will tell")
             return marker.record
 
         return task(
             run, name=name, task_run_name=task_run_name, cache_key_fn=cache_key, persist_result=True,
-            result_serializer=result_serializer, retries=retries, retry_delay_seconds=retry_delay_seconds,
+            result_serializer="pickle" if pickled else "json", retries=retries, retry_delay_seconds=retry_delay_seconds,
             retry_jitter_factor=RETRY_JITTER, retry_condition_fn=retry_unless_permanent, **task_options,
         )
 

@@ -9,6 +9,11 @@ cannot take the flow down. Each process connects back to the task over a local s
 `(make_job, args)`, builds and runs the job, and sends its reports (rank 0), then its
 summary (rank 0) or its error (any rank); the task relays the reports to Prefect. Ranks on
 other machines get the job from rank 0 through the process group.
+
+A training process never outlives its task: the task sends nothing after the job, so
+the socket becomes readable only when the task's process is gone (killed, even with
+SIGKILL), and the training process then exits at once instead of writing checkpoints
+beside a re-run's.
 """
 from __future__ import annotations
 
@@ -254,6 +259,7 @@ def main() -> None:
     with Client((host, int(port)), authkey=bytes.fromhex(os.environ[CHANNEL_KEY])) as conn:
         try:
             job = pickle.loads(conn.recv_bytes())  # our own task process: trusted
+            threading.Thread(target=_exit_when_orphaned, args=(conn,), daemon=True).start()
             with process_group() as rank:
                 make_job, args = _job_on_every_node(job)
                 reporter = ChannelReporter(conn) if rank == 0 else SilentReporter()
@@ -263,6 +269,16 @@ def main() -> None:
         except BaseException as err:  # noqa: BLE001 - every failure must reach the task, which raises it
             conn.send(("error", rank, type(err).__name__, "".join(traceback.format_exception(err)), is_permanent(err)))
             raise SystemExit(1) from None
+
+
+def _exit_when_orphaned(conn: Connection) -> None:
+    while not conn.poll(ORPHAN_CHECK_S):
+        pass
+    os._exit(ORPHANED)
+
+
+ORPHAN_CHECK_S = 0.5
+ORPHANED = 75  # the task's process is gone: nobody reads this process's result
 
 
 if __name__ == "__main__":

@@ -4,7 +4,12 @@ Every attempt (a Prefect retry, or a re-run after a crash) starts from the newes
 checkpoint under `{artifact}/checkpoints/`: model, optimizer, scheduler, step, the RNG
 states and the data position (epoch and batches consumed), so a resumed run takes
 the same batches with the same randomness as an uninterrupted one. Checkpoints are
-written every `checkpoint_every` steps and at least every `checkpoint_minutes`.
+written every `checkpoint_every` steps and at least every `checkpoint_minutes`; a
+checkpoint that does not load is passed over for the one before it.
+
+A training that diverges (a non-finite loss or parameter) goes on once from its newest
+checkpoint at `DIVERGED_LR_FACTOR` times the learning rate, saying so in the log and in
+its summary; a second divergence fails it.
 
 It reports to the UI as it goes: a progress bar, a metrics table per epoch, log lines;
 at the end it writes `model.pt` (a `vqvae2.to_checkpoint` dict), `history.json` and a
@@ -14,10 +19,13 @@ loss-curve PNG next to the checkpoints.
 """
 from __future__ import annotations
 
+import io
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from itertools import chain
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,8 +35,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import vqvae2
-from storage.checkpoints import checkpoint_url, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from storage.fsutil import exists, write_bytes, write_json
+from storage.checkpoints import checkpoint_url, load_latest, prune_checkpoints, save_checkpoint
+from storage.fsutil import exists, redact, remove, write_bytes, write_json
 from vqvae2.config import TrainConfig
 from vqvae2.train import LossFn, Metrics
 
@@ -41,6 +49,10 @@ from .reporting import Progress, format_metrics, logger, loss_curve_png, publish
 # (epoch, batches of it already consumed) -> the rest of that epoch's batches
 BatchSource = Callable[[int, int], Iterable[Any]]
 Evaluator = Callable[[nn.Module], dict[str, float]]
+
+# A loss spike that made the weights non-finite often passes at a lower rate; the same
+# rate, RNG and batches would diverge at the same step again (why a retry cannot help).
+DIVERGED_LR_FACTOR = 0.5
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -101,6 +113,17 @@ def _rank0_says(flag: bool, world: int) -> bool:
     decided = [flag]
     dist.broadcast_object_list(decided, src=0)
     return bool(decided[0])
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """A divergence gone past: where it was seen, the step training went on from, and the
+    factor the learning rate was multiplied by. Kept in checkpoints (as a dict) so a resumed
+    attempt knows the one recovery is used."""
+
+    diverged_at: int
+    resumed_from: int
+    lr_factor: float
 
 
 class InjectedFault(RuntimeError):
@@ -183,6 +206,14 @@ class _Averages:
         self.sums, self.count = {}, 0
         return means
 
+    # In checkpoints: a resumed run logs the same means as an uninterrupted one, though
+    # the interval they average began before the checkpoint.
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": {k: v.detach().cpu() for k, v in self.sums.items()}, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.sums, self.count = {k: v.to(device) for k, v in state["sums"].items()}, state["count"]
+
 
 class Reporter(Protocol):
     def log(self, message: str) -> None: ...
@@ -233,6 +264,9 @@ class Trainer:
         self.stream = _EpochStream(job.batches, 0, 0, self._close_epoch)
         self.interval, self.epoch_window = _Averages(), _Averages()
         self.last_save = time.monotonic()
+        self.recoveries: list[Recovery] = []
+        self.damaged: list[str] = []  # checkpoints that did not load, removed before the next save
+        self.initial: bytes | None = None  # a fresh run's step-0 state, until its first checkpoint
 
     def state_dict(self) -> dict[str, Any]:
         """The state to resume from; a collective under DDP (every rank's RNG state is in it)."""
@@ -241,7 +275,8 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": rngs[0], "rng_ranks": rngs, "step": self.step,
             "epoch": self.stream.epoch, "consumed": self.stream.consumed, "history": self.history,
-            "epochs": self.epochs,
+            "epochs": self.epochs, "recoveries": [asdict(r) for r in self.recoveries],
+            "interval": self.interval.state_dict(), "epoch_window": self.epoch_window.state_dict(),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -252,26 +287,107 @@ class Trainer:
         _set_rng_state(ranks[self.rank] if len(ranks) == self.world else state["rng"])
         self.step, self.stream.epoch, self.stream.consumed = state["step"], state["epoch"], state["consumed"]
         self.history, self.epochs = list(state["history"]), list(state["epochs"])
+        self.recoveries = [Recovery(**r) for r in state.get("recoveries", [])]
+        self.interval, self.epoch_window = _Averages(), _Averages()  # none of what came after the checkpoint
+        for name in ("interval", "epoch_window"):
+            if name in state:  # checkpoints written before they were kept start these afresh
+                getattr(self, name).load_state_dict(state[name], self.device)
 
     def resume(self) -> int:
-        """Load the newest checkpoint, if any (else seed the run); returns the step resumed from."""
-        storage = self.job.artifact.storage_options
-        latest = latest_checkpoint(self.checkpoints, storage)
-        if latest is None:
+        """Load the newest checkpoint that loads, if any (else seed the run); returns the step resumed from."""
+        found = self._newest_checkpoint()
+        if found is None:
             vqvae2.seed_everything(self.job.train.seed + self.rank)  # ranks draw different dropout masks
+            # The weights were initialised before this: only a copy can start the run again.
+            buffer = io.BytesIO()
+            torch.save(self.state_dict(), buffer)
+            self.initial = buffer.getvalue()
             return 0
-        self.load_state_dict(load_checkpoint(latest, storage, map_location=self.device))
+        _, url, state = found
+        self.load_state_dict(state)
         self.reporter.log(f"{self.job.name}: resuming from step {self.step} (epoch {self.stream.epoch}, "
-                          f"batch {self.stream.consumed}) of {latest}")
+                          f"batch {self.stream.consumed}) of {url}")
         return self.step
 
+    def _newest_checkpoint(self) -> tuple[int, str, dict[str, Any]] | None:
+        storage = self.job.artifact.storage_options
+        return load_latest(self.checkpoints, storage, map_location=self.device, on_damaged=self._damaged)
+
+    def _damaged(self, url: str, error: ValueError) -> None:
+        if url not in self.damaged:
+            self.damaged.append(url)
+            self.reporter.log(f"{self.job.name}: checkpoint {redact(url)} is damaged, trying the one before it ({error})")
+
     def save(self) -> None:
-        """Checkpoint (rank 0 writes); every rank calls it at the same step."""
+        """Checkpoint (rank 0 writes); every rank calls it at the same step.
+
+        A model with a non-finite weight raises FloatingPointError instead, as a non-finite
+        loss does: the newest checkpoint is then always one to go on from."""
+        self._raise_if_not_finite()
         storage, state = self.job.artifact.storage_options, self.state_dict()
         if self.rank == 0:
+            # Only now: every rank has loaded its checkpoint. A damaged one newer than this step
+            # would outlive the prune (it keeps the highest steps) and be tried on every resume.
+            for url in self.damaged:
+                if exists(url, storage):
+                    remove(url, storage)
+                    self.reporter.log(f"{self.job.name}: removed the damaged checkpoint {redact(url)}")
             save_checkpoint(checkpoint_url(self.checkpoints, self.step), state, storage)
             prune_checkpoints(self.checkpoints, keep=2, storage_options=storage)
+        self.damaged, self.initial = [], None
         self.last_save = time.monotonic()
+
+    def _raise_if_not_finite(self) -> None:
+        """A collective under DDP: every rank calls it in `save`, and all raise if any rank found one."""
+        named = [(name, t) for name, t in chain(self.model.named_parameters(), self.model.named_buffers())
+                 if t.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist() if named else []
+        first = next((name for (name, _), ok in zip(named, finite) if not ok), None)
+        found = [name for name in _gather(first, self.world) if name is not None]
+        if found:
+            raise FloatingPointError(f"{found[0]} is not finite at step {self.step}: training diverged")
+
+    def _check_loss(self, step: int, metrics: Metrics) -> None:
+        """`vqvae2.raise_if_diverged`, decided by all ranks together (a collective at every
+        `log_every`-th step): each rank sees the loss of its own share of the batch, and one
+        non-finite share made the averaged gradients, so every rank's weights, non-finite."""
+        self.step = step
+        if step % self.job.options.log_every:
+            return
+        bad = [loss for loss in _gather(metrics["loss"].item(), self.world) if not math.isfinite(loss)]
+        if bad:
+            raise FloatingPointError(f"the loss is {bad[0]} at step {step}: training diverged")
+
+    def _recover(self, error: FloatingPointError) -> None:
+        """Go on from the newest checkpoint (or step 0) at DIVERGED_LR_FACTOR times the learning
+        rate, once per training; a second divergence raises `error`. Every rank calls it at
+        the same step and loads the same checkpoint."""
+        name, diverged_at = self.job.name, self.step
+        if self.recoveries:
+            first = self.recoveries[0]
+            raise FloatingPointError(
+                f"{name}: {error}, after it had diverged once at step {first.diverged_at} and gone on from step "
+                f"{first.resumed_from} at {first.lr_factor:g} times the learning rate") from None
+        found = self._newest_checkpoint()
+        if found is not None:
+            _, url, state = found
+            source = f"checkpoint {url.rsplit('/', 1)[-1]}"
+        elif self.initial is not None:
+            state, source = torch.load(io.BytesIO(self.initial), map_location=self.device, weights_only=True), "the start"
+        else:
+            raise FloatingPointError(f"{name}: {error}, and no checkpoint loads to go on from") from None
+        self.load_state_dict(state)
+        before = self.scheduler.base_lrs[0]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= DIVERGED_LR_FACTOR
+            if "initial_lr" in group:
+                group["initial_lr"] *= DIVERGED_LR_FACTOR
+        # LambdaLR sets each step's rate from base_lrs, and saves them: the lower rate lasts.
+        self.scheduler.base_lrs = [lr * DIVERGED_LR_FACTOR for lr in self.scheduler.base_lrs]
+        self.recoveries.append(Recovery(diverged_at, self.step, DIVERGED_LR_FACTOR))
+        self.reporter.log(
+            f"{name}: {error}; resuming from step {self.step} ({source}) at {DIVERGED_LR_FACTOR:g} times the learning "
+            f"rate, {before:.3g} -> {self.scheduler.base_lrs[0]:.3g} (once: a second divergence fails the training)")
 
     def _close_epoch(self, finished: int, partial: bool = False) -> None:
         train = _mean_over_ranks(self.epoch_window.pop(), self.world)
@@ -307,22 +423,27 @@ class Trainer:
             raise InjectedFault(f"{job.name}: fault injected at step {step} (training.fail_once_at_step)")
 
     def run(self) -> TrainingSummary:
-        job = self.job
         resumed_from = self.resume()
-        # The divergence check runs first: a diverged model is never checkpointed.
-        hooks = [vqvae2.raise_if_diverged(job.options.log_every), self._on_step]
-        try:
-            self.step = vqvae2.fit(self.stepped, self.optimizer, self.stream, self.loss_fn, job.train,
-                                   scheduler=self.scheduler, start_step=self.step, hooks=hooks)
-        except FloatingPointError as err:
-            raise FloatingPointError(f"{job.name}: {err}") from None
-        if self.epoch_window.count:
-            self._close_epoch(self.stream.epoch, partial=self.stream.consumed < job.batches_per_epoch)
-        self.save()
+        while True:
+            try:
+                self._train()
+                break
+            except FloatingPointError as err:
+                self._recover(err)
         summary = self.summary(resumed_from)
         if self.rank == 0:
             self._write_results()
         return summary
+
+    def _train(self) -> None:
+        job = self.job
+        # The loss check runs first: a diverged model is never checkpointed.
+        hooks = [self._check_loss, self._on_step]
+        self.step = vqvae2.fit(self.stepped, self.optimizer, self.stream, self.loss_fn, job.train,
+                               scheduler=self.scheduler, start_step=self.step, hooks=hooks)
+        if self.epoch_window.count:
+            self._close_epoch(self.stream.epoch, partial=self.stream.consumed < job.batches_per_epoch)
+        self.save()
 
     def _write_results(self) -> None:
         job, storage = self.job, self.job.artifact.storage_options
@@ -339,4 +460,5 @@ class Trainer:
             metrics={k: float(v) for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
             model=job.artifact.path("model.pt"), loss_curve=job.artifact.path("loss_curve.png"),
             history=job.artifact.path("history.json"), device=str(self.device), processes=self.world,
+            recoveries=[asdict(r) for r in self.recoveries],
         )

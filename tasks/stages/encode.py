@@ -5,12 +5,13 @@ Encoding is per image and deterministic, so the batch size (`encode.batch_size`,
 runtime setting) changes only the speed: the codes' key is their inputs' keys alone."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from prefect import unmapped
 
-from storage.codes import create_codes, finish_codes, write_codes
+from storage.codes import codes_damage, create_codes, finish_codes, write_codes
 from storage.loader import iter_shard_batches
 
 from ..config import PipelineConfig, Runtime
@@ -82,7 +83,20 @@ def prepare_codes(settings: EncodeSettings, runtime: Runtime, dataset: DatasetMa
 def _shard_marker(unit: tuple[str, int], settings: EncodeSettings, runtime: Runtime, dataset: DatasetManifest,
                   autoencoder: AutoencoderManifest) -> Marker[EncodedShard]:
     split, index = unit
-    return _codes(settings, runtime, dataset, autoencoder).unit_marker(f"shard-{split}-{index:06d}", EncodedShard)
+    codes = _codes(settings, runtime, dataset, autoencoder)
+    marker = codes.unit_marker(f"shard-{split}-{index:06d}", EncodedShard)
+    return dataclasses.replace(marker, read=lambda: _intact(marker.read(), codes))
+
+
+def _intact(shard: EncodedShard | None, codes: Artifact) -> EncodedShard | None:
+    """A shard's marker while its rows still match their record; None (encode it again) once not."""
+    if shard is None or shard.chunks is None:  # not done, or a marker from before records were kept
+        return shard
+    damage = codes_damage(codes_url(codes), shard.split, shard.offset, shard.rows, shard.chunks, codes.storage_options)
+    if damage is None:
+        return shard
+    logger().warning(f"{damage}: encoding shard {shard.index} of {shard.split!r} again")
+    return None
 
 
 @cached_unit(locate=_shard_marker, name="encode-shard", task_run_name="encode-{unit[0]}-{unit[1]}")
@@ -104,9 +118,9 @@ def encode_shard(unit: tuple[str, int], settings: EncodeSettings, runtime: Runti
         labels.append(batch_labels)
         keys += batch_keys
     offset = dataset.splits[split].shards[index].offset
-    write_codes(codes_url(codes), split, offset, [torch.cat(level) for level in levels], torch.cat(labels), keys,
-                codes.storage_options)
-    return EncodedShard(split=split, index=index, rows=len(keys), offset=offset)
+    chunks = write_codes(codes_url(codes), split, offset, [torch.cat(level) for level in levels], torch.cat(labels),
+                         keys, codes.storage_options)
+    return EncodedShard(split=split, index=index, rows=len(keys), offset=offset, chunks=chunks)
 
 
 @stage_task(STAGE, name="finalize-codes")

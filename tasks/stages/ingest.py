@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import unmapped
 
-from storage.artifacts import artifact_key, artifact_url, clean_incomplete
+from storage.artifacts import artifact_key, artifact_url
 from storage.fsutil import exists, join, read_json, write_json
 from storage.ingest import IngestConfig, IngestPlan, ShardResult, ShardTask, finalize_dataset, finished_shard, plan_ingest
 from storage.ingest import write_shard as write_shard_files
@@ -28,7 +28,6 @@ from ..runtime.reporting import logger, publish_table, track
 from ..stage import SOURCE, Settings, Stage, stage_task
 
 
-STALE_AFTER_S = 24 * 3600.0  # an ingest writing a shard less often than this is not running
 
 
 class IngestSettings(Settings):
@@ -46,7 +45,7 @@ class IngestSettings(Settings):
 
 def run(settings: IngestSettings, runtime: Runtime, source: Source) -> DatasetManifest:
     records = runtime.root, runtime.storage_options
-    plan = with_records(plan_dataset, *records)(settings, runtime, source)
+    plan = plan_dataset(settings, runtime, source)  # pickled: kept by the worker, not under the root
     written = with_records(write_shard, *records).map(plan.tasks, unmapped(plan.source_digest), unmapped(source),
                                                       unmapped(settings), unmapped(runtime))
     shards = track(written, "ingest: shards written")
@@ -62,8 +61,8 @@ STAGE = Stage(
 class _PlanMarker:
     """Planning is done when the dataset this source's content names is complete. The
     source's digest (hashing or listing all of it) is taken only when the key needs it,
-    and nothing is read back: without Prefect's record, planning again costs what
-    reading a plan back would."""
+    and nothing is read back: without Prefect's record (a pickle, kept by the worker, never
+    under the root), planning again costs what reading a plan back would."""
 
     def __init__(self, settings: IngestSettings, runtime: Runtime, source: Source) -> None:
         self.settings, self.runtime, self.source = settings, runtime, source
@@ -97,17 +96,11 @@ def _without_credentials(plan: IngestPlan) -> IngestPlan:
     return dataclasses.replace(plan, source=bare, tasks=tuple(dataclasses.replace(t, source=bare) for t in plan.tasks))
 
 
-@cached_unit(locate=_PlanMarker, name="plan-dataset", result_serializer="pickle")
+@cached_unit(locate=_PlanMarker, name="plan-dataset", pickled=True)
 def plan_dataset(settings: IngestSettings, runtime: Runtime, source: Source) -> IngestPlan:
     """List the shards to write; fails fast, naming the URL, on a missing or malformed source."""
     digest = source.digest()
     dataset = STAGE.artifact(settings, {"source": digest}, runtime)
-    # A dataset folder without a manifest, untouched for a day, is a failed ingest of a source
-    # that has since changed (an unchanged one resumes into it): nothing will finish it.
-    cleaned = clean_incomplete(runtime.root, STAGE.directory, min_age_s=STALE_AFTER_S,
-                               storage_options=runtime.storage_options, keep=[dataset.key])
-    if cleaned:
-        logger().info(f"removed {len(cleaned)} incomplete datasets untouched for a day: {cleaned}")
     base = previous_dataset(settings, runtime, source, dataset.key)
     plan = plan_ingest(source, settings.config, digest=digest, base=base, storage_options=runtime.storage_options)
     plan = _without_credentials(plan)
