@@ -9,6 +9,9 @@ Every task is cached on its content-addressed artifact, with Prefect's cache rec
 under the storage root, so a re-run with unchanged inputs ends with every task `Cached`,
 from any machine. A stage flow runs one stage on the artifacts earlier stages left
 under the same storage root.
+
+A run that fails publishes a `vqvae2-failure` artifact naming the stage, the error's
+first line and what to do (`tasks.runtime.failure_report`), then ends Failed with its error.
 """
 from __future__ import annotations
 
@@ -20,25 +23,48 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks.config import PipelineConfig, Runtime
 from tasks.manifests import ReportManifest
 from tasks.runtime.exclusive import one_run_at_a_time
-from tasks.stage import Stage
-from tasks.stages import STAGES, FinishedRun, Outputs, resolved
+from tasks.runtime.failure_report import FailedStages, reported_failure
+from tasks.stage import Settings, Stage
+from tasks.stages import BY_NAME, STAGES, FinishedRun, Outputs, Producer, resolved
 from tasks.stages.train_classifier import check_features_available
 
 TASK_RUNNER = ThreadPoolTaskRunner(max_workers=4)
 
 
 def run_pipeline(config: PipelineConfig) -> ReportManifest:
-    with one_run_at_a_time(config):  # a second run of this config waits, then reuses
-        return _run_pipeline(config)
+    failed = FailedStages()
+    with reported_failure(failed), one_run_at_a_time(config):  # a second run of this config waits, then reuses
+        return _run_pipeline(config, failed)
 
 
-def _run_pipeline(config: PipelineConfig) -> ReportManifest:
+class _NamedOutputs(Outputs):
+    """`Outputs` noting which stage an error comes from: the one whose output was awaited
+    (a failed future raises where it is awaited, maybe while another stage gathers its inputs)."""
+
+    def __init__(self, config: PipelineConfig, produce: Producer, failed: FailedStages) -> None:
+        super().__init__(config, produce)
+        self.failed = failed
+
+    def get(self, stage: Stage | str, variant: Any = None) -> Any:
+        with self.failed.within((BY_NAME[stage] if isinstance(stage, str) else stage).instance(variant)):
+            return super().get(stage, variant)
+
+
+def _run_pipeline(config: PipelineConfig, failed: FailedStages) -> ReportManifest:
     if not config.classes_from_data:
-        check_features_available(config)  # not after hours of training
+        with failed.within("evaluate"):
+            check_features_available(config)  # not after hours of training
     runtime = Runtime.of(config)
-    outputs = Outputs(config, lambda stage, _variant, settings, inputs: stage.run(settings, runtime, **inputs))
-    outputs.adopt_classes()  # every later stage waits for the dataset anyway
-    check_features_available(outputs.config)
+
+    def produce(stage: Stage, variant: Any, settings: Settings, inputs: dict[str, Any]) -> Any:
+        with failed.within(stage.instance(variant)):
+            return stage.run(settings, runtime, **inputs)
+
+    outputs = _NamedOutputs(config, produce, failed)
+    with failed.within("ingest"):
+        outputs.adopt_classes()  # every later stage waits for the dataset anyway
+    with failed.within("evaluate"):
+        check_features_available(outputs.config)
     for stage in STAGES:
         outputs.start(stage)
     return outputs.get("evaluate")
@@ -62,6 +88,11 @@ def vqvae2_pipeline(config: PipelineConfig = PipelineConfig()) -> ReportManifest
 
 def run_stage(config: PipelineConfig, stage: Stage) -> Any:
     """Run every variant of `stage` on the artifacts a finished run of `config` left."""
+    with reported_failure(stage.name):
+        return _run_stage(config, stage)
+
+
+def _run_stage(config: PipelineConfig, stage: Stage) -> Any:
     if stage.name == "ingest":
         return stage.run(stage.settings_for(config), Runtime.of(config), source=config.build_source())
     finished = FinishedRun(config)  # the dataset's classes adopted

@@ -60,3 +60,13 @@ def img2dataset_tar(images: np.ndarray, labels: Sequence[int], first_key: int) -
         members += [(f"{key}.jpg", encoded(pixels, "jpg")), (f"{key}.txt", meta["caption"].encode()),
                     (f"{key}.json", json.dumps(meta).encode())]
     return tar_bytes(members)
+
+
+def truncated_tars(folder: Path) -> str:
+    """Three tar shards of four 8 x 8 PNGs each, the second cut short; their brace URL."""
+    folder.mkdir()
+    for t in range(3):
+        data = tar_bytes([(f"{t}{i:03d}.png", encoded(np.full((8, 8), 40 * i, dtype=np.uint8), "png"))
+                          for i in range(4)])
+        (folder / f"{t:05d}.tar").write_bytes(data[:700] if t == 1 else data)
+    return f"{folder}/{{00000..00002}}.tar"

@@ -3,12 +3,7 @@ others are retried; a failed mapped unit's own error is the run's error. Against
 Prefect API."""
 from __future__ import annotations
 
-import io
-import tarfile
-
-import numpy as np
 import pytest
-from PIL import Image
 from prefect import flow
 
 from flows.pipeline import STAGE_FLOWS
@@ -20,6 +15,7 @@ from tasks.runtime.artifacts import Artifact
 from tasks.runtime.cached import cached_unit
 from tasks.runtime.failures import is_permanent
 from tasks.runtime.process import TrainingFailed
+from image_files import truncated_tars
 from pipeline_helpers import smoke_config, task_runs
 
 
@@ -76,20 +72,7 @@ def test_a_training_process_says_whether_its_error_would_recur():
 
 def test_a_failed_shard_is_the_runs_error_at_once(prefect_api, tmp_path):
     """Before: the finalize task stayed Pending and the run ended 'UnfinishedRun: Run is in PENDING state'."""
-    shards = tmp_path / "tars"
-    shards.mkdir()
-    for t in range(3):
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for i in range(4):
-                png = io.BytesIO()
-                Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(png, format="PNG")
-                member = tarfile.TarInfo(f"{t}{i:03d}.png")
-                member.size = len(png.getvalue())
-                tar.addfile(member, io.BytesIO(png.getvalue()))
-        data = buffer.getvalue()
-        (shards / f"{t:05d}.tar").write_bytes(data[:700] if t == 1 else data)  # tar 1 is cut short
-    config = smoke_config(str(tmp_path / "root"), source={"url": f"{shards}/{{00000..00002}}.tar"},
+    config = smoke_config(str(tmp_path / "root"), source={"url": truncated_tars(tmp_path / "tars")},
                           overrides={"num_classes": 0})
     state = STAGE_FLOWS["ingest"](config, return_state=True)
     assert state.is_failed()

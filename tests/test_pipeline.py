@@ -12,6 +12,7 @@ from flows.pipeline import STAGE_FLOWS, vqvae2_pipeline
 from storage.checkpoints import load_checkpoint
 from storage.fsutil import exists, filesystem, read_json
 from tasks.fidelity import InceptionWeightsMissing
+from tasks.runtime.exclusive import run_limit
 from tasks.stages import FinishedRun
 from tasks.stages.ingest import adopt_classes
 from pipeline_helpers import artifacts, smoke_config, snapshot, state_names, task_runs
@@ -69,7 +70,7 @@ def test_rejection_keeps_the_same_number_per_rate_and_the_judges_favourites(smok
 
 
 def test_the_ui_gets_progress_tables_and_a_report_with_images(smoke_run):
-    _, _, state = smoke_run
+    config, root, state = smoke_run
     found = artifacts(state.state_details.flow_run_id)
     by_type: dict[str, list] = {}
     for artifact in found:
@@ -77,11 +78,15 @@ def test_the_ui_gets_progress_tables_and_a_report_with_images(smoke_run):
     # One progress bar per training (5) and per mapped stage (ingest, encode, sample), each at 100%.
     assert len(by_type["progress"]) >= 8
     assert all(float(a.data) == 100.0 for a in by_type["progress"])
+    # Keys carry the config's short key (the one its runs take turns on): its own history in the UI.
+    short = run_limit(config).rsplit("-", 1)[1]
     tables = {a.key for a in by_type["table"]}
-    assert {"autoencoder-epochs", "prior-top-epochs", "prior-bottom-epochs", "classifier-judge-epochs",
-            "classifier-features-epochs", "dataset", "vqvae2-fidelity"} <= tables
-    report = next(a for a in by_type["markdown"] if a.key == "vqvae2-report")
+    assert {f"{name}-{short}" for name in ("autoencoder-epochs", "prior-top-epochs", "prior-bottom-epochs",
+                                           "classifier-judge-epochs", "classifier-features-epochs", "dataset",
+                                           "vqvae2-fidelity")} <= tables
+    report = next(a for a in by_type["markdown"] if a.key == f"vqvae2-report-{short}")
     assert report.data.count("data:image/png;base64,") >= 9  # grids, trade-off plot and loss curves, inline
+    assert report.data.count(f")]({root.as_uri()}/reports/") >= 9  # each a link to its full image
 
 
 def test_a_second_run_is_all_cached_and_rewrites_nothing(smoke_run):

@@ -1,7 +1,9 @@
 """The run report as markdown: the same text for `report.md` (images as files beside it)
-and for the Prefect UI's markdown artifact (images inlined as data URIs)."""
+and for the Prefect UI's markdown artifact (thumbnails inlined as data URIs, each linking
+to its full image under the storage root)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from .reporting import markdown_image
@@ -25,12 +27,15 @@ def _source(source: dict[str, Any]) -> str:
     return f"{source.get('kind', 'source')} at `{where}`"
 
 
-def render_markdown(report: dict[str, Any], images: dict[str, str | bytes]) -> str:
-    """`images` maps a name to a file name (report.md) or PNG bytes (inlined)."""
+def render_markdown(report: dict[str, Any], images: Mapping[str, str | bytes],
+                    links: Mapping[str, str] | None = None) -> str:
+    """`images` maps a name to a file name (report.md) or PNG bytes (inlined as a bounded
+    thumbnail, linking to `links[name]`, the URL of the full image, where given)."""
+    links = links or {}
 
     def image(name: str) -> str:
         value = images[name]
-        return markdown_image(value, name) if isinstance(value, bytes) else f"![{name}]({value})"
+        return markdown_image(value, name, links.get(name)) if isinstance(value, bytes) else f"![{name}]({value})"
 
     fidelity, samples = report["fidelity"], report["samples"]
     keys = ("set", "fid", "kid_mean", "precision", "recall", "isc_mean", "num_generated", "judge_confidence")

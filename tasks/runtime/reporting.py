@@ -14,7 +14,10 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -29,7 +32,15 @@ from prefect.context import get_run_context
 from prefect.exceptions import MissingContextError
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+from pydantic import BaseModel
 from tqdm import tqdm
+
+from storage.fsutil import redact
+
+from ..config import PipelineConfig
+
+THUMBNAIL_PX = 1024  # the long side of an image embedded in a UI artifact (it lives in Prefect's database)
 
 
 def in_prefect_run() -> bool:
@@ -47,6 +58,50 @@ def logger() -> logging.Logger | logging.LoggerAdapter:
 def artifact_key(text: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes."""
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+def config_artifact_key(key: str) -> str:
+    """`key` of the running flow's config: `vqvae2-report-<config key>`, so each config has its
+    own artifact history in the UI (a smoke run no longer replaces fashion-mnist's "latest")."""
+    short = config_key(flow_run.get_id())
+    return artifact_key(f"{key}-{short}" if short else key)
+
+
+@lru_cache(maxsize=64)
+def config_key(flow_run_id: str | None) -> str | None:
+    """The short key of the config a flow run runs: the hash in the name of its turn-taking
+    limit (`exclusive.run_limit`: the storage root and the fields that decide the artifacts).
+    So every run of one config into one root shares it, whichever flow (the pipeline or a
+    stage flow), and two configs that would write different artifacts do not; fields that
+    decide nothing (devices, log intervals, the runner) leave it alone. A stage's own
+    artifact key would not do: it changes with the code version and with any upstream
+    input, and differs from stage to stage, so neither the history nor one run's
+    artifacts would line up under one key.
+
+    Read from the flow run's `config` parameter, found from wherever a table is published:
+    the task's thread (Prefect copies the flow run's context into it; a training's tables
+    reach it from the training process through the relay), or a Dask worker (the flow
+    run's id is in the task run's context, the parameters come from the API). Cached per
+    flow run: trainings publish a table every epoch."""
+    if flow_run_id is None:
+        return None
+    parameters = flow_run.get_parameters()
+    # The config itself, or its sections as the flow's parameters (a flow whose UI form
+    # shows each section): either way the fields run_limit reads.
+    config = parameters.get("config", parameters)
+    from .exclusive import run_limit  # here: exclusive imports this module
+
+    try:
+        if not isinstance(config, PipelineConfig):
+            sections = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in dict(config).items()
+                        if k in PipelineConfig.model_fields}
+            if not sections:  # a flow that runs no config: the default config's key would be a lie
+                return None
+            config = PipelineConfig.model_validate(sections)
+    except (TypeError, ValueError) as err:  # never fail a run over an artifact's name: use the plain key
+        logger().warning(f"artifacts of flow run {flow_run_id} use plain keys: its parameters are no config ({err})")
+        return None
+    return run_limit(config).rsplit("-", 1)[1]
 
 
 class Progress:
@@ -87,14 +142,16 @@ def track(futures: Sequence[PrefectFuture], description: str) -> list[PrefectFut
 
 
 def publish_table(key: str, rows: Sequence[Mapping[str, Any]], description: str) -> None:
-    """A table artifact (a new version of `key` each call: the UI shows the latest)."""
+    """A table artifact (a new version of `key` of this config each call: the UI shows the latest)."""
     if in_prefect_run() and rows:
-        create_table_artifact(key=artifact_key(key), table=[_rounded(r) for r in rows], description=description)
+        create_table_artifact(key=config_artifact_key(key), table=[_rounded(r) for r in rows],
+                              description=description)
 
 
 def publish_markdown(key: str, markdown: str, description: str) -> None:
+    """A markdown artifact, a new version of `key` of this config."""
     if in_prefect_run():
-        create_markdown_artifact(key=artifact_key(key), markdown=markdown, description=description)
+        create_markdown_artifact(key=config_artifact_key(key), markdown=markdown, description=description)
 
 
 def _rounded(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -148,9 +205,34 @@ def png_bytes(image: np.ndarray, scale: int = 1) -> bytes:
     return out.getvalue()
 
 
-def markdown_image(png: bytes, alt: str) -> str:
-    """An inline image the Prefect UI renders without access to the storage root."""
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+def thumbnail_png(png: bytes, size: int = THUMBNAIL_PX) -> bytes:
+    """PNG bytes no larger than `size` on the long side (aspect kept, LANCZOS); a smaller
+    image comes back as it is. An ffhq-1024 grid of 64 images is ~8k x 8k pixels."""
+    image = Image.open(io.BytesIO(png))
+    if max(image.size) <= size:
+        return png
+    if image.mode not in ("L", "LA", "RGB", "RGBA"):  # palette or 1-bit: resample in full colour
+        image = image.convert("RGBA")
+    image.thumbnail((size, size), Image.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def link_url(url: str) -> str:
+    """A storage URL as a markdown link target: a local path becomes a file:// URL (a bare
+    path would resolve against the UI's own address), and spaces and parentheses, which
+    end a markdown link, are escaped; a `user:password@` part never reaches the UI."""
+    if "://" not in url:
+        return Path(url).expanduser().absolute().as_uri()
+    return quote(redact(url), safe=":/?#[]@!$&'*+,;=%~")
+
+
+def markdown_image(png: bytes, alt: str, link: str | None = None) -> str:
+    """An inline image the Prefect UI renders without access to the storage root: a thumbnail
+    (the artifact lives in Prefect's database), linking to the full image at `link`."""
+    inline = f"![{alt}](data:image/png;base64,{base64.b64encode(thumbnail_png(png)).decode()})"
+    return f"[{inline}]({link_url(link)})" if link else inline
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@
   rejection at each acceptance rate: the paper's trade-off curve (Sec. 4.1, Fig. 5).
 
 The report is `report.json` + `report.md` (with PNGs) in the artifact directory, and a
-markdown artifact in the Prefect UI with every grid and plot visible as an image.
+markdown artifact in the Prefect UI (key `vqvae2-report-<config key>`) with every grid and
+plot visible as a thumbnail linking to its full PNG.
 """
 from __future__ import annotations
 
@@ -218,7 +219,9 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
     }
     write_json(artifact.path("report.json"), report, options)
     write_bytes(artifact.path("report.md"), render_markdown(report, {n: f"{n}.png" for n in images}).encode(), options)
-    publish_markdown("vqvae2-report", render_markdown(report, images),
+    # The UI gets thumbnails (Prefect keeps the artifact in its database), each a link to its full file.
+    full = {name: artifact.path(f"{name}.png") for name in images}
+    publish_markdown("vqvae2-report", render_markdown(report, images, links=full),
                      f"vqvae2 report ({settings.preset}, dataset {dataset.key})")
     publish_table("vqvae2-fidelity", [_fidelity_cells(row) for row in rows],
                   f"FID/KID/precision/recall/IS per image set ({extractor.kind} features)")

@@ -1,0 +1,99 @@
+"""A failed run's last word in the UI: a short Markdown artifact (`vqvae2-failure`) saying
+in which stage it failed, why (the first line of the error, and its type) and what to do.
+
+    # vqvae2 run failed in stage `ingest`
+    ...ShardError: /data/tars/00001.tar: the shard is truncated ...
+    What to do: fix the cause named above and run again: finished stages are reused.
+
+No traceback (Prefect's logs have it) and nothing of the config: errors that name a
+storage URL already have its credentials removed (`storage.fsutil.redact`), and a
+``user:password@`` left anywhere in the line is removed here too. Notifications are Prefect
+automations on the run's Failed state (README, "Reliability and security"), not code.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+from .cached import RETRIES
+from .failures import is_permanent
+from .reporting import logger, publish_markdown
+
+KEY = "vqvae2-failure"
+MAX_LINE = 400  # characters of the error's first line: the artifact stays short
+_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")  # s3://key:secret@bucket, anywhere in a line
+
+
+def first_line(error: BaseException) -> str:
+    """The error's first non-empty line, without credentials, cut to `MAX_LINE` characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = _USERINFO.sub(r"\1", lines[0]) if lines else "(no message)"
+    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
+
+
+def advice(error: BaseException) -> str:
+    if is_permanent(error):  # bad input, config, credentials, a full disk, a diverged training
+        return "fix the cause named above and run again: finished stages are reused."
+    return (f"the stage was retried {RETRIES} times; check the storage and the network and run again: "
+            "it resumes where it stopped.")
+
+
+def failure_markdown(error: BaseException, stage: str | None) -> str:
+    where = f"in stage `{stage}`" if stage else "before its stages started"
+    line = first_line(error).replace("```", "'''")
+    return "\n".join([
+        f"# vqvae2 run failed {where}",
+        "",
+        f"**Why** (`{type(error).__name__}`):",
+        "",
+        "```text",
+        line,
+        "```",
+        "",
+        f"**What to do:** {advice(error)}",
+        "",
+        "The full traceback is in the run's logs.",
+        "",
+    ])
+
+
+def publish_failure(error: BaseException, stage: str | None) -> None:
+    """Publish the failure artifact; a failure to publish it is logged, never raised over `error`."""
+    try:
+        publish_markdown(KEY, failure_markdown(error, stage), description="Why this vqvae2 run failed, and what to do")
+    except Exception as err:  # noqa: BLE001 - the run's own error matters more than its report
+        logger().warning(f"could not publish the failure report: {type(err).__name__}: {first_line(err)}")
+
+
+class FailedStages:
+    """Which stage each error raised in a run came from: the innermost stage it passed
+    through first (a stage waiting on the output of another re-raises that one's error)."""
+
+    def __init__(self) -> None:
+        self._seen: list[tuple[BaseException, str]] = []  # identity, not equality: errors may compare equal
+
+    def stage_of(self, error: BaseException) -> str | None:
+        return next((stage for seen, stage in self._seen if seen is error), None)
+
+    @contextlib.contextmanager
+    def within(self, stage: str) -> Iterator[None]:
+        """Errors leaving this block come from `stage`, unless an inner block named theirs."""
+        try:
+            yield
+        except Exception as error:
+            if self.stage_of(error) is None:
+                self._seen.append((error, stage))
+            raise
+
+
+@contextlib.contextmanager
+def reported_failure(stages: FailedStages | str | None = None) -> Iterator[None]:
+    """Publish the failure artifact of an error leaving this block, then re-raise it unchanged:
+    the run still ends Failed with its own error. `stages` names the stage (or tracks them)."""
+    try:
+        yield
+    except Exception as error:
+        stage = stages.stage_of(error) if isinstance(stages, FailedStages) else stages
+        publish_failure(error, stage)
+        raise

@@ -1,0 +1,129 @@
+"""What the Prefect UI keeps of a run: artifact keys per config (two configs never replace
+each other's "latest") and report images as bounded thumbnails linking to the full files."""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from prefect import flow, task
+
+from tasks.runtime.exclusive import run_limit
+from tasks.runtime.report_markdown import render_markdown
+from tasks.runtime.reporting import config_artifact_key, link_url, markdown_image, png_bytes, thumbnail_png
+from pipeline_helpers import artifacts, smoke_config
+
+
+def _png(width: int, height: int, mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(0)
+    shape = (height, width, 3) if mode == "RGB" else (height, width)
+    return png_bytes(rng.integers(0, 256, shape, dtype=np.uint8))
+
+
+def _size(png: bytes) -> tuple[int, int]:
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG"
+    return image.size
+
+
+# --- thumbnails ----------------------------------------------------------------------------
+
+
+def test_a_large_image_becomes_a_png_thumbnail_of_1024_on_the_long_side():
+    assert _size(thumbnail_png(_png(4096, 2048))) == (1024, 512)
+    assert _size(thumbnail_png(_png(1500, 3000, mode="L"))) == (512, 1024)
+
+
+def test_a_small_image_is_embedded_as_it_is():
+    small = _png(64, 64)
+    assert thumbnail_png(small) == small
+    assert thumbnail_png(_png(1024, 700)) == _png(1024, 700)
+
+
+def test_an_inline_image_is_a_thumbnail_linking_to_the_full_file(tmp_path):
+    full = str(tmp_path / "report dir" / "samples.png")
+    text = markdown_image(_png(4096, 2048), "samples", full)
+    assert text.startswith("[![samples](data:image/png;base64,") and text.endswith(f"]({link_url(full)})")
+    assert link_url(full).startswith("file:///") and " " not in link_url(full)
+    assert link_url("s3://bucket/runs (old)/x.png") == "s3://bucket/runs%20%28old%29/x.png"
+    assert len(text) < 0.5 * 4096 * 2048  # the full grid's pixels are not in the artifact
+
+
+def _report() -> dict[str, Any]:
+    row = {"set": "samples, no rejection", "fid": 1.0, "kid_mean": 0.1, "precision": 0.5, "recall": 0.5}
+    return {
+        "preset": "smoke", "dataset": {"key": "d", "images": 10, "source": {"kind": "idx", "url": "/data"}},
+        "samples": {"temperature": 1.0, "top_k": 0, "seed": 0, "candidates": 20, "kept_per_rate": 20},
+        "fidelity": {"extractor": {"kind": "domain", "description": "Not comparable"}, "reference": "10 images",
+                     "rows": [row]},
+        "metrics": {"recon_mse": 0.01}, "training": [{"stage": "autoencoder", "steps": 10}],
+        "artifacts": {"ingest": "/root/datasets/d"},
+    }
+
+
+def test_the_report_links_each_ui_thumbnail_to_its_full_image_and_report_md_shows_the_files():
+    names = ("samples", "reconstructions", "rejection-tradeoff", "loss-autoencoder")
+    images = {name: _png(2048, 2048) for name in names}
+    links = {name: f"s3://bucket/root/reports/k/{name}.png" for name in names}
+    ui = render_markdown(_report(), images, links=links)
+    for name in names:
+        assert f"[![{name}](data:image/png;base64," in ui and f")](s3://bucket/root/reports/k/{name}.png)" in ui
+    assert ui.count("data:image/png;base64,") == len(names)
+    on_disk = render_markdown(_report(), {name: f"{name}.png" for name in names})
+    assert all(f"![{name}]({name}.png)" in on_disk for name in names) and "data:" not in on_disk
+
+
+# --- keys per config, against a real Prefect API ---------------------------------------------
+
+
+def test_outside_a_prefect_run_a_key_stays_plain():
+    assert config_artifact_key("vqvae2-report") == "vqvae2-report"
+
+
+@task
+def _key_in_a_task(key: str) -> str:
+    return config_artifact_key(key)
+
+
+@flow
+def _one_config(config: Any) -> list[str]:
+    return [config_artifact_key("vqvae2-report"), _key_in_a_task.submit("Dataset").result()]
+
+
+@flow
+def _config_sections(preset: str, storage: dict[str, Any], overrides: dict[str, Any]) -> str:
+    return _key_in_a_task("dataset")
+
+
+def test_the_key_is_the_configs_in_the_flow_and_its_tasks_whatever_the_parameters_look_like(prefect_api, tmp_path):
+    config = smoke_config(str(tmp_path / "root"))
+    short = run_limit(config).rsplit("-", 1)[1]
+    assert _one_config(config) == [f"vqvae2-report-{short}", f"dataset-{short}"]
+    assert _one_config(config.model_dump(mode="json")) == [f"vqvae2-report-{short}", f"dataset-{short}"]
+    # a flow whose parameters are the config's sections (each its own form in the UI)
+    assert _config_sections("smoke", {"root": str(tmp_path / "root")}, {}) == f"dataset-{short}"
+
+
+def _dataset_keys(state: Any) -> list[str]:
+    assert state.is_completed(), state.message
+    return [a.key for a in artifacts(state.state_details.flow_run_id) if a.type == "table"]
+
+
+def test_two_configs_keep_their_own_dataset_tables_and_a_rerun_its_key(prefect_api, tmp_path):
+    from flows.pipeline import STAGE_FLOWS
+
+    ingest = STAGE_FLOWS["ingest"]
+    root = tmp_path / "root"
+    first, other = smoke_config(str(root)), smoke_config(str(root), ingest={"holdout_fraction": 0.2})
+    keys = _dataset_keys(ingest(first, return_state=True))
+    other_keys = _dataset_keys(ingest(other, return_state=True))
+    assert keys == [f"dataset-{run_limit(first).rsplit('-', 1)[1]}"]
+    assert len(other_keys) == 1 and other_keys != keys and other_keys[0].startswith("dataset-")
+    # The same config again (its datasets removed, so ingest runs rather than being cached),
+    # with a field that decides no artifact changed: the same key, a new version of it.
+    shutil.rmtree(Path(root) / "datasets")
+    again = smoke_config(str(root), training={"log_every": 7})
+    assert _dataset_keys(ingest(again, return_state=True)) == keys
