@@ -11,6 +11,7 @@ from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 import torch
 
@@ -199,7 +200,8 @@ class TrainingRun(Section):
     rdzv_endpoint: str | None = Field(None, description="host:port of this worker, where the training processes of "
                                       "several machines meet (torchrun's static rendezvous); needed when nnodes > 1")
 
-    fail_once_at_step: dict[str, int] = Field(
+    # Testing only: kept out of the JSON schema, so the UI's run form never offers it.
+    fail_once_at_step: SkipJsonSchema[dict[str, int]] = Field(
         default_factory=dict,
         description="Testing only: make a training stage ('autoencoder', 'prior-top', 'classifier', ...) fail once "
         "at this step, to exercise retries and resuming",

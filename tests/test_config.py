@@ -139,3 +139,24 @@ def test_a_credentials_block_holding_a_dict_is_refused_and_json_text_is_read(pre
         update={"credentials_block": as_text})}))
     assert runtime.storage_options == {"anon": False, **options}
     assert "s3kr1t-value" not in repr(runtime)
+
+
+def test_test_only_fields_are_not_in_the_run_form_but_still_apply():
+    from flows.pipeline import vqvae2_pipeline
+    from tasks.config import pipeline_config
+
+    def properties(schema):
+        if isinstance(schema, dict):
+            for name, value in schema.items():
+                if name == "properties":
+                    yield from value
+                yield from properties(value)
+        elif isinstance(schema, list):
+            for value in schema:
+                yield from properties(value)
+
+    form = vqvae2_pipeline.parameters.model_dump()  # what Prefect's UI renders as the run form
+    assert "checkpoint_every" in set(properties(form))
+    assert "fail_once_at_step" not in set(properties(form))
+    config = pipeline_config("smoke", training={"fail_once_at_step": {"autoencoder": 3}})
+    assert config.training.fail_once_at_step == {"autoencoder": 3}
