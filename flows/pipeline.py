@@ -26,6 +26,8 @@ from tasks.runtime.exclusive import one_run_at_a_time
 from tasks.runtime.failure_report import FailedStages, reported_failure
 from tasks.stage import Settings, Stage
 from tasks.stages import BY_NAME, STAGES, FinishedRun, Outputs, Producer, resolved
+from tasks.stages.evaluate import STAGE as EVALUATE
+from tasks.stages.evaluate import publish_report
 from tasks.stages.train_classifier import check_features_available
 
 TASK_RUNNER = ThreadPoolTaskRunner(max_workers=4)
@@ -67,7 +69,10 @@ def _run_pipeline(config: PipelineConfig, failed: FailedStages) -> ReportManifes
         check_features_available(outputs.config)
     for stage in STAGES:
         outputs.start(stage)
-    return outputs.get("evaluate")
+    report = outputs.get("evaluate")
+    with failed.within("evaluate"):
+        publish_report(report, runtime.storage_options)  # on every run: a Cached one shows its results too
+    return report
 
 
 @flow(name="vqvae2-pipeline-on-dask")
@@ -100,6 +105,8 @@ def _run_stage(config: PipelineConfig, stage: Stage) -> Any:
     started = [stage.run(stage.settings_for(config, variant), finished.runtime, **inputs)
                for variant in stage.variants_of(config)]
     results = [resolved(output) for output in started]
+    if stage is EVALUATE:
+        publish_report(results[0], finished.runtime.storage_options)
     return results if stage.variants else results[0]
 
 

@@ -98,6 +98,10 @@ def test_a_second_run_is_all_cached_and_rewrites_nothing(smoke_run):
     assert states and set(states.values()) == {"Cached"}, states
     assert snapshot(root) == before
     assert state.result().metrics == first.result().metrics
+    # Its own Artifacts tab still shows the results: the flow publishes the report on every run.
+    short = run_limit(config).rsplit("-", 1)[1]
+    report = [a for a in artifacts(state.state_details.flow_run_id) if a.key == f"vqvae2-report-{short}"]
+    assert len(report) == 1 and report[0].data.count("data:image/png;base64,") >= 9
 
 
 def test_a_finished_run_is_found_again_from_its_config(smoke_run):

@@ -10,7 +10,8 @@
 
 The report is `report.json` + `report.md` (with PNGs) in the artifact directory, and a
 markdown artifact in the Prefect UI (key `vqvae2-report-<config key>`) with every grid and
-plot visible as a thumbnail linking to its full PNG.
+plot visible as a thumbnail linking to its full PNG, which the flows publish on every run
+(`publish_report`), a run whose stages were all `Cached` included.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 import vqvae2
 from storage.codes import CodeDataset
-from storage.fsutil import read_bytes, write_bytes, write_json
+from storage.fsutil import find, join, read_bytes, read_json, write_bytes, write_json
 from vqvae2.config import config_to_dict
 
 from ..config import PipelineConfig, Runtime
@@ -216,19 +217,29 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
                                              ("train_autoencoder", "train_prior", "train_classifier")}},
         "artifacts": {m.stage: m.url for m in [dataset, autoencoder, codes, samples]}
         | {m.display_name: m.url for m in trained},
+        "images": list(images),  # PNGs beside report.json, in the report's order
     }
     write_json(artifact.path("report.json"), report, options)
     write_bytes(artifact.path("report.md"), render_markdown(report, {n: f"{n}.png" for n in images}).encode(), options)
-    # The UI gets thumbnails (Prefect keeps the artifact in its database), each a link to its full file.
-    full = {name: artifact.path(f"{name}.png") for name in images}
-    publish_markdown("vqvae2-report", render_markdown(report, images, links=full),
-                     f"vqvae2 report ({settings.preset}, dataset {dataset.key})")
-    publish_table("vqvae2-fidelity", [_fidelity_cells(row) for row in rows],
-                  f"FID/KID/precision/recall/IS per image set ({extractor.kind} features)")
     logger().info(f"report: {artifact.path('report.md')}")
     return ReportManifest(**artifact.identity(), report=artifact.path("report.json"),
                           markdown=artifact.path("report.md"), metrics=metrics, fidelity=rows,
                           extractor=extractor.kind)
+
+
+def publish_report(manifest: ReportManifest, storage_options: dict[str, Any] | None) -> None:
+    """The report's UI artifacts, from its files: the flow publishes them on every run, so a
+    run whose stages were all `Cached` still shows its results on its own Artifacts tab."""
+    report = read_json(manifest.report, storage_options)
+    folder = manifest.report.rsplit("/", 1)[0]
+    names = report.get("images") or sorted(n[: -len(".png")] for n in find(folder, storage_options) if n.endswith(".png"))
+    full = {name: join(folder, f"{name}.png") for name in names}  # (reports before "images" was kept: every PNG)
+    images = {name: read_bytes(url, storage_options) for name, url in full.items()}
+    # The UI gets thumbnails (Prefect keeps the artifact in its database), each a link to its full file.
+    publish_markdown("vqvae2-report", render_markdown(report, images, links=full),
+                     f"vqvae2 report ({report['preset']}, dataset {report['dataset']['key']})")
+    publish_table("vqvae2-fidelity", [_fidelity_cells(row) for row in report["fidelity"]["rows"]],
+                  f"FID/KID/precision/recall/IS per image set ({manifest.extractor} features)")
 
 
 def _rejection(samples: SamplesManifest, dataset: DatasetManifest) -> str:
