@@ -39,12 +39,13 @@ from fsspec.implementations.local import LocalFileSystem
 StorageOptions = Mapping[str, Any] | None
 
 TMP_MARKER = ".tmp-"
-_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")  # anywhere: URLs inside messages too
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 def redact(url: str) -> str:
-    """The URL without a ``user:password@`` part, fit for messages and manifests."""
+    """The URL (or a message naming URLs) without any ``user:password@`` part, fit for
+    messages and manifests."""
     return _USERINFO.sub(r"\1", str(url))
 
 

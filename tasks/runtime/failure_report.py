@@ -6,15 +6,16 @@ in which stage it failed, why (the first line of the error, and its type) and wh
     What to do: fix the cause named above and run again: finished stages are reused.
 
 No traceback (Prefect's logs have it) and nothing of the config: errors that name a
-storage URL already have its credentials removed (`storage.fsutil.redact`), and a
-``user:password@`` left anywhere in the line is removed here too. Notifications are Prefect
+storage URL already have its credentials removed, and `storage.fsutil.redact` removes a
+``user:password@`` left anywhere in the line here too. Notifications are Prefect
 automations on the run's Failed state (README, "Reliability and security"), not code.
 """
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
+
+from storage.fsutil import redact
 
 from .cached import RETRIES
 from .failures import is_permanent
@@ -22,13 +23,12 @@ from .reporting import logger, publish_markdown
 
 KEY = "vqvae2-failure"
 MAX_LINE = 400  # characters of the error's first line: the artifact stays short
-_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")  # s3://key:secret@bucket, anywhere in a line
 
 
 def first_line(error: BaseException) -> str:
     """The error's first non-empty line, without credentials, cut to `MAX_LINE` characters."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    line = _USERINFO.sub(r"\1", lines[0]) if lines else "(no message)"
+    line = redact(lines[0]) if lines else "(no message)"
     return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
 
 
