@@ -89,10 +89,18 @@ def test_the_ui_gets_progress_tables_and_a_report_with_images(smoke_run):
     assert report.data.count(f")]({root.as_uri()}/reports/") >= 9  # each a link to its full image
 
 
-def test_a_second_run_is_all_cached_and_rewrites_nothing(smoke_run):
+def test_a_second_run_is_all_cached_and_rewrites_nothing(smoke_run, monkeypatch):
+    import storage.ingest
+    import tasks.stages.encode
+
     config, root, first = smoke_run
     before = snapshot(root)
+    # A finished dataset and finished codes are trusted whole: no shard or chunk is read back.
+    checks = []
+    monkeypatch.setattr(storage.ingest, "sha256_file", lambda *a, **k: checks.append(a) or "")
+    monkeypatch.setattr(tasks.stages.encode, "codes_damage", lambda *a, **k: checks.append(a))
     state = vqvae2_pipeline(config, return_state=True)
+    assert checks == []
     assert state.is_completed()
     states = state_names(state.state_details.flow_run_id)
     assert states and set(states.values()) == {"Cached"}, states

@@ -121,6 +121,10 @@ class Artifact:
         """The complete artifact's manifest, None while it is incomplete; `ManifestError` if damaged."""
         return read_typed(self.path(MANIFEST), model, self.storage_options, extra=self.identity())
 
+    def is_complete(self) -> bool:
+        """Whether the manifest exists (not read: a cheap check, for units of a finished artifact)."""
+        return exists(self.path(MANIFEST), self.storage_options)
+
     def require(self, model: type[M], producer: str) -> M:
         """The manifest of a complete artifact, or a clear error naming the stage that makes it."""
         manifest = self.read(model)

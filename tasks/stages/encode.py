@@ -6,6 +6,7 @@ runtime setting) changes only the speed: the codes' key is their inputs' keys al
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
@@ -85,7 +86,14 @@ def _shard_marker(unit: tuple[str, int], settings: EncodeSettings, runtime: Runt
     split, index = unit
     codes = _codes(settings, runtime, dataset, autoencoder)
     marker = codes.unit_marker(f"shard-{split}-{index:06d}", EncodedShard)
-    return dataclasses.replace(marker, read=lambda: _intact(marker.read(), codes))
+    read = functools.partial(_intact_shard, marker, codes)
+    # Complete codes are trusted whole (the manifest is written last): reading every chunk
+    # back to check its digest is for resuming an unfinished encoding, never for a cached re-run.
+    return dataclasses.replace(marker, read=read, done=lambda: codes.is_complete() or read() is not None)
+
+
+def _intact_shard(marker: Marker[EncodedShard], codes: Artifact) -> EncodedShard | None:
+    return _intact(marker.read(), codes)
 
 
 def _intact(shard: EncodedShard | None, codes: Artifact) -> EncodedShard | None:

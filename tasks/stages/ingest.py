@@ -9,6 +9,7 @@ these settings, and its shards whose files are unchanged are copied, not encoded
 from __future__ import annotations
 
 import dataclasses
+import functools
 from functools import cached_property
 from typing import Any
 
@@ -133,8 +134,11 @@ def previous_dataset(settings: IngestSettings, runtime: Runtime, source: Source,
 def _shard_marker(shard: ShardTask, digest: str, source: Source, settings: IngestSettings,
                   runtime: Runtime) -> Marker[ShardResult]:
     dataset = STAGE.artifact(settings, {"source": digest}, runtime)
+    read = functools.partial(finished_shard, shard, dataset.url, runtime.storage_options)
+    # A complete dataset is trusted whole (its manifest is written last): reading every shard
+    # back to check its digest is for resuming an unfinished one, never for a cached re-run.
     return Marker(url=dataset.path(shard.name), record=dataset.record(f"shard-{shard.split}-{shard.index:06d}"),
-                  read=lambda: finished_shard(shard, dataset.url, runtime.storage_options))
+                  read=read, done=lambda: dataset.is_complete() or read() is not None)
 
 
 @cached_unit(locate=_shard_marker, name="ingest-shard", task_run_name="ingest-{shard.split}-{shard.index}")
