@@ -87,10 +87,11 @@ def _write(path: str, png: bytes) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from flows.parameters import sections_of
     from flows.pipeline import vqvae2_pipeline
 
     config = build_config(args)
-    report = vqvae2_pipeline(config)
+    report = vqvae2_pipeline(**sections_of(config))
     print(f"\nreport: {report.markdown}\n        {report.report}")
     _print_metrics(report.metrics)
 
@@ -103,9 +104,10 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 def cmd_stage(args: argparse.Namespace) -> None:
     from pydantic_core import to_jsonable_python
 
+    from flows.parameters import sections_of
     from flows.pipeline import STAGE_FLOWS
 
-    result = STAGE_FLOWS[args.name](build_config(args))
+    result = STAGE_FLOWS[args.name](**sections_of(build_config(args)))
     print(json.dumps(to_jsonable_python(result), indent=2))
 
 

@@ -15,22 +15,27 @@ first line and what to do (`tasks.runtime.failure_report`), then ends Failed wit
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prefect import Flow, flow
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.names import generate_slug
 
 from tasks.config import PipelineConfig, Runtime
 from tasks.manifests import ReportManifest
 from tasks.runtime.exclusive import one_run_at_a_time
 from tasks.runtime.failure_report import FailedStages, reported_failure
+from tasks.source_watch import announce_new_data
 from tasks.stage import Settings, Stage
-from tasks.stages import BY_NAME, STAGES, FinishedRun, Outputs, Producer, resolved
-from tasks.stages.evaluate import STAGE as EVALUATE
-from tasks.stages.evaluate import publish_report
+from tasks.stages import BY_NAME, STAGES, FinishedRun, Outputs, Producer
+from tasks.stages.sample import check_classes
 from tasks.stages.train_classifier import check_features_available
 
+from .parameters import taking_sections
+
 TASK_RUNNER = ThreadPoolTaskRunner(max_workers=4)
+PIPELINE_SUMMARY = "The whole VQ-VAE-2 pipeline: ingest, train, encode, priors, sample, evaluate."
 
 
 def run_pipeline(config: PipelineConfig) -> ReportManifest:
@@ -67,11 +72,13 @@ def _run_pipeline(config: PipelineConfig, failed: FailedStages) -> ReportManifes
         outputs.adopt_classes()  # every later stage waits for the dataset anyway
     with failed.within("evaluate"):
         check_features_available(outputs.config)
+    with failed.within("sample"):
+        check_classes(outputs.config, outputs.get("ingest"))  # a class the data lacks: before any training
     for stage in STAGES:
         outputs.start(stage)
     report = outputs.get("evaluate")
     with failed.within("evaluate"):
-        publish_report(report, runtime.storage_options)  # on every run: a Cached one shows its results too
+        BY_NAME["evaluate"].publish(report, runtime.storage_options)  # on every run: a Cached one shows its results
     return report
 
 
@@ -80,9 +87,7 @@ def _pipeline_on_dask(config: PipelineConfig) -> ReportManifest:
     return run_pipeline(config)
 
 
-@flow(name="vqvae2", task_runner=TASK_RUNNER)
-def vqvae2_pipeline(config: PipelineConfig = PipelineConfig()) -> ReportManifest:
-    """The whole VQ-VAE-2 pipeline: ingest, train, encode, priors, sample, evaluate."""
+def _pipeline(config: PipelineConfig) -> ReportManifest:
     if config.runner.dask_address:
         from prefect_dask import DaskTaskRunner
 
@@ -92,30 +97,44 @@ def vqvae2_pipeline(config: PipelineConfig = PipelineConfig()) -> ReportManifest
 
 
 def run_stage(config: PipelineConfig, stage: Stage) -> Any:
-    """Run every variant of `stage` on the artifacts a finished run of `config` left."""
+    """Run every variant of `stage` on the artifacts a finished run of `config` left (and the
+    stages it `makes_along`), then publish what the UI shows of it."""
     with reported_failure(stage.name):
-        return _run_stage(config, stage)
+        finished = FinishedRun(config, make={stage.name, *stage.makes_along})  # ingest runs here
+        finished.start(stage)  # every variant at once (the classifiers train side by side)
+        results = finished.get(stage)
+        if stage.publish:
+            for result in results if stage.variants else [results]:
+                stage.publish(result, finished.runtime.storage_options)
+        return results
 
 
-def _run_stage(config: PipelineConfig, stage: Stage) -> Any:
-    if stage.name == "ingest":
-        return stage.run(stage.settings_for(config), Runtime.of(config), source=config.build_source())
-    finished = FinishedRun(config)  # the dataset's classes adopted
-    config, inputs = finished.config, finished.inputs(stage)
-    started = [stage.run(stage.settings_for(config, variant), finished.runtime, **inputs)
-               for variant in stage.variants_of(config)]
-    results = [resolved(output) for output in started]
-    if stage is EVALUATE:
-        publish_report(results[0], finished.runtime.storage_options)
-    return results if stage.variants else results[0]
+def _named_runs(what: str) -> Callable[[], str]:
+    """Run names that say what ran (`sample-brave-otter`): every flow is `vqvae2` in the UI."""
+    return lambda: f"{what}-{generate_slug(2)}"
+
+
+# Every flow is named `vqvae2`, so its deployments read vqvae2/full-pipeline, vqvae2/sample, ...
+vqvae2_pipeline: Flow = flow(
+    taking_sections(_pipeline, "vqvae2_pipeline", PIPELINE_SUMMARY), name="vqvae2", task_runner=TASK_RUNNER,
+    description=PIPELINE_SUMMARY, flow_run_name=_named_runs("pipeline"),
+)
 
 
 def _stage_flow(stage: Stage) -> Flow:
-    def run_one_stage(config: PipelineConfig = PipelineConfig()) -> Any:
+    def run_one_stage(config: PipelineConfig) -> Any:
         return run_stage(config, stage)
 
-    run_one_stage.__doc__ = stage.summary
-    return flow(run_one_stage, name=f"vqvae2-{stage.name}", task_runner=TASK_RUNNER, description=stage.summary)
+    fn = taking_sections(run_one_stage, stage.name.replace("-", "_"), stage.summary)
+    return flow(fn, name="vqvae2", task_runner=TASK_RUNNER, description=stage.summary,
+                flow_run_name=_named_runs(stage.name))
 
 
 STAGE_FLOWS: dict[str, Flow] = {stage.name: _stage_flow(stage) for stage in STAGES}
+# The entrypoints of the stage deployments in prefect.yaml.
+ingest_flow, sample_flow, evaluate_flow = STAGE_FLOWS["ingest"], STAGE_FLOWS["sample"], STAGE_FLOWS["evaluate"]
+
+WATCH_SUMMARY = ("Emit `vqvae2.source.updated` when the source holds images no dataset under the root has yet "
+                 "(a deployment trigger on it starts the pipeline).")
+watch_flow: Flow = flow(taking_sections(announce_new_data, "watch", WATCH_SUMMARY), name="vqvae2",
+                        description=WATCH_SUMMARY, flow_run_name=_named_runs("watch"))

@@ -271,6 +271,10 @@ class SampleSection(Section):
     batch_size: int | None = Field(None, ge=1, description="Candidates drawn at a time (each batch with its own "
                                    "seed, so part of what is drawn); None: the preset's choice")
     seed: int = 0
+    classes: list[str | int] | None = Field(
+        None, description="Which classes to draw, by name (the dataset's class names, e.g. \"Sneaker\") or index "
+        "(0 is the first class); None: every class, evenly. num_samples is spread over the classes given, in their "
+        "order; each class at most once")
 
     @field_validator("acceptance_rates")
     @classmethod
@@ -279,6 +283,29 @@ class SampleSection(Section):
         if bad:
             raise ValueError(f"sample.acceptance_rates must lie in (0, 1], got {bad}")
         return sorted(set(rates) | {1.0}, reverse=True)
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _one_class(cls, value: Any) -> Any:
+        """One class may be given alone (`--set sample.classes=Sneaker`)."""
+        return [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, classes: list[str | int] | None) -> list[str | int] | None:
+        """What needs no dataset to check (names are resolved against the dataset's by the sample stage)."""
+        if classes is None:
+            return None
+        if not classes:
+            raise ValueError("sample.classes is empty: name at least one class, or leave it unset (None) for "
+                             "every class")
+        bad = [c for c in classes if (isinstance(c, int) and c < 0) or (isinstance(c, str) and not c.strip())]
+        if bad:
+            raise ValueError(f"sample.classes: {bad} are not classes: give class names or indices (0 is the first)")
+        repeated = list(dict.fromkeys(c for i, c in enumerate(classes) if c in classes[:i]))
+        if repeated:
+            raise ValueError(f"sample.classes names {repeated} more than once: name each class once")
+        return classes
 
 
 class EvaluateSection(Section):
@@ -311,15 +338,20 @@ class PipelineConfig(BaseModel):
         description="Dotted-path overrides of the preset, e.g. {'autoencoder.channels': 64, 'train_prior.steps': 100}; "
         "{'num_classes': 'auto'} takes the number of classes from the data (0, unconditional, when it has no labels)",
     )
-    source: SourceSection = Field(default_factory=SourceSection)
-    storage: StorageSection = Field(default_factory=StorageSection)
+    source: SourceSection = Field(default_factory=SourceSection, description="Where the images come from; "
+                                  "default: Fashion-MNIST")
+    storage: StorageSection = Field(default_factory=StorageSection, description="The storage root every artifact "
+                                    "and Prefect's cache records live under")
     ingest: ShardingOptions = Field(default_factory=ShardingOptions, description="How the source is cut into "
                                     "WebDataset shards; max_samples_per_split None: the preset's choice")
-    training: TrainingSection = Field(default_factory=TrainingSection)
-    encode: EncodeSection = Field(default_factory=EncodeSection)
-    sample: SampleSection = Field(default_factory=SampleSection)
-    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
-    runner: RunnerSection = Field(default_factory=RunnerSection)
+    training: TrainingSection = Field(default_factory=TrainingSection, description="How the trainings run: device, "
+                                      "processes, checkpoints, logging")
+    encode: EncodeSection = Field(default_factory=EncodeSection, description="Encoding the dataset into codes")
+    sample: SampleSection = Field(default_factory=SampleSection, description="Sampling from the priors, with "
+                                  "classifier-based rejection")
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection, description="The report: feature space, "
+                                      "reference images, grids")
+    runner: RunnerSection = Field(default_factory=RunnerSection, description="Where mapped tasks run")
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:

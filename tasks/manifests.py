@@ -189,6 +189,7 @@ class SamplesManifest(Manifest):
     top_k: int | None
     seed: int
     num_samples: int  # kept per rate
+    classes: list[int] | None = None  # the class indices drawn, in order (None: unconditional)
 
 
 # --- evaluate ------------------------------------------------------------------------------

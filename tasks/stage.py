@@ -68,6 +68,12 @@ class Stage(Generic[M]):
     inputs: Mapping[str, Needs] = field(default_factory=dict)
     variants: Callable[[PipelineConfig], list[Any]] | None = None  # e.g. one prior per level
     summary: str = ""
+    # What the UI shows of its output, publish(manifest, storage_options): the flows call it on
+    # every run that ends with this stage, so a Cached run shows its results too.
+    publish: Callable[[Any, dict[str, Any]], None] | None = None
+    # Earlier stages its stage flow runs rather than requires (re-evaluating at other
+    # acceptance rates needs samples at those rates); every other input must exist.
+    makes_along: tuple[str, ...] = ()
 
     def variants_of(self, config: PipelineConfig) -> list[Any]:
         return self.variants(config) if self.variants else [None]

@@ -134,11 +134,12 @@ def prefect_api():
 @pytest.fixture(scope="session")
 def smoke_run(prefect_api, tmp_path_factory):
     """One full run of the `smoke` pipeline on real Fashion-MNIST: (config, root, final state)."""
+    from flows.parameters import sections_of
     from flows.pipeline import vqvae2_pipeline
     from tasks.config import pipeline_config
 
     root = tmp_path_factory.mktemp("smoke") / "root"
     config = pipeline_config("smoke", storage={"root": str(root)})
-    state = vqvae2_pipeline(config, return_state=True)
+    state = vqvae2_pipeline(**sections_of(config), return_state=True)
     assert state.is_completed(), state.message
     return config, root, state

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -158,5 +160,6 @@ def test_test_only_fields_are_not_in_the_run_form_but_still_apply():
     form = vqvae2_pipeline.parameters.model_dump()  # what Prefect's UI renders as the run form
     assert "checkpoint_every" in set(properties(form))
     assert "fail_once_at_step" not in set(properties(form))
+    assert "fail_once_at_step" not in json.dumps(form)  # nor in the defaults the form is filled with
     config = pipeline_config("smoke", training={"fail_once_at_step": {"autoencoder": 3}})
     assert config.training.fail_once_at_step == {"autoencoder": 3}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flows.parameters import sections_of
 from storage.checkpoints import load_checkpoint
 from tasks.config import TrainingRun
 from tasks.runtime.process import TrainingFailed, train
@@ -115,7 +116,7 @@ def test_the_pipeline_trains_the_autoencoder_on_two_ranks(smoke_run):
 
     single, root, _ = smoke_run
     config = smoke_config(str(root), training={"processes": 2})
-    trained = STAGE_FLOWS["train-autoencoder"](config)
+    trained = STAGE_FLOWS["train-autoencoder"](**sections_of(config))
     assert trained.processes == 2 and trained.steps == 40
     one_process = FinishedRun(single).autoencoder
     assert one_process.processes == 1 and trained.key != one_process.key  # the ranks split the data: another artifact

@@ -1,7 +1,9 @@
 """prefect.yaml as a user deploys it: a real `prefect server`, a process work pool and worker,
-`prefect deploy --all`, `prefect deployment run vqvae2/full-pipeline`."""
+`prefect deploy --all`, `prefect deployment run vqvae2/full-pipeline`, a stage deployment with
+one section overridden, the watch and its trigger, and the UI as headless Chromium shows it."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -11,6 +13,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
+import yaml
+from PIL import Image
+
+from flows.parameters import config_of
+from storage.fsutil import read_bytes
+from tasks.runtime.exclusive import run_limit
+from tasks.runtime.reporting import display_scale, image_grid
+from tasks.stages import FinishedRun
+from browser import render
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -80,39 +92,145 @@ def _task_states(api: str, flow_run_id: str) -> dict[str, str]:
         time.sleep(0.5)
 
 
-def test_deploy_from_prefect_yaml_and_run_the_full_pipeline_then_the_nightly_rerun(prefect_server, tmp_path):
-    env, api = prefect_server, prefect_server["PREFECT_API_URL"]
-    _prefect(env, "work-pool", "create", "vqvae2", "--type", "process")
-    _prefect(env, "--no-prompt", "deploy", "--all")
-    deployment = httpx.get(f"{api}/deployments/name/vqvae2/full-pipeline").json()
-    assert deployment["pull_steps"] and str(REPO) not in json.dumps(deployment["pull_steps"])
-    nightly = httpx.get(f"{api}/deployments/name/vqvae2/nightly").json()
-    assert nightly["schedules"] and nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+def _deployment_config(tmp_path: Path, root: Path, folder: Path) -> Path:
+    """The repository's prefect.yaml as a user adapts it: the shared config set to a smoke run
+    of their folder into their root; the watch's 10-minute schedule left out, so that only
+    the test starts it. Returns the folder to deploy from."""
+    project = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    watch = next(d for d in project["deployments"] if d["name"] == "watch")
+    assert watch["schedules"] == [{"interval": 600}]
+    del watch["schedules"]
+    config = {"preset": "smoke", "source": {"url": str(folder)}, "storage": {"root": str(root)}}
+    for deployment in project["deployments"]:
+        assert deployment["parameters"] == project["definitions"]["parameters"]  # one config for all
+        deployment["parameters"] = config
+    here = tmp_path / "project"
+    here.mkdir()
+    (here / "prefect.yaml").write_text(yaml.safe_dump(project, sort_keys=False))
+    return here
 
-    # The worker runs anywhere: the deployment names no path of the machine that deployed.
+
+def _class_folders(folder: Path, images, labels, first: int, count: int) -> None:
+    for i in range(first, first + count):
+        path = folder / f"class{labels[i]}" / f"img{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(path)
+
+
+def _run(env: dict, api: str, deployment: str, params: dict | None = None, timeout: int = 900) -> dict:
+    args = ["--params", json.dumps(params)] if params else []
+    _prefect(env, "deployment", "run", f"vqvae2/{deployment}", *args, "--watch", "--watch-timeout", str(timeout),
+             timeout=timeout + 60)
+    run = _latest_run(api, deployment)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    return run
+
+
+def _artifacts(api: str, flow_run_id: str) -> dict[str, dict]:
+    found = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).json()
+    return {a["key"]: a for a in found if a["key"]}
+
+
+def _runs_of(api: str, deployment: str) -> list[dict]:
+    return httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"name": {"any_": [deployment]}}}).json()
+
+
+def test_deployments_from_prefect_yaml_pipeline_stage_runs_and_the_new_data_trigger(
+        prefect_server, tmp_path, fashion_mnist_test_split):
+    env, api = prefect_server, prefect_server["PREFECT_API_URL"]
+    images, labels = fashion_mnist_test_split
+    folder, root = tmp_path / "my-images", tmp_path / "root"
+    _class_folders(folder, images, labels, 0, 400)
+    project = _deployment_config(tmp_path, root, folder)
+    _prefect(env, "work-pool", "create", "vqvae2", "--type", "process")
+    _prefect(env, "--no-prompt", "deploy", "--all", cwd=project)
+    deployments = {d["name"]: d for d in httpx.post(f"{api}/deployments/filter", json={}).json()}
+    assert set(deployments) == {"full-pipeline", "nightly", "sample", "evaluate", "ingest", "watch", "new-data"}
+    # The worker runs anywhere: the deployments name no path of the machine that deployed.
+    assert deployments["full-pipeline"]["pull_steps"] and str(project) not in json.dumps(
+        [d["pull_steps"] for d in deployments.values()])
+    assert deployments["nightly"]["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    # Each section is a parameter with its own form.
+    form = deployments["sample"]["parameter_openapi_schema"]["properties"]
+    assert list(form) == ["preset", "overrides", "source", "storage", "ingest", "training", "encode", "sample",
+                          "evaluate", "runner"]
+
     elsewhere = tmp_path / "worker"
     elsewhere.mkdir()
     worker_log = open(tmp_path / "worker.log", "w")
     worker = subprocess.Popen(["prefect", "worker", "start", "--pool", "vqvae2", "--limit", "1"],
                               env=env, cwd=elsewhere, stdout=worker_log, stderr=subprocess.STDOUT)
     try:
-        root = tmp_path / "root"
-        params = json.dumps({"config": {"preset": "smoke", "storage": {"root": str(root)}}})
-        _prefect(env, "deployment", "run", "vqvae2/full-pipeline", "--params", params, "--watch",
-                 "--watch-timeout", "900", timeout=960)
-        first = _latest_run(api, "full-pipeline")
-        assert first["state"]["type"] == "COMPLETED", first["state"]
+        first = _run(env, api, "full-pipeline")
         assert set(_task_states(api, first["id"]).values()) == {"Completed"}
         assert list(root.glob("reports/*/report.md"))
+        report_key = next(k for k in _artifacts(api, first["id"]) if k.startswith("vqvae2-report-"))
 
         # The nightly deployment on unchanged inputs: every task Cached, in well under a minute.
-        _prefect(env, "deployment", "run", "vqvae2/nightly", "--params", params, "--watch",
-                 "--watch-timeout", "600", timeout=660)
-        rerun = _latest_run(api, "nightly")
-        assert rerun["state"]["type"] == "COMPLETED", rerun["state"]
+        rerun = _run(env, api, "nightly", timeout=600)
         assert set(_task_states(api, rerun["id"]).values()) == {"Cached"}
         assert rerun["total_run_time"] < 60
+
+        # One section overridden; the deployment's source and storage kept.
+        sampled = _run(env, api, "sample", {"sample": {"num_samples": 16}})
+        assert sampled["name"].startswith("sample-")
+        assert sampled["parameters"]["source"]["url"] == str(folder)
+        assert sampled["parameters"]["storage"]["root"] == str(root)
+        assert sampled["parameters"]["sample"]["num_samples"] == 16
+        config = config_of({k: v for k, v in sampled["parameters"].items()})
+        samples = FinishedRun(config).samples  # found under the deployment's root, of its dataset
+        assert samples.num_samples == 16 and len(list(root.glob("datasets/*/manifest.json"))) == 1
+        size = config.model.image_size
+        cells = image_grid(torch.zeros(16, 1, size, size)).shape[::-1]  # 4 x 4
+        assert Image.open(io.BytesIO(read_bytes(samples.grid))).size == tuple(display_scale(size) * d for d in cells)
+        grid_artifact = _artifacts(api, sampled["id"])[f"vqvae2-samples-{run_limit(config).rsplit('-', 1)[1]}"]
+        assert grid_artifact["type"] == "markdown" and "data:image/png;base64," in grid_artifact["data"]
+
+        pages = _screenshots(api, tmp_path / "screenshots", first, sampled, report_key,
+                             grid_artifact["key"])
+        assert all(p.stat().st_size > 10_000 for p in pages)
+
+        # New data: the watch sees nothing to do, then the grown folder, and its event starts new-data.
+        _run(env, api, "watch", timeout=300)
+        assert not _runs_of(api, "new-data")
+        _class_folders(folder, images, labels, 400, 40)
+        _run(env, api, "watch", timeout=300)
+        triggered = _wait_for_run(api, "new-data")
+        assert triggered["created_by"]["type"] == "AUTOMATION", triggered["created_by"]
+        assert triggered["parameters"]["source"]["url"] == str(folder)
+        _run(env, api, "watch", timeout=300)  # announced once: no second run while the first ingests it
+        assert len(_runs_of(api, "new-data")) == 1
+        httpx.post(f"{api}/flow_runs/{triggered['id']}/set_state",
+                   json={"state": {"type": "CANCELLING"}, "force": True}).raise_for_status()
     finally:
         worker.terminate()
         worker.wait(timeout=30)
         worker_log.close()
+
+
+def _wait_for_run(api: str, deployment: str, timeout: float = 120) -> dict:
+    """The first run of `deployment` once it is running (the trigger acts within seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _runs_of(api, deployment)
+        if runs and runs[0]["state"]["type"] in ("RUNNING", "COMPLETED"):
+            return runs[0]
+        assert time.monotonic() < deadline, f"no run of {deployment} started: {runs}"
+        time.sleep(1)
+
+
+def _screenshots(api: str, folder: Path, pipeline_run: dict, sample_run: dict, report_key: str,
+                 grid_key: str) -> list[Path]:
+    """What an operator sees in Prefect's UI, rendered by headless Chromium (kept under `folder`)."""
+    ui = api.removesuffix("/api")
+    folder.mkdir()
+    pages = [
+        (f"{ui}/runs/flow-run/{pipeline_run['id']}", "pipeline-run.png", ["Completed", pipeline_run["name"]]),
+        # The tab opens from the URL in the UI under /v2 only (the other resets it to Logs).
+        (f"{ui}/v2/runs/flow-run/{pipeline_run['id']}?tab=Artifacts", "pipeline-artifacts.png",
+         ["Completed", report_key]),
+        (f"{ui}/v2/runs/flow-run/{sample_run['id']}?tab=Artifacts", "sample-run.png", ["Completed", grid_key]),
+    ]
+    for url, name, expected in pages:
+        render(url, folder / name, wait_for=expected)
+    return [folder / name for _, name, _ in pages]

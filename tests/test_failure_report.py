@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from flows.parameters import sections_of
 from flows.pipeline import STAGE_FLOWS, vqvae2_pipeline
 from storage.shards import ShardError
 from tasks.runtime.cached import RETRIES
@@ -22,7 +23,7 @@ def _failure_report(flow_run_id) -> str:
 def test_a_failed_stage_leaves_a_report_naming_it_why_and_what_to_do(prefect_api, tmp_path, run):
     config = smoke_config(str(tmp_path / "root"), source={"url": truncated_tars(tmp_path / "tars")},
                           overrides={"num_classes": 0})
-    state = run(config, return_state=True)
+    state = run(**sections_of(config), return_state=True)
     assert state.is_failed()
     with pytest.raises(ShardError, match=r"00001\.tar: .*truncated"):  # the run's own error, unchanged
         state.result()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from prefect import flow
 
+from flows.parameters import sections_of
 from flows.pipeline import STAGE_FLOWS
 from storage.fsutil import storage_errors
 from storage.ingest import TooManyBadImages
@@ -74,7 +75,7 @@ def test_a_failed_shard_is_the_runs_error_at_once(prefect_api, tmp_path):
     """Before: the finalize task stayed Pending and the run ended 'UnfinishedRun: Run is in PENDING state'."""
     config = smoke_config(str(tmp_path / "root"), source={"url": truncated_tars(tmp_path / "tars")},
                           overrides={"num_classes": 0})
-    state = STAGE_FLOWS["ingest"](config, return_state=True)
+    state = STAGE_FLOWS["ingest"](**sections_of(config), return_state=True)
     assert state.is_failed()
     with pytest.raises(ShardError, match=r"00001\.tar: .*truncated"):
         state.result()
@@ -102,7 +103,7 @@ def test_two_runs_of_one_config_at_once_leave_the_artifacts_of_one(prefect_api, 
 
     config = smoke_config(str(tmp_path / "root"))
     with ThreadPoolExecutor(2) as pool:  # the nightly run and a manual one, started together
-        states = list(pool.map(lambda _: vqvae2_pipeline(config, return_state=True), range(2)))
+        states = list(pool.map(lambda _: vqvae2_pipeline(**sections_of(config), return_state=True), range(2)))
     assert all(state.is_completed() for state in states)
     first, second = (state.result() for state in states)
     assert (first.key, first.metrics) == (second.key, second.metrics)

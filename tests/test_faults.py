@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from flows.parameters import sections_of
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -239,7 +240,7 @@ def _ingest(root: str, **sections):
     from flows.pipeline import STAGE_FLOWS
     from pipeline_helpers import smoke_config
 
-    return STAGE_FLOWS["ingest"](smoke_config(root, **sections), return_state=True)
+    return STAGE_FLOWS["ingest"](**sections_of(smoke_config(root, **sections)), return_state=True)
 
 
 def _temporaries(root: Path) -> list[str]:

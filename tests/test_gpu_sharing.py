@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from flows.parameters import sections_of
 from flows.pipeline import STAGE_FLOWS
 from pipeline_helpers import log_lines, smoke_config, task_runs
 
@@ -33,7 +34,7 @@ def test_concurrent_trainings_each_wait_for_a_gpu_of_their_own(smoke_run, gpus, 
     slots = logging.getLogger("prefect._internal.concurrency")  # Prefect's slot service logs here
     slots.addHandler(errors)
     try:
-        state = STAGE_FLOWS["train-classifiers"](config, return_state=True)
+        state = STAGE_FLOWS["train-classifiers"](**sections_of(config), return_state=True)
     finally:
         slots.removeHandler(errors)
     assert state.is_completed(), state.message

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.parameters import sections_of
 from flows.pipeline import vqvae2_pipeline
 from storage.fsutil import read_bytes, read_json, write_bytes
 from tasks.stages import FinishedRun
@@ -30,7 +31,7 @@ def test_a_flat_folder_of_mixed_formats_without_labels_runs_to_a_report(prefect_
     folder = tmp_path / "my-images"
     write_folder(folder, images[:400])
     config = smoke_config(str(tmp_path / "root"), source={"url": str(folder)}, overrides={"num_classes": "auto"})
-    state = vqvae2_pipeline(config, return_state=True)
+    state = vqvae2_pipeline(**sections_of(config), return_state=True)
     report, markdown = _report(state)
 
     finished = FinishedRun(config)
@@ -63,7 +64,7 @@ def test_img2dataset_shards_on_s3_with_labels_in_their_json_run_to_a_report(pref
         write_bytes(f"{shards}/{t:05d}_stats.json", json.dumps({"count": 100, "successes": 100}).encode())
     config = smoke_config(f"{s3_bucket.url}/root", overrides={"num_classes": "auto"},
                           source={"url": f"{shards}/{{00000..00003}}.tar", "labels": "json:label"})
-    report, markdown = _report(vqvae2_pipeline(config, return_state=True))
+    report, markdown = _report(vqvae2_pipeline(**sections_of(config), return_state=True))
 
     dataset = FinishedRun(config).dataset
     assert dataset.source["kind"] == "tar" and dataset.class_names == ["0", "1", "2"]
@@ -87,7 +88,7 @@ def test_a_csv_of_paths_with_label_names_runs_to_a_report(prefect_api, tmp_path,
         rows.writerow(["missing.png", "Bag"])  # listed, but never copied
     config = smoke_config(str(tmp_path / "root"), source={"url": str(folder / "images.csv"), "labels": "column:label"},
                           overrides={"num_classes": "auto"})
-    report, markdown = _report(vqvae2_pipeline(config, return_state=True))
+    report, markdown = _report(vqvae2_pipeline(**sections_of(config), return_state=True))
 
     finished = FinishedRun(config)
     dataset = finished.dataset

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flows.parameters import sections_of
 from flows.pipeline import STAGE_FLOWS, vqvae2_pipeline
 from storage.checkpoints import load_checkpoint
 from storage.fsutil import exists, filesystem, read_json
@@ -62,9 +63,10 @@ def test_rejection_keeps_the_same_number_per_rate_and_the_judges_favourites(smok
     samples = FinishedRun(config).samples
     kept = {row.rate: row for row in samples.rates}
     assert sorted(kept) == [0.1, 0.25, 0.5, 1.0]
-    # 16 requested over 10 classes: 2 per class at every rate, drawn from 2 / r candidates per class.
-    assert {row.kept for row in kept.values()} == {20}
-    assert [kept[r].candidates for r in (1.0, 0.5, 0.25, 0.1)] == [20, 40, 80, 200]
+    # 16 requested over 10 classes: exactly 16 at every rate (2 for each of the first 6 classes,
+    # 1 for the other 4), drawn from k / r candidates per class keeping k.
+    assert {row.kept for row in kept.values()} == {16} and samples.num_samples == 16
+    assert [kept[r].candidates for r in (1.0, 0.5, 0.25, 0.1)] == [16, 32, 64, 160]
     for rate in (0.5, 0.25, 0.1):
         assert kept[rate].judge_confidence_kept > kept[rate].judge_confidence_rejected
 
@@ -99,7 +101,7 @@ def test_a_second_run_is_all_cached_and_rewrites_nothing(smoke_run, monkeypatch)
     checks = []
     monkeypatch.setattr(storage.ingest, "sha256_file", lambda *a, **k: checks.append(a) or "")
     monkeypatch.setattr(tasks.stages.encode, "codes_damage", lambda *a, **k: checks.append(a))
-    state = vqvae2_pipeline(config, return_state=True)
+    state = vqvae2_pipeline(**sections_of(config), return_state=True)
     assert checks == []
     assert state.is_completed()
     states = state_names(state.state_details.flow_run_id)
@@ -122,8 +124,8 @@ def test_a_finished_run_is_found_again_from_its_config(smoke_run):
 def test_a_training_that_fails_midway_is_retried_and_resumes_from_its_checkpoint(prefect_api, tmp_path):
     faulty = smoke_config(str(tmp_path / "faulty"),
                           training={"checkpoint_every": 10, "fail_once_at_step": {"autoencoder": 25}})
-    ingest_flow(faulty)
-    state = train_autoencoder_flow(faulty, return_state=True)
+    ingest_flow(**sections_of(faulty))
+    state = train_autoencoder_flow(**sections_of(faulty), return_state=True)
     assert state.is_completed()
     resumed = state.result()
     assert resumed.resumed_from_step == 20 and resumed.steps == 40
@@ -131,8 +133,8 @@ def test_a_training_that_fails_midway_is_retried_and_resumes_from_its_checkpoint
     assert run.run_count == 2  # the first attempt failed at step 25, the retry finished
 
     clean = smoke_config(str(tmp_path / "clean"), training={"checkpoint_every": 10})
-    ingest_flow(clean)
-    uninterrupted = train_autoencoder_flow(clean)
+    ingest_flow(**sections_of(clean))
+    uninterrupted = train_autoencoder_flow(**sections_of(clean))
     assert uninterrupted.resumed_from_step == 0
     a = load_checkpoint(resumed.model)["state_dict"]
     b = load_checkpoint(uninterrupted.model)["state_dict"]
@@ -163,16 +165,16 @@ def test_a_grown_source_encodes_only_its_new_images_and_recomputes_downstream(pr
     add_images(0, 300)
     config = smoke_config(str(tmp_path / "root"), source={"kind": "image-folder", "url": str(folder)},
                           ingest={"holdout_fraction": 0.2, "shard_size": 100})
-    first = ingest_flow(config)
+    first = ingest_flow(**sections_of(config))
     assert len(encoded) == 300 and first.carried == 0 and first.base is None
-    first_ae = train_autoencoder_flow(config)
-    again = ingest_flow(config, return_state=True)
+    first_ae = train_autoencoder_flow(**sections_of(config))
+    again = ingest_flow(**sections_of(config), return_state=True)
     assert again.result().key == first.key
     assert set(state_names(again.state_details.flow_run_id).values()) == {"Cached"}
 
     encoded.clear()
     add_images(300, 330)  # 10% more
-    grown = ingest_flow(config)
+    grown = ingest_flow(**sections_of(config))
     assert grown.key != first.key and grown.num_samples == 330
     assert len(encoded) == 30  # the old images' shards were copied, not decoded and encoded again
     assert grown.carried == 300 and grown.base == first.url
@@ -181,7 +183,7 @@ def test_a_grown_source_encodes_only_its_new_images_and_recomputes_downstream(pr
     assert {name: grown_shards[name] for name in first_shards} == first_shards
     for name in first_shards:  # byte for byte what the first ingest wrote
         assert (Path(grown.url) / name).read_bytes() == (Path(first.url) / name).read_bytes()
-    state = train_autoencoder_flow(config, return_state=True)
+    state = train_autoencoder_flow(**sections_of(config), return_state=True)
     second_ae = state.result()
     assert second_ae.key != first_ae.key and second_ae.dataset == grown.key
     assert {s for n, s in state_names(state.state_details.flow_run_id).items() if n.startswith("train")} == {"Completed"}
@@ -201,7 +203,7 @@ def test_the_whole_pipeline_runs_on_s3_and_its_secrets_appear_nowhere(prefect_ap
     block = f"vqvae2-s3-{uuid4().hex[:8]}"
     Secret(value=json.dumps({"key": "block-key", "secret": block_secret, "endpoint_url": s3_bucket.endpoint})).save(block)
     config = smoke_config(f"{s3_bucket.url}/root", storage={"credentials_block": block})
-    state = vqvae2_pipeline(config, return_state=True)
+    state = vqvae2_pipeline(**sections_of(config), return_state=True)
     report = state.result()
     assert report.url.startswith(f"{s3_bucket.url}/root/reports/")
     assert exists(report.markdown) and exists(report.url + "/samples.png")
@@ -225,7 +227,7 @@ def test_the_whole_pipeline_runs_on_s3_and_its_secrets_appear_nowhere(prefect_ap
 
 def test_a_stage_without_its_inputs_names_the_stage_to_run(prefect_api, tmp_path):
     config = smoke_config(str(tmp_path / "empty"))
-    state = train_autoencoder_flow(config, return_state=True)
+    state = train_autoencoder_flow(**sections_of(config), return_state=True)
     assert state.is_failed()
     with pytest.raises(FileNotFoundError, match="run the `ingest` stage"):
         state.result()
@@ -243,7 +245,7 @@ def test_a_dataset_of_other_classes_than_the_model_fails_after_ingest_before_any
         Image.fromarray(images[i]).save(target)
     root = tmp_path / "root"
     config = smoke_config(str(root), source={"kind": "image-folder", "url": str(folder)})  # smoke: 10 classes
-    state = vqvae2_pipeline(config, return_state=True)
+    state = vqvae2_pipeline(**sections_of(config), return_state=True)
     assert state.is_failed()
     with pytest.raises(ValueError, match=r"the dataset has 3 classes \(class0, class1, class2\) but the model has "
                                          r"num_classes=10 .*set the override num_classes to 3 or auto"):
@@ -252,7 +254,7 @@ def test_a_dataset_of_other_classes_than_the_model_fails_after_ingest_before_any
     for fix in (3, "auto"):  # what the message says to do passes the check
         fixed = smoke_config(str(root), source={"kind": "image-folder", "url": str(folder)},
                              overrides={"num_classes": fix})
-        assert adopt_classes(ingest_flow(fixed), fixed).model.num_classes == 3
+        assert adopt_classes(ingest_flow(**sections_of(fixed)), fixed).model.num_classes == 3
 
 
 @pytest.mark.parametrize("overrides, evaluate, error, message", [
@@ -269,7 +271,7 @@ def test_a_run_that_could_not_be_evaluated_fails_before_anything_runs(prefect_ap
                                                                         error, message):
     root = tmp_path / "root"
     config = smoke_config(str(root), overrides=overrides, evaluate=evaluate)  # no Inception weights in the tests
-    state = vqvae2_pipeline(config, return_state=True)
+    state = vqvae2_pipeline(**sections_of(config), return_state=True)
     assert state.is_failed()
     with pytest.raises(error, match=message):
         state.result()
@@ -282,7 +284,7 @@ def test_ingest_removes_stale_incomplete_datasets_but_resumes_its_own(prefect_ap
 
     root = tmp_path / "root"
     config = smoke_config(str(root))
-    first = ingest_flow(config)
+    first = ingest_flow(**sections_of(config))
     datasets = root / "datasets"
     (datasets / first.key / "manifest.json").unlink()  # this dataset's ingest "crashed" a week ago...
     abandoned = datasets / "0123456789abcdef"  # ...and so did one of a source that has changed since
@@ -294,7 +296,7 @@ def test_ingest_removes_stale_incomplete_datasets_but_resumes_its_own(prefect_ap
     week_ago = time.time() - 7 * 24 * 3600
     for path in [*abandoned.rglob("*"), *(datasets / first.key).rglob("*")]:
         os.utime(path, (week_ago, week_ago))
-    again = ingest_flow(config)
+    again = ingest_flow(**sections_of(config))
     assert again.key == first.key and again.num_samples == first.num_samples
     assert not abandoned.exists() and recent.exists()
     shards = [t for t in (datasets / first.key).rglob("*.tar")]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.parameters import sections_of
 from storage.fsutil import exists, join, read_json, write_bytes, write_json
 from tasks.manifests import EncodedShard, PriorManifest, SamplesManifest
 from tasks.runtime.artifacts import Artifact, ManifestError
@@ -131,9 +132,10 @@ pipeline = pytest.mark.slow
 FRESH_RUN = """
 import json, sys
 sys.path.insert(0, {tests!r})
+from flows.parameters import sections_of
 from flows.pipeline import vqvae2_pipeline
 from pipeline_helpers import smoke_config, state_names
-state = vqvae2_pipeline(smoke_config(sys.argv[1]), return_state=True)
+state = vqvae2_pipeline(**sections_of(smoke_config(sys.argv[1])), return_state=True)
 print("STATES " + json.dumps({{"flow": state.name, "tasks": state_names(state.state_details.flow_run_id)}}))
 """
 
@@ -177,7 +179,7 @@ def test_a_damaged_manifest_is_named_and_its_stage_recomputes(smoke_run, tmp_pat
 
     from flows.pipeline import vqvae2_pipeline
 
-    state = vqvae2_pipeline(config, return_state=True)
+    state = vqvae2_pipeline(**sections_of(config), return_state=True)
     assert state.is_completed(), state.message
     states = state_names(state.state_details.flow_run_id)
     # (An ingest plan is a pickle its worker keeps per root, never under the root: this

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.parameters import sections_of
 from flows.pipeline import STAGE_FLOWS
 from storage.codes import CodeDataset
 from tasks.manifests import EncodedShard
@@ -31,7 +32,7 @@ def test_a_resumed_encoding_encodes_again_only_the_shard_whose_chunks_were_damag
     damaged = next(key for key in shard.chunks if key.startswith("train/level1/"))
     chunk = artifact / "codes.zarr" / damaged
     chunk.write_bytes(chunk.read_bytes()[:-5])
-    state = STAGE_FLOWS["encode"](config, return_state=True)
+    state = STAGE_FLOWS["encode"](**sections_of(config), return_state=True)
     assert state.result().key == codes.key
     states = {name: s for name, s in state_names(state.state_details.flow_run_id).items() if name.startswith("encode-")}
     assert states.pop("encode-train-1") == "Completed"

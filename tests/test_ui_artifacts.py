@@ -10,11 +10,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from prefect import flow, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactCollectionFilter
 
+from flows.parameters import sections_of
+from flows.pipeline import STAGE_FLOWS
 from tasks.runtime.exclusive import run_limit
 from tasks.runtime.report_markdown import render_markdown
 from tasks.runtime.reporting import config_artifact_key, link_url, markdown_image, png_bytes, thumbnail_png
-from pipeline_helpers import artifacts, smoke_config
+from pipeline_helpers import artifacts, smoke_config, state_names
 
 
 def _png(width: int, height: int, mode: str = "RGB") -> bytes:
@@ -118,12 +122,48 @@ def test_two_configs_keep_their_own_dataset_tables_and_a_rerun_its_key(prefect_a
     ingest = STAGE_FLOWS["ingest"]
     root = tmp_path / "root"
     first, other = smoke_config(str(root)), smoke_config(str(root), ingest={"holdout_fraction": 0.2})
-    keys = _dataset_keys(ingest(first, return_state=True))
-    other_keys = _dataset_keys(ingest(other, return_state=True))
+    keys = _dataset_keys(ingest(**sections_of(first), return_state=True))
+    other_keys = _dataset_keys(ingest(**sections_of(other), return_state=True))
     assert keys == [f"dataset-{run_limit(first).rsplit('-', 1)[1]}"]
     assert len(other_keys) == 1 and other_keys != keys and other_keys[0].startswith("dataset-")
     # The same config again (its datasets removed, so ingest runs rather than being cached),
     # with a field that decides no artifact changed: the same key, a new version of it.
     shutil.rmtree(Path(root) / "datasets")
     again = smoke_config(str(root), training={"log_every": 7})
-    assert _dataset_keys(ingest(again, return_state=True)) == keys
+    assert _dataset_keys(ingest(**sections_of(again), return_state=True)) == keys
+
+
+# --- stage flows on a finished run: their own artifacts, under their config's key ----------------
+
+
+def _latest(key: str) -> Any:
+    with get_client(sync_client=True) as client:
+        return client.read_latest_artifacts(artifact_filter=ArtifactCollectionFilter(key={"any_": [key]}))[0]
+
+
+def test_two_configs_each_keep_their_report_and_a_stage_flow_shows_what_it_made(smoke_run):
+    config, root, _ = smoke_run
+    short = run_limit(config).rsplit("-", 1)[1]
+    first_report = _latest(f"vqvae2-report-{short}")  # the smoke run's, or a re-run's of its config
+
+    # Another config, one after the other: other acceptance rates, which the evaluate flow
+    # samples first (the trainings are found, not redone), then reports under its own key.
+    other = smoke_config(str(root), sample={"acceptance_rates": [1.0, 0.5]})
+    other_short = run_limit(other).rsplit("-", 1)[1]
+    evaluated = STAGE_FLOWS["evaluate"](**sections_of(other), return_state=True)
+    assert evaluated.is_completed(), evaluated.message
+    names = state_names(evaluated.state_details.flow_run_id)
+    assert any(n.startswith("finalize-samples") for n in names) and not any(n.startswith("train") for n in names)
+    assert [row["rate"] for row in evaluated.result().fidelity if row.get("rate")] == [1.0, 0.5]
+    other_report = _latest(f"vqvae2-report-{other_short}")
+    assert other_short != short and other_report.flow_run_id == evaluated.state_details.flow_run_id
+    assert _latest(f"vqvae2-report-{short}").id == first_report.id  # not overwritten
+
+    # The sample flow: exactly the images asked for, its grid on the run's Artifacts tab.
+    asked = smoke_config(str(root), sample={"num_samples": 7, "seed": 3})
+    sampled = STAGE_FLOWS["sample"](**sections_of(asked), return_state=True)
+    assert sampled.is_completed(), sampled.message
+    assert sampled.result().num_samples == 7
+    grid = [a for a in artifacts(sampled.state_details.flow_run_id)
+            if a.key == f"vqvae2-samples-{run_limit(asked).rsplit('-', 1)[1]}"]
+    assert len(grid) == 1 and "data:image/png;base64," in grid[0].data and "grid.png" in grid[0].data

@@ -7,7 +7,7 @@ futures) before the autoencoder trains; the priors of all levels start together.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import cached_property
 from typing import Any
 
@@ -120,13 +120,18 @@ def stage_keys(config: PipelineConfig, source_digest: str) -> dict[str, str]:
 
 class FinishedRun(Outputs):
     """Every artifact of a finished run of `config`, found (never computed) in pipeline
-    order, each once; a missing one is an error naming the stage to run."""
+    order, each once; a missing one is an error naming the stage to run. The stages named
+    in `make` are run instead (inside a flow: a stage flow runs its own stage this way,
+    Cached when its artifact exists)."""
 
-    def __init__(self, config: PipelineConfig) -> None:
+    def __init__(self, config: PipelineConfig, make: Collection[str] = ()) -> None:
+        self._make = frozenset(make)
         super().__init__(config, self._find)
         self.adopt_classes()
 
-    def _find(self, stage: Stage, variant: Any, settings: Settings, inputs: dict[str, Any]) -> Manifest:
+    def _find(self, stage: Stage, variant: Any, settings: Settings, inputs: dict[str, Any]) -> Any:
+        if stage.name in self._make:
+            return stage.run(settings, self.runtime, **inputs)
         return stage.artifact(settings, inputs, self.runtime).require(stage.output, stage.name)
 
     @property

@@ -85,11 +85,26 @@ def run(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManifest, 
         settings, runtime, dataset, autoencoder, codes, priors, classifiers, samples)
 
 
+def publish_report(manifest: ReportManifest, storage_options: dict[str, Any] | None) -> None:
+    """The report's UI artifacts, from its files: the flow publishes them on every run, so a
+    run whose stages were all `Cached` still shows its results on its own Artifacts tab."""
+    report = read_json(manifest.report, storage_options)
+    folder = manifest.report.rsplit("/", 1)[0]
+    names = report.get("images") or sorted(n[: -len(".png")] for n in find(folder, storage_options) if n.endswith(".png"))
+    full = {name: join(folder, f"{name}.png") for name in names}  # (reports before "images" was kept: every PNG)
+    images = {name: read_bytes(url, storage_options) for name, url in full.items()}
+    # The UI gets thumbnails (Prefect keeps the artifact in its database), each a link to its full file.
+    publish_markdown("vqvae2-report", render_markdown(report, images, links=full),
+                     f"vqvae2 report ({report['preset']}, dataset {report['dataset']['key']})")
+    publish_table("vqvae2-fidelity", [_fidelity_cells(row) for row in report["fidelity"]["rows"]],
+                  f"FID/KID/precision/recall/IS per image set ({manifest.extractor} features)")
+
+
 STAGE = Stage(
     name="evaluate", directory="reports", code_version="3", settings=EvaluateSettings, output=ReportManifest,
     inputs={"dataset": Needs("ingest"), "autoencoder": Needs("train-autoencoder"), "codes": Needs("encode"),
             "priors": Needs("train-priors"), "classifiers": Needs("train-classifiers"), "samples": Needs("sample")},
-    run=run, summary="Measure a finished run and write its report.",
+    run=run, summary="Measure a finished run and write its report.", publish=publish_report, makes_along=("sample",),
 )
 
 
@@ -225,21 +240,6 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
     return ReportManifest(**artifact.identity(), report=artifact.path("report.json"),
                           markdown=artifact.path("report.md"), metrics=metrics, fidelity=rows,
                           extractor=extractor.kind)
-
-
-def publish_report(manifest: ReportManifest, storage_options: dict[str, Any] | None) -> None:
-    """The report's UI artifacts, from its files: the flow publishes them on every run, so a
-    run whose stages were all `Cached` still shows its results on its own Artifacts tab."""
-    report = read_json(manifest.report, storage_options)
-    folder = manifest.report.rsplit("/", 1)[0]
-    names = report.get("images") or sorted(n[: -len(".png")] for n in find(folder, storage_options) if n.endswith(".png"))
-    full = {name: join(folder, f"{name}.png") for name in names}  # (reports before "images" was kept: every PNG)
-    images = {name: read_bytes(url, storage_options) for name, url in full.items()}
-    # The UI gets thumbnails (Prefect keeps the artifact in its database), each a link to its full file.
-    publish_markdown("vqvae2-report", render_markdown(report, images, links=full),
-                     f"vqvae2 report ({report['preset']}, dataset {report['dataset']['key']})")
-    publish_table("vqvae2-fidelity", [_fidelity_cells(row) for row in report["fidelity"]["rows"]],
-                  f"FID/KID/precision/recall/IS per image set ({manifest.extractor} features)")
 
 
 def _rejection(samples: SamplesManifest, dataset: DatasetManifest) -> str:

@@ -2,17 +2,24 @@
 mapped batches, score each with the judge classifier, and select, for every acceptance
 rate, the candidates classifier-based rejection keeps (Razavi et al. 2019, Sec. 4.1).
 
-Candidate i is sampled for class i mod C, so every class gets its share, and the first
-m candidates of a class are the first m it got. At rate r the stage takes the first
-`candidates_needed(k, r)` candidates of each class and keeps the r share the judge is
-most confident in: exactly k per class at every rate, so the rates compare on equal
-sample counts. Each batch draws with its own seed (`sample.seed + batch index`): batches
-are reproducible whichever worker draws them.
+Exactly `num_samples` images are kept at every acceptance rate, spread over the classes
+drawn (`sample.classes`, resolved against the dataset's class names; every class without
+it) as evenly as can be: each of the C classes keeps k_c = num_samples // C, the first
+num_samples % C of them (in the order given) one more, at every rate, so the rates compare
+on equal counts. The candidates are drawn round-robin: round j has one candidate of each
+class that needs more than j at the lowest rate (a prefix of the classes, the first ones
+needing the most), so the first m candidates of a class are the first m it got. At rate r
+the stage takes the first `candidates_needed(k_c, r)` candidates of each class and keeps
+the k_c the judge is most confident in. The kept indices interleave the classes (the
+first kept of every class, then the second, ...), so grid.png's first images cover them.
+Each batch draws with its own seed (`sample.seed + batch index`): batches are reproducible
+whichever worker draws them.
 """
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -20,16 +27,25 @@ import torch
 from prefect import unmapped
 
 import vqvae2
-from storage.fsutil import write_bytes
+from storage.fsutil import read_bytes, redact, write_bytes
 
 from ..config import PipelineConfig, Runtime
-from ..manifests import AutoencoderManifest, ClassifierManifest, PriorManifest, RateRow, SampleBatch, SamplesManifest
+from ..manifests import (
+    AutoencoderManifest,
+    ClassifierManifest,
+    DatasetManifest,
+    PriorManifest,
+    RateRow,
+    SampleBatch,
+    SamplesManifest,
+)
 from ..runtime.arrays import save_npz
 from ..runtime.artifacts import Artifact, Marker
 from ..runtime.cached import cached_unit, with_records
 from ..runtime.devices import resolve_device
 from ..runtime.models import load_model
-from ..runtime.reporting import display_scale, image_grid, logger, png_bytes, track
+from ..runtime.report_markdown import table
+from ..runtime.reporting import display_scale, image_grid, logger, markdown_image, png_bytes, publish_markdown, track
 from ..runtime.samples import load_samples, rate_key
 from ..stage import Needs, Settings, Stage, stage_task
 
@@ -43,6 +59,7 @@ class SampleSettings(Settings):
     batch_size: int  # each batch draws with its own seed: part of what is drawn
     seed: int
     num_classes: int
+    classes: list[str | int] | None  # the classes drawn, as given (names or indices); None: every class
     grid_size: int  # images in grid.png
     image_size: int  # how much the grids are enlarged
 
@@ -52,83 +69,192 @@ class SampleSettings(Settings):
         return cls(num_samples=config.num_samples, acceptance_rates=sample.acceptance_rates,
                    temperature=sample.temperature, top_k=sample.top_k, dtype=sample.dtype,
                    batch_size=config.sample_batch_size,
-                   seed=sample.seed, num_classes=config.model.num_classes, grid_size=config.evaluate.grid_size,
-                   image_size=config.model.image_size)
+                   seed=sample.seed, num_classes=config.model.num_classes, classes=sample.classes,
+                   grid_size=config.evaluate.grid_size, image_size=config.model.image_size)
 
 
-def run(settings: SampleSettings, runtime: Runtime, autoencoder: AutoencoderManifest, priors: list[PriorManifest],
-        judge: ClassifierManifest | None) -> SamplesManifest:
+def run(settings: SampleSettings, runtime: Runtime, dataset: DatasetManifest, autoencoder: AutoencoderManifest,
+        priors: list[PriorManifest], judge: ClassifierManifest | None) -> SamplesManifest:
+    plan = SamplingPlan.of(settings, dataset)  # a bad sample.classes fails here, before anything is drawn
+    if plan.classes:
+        logger().info(f"sampling {plan.num_samples} images per acceptance rate of "
+                      f"{_class_listing(dataset.class_names, plan.classes)}; {plan.candidates} candidates")
     records = runtime.root, runtime.storage_options
     batches = with_records(sample_batch, *records).map(
-        range(len(batch_sizes(settings))), unmapped(settings), unmapped(runtime), unmapped(autoencoder),
-        unmapped(priors), unmapped(judge),
+        range(len(batch_sizes(settings, dataset))), unmapped(settings), unmapped(runtime), unmapped(dataset),
+        unmapped(autoencoder), unmapped(priors), unmapped(judge),
     )
-    return with_records(finalize_samples, *records)(settings, runtime, autoencoder, priors, judge,
+    return with_records(finalize_samples, *records)(settings, runtime, dataset, autoencoder, priors, judge,
                                                     track(batches, "sample: batches drawn"))
 
 
+def publish_samples(samples: SamplesManifest, storage_options: dict[str, Any] | None) -> None:
+    """The grid on the run's Artifacts tab (a thumbnail linking to grid.png under the root),
+    with how the images were drawn and what each acceptance rate kept."""
+    grid = read_bytes(samples.grid, storage_options)
+    rows = [{"acceptance rate": r.rate, "candidates": r.candidates, "kept": r.kept,
+             "judge confidence, kept": r.judge_confidence_kept} for r in samples.rates]
+    drawn = f"temperature {samples.temperature}, top-k {samples.top_k or 'off'}, seed {samples.seed}"
+    if samples.classes:
+        drawn = f"classes {', '.join(map(str, samples.classes))}; {drawn}"
+    text = (f"# vqvae2 samples\n\n{samples.num_samples} images kept at each acceptance rate, from "
+            f"{samples.candidates} candidates ({drawn}). The grid shows the images kept without rejection; "
+            f"all of them are under `{redact(samples.url)}`.\n\n{markdown_image(grid, 'samples', samples.grid)}\n\n"
+            f"{table(rows)}\n")
+    publish_markdown("vqvae2-samples", text, f"{samples.num_samples} samples ({drawn})")
+
+
 STAGE = Stage(
-    name="sample", directory="samples", code_version="1", settings=SampleSettings, output=SamplesManifest,
-    inputs={"autoencoder": Needs("train-autoencoder"), "priors": Needs("train-priors"),
+    name="sample", directory="samples", code_version="2", settings=SampleSettings, output=SamplesManifest,
+    # The dataset: its class names, which sample.classes names.
+    inputs={"dataset": Needs("ingest"), "autoencoder": Needs("train-autoencoder"), "priors": Needs("train-priors"),
             "judge": Needs("train-classifiers", variant="judge", optional=True)},
     run=run, summary="Sample images from the trained priors (mapped per batch), with classifier-based rejection.",
+    publish=publish_samples,
 )
+
+
+def _class_listing(class_names: Sequence[str], indices: Sequence[int] | None = None, limit: int = 30) -> str:
+    """Classes as `7 'Sneaker'`, comma-separated (the first `limit` of them)."""
+    indices = range(len(class_names)) if indices is None else indices
+    shown = ", ".join(f"{i} {class_names[i]!r}" for i in list(indices)[:limit])
+    return shown + (f", ... ({len(indices)} classes)" if len(indices) > limit else "")
+
+
+def resolve_classes(chosen: Sequence[str | int] | None, class_names: Sequence[str],
+                    num_classes: int) -> tuple[int, ...]:
+    """The indices of the classes to draw, in the order given: `chosen` (`sample.classes`) by
+    name (exact, else case-insensitive, else a string of digits as an index) or by index;
+    every class for None; () for unconditional priors. A ValueError naming sample.classes,
+    the bad value and the dataset's classes for a class the dataset does not have, a class
+    named twice, or classes asked of an unlabelled dataset or of unconditional priors."""
+    if chosen is None:
+        return tuple(range(num_classes))
+    if not class_names:
+        raise ValueError(f"sample.classes={list(chosen)!r}, but the dataset has no class labels, so its priors are "
+                         "unconditional: leave sample.classes unset (None)")
+    listing = f"the dataset's classes are {_class_listing(class_names)}"
+    if not num_classes:
+        raise ValueError(f"sample.classes={list(chosen)!r}, but the priors are unconditional (num_classes=0) and "
+                         f"cannot draw chosen classes ({listing}): leave sample.classes unset, or train "
+                         "class-conditional priors (num_classes auto)")
+    folded = [name.casefold() for name in class_names]
+    resolved: dict[int, str | int] = {}
+    for value in chosen:
+        if isinstance(value, str) and value in class_names:
+            index = class_names.index(value)
+        elif isinstance(value, str) and folded.count(value.casefold()) == 1:
+            index = folded.index(value.casefold())
+        elif isinstance(value, str) and value.strip().isdigit():
+            index = int(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            index = value
+        else:
+            raise ValueError(f"sample.classes: {value!r} is no class of the dataset; {listing}")
+        if not 0 <= index < len(class_names):
+            raise ValueError(f"sample.classes: {value!r} is no class index of the dataset (0 to "
+                             f"{len(class_names) - 1}); {listing}")
+        if index in resolved:
+            raise ValueError(f"sample.classes: {resolved[index]!r} and {value!r} are both class {index} "
+                             f"{class_names[index]!r}: name each class once; {listing}")
+        resolved[index] = value
+    return tuple(resolved)
+
+
+def check_classes(config: PipelineConfig, dataset: DatasetManifest) -> None:
+    """A bad `sample.classes` fails here, as it would when the stage starts: what a flow calls
+    once the dataset is known (after `adopt_classes`), so the error comes before any training."""
+    SamplingPlan.of(SampleSettings.of(config), dataset)
 
 
 @dataclass(frozen=True)
 class SamplingPlan:
-    """How many candidates to draw, and which of them each acceptance rate keeps."""
+    """How many candidates to draw, of which class, and which of them each acceptance rate keeps."""
 
-    num_classes: int  # 0: unlabelled data, no rejection
-    keep_per_class: int
+    classes: tuple[int, ...]  # the classes drawn, in order; (): unconditional, no labels, no rejection
+    num_samples: int  # kept at every rate
     rates: tuple[float, ...]
 
     @classmethod
-    def of(cls, settings: SampleSettings) -> SamplingPlan:
-        classes = settings.num_classes
-        if not classes:
-            return cls(0, settings.num_samples, (1.0,))
-        return cls(classes, math.ceil(settings.num_samples / classes), tuple(settings.acceptance_rates))
+    def of(cls, settings: SampleSettings, dataset: DatasetManifest) -> SamplingPlan:
+        classes = resolve_classes(settings.classes, dataset.class_names, settings.num_classes)
+        return cls(classes, settings.num_samples, tuple(settings.acceptance_rates) if classes else (1.0,))
+
+    @cached_property
+    def keep(self) -> np.ndarray:
+        """Kept per class (in the order of `classes`), at every rate: even, the first ones one more."""
+        base, extra = divmod(self.num_samples, len(self.classes))
+        return base + (np.arange(len(self.classes)) < extra)
+
+    def needed(self, rate: float) -> np.ndarray:
+        """Candidates each class needs for rejection at `rate` to keep its share."""
+        return np.array([vqvae2.candidates_needed(int(k), rate) for k in self.keep], dtype=np.int64)
+
+    @cached_property
+    def _layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """(position in `classes`, rank within its class) of every candidate: round-robin over
+        the classes, each round over those that need more candidates than rounds so far."""
+        needed = self.needed(min(self.rates))
+        drawn = needed[None, :] > np.arange(needed.max())[:, None]  # (round, class): drawn?
+        positions = np.broadcast_to(np.arange(len(needed))[None, :], drawn.shape)[drawn]
+        ranks = np.broadcast_to(np.arange(len(drawn))[:, None], drawn.shape)[drawn]
+        return positions, ranks
 
     @property
     def candidates(self) -> int:
-        if not self.num_classes:
-            return self.keep_per_class
-        return self.num_classes * vqvae2.candidates_needed(self.keep_per_class, min(self.rates))
+        return len(self._layout[0]) if self.classes else self.num_samples
 
     def labels(self, first: int, count: int) -> np.ndarray:
         """Intended classes of candidates first..first+count (-1 without classes)."""
-        index = np.arange(first, first + count)
-        return index % self.num_classes if self.num_classes else np.full(count, -1)
+        if not self.classes:
+            return np.full(count, -1)
+        return np.asarray(self.classes, dtype=np.int64)[self._layout[0][first:first + count]]
 
     def pool(self, rate: float) -> np.ndarray:
         """Indices of the candidates rejection at `rate` chooses from: the first ones of each class."""
-        if not self.num_classes:
+        if not self.classes:
             return np.arange(self.candidates)
-        per_class = vqvae2.candidates_needed(self.keep_per_class, rate)
-        return np.flatnonzero(np.arange(self.candidates) // self.num_classes < per_class)
+        positions, ranks = self._layout
+        return np.flatnonzero(ranks < self.needed(rate)[positions])
 
     def kept(self, scores: np.ndarray, labels: np.ndarray, rate: float) -> np.ndarray:
-        """Indices of the candidates rejection at `rate` keeps: `keep_per_class` per class."""
+        """Indices of the candidates rejection at `rate` keeps, `keep` per class, the classes
+        interleaved: the first kept (by candidate order) of every class, then the second, ..."""
         pool = self.pool(rate)
-        if not self.num_classes:
+        if not self.classes:
             return pool
-        return pool[vqvae2.accept_mask(torch.from_numpy(scores[pool]), torch.from_numpy(labels[pool]), rate).numpy()]
+        chosen = pool[vqvae2.accept_mask(torch.from_numpy(scores[pool]), torch.from_numpy(labels[pool]), rate).numpy()]
+        positions = self._layout[0][chosen]
+        return chosen[np.lexsort((positions, _occurrence(positions)))]
 
 
-def batch_sizes(settings: SampleSettings) -> list[int]:
-    full, rest = divmod(SamplingPlan.of(settings).candidates, settings.batch_size)
+def _occurrence(values: np.ndarray) -> np.ndarray:
+    """How many times each value occurred before, in order: [3, 5, 3, 3] -> [0, 0, 1, 2]."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(values) else np.zeros(0, dtype=int)
+    counts = np.diff(np.r_[starts, len(values)])
+    occurrence = np.empty(len(values), dtype=np.int64)
+    occurrence[order] = np.arange(len(values)) - np.repeat(starts, counts)
+    return occurrence
+
+
+def batch_sizes(settings: SampleSettings, dataset: DatasetManifest) -> list[int]:
+    full, rest = divmod(SamplingPlan.of(settings, dataset).candidates, settings.batch_size)
     return [settings.batch_size] * full + ([rest] if rest else [])
 
 
-def _samples(settings: SampleSettings, runtime: Runtime, autoencoder: AutoencoderManifest,
+def _samples(settings: SampleSettings, runtime: Runtime, dataset: DatasetManifest, autoencoder: AutoencoderManifest,
              priors: list[PriorManifest], judge: ClassifierManifest | None) -> Artifact:
-    return STAGE.artifact(settings, {"autoencoder": autoencoder, "priors": priors, "judge": judge}, runtime)
+    inputs = {"dataset": dataset, "autoencoder": autoencoder, "priors": priors, "judge": judge}
+    return STAGE.artifact(settings, inputs, runtime)
 
 
-def _batch_marker(index: int, settings: SampleSettings, runtime: Runtime, autoencoder: AutoencoderManifest,
-                  priors: list[PriorManifest], judge: ClassifierManifest | None) -> Marker[SampleBatch]:
-    return _samples(settings, runtime, autoencoder, priors, judge).unit_marker(f"batch-{index:05d}", SampleBatch)
+def _batch_marker(index: int, settings: SampleSettings, runtime: Runtime, dataset: DatasetManifest,
+                  autoencoder: AutoencoderManifest, priors: list[PriorManifest],
+                  judge: ClassifierManifest | None) -> Marker[SampleBatch]:
+    samples = _samples(settings, runtime, dataset, autoencoder, priors, judge)
+    return samples.unit_marker(f"batch-{index:05d}", SampleBatch)
 
 
 @torch.no_grad()
@@ -141,18 +267,19 @@ def judge_scores(judge: vqvae2.ResNetClassifier | None, images: torch.Tensor, la
 
 
 @cached_unit(locate=_batch_marker, name="sample-batch", task_run_name="sample-batch-{index}")
-def sample_batch(index: int, settings: SampleSettings, runtime: Runtime, autoencoder: AutoencoderManifest,
-                 priors: list[PriorManifest], judge: ClassifierManifest | None) -> SampleBatch:
+def sample_batch(index: int, settings: SampleSettings, runtime: Runtime, dataset: DatasetManifest,
+                 autoencoder: AutoencoderManifest, priors: list[PriorManifest],
+                 judge: ClassifierManifest | None) -> SampleBatch:
     """Draw batch `index` of the candidates with its own seed, and let the judge score them."""
-    samples = _samples(settings, runtime, autoencoder, priors, judge)
+    samples, plan = _samples(settings, runtime, dataset, autoencoder, priors, judge), SamplingPlan.of(settings, dataset)
     options, device = runtime.storage_options, resolve_device(runtime.training.device)
     model = load_model(autoencoder, options, device)
     prior_models = [load_model(p, options, device) for p in priors]
     judge_model = load_model(judge, options, device) if judge else None
-    size = batch_sizes(settings)[index]
-    labels = torch.from_numpy(SamplingPlan.of(settings).labels(index * settings.batch_size, size)).to(device)
+    size = batch_sizes(settings, dataset)[index]
+    labels = torch.from_numpy(plan.labels(index * settings.batch_size, size)).to(device)
     images, codes = vqvae2.sample_images(
-        model, prior_models, size, labels=labels if settings.num_classes else None,
+        model, prior_models, size, labels=labels if plan.classes else None,
         temperature=settings.temperature, top_k=settings.top_k, seed=settings.seed + index,
         dtype=torch.bfloat16 if settings.dtype == "bf16" else None,
     )
@@ -168,11 +295,11 @@ def sample_batch(index: int, settings: SampleSettings, runtime: Runtime, autoenc
 
 
 @stage_task(STAGE, name="finalize-samples")
-def finalize_samples(settings: SampleSettings, runtime: Runtime, autoencoder: AutoencoderManifest,
-                     priors: list[PriorManifest], judge: ClassifierManifest | None, batches: list[SampleBatch],
-                     artifact: Artifact) -> SamplesManifest:
+def finalize_samples(settings: SampleSettings, runtime: Runtime, dataset: DatasetManifest,
+                     autoencoder: AutoencoderManifest, priors: list[PriorManifest], judge: ClassifierManifest | None,
+                     batches: list[SampleBatch], artifact: Artifact) -> SamplesManifest:
     """Select the kept candidates of every acceptance rate; grids of samples and of rejection."""
-    options, plan = artifact.storage_options, SamplingPlan.of(settings)
+    options, plan = artifact.storage_options, SamplingPlan.of(settings, dataset)
     urls = [b.url for b in sorted(batches, key=lambda b: b.index)]
     data = load_samples(urls, options)
     scores, labels = data["judge_scores"], data["labels"]
@@ -187,7 +314,7 @@ def finalize_samples(settings: SampleSettings, runtime: Runtime, autoencoder: Au
     scale = display_scale(settings.image_size)
     grid = image_grid(torch.from_numpy(data["images"][kept[1.0][: settings.grid_size]]).float() / 255)
     write_bytes(artifact.path("grid.png"), png_bytes(grid, scale), options)
-    rejection = plan.num_classes and len(plan.rates) > 1
+    rejection = bool(plan.classes) and len(plan.rates) > 1
     if rejection:
         write_bytes(artifact.path("rejection.png"), png_bytes(rejection_grid(data["images"], scores, labels, plan),
                                                               scale), options)
@@ -197,7 +324,7 @@ def finalize_samples(settings: SampleSettings, runtime: Runtime, autoencoder: Au
         **artifact.identity(), batches=urls, candidates=int(len(scores)), selections=artifact.path("selections.npz"),
         rates=rows, grid=artifact.path("grid.png"), rejection_grid=artifact.path("rejection.png") if rejection else None,
         judge_mean_confidence=_mean(scores), temperature=settings.temperature, top_k=settings.top_k,
-        seed=settings.seed, num_samples=int(len(kept[1.0])),
+        seed=settings.seed, num_samples=int(len(kept[1.0])), classes=list(plan.classes) or None,
     )
 
 
@@ -208,12 +335,14 @@ def _mean(values: np.ndarray) -> float | None:
 
 def rejection_grid(images: np.ndarray, scores: np.ndarray, labels: np.ndarray, plan: SamplingPlan,
                    per_side: int = 6) -> np.ndarray:
-    """One row per class: its `per_side` candidates the judge likes most (left) and least (right)."""
+    """One row per class drawn: its `per_side` candidates the judge likes most (left) and least
+    (right); fewer a side when a class has fewer candidates, the same number in every row."""
+    mine = [np.flatnonzero(labels == label) for label in plan.classes]
+    mine = [m for m in mine if len(m)]  # a class that keeps nothing (num_samples < classes) draws nothing
+    side = min([per_side, *(len(m) for m in mine)])
     rows = []
-    for label in range(plan.num_classes):
-        mine = np.flatnonzero(labels == label)
-        order = mine[np.argsort(-scores[mine], kind="stable")]
-        picks = np.concatenate([order[:per_side], order[::-1][:per_side][::-1]])
-        rows.append(images[picks])
+    for candidates in mine:
+        order = candidates[np.argsort(-scores[candidates], kind="stable")]
+        rows.append(images[np.concatenate([order[:side], order[::-1][:side][::-1]])])
     grid = torch.from_numpy(np.concatenate(rows)).float() / 255
-    return image_grid(grid, columns=2 * per_side)
+    return image_grid(grid, columns=2 * side)
