@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -26,46 +24,6 @@ from browser import render
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME; yields the env to talk to it."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    api = f"http://127.0.0.1:{_free_port()}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
-        "PREFECT_API_URL": api,
-        "PREFECT_UI_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    port = api.rsplit(":", 1)[1].split("/")[0]
-    log = open(home / "server.log", "w")
-    server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-        time.sleep(1)
-    yield env
-    server.terminate()
-    server.wait(timeout=30)
-    log.close()
 
 
 def _prefect(env: dict, *args: str, cwd: Path = REPO, timeout: float = 300) -> str:
