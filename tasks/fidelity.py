@@ -50,6 +50,8 @@ import vqvae2
 from storage.checkpoints import load_checkpoint
 from storage.fsutil import exists, redact
 
+from .manifests import from_root
+
 
 FEATURES = ("auto", "inception", "domain", "self-supervised")
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -141,10 +143,13 @@ class Extractor:
     feature_layers: dict[str, str]  # metric (isc, fid, kid, prc) -> feature layer
     storage_options: dict[str, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
 
-    def report(self) -> dict[str, Any]:
-        """JSON-able, for report.json (no storage options: they may hold credentials)."""
-        return {"features": self.requested, "extractor": self.name, "kind": self.kind, "weights": redact(self.weights),
-                "description": self.description, "feature_layers": dict(self.feature_layers)}
+    def report(self, root: str | None = None) -> dict[str, Any]:
+        """JSON-able, for report.json (no storage options: they may hold credentials); weights
+        under the storage `root` are named by their path from it, so a moved root's report holds."""
+        weights = redact(self.weights)
+        shown = from_root(weights, root) if root else weights
+        return {"features": self.requested, "extractor": self.name, "kind": self.kind, "weights": shown,
+                "description": self.description.replace(weights, shown), "feature_layers": dict(self.feature_layers)}
 
 
 def _layers(cls: type) -> dict[str, str]:

@@ -1,17 +1,62 @@
 """What the stages hand each other: one frozen, typed manifest per stage output, and the
 small results of mapped units (a shard encoded, a batch sampled).
 
-A manifest is `manifest.json` in its artifact directory, written last; it names files
-(URLs), never holds tensors. The identity fields (`stage`, `key`, `url`) are filled in
-from where a manifest is read, so one written by the storage layer alone (a dataset's)
-reads the same. A manifest that does not validate is a `ManifestError` naming the
-artifact and the field.
+A manifest is `manifest.json` in its artifact directory, written last; it names files,
+never holds tensors. The identity fields (`stage`, `key`, `url`) are filled in from where
+a manifest is read, so one written by the storage layer alone (a dataset's) reads the
+same. A manifest that does not validate is a `ManifestError` naming the artifact and the
+field.
+
+Files under the storage root (`RootURL` fields) are URLs in memory and paths relative to
+the root at rest, in manifests, unit markers and Prefect's cache records, so a root that
+is moved or copied (a folder renamed, a disk synced to S3) works where it lands:
+`stored(record, root)` writes the relative form, validating with `located(root)` as
+context reads it back as URLs under `root`.
 """
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PlainSerializer, SerializationInfo, ValidationInfo, WrapValidator
+
+ROOT = "vqvae2-root"  # the validation/serialization context's key of the storage root
+_ARTIFACT_PATH = re.compile(r"[^/]+/[0-9a-f]{16}(/|$)")  # {stage directory}/{key}...: where a root's files lie
+
+
+def _root(info: ValidationInfo | SerializationInfo) -> str | None:
+    context = info.context
+    return context.get(ROOT) if isinstance(context, dict) else None
+
+
+def _resolve(value: Any, handler: Any, info: ValidationInfo) -> str:
+    value, root = handler(value), _root(info)
+    if not root or "://" in value or value.startswith(("/", "~")):
+        return value  # no root to resolve against, or already a URL (written before paths were relative)
+    prefix = root.rstrip("/") + "/"
+    if value.startswith(prefix) and _ARTIFACT_PATH.match(value[len(prefix):]):
+        return value  # a relative root's URL, written before paths were relative
+    return prefix + value
+
+
+def _relative(value: str, info: SerializationInfo) -> str:
+    root = _root(info)
+    return from_root(value, root) if root else value
+
+
+def from_root(url: str, root: str) -> str:
+    """`url`'s path from `root` when it lies under it (what reports show), else `url` itself."""
+    prefix = root.rstrip("/") + "/"
+    return url[len(prefix):] if url.startswith(prefix) else url
+
+
+# A file or folder under the storage root: its URL in memory, its path from the root at rest.
+RootURL = Annotated[str, WrapValidator(_resolve), PlainSerializer(_relative, return_type=str)]
+
+
+def located(root: str) -> dict[str, str]:
+    """The pydantic context that reads (or writes) root-relative paths as (from) URLs under `root`."""
+    return {ROOT: root}
 
 
 class Record(BaseModel):
@@ -23,7 +68,7 @@ class Record(BaseModel):
 class Manifest(Record):
     stage: str  # the stage's directory under the root: datasets, autoencoder, ...
     key: str
-    url: str
+    url: RootURL
     seconds: float | None = None  # how long the stage took to compute it
 
 
@@ -62,7 +107,7 @@ class DatasetManifest(Manifest):
     splits: dict[str, SplitInfo]
     ignored: list[Skipped]
     carried: int = 0  # images copied in shards of `base`, the dataset the source made before it grew
-    base: str | None = None
+    base: RootURL | None = None
 
     @property
     def labelled(self) -> bool:
@@ -87,9 +132,9 @@ class TrainingSummary(Record):
     resumed_from_step: int
     epochs: int
     metrics: dict[str, float]
-    model: str  # URL of model.pt, a vqvae2.to_checkpoint dict
-    loss_curve: str
-    history: str
+    model: RootURL  # model.pt, a vqvae2.to_checkpoint dict
+    loss_curve: RootURL
+    history: RootURL
     device: str
     processes: int = 1  # data-parallel ranks it trained with
     # Each time it diverged and went on from an earlier checkpoint at a lower learning rate
@@ -151,7 +196,7 @@ class EncodedShard(Record):
 
 
 class CodesManifest(Manifest):
-    codes: str  # URL of codes.zarr
+    codes: RootURL  # codes.zarr
     dataset: str
     autoencoder: str
     level_shapes: list[tuple[int, int]]
@@ -165,7 +210,7 @@ class CodesManifest(Manifest):
 
 class SampleBatch(Record):
     index: int
-    url: str
+    url: RootURL
     images: int
 
 
@@ -178,12 +223,12 @@ class RateRow(Record):
 
 
 class SamplesManifest(Manifest):
-    batches: list[str]
+    batches: list[RootURL]
     candidates: int
-    selections: str  # npz: the kept candidates' indices per acceptance rate
+    selections: RootURL  # npz: the kept candidates' indices per acceptance rate
     rates: list[RateRow]
-    grid: str
-    rejection_grid: str | None
+    grid: RootURL
+    rejection_grid: RootURL | None
     judge_mean_confidence: float | None
     temperature: float
     top_k: int | None
@@ -196,8 +241,8 @@ class SamplesManifest(Manifest):
 
 
 class ReportManifest(Manifest):
-    report: str  # report.json
-    markdown: str  # report.md
+    report: RootURL  # report.json
+    markdown: RootURL  # report.md
     metrics: dict[str, float | int]
     fidelity: list[dict[str, float | int | str | None]]  # one row of FID/KID/PR/IS per image set
     extractor: str  # the feature space of the fidelity rows: inception or domain

@@ -17,7 +17,7 @@ from pydantic import TypeAdapter, ValidationError
 from storage.artifacts import MANIFEST, artifact_url, clean_incomplete
 from storage.fsutil import exists, join, read_bytes, redact, sweep_temporaries, write_bytes
 
-from ..manifests import Manifest
+from ..manifests import Manifest, located
 from .reporting import logger
 
 R = TypeVar("R")
@@ -25,6 +25,7 @@ M = TypeVar("M", bound=Manifest)
 
 
 ABANDONED_AFTER_S = 24 * 3600.0  # a stage writing into its folder less often than this is not running
+RECORDS = ".prefect"  # the folder of an artifact that holds Prefect's cache records of its units
 
 
 class ManifestError(ValueError):
@@ -68,9 +69,11 @@ class Marker(Generic[R]):
         return self.done() if self.done is not None else self.read() is not None
 
 
-def read_typed(url: str, model: Any, storage_options: dict[str, Any] | None, extra: dict[str, Any] | None = None):
-    """The JSON file at `url` validated as `model` (a pydantic model or a dataclass type), or
-    None if there is no such file; `extra` fields are filled in before validating."""
+def read_typed(url: str, model: Any, storage_options: dict[str, Any] | None, root: str,
+               extra: dict[str, Any] | None = None):
+    """The JSON file at `url` validated as `model` (a pydantic model or a dataclass type), its
+    paths read as URLs under `root`, or None if there is no such file; `extra` fields are
+    filled in before validating."""
     if not exists(url, storage_options):
         return None
     try:
@@ -82,15 +85,16 @@ def read_typed(url: str, model: Any, storage_options: dict[str, Any] | None, ext
             raise ManifestError(f"{redact(url)}: expected a JSON object, got {type(parsed).__name__}")
         parsed = {**parsed, **extra}
     try:
-        return TypeAdapter(model).validate_python(parsed)
+        return TypeAdapter(model).validate_python(parsed, context=located(root))
     except ValidationError as err:
         problem = err.errors()[0]
         where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         raise ManifestError(f"{redact(url)}: field `{where}`: {problem['msg']}") from None
 
 
-def write_typed(url: str, result: Any, storage_options: dict[str, Any] | None) -> None:
-    data = TypeAdapter(type(result)).dump_json(result, indent=1)
+def write_typed(url: str, result: Any, storage_options: dict[str, Any] | None, root: str) -> None:
+    """Write `result` as JSON, its URLs under `root` as paths relative to it."""
+    data = TypeAdapter(type(result)).dump_json(result, indent=1, context=located(root))
     write_bytes(url, data, storage_options)
 
 
@@ -115,11 +119,11 @@ class Artifact:
 
     def record(self, unit: str) -> str:
         """Prefect's cache record of one unit of this artifact, relative to the root."""
-        return f"{self.stage}/{self.key}/.prefect/{unit}.json"
+        return f"{self.stage}/{self.key}/{RECORDS}/{unit}.json"
 
     def read(self, model: type[M]) -> M | None:
         """The complete artifact's manifest, None while it is incomplete; `ManifestError` if damaged."""
-        return read_typed(self.path(MANIFEST), model, self.storage_options, extra=self.identity())
+        return read_typed(self.path(MANIFEST), model, self.storage_options, self.root, extra=self.identity())
 
     def is_complete(self) -> bool:
         """Whether the manifest exists (not read: a cheap check, for units of a finished artifact)."""
@@ -139,7 +143,7 @@ class Artifact:
         """The whole stage's marker: its manifest, written last."""
         return Marker(
             url=self.path(MANIFEST), record=self.record("stage"), read=lambda: self.read(model),
-            write=lambda manifest: write_typed(self.path(MANIFEST), manifest, self.storage_options),
+            write=lambda manifest: write_typed(self.path(MANIFEST), manifest, self.storage_options, self.root),
         )
 
     def tidy_stage(self) -> None:
@@ -160,6 +164,6 @@ class Artifact:
         """A mapped unit's marker: `units/{unit}.json` holding its result, written after its output."""
         url = self.path("units", f"{unit}.json")
         return Marker(
-            url=url, record=self.record(unit), read=lambda: read_typed(url, model, self.storage_options),
-            write=lambda result: write_typed(url, result, self.storage_options),
+            url=url, record=self.record(unit), read=lambda: read_typed(url, model, self.storage_options, self.root),
+            write=lambda result: write_typed(url, result, self.storage_options, self.root),
         )

@@ -30,13 +30,16 @@ from typing import Any
 from prefect import Task, task
 from prefect.blocks.fields import SecretDict
 from prefect.filesystems import WritableFileSystem
+from prefect.results import get_default_result_storage
 from prefect.settings import get_current_settings
 from pydantic import Field
 
 from storage.artifacts import canonical_json
 from storage.fsutil import exists, join, read_bytes, redact, remove, write_bytes
 
-from .artifacts import ManifestError, UnitMarker
+from .. import manifests
+from ..manifests import Record, located
+from .artifacts import RECORDS, ManifestError, UnitMarker
 from .failures import retry_unless_permanent
 from .reporting import logger
 
@@ -50,6 +53,12 @@ class CacheRecords(WritableFileSystem):
 
     Prefect wants the result storage of a task saved as a block; the storage options
     (which may hold credentials) are a `SecretDict`, so the UI never shows them.
+
+    Only the records of cached units (their paths are `Marker.record`s) go under the root,
+    their manifests' URLs as paths relative to it, so a moved or copied root finds its
+    records valid where it lands. What else Prefect persists through this block (the error
+    of a failed attempt, under a random name) is the worker's own business: it goes to
+    Prefect's default result storage, never to the top of the root.
     """
 
     _block_type_name = "vqvae2 cache records"
@@ -63,10 +72,14 @@ class CacheRecords(WritableFileSystem):
 
     # Prefect calls these with `_sync=True` (its blocks are sync/async dispatching).
     def read_path(self, path: str, _sync: bool = True) -> bytes:
-        return read_bytes(join(self.root, path), self._options())
+        if not is_record(path):
+            return get_default_result_storage().read_path(path, _sync=True)
+        return _rebased(read_bytes(join(self.root, path), self._options()), self.root, reading=True)
 
     def write_path(self, path: str, content: bytes, _sync: bool = True) -> str:
-        write_bytes(join(self.root, path), content, self._options())
+        if not is_record(path):
+            return get_default_result_storage().write_path(path, content, _sync=True)
+        write_bytes(join(self.root, path), _rebased(content, self.root, reading=False), self._options())
         return path
 
     def drop(self, path: str) -> None:
@@ -74,6 +87,53 @@ class CacheRecords(WritableFileSystem):
         if exists(url, self._options()):
             logger().info(f"dropping the stale cache record {redact(url)}")
             remove(url, self._options())
+
+
+def is_record(path: str) -> bool:
+    """Whether `path` is a cached unit's record (`Artifact.record`), kept under the root."""
+    return f"/{RECORDS}/" in path
+
+
+def _rebased(content: bytes, root: str, reading: bool) -> bytes:
+    """A cache record with the URLs of the manifests it holds written relative to `root`
+    (`reading=False`), or read back as URLs under `root` (`reading=True`).
+
+    Prefect's JSON serializer keeps a pydantic result as `{"__class__": name, "data": ...}`
+    inside the record's `result` text; only the pipeline's own manifest types are rebased,
+    by their `RootURL` fields, and no other class is ever imported here."""
+    record = json.loads(content)
+    metadata = record.get("metadata") if isinstance(record, dict) else None
+    if not isinstance(metadata, dict) or metadata.get("serializer", {}).get("type") != "json":
+        return content
+    if not isinstance(record.get("result"), str):
+        return content
+    context = located(root)
+
+    def convert(model: type[Record], data: Any) -> Any:
+        if reading:
+            return model.model_validate(data, context=context).model_dump(mode="json")
+        return model.model_validate(data).model_dump(mode="json", context=context)
+
+    record["result"] = json.dumps(_each_manifest(json.loads(record["result"]), convert))
+    return json.dumps(record).encode()
+
+
+def _each_manifest(value: Any, convert: Callable[[type[Record], Any], Any]) -> Any:
+    if isinstance(value, list):
+        return [_each_manifest(v, convert) for v in value]
+    if not isinstance(value, dict):
+        return value
+    model = _manifest_type(value.get("__class__"))
+    if model is not None and "data" in value:
+        return {**value, "data": convert(model, value["data"])}
+    return {k: _each_manifest(v, convert) for k, v in value.items()}
+
+
+def _manifest_type(name: Any) -> type[Record] | None:
+    if not isinstance(name, str) or name.rpartition(".")[0] != manifests.__name__:
+        return None
+    found = getattr(manifests, name.rpartition(".")[2], None)
+    return found if isinstance(found, type) and issubclass(found, Record) else None
 
 
 @functools.lru_cache(maxsize=16)

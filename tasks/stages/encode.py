@@ -55,8 +55,11 @@ def _codes(settings: EncodeSettings, runtime: Runtime, dataset: DatasetManifest,
     return STAGE.artifact(settings, {"dataset": dataset, "autoencoder": autoencoder}, runtime)
 
 
+ARRAYS = "codes.zarr"  # the arrays' folder in the artifact
+
+
 def codes_url(artifact: Artifact) -> str:
-    return artifact.path("codes.zarr")
+    return artifact.path(ARRAYS)
 
 
 def _arrays_marker(settings: EncodeSettings, runtime: Runtime, dataset: DatasetManifest,
@@ -65,20 +68,21 @@ def _arrays_marker(settings: EncodeSettings, runtime: Runtime, dataset: DatasetM
     # cheap and idempotent, so only a complete artifact counts as done.
     codes = _codes(settings, runtime, dataset, autoencoder)
     return Marker(url=codes_url(codes), record=codes.record("arrays"),
-                  read=lambda: codes_url(codes) if codes.read(CodesManifest) else None)
+                  read=lambda: ARRAYS if codes.read(CodesManifest) else None)
 
 
 @cached_unit(locate=_arrays_marker, name="prepare-codes")
 def prepare_codes(settings: EncodeSettings, runtime: Runtime, dataset: DatasetManifest,
                   autoencoder: AutoencoderManifest) -> str:
-    """Create the (empty) code arrays once, before the per-shard writers; a retry finds them."""
+    """Create the (empty) code arrays once, before the per-shard writers; a retry finds them.
+    Returns their folder's name in the artifact (a name, not a URL: Prefect keeps it under the root)."""
     codes = _codes(settings, runtime, dataset, autoencoder)
     create_codes(
         codes_url(codes), dataset.shard_counts(), [list(shape) for shape in autoencoder.latent_shapes],
         class_names=dataset.class_names, attrs={"dataset": dataset.key, "autoencoder": autoencoder.key},
         storage_options=codes.storage_options,
     )
-    return codes_url(codes)
+    return ARRAYS
 
 
 def _shard_marker(unit: tuple[str, int], settings: EncodeSettings, runtime: Runtime, dataset: DatasetManifest,

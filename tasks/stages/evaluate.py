@@ -38,6 +38,7 @@ from ..manifests import (
     ReportManifest,
     SamplesManifest,
     TrainedManifest,
+    from_root,
 )
 from ..runtime.artifacts import Artifact
 from ..runtime.cached import with_records
@@ -222,7 +223,7 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
         "model": model,
         "dataset": {"key": dataset.key, "images": dataset.num_samples, "source": dataset.source},
         "metrics": metrics,
-        "fidelity": {"extractor": extractor.report(), "reference": f"{len(test_images)} held-out test images",
+        "fidelity": {"extractor": extractor.report(runtime.root), "reference": f"{len(test_images)} held-out test images",
                      "rows": rows},
         "training": [training_row(m) for m in trained],
         "samples": {"candidates": samples.candidates, "kept_per_rate": samples.num_samples,
@@ -230,8 +231,9 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
                     "rejection": _rejection(samples, dataset)},
         "seeds": {"sample": samples.seed, **{name: model[name]["seed"] for name in
                                              ("train_autoencoder", "train_prior", "train_classifier")}},
-        "artifacts": {m.stage: m.url for m in [dataset, autoencoder, codes, samples]}
-        | {m.display_name: m.url for m in trained},
+        # Each artifact's folder from the storage root: the report holds wherever the root moves.
+        "artifacts": {m.stage: from_root(m.url, runtime.root) for m in [dataset, autoencoder, codes, samples]}
+        | {m.display_name: from_root(m.url, runtime.root) for m in trained},
         "images": list(images),  # PNGs beside report.json, in the report's order
     }
     write_json(artifact.path("report.json"), report, options)
