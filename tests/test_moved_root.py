@@ -135,3 +135,20 @@ def test_what_is_not_a_cache_record_stays_out_of_the_root(tmp_path):
     records.write_path("0f1e2d3c4b5a69788796a5b4c3d2e1f0", b"an error")
     assert not (tmp_path / "root").exists()
     assert records.read_path("0f1e2d3c4b5a69788796a5b4c3d2e1f0") == b"an error"
+
+
+@pytest.mark.slow
+def test_a_failed_run_leaves_nothing_at_the_top_of_the_root(prefect_api, tmp_path, fashion_mnist_test_split):
+    """Too many unreadable images fail the ingest for good: Prefect persists the error, and
+    the root holds only the datasets folder, no stray result file beside it."""
+    from flows.pipeline import STAGE_FLOWS
+    from image_files import write_folder
+
+    images, _ = fashion_mnist_test_split
+    write_folder(tmp_path / "images", images[:20])  # and one broken file: 1 of 21 unreadable
+    root = tmp_path / "root"
+    config = smoke_config(str(root), source={"url": str(tmp_path / "images")}, ingest={"max_bad_fraction": 0.0},
+                          overrides={"num_classes": 0})
+    state = STAGE_FLOWS["ingest"](**sections_of(config), return_state=True)
+    assert state.is_failed() and "could not be used" in state.message
+    assert sorted(p.name for p in root.iterdir()) == ["datasets"]
