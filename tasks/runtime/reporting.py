@@ -69,8 +69,8 @@ def config_artifact_key(key: str) -> str:
 
 @lru_cache(maxsize=64)
 def config_key(flow_run_id: str | None) -> str | None:
-    """The short key of the config a flow run runs: the hash in the name of its turn-taking
-    limit (`exclusive.run_limit`: the storage root and the fields that decide the artifacts).
+    """The short key of the config a flow run runs: the hash in the name of its run lease
+    (`exclusive.run_limit`: the storage root and the fields that decide the artifacts).
     So every run of one config into one root shares it, whichever flow (the pipeline or a
     stage flow), and two configs that would write different artifacts do not; fields that
     decide nothing (devices, log intervals, the runner) leave it alone. A stage's own
