@@ -27,6 +27,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,14 +40,26 @@ from fsspec.implementations.local import LocalFileSystem
 StorageOptions = Mapping[str, Any] | None
 
 TMP_MARKER = ".tmp-"
-_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")  # anywhere: URLs inside messages too
+# A URL's user:password@ part, anywhere in a text (URLs inside messages too). The second form
+# is a password holding an unescaped "/" (AWS secret keys often do): a ":" that no port follows.
+_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/\s]*@|[^/@\s:]*:(?!\d{1,5}(?:[/\s]|$))\S*@)")
+# The same without a scheme (`AKID:SECRET@bucket/runs`): a word starting a token (not inside a
+# path) that holds a ":" and an "@", the ":" not the start of "://".
+_BARE_USERINFO = re.compile(r"(?<![^\s'\"(\[{<,;=])[^\s/@:'\"(\[{<,;=]+:(?!/)[^\s'\"]*@(?=[^\s/@'\"])")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 def redact(url: str) -> str:
-    """The URL (or a message naming URLs) without any ``user:password@`` part, fit for
-    messages and manifests."""
-    return _USERINFO.sub(r"\1", str(url))
+    """The URL (or a message naming URLs) without any ``user:password@`` part, with or
+    without a scheme (``s3://AKID:SECRET@bucket``, ``AKID:SECRET@bucket``), fit for messages
+    and manifests."""
+    return _BARE_USERINFO.sub("", _USERINFO.sub(r"\1", str(url)))
+
+
+def holds_userinfo(url: str) -> bool:
+    """Whether ``url`` names a user or password (``user@``, ``user:password@``): what
+    :func:`redact` would remove."""
+    return redact(url) != str(url)
 
 
 def join(url: str, *parts: str) -> str:
@@ -320,3 +333,34 @@ def _hash_file(url: str, digest, storage_options: StorageOptions, block_size: in
         while block := f.read(block_size):
             digest.update(block)
     return digest.hexdigest()
+
+
+# Filesystems without an atomic exclusive create (memory://) are made exclusive within this process.
+_CREATING = threading.Lock()
+
+
+def create_new(url: str, data: bytes, storage_options: StorageOptions = None) -> bool:
+    """Write ``data`` to ``url`` unless a file is there already: True if this call wrote it,
+    False if ``url`` existed. Of several writers at once exactly one gets True, and a reader
+    sees the whole ``data`` or nothing. S3 writes with ``If-None-Match: *`` (a conditional
+    write); a disk links a complete temporary to the name (``link`` never replaces a file,
+    also over NFS); other filesystems (memory://) are exclusive within this process only.
+    """
+    fs, path = filesystem(url, storage_options)
+    try:
+        with storage_errors(url):
+            if not isinstance(fs, LocalFileSystem):
+                with contextlib.nullcontext() if _uploads_on_close(fs) else _CREATING:
+                    fs.pipe_file(path, data, mode="create")
+                return True
+            _make_parent_dirs(fs, path)
+            tmp = f"{path}{TMP_MARKER}{HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            with open(tmp, "wb") as file:
+                file.write(data)
+            try:
+                os.link(tmp, path)
+            finally:
+                os.remove(tmp)
+    except FileExistsError:
+        return False
+    return True

@@ -59,10 +59,12 @@ class ShardingOptions:
 
     Pydantic validates it as a config section (`__pydantic_config__`: unknown fields are
     errors, the comments under the fields are their descriptions), without storage
-    importing pydantic.
+    importing pydantic. Its errors name a field as the user sets it (`ingest.shard_size`,
+    the `--set` key); :class:`IngestConfig`'s, made in code, by its class.
     """
 
     __pydantic_config__ = {"extra": "forbid", "use_attribute_docstrings": True}
+    _FIELDS = "ingest."  # how errors name the fields: a class attribute, not a field
 
     shard_size: int = 1000
     """Images per WebDataset shard (the unit of mapped work)"""
@@ -104,12 +106,14 @@ class ShardingOptions:
 
     def _need(self, ok: bool, name: str, what: str) -> None:
         if not ok:
-            raise ValueError(f"{type(self).__name__}.{name} must be {what}, got {getattr(self, name)!r}")
+            raise ValueError(f"{self._FIELDS}{name} must be {what}, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
 class IngestConfig(ShardingOptions):
     """How a source becomes shards. Part of the dataset's content key: change it, get a new dataset."""
+
+    _FIELDS = "IngestConfig."
 
     image_size: int = 32  # output images are image_size x image_size (shorter side scaled, centre crop)
     mode: str = "L"  # "L" (gray, 1 channel) or "RGB" (3 channels)
@@ -387,8 +391,14 @@ def finalize_dataset(
     results: Iterable[ShardResult | Mapping[str, Any]],
     dataset_url: str,
     storage_options: StorageOptions = None,
+    *,
+    write: bool = True,
 ) -> dict[str, Any]:
-    """Check every shard exists, enforce ``max_bad_fraction``, write ``manifest.json`` last; return it."""
+    """Check every shard exists, enforce ``max_bad_fraction``, write ``manifest.json`` last; return it.
+
+    ``write=False`` only returns it, for a caller that completes the dataset with a manifest
+    of its own (the pipeline's, with more fields): two writes would leave, if the process
+    died between them, a complete dataset with the lesser manifest."""
     by_shard = {}
     for r in results:
         r = r if isinstance(r, ShardResult) else ShardResult.from_dict(r)
@@ -399,6 +409,8 @@ def finalize_dataset(
     ordered = [by_shard[(t.split, t.index)] for t in plan.tasks]
     _check_bad_fraction(plan, ordered, dataset_url)
     _check_shards_exist(ordered, dataset_url, storage_options)
+    if plan.class_names is None:  # classes from the labels seen: they must run 0, 1, ... without a gap
+        _check_no_empty_classes(ordered, dataset_url, storage_options)
 
     if plan.class_names == ():  # unlabelled: no class names, no counts per class
         num_classes, class_names = 0, []
@@ -429,7 +441,8 @@ def finalize_dataset(
         "splits": splits,
         "ignored": [{"ref": ref, "reason": reason} for ref, reason in plan.ignored],
     }
-    write_manifest(dataset_url, manifest, storage_options)
+    if write:
+        write_manifest(dataset_url, manifest, storage_options)
     return manifest
 
 
@@ -441,9 +454,62 @@ def _check_bad_fraction(plan: IngestPlan, results: Sequence[ShardResult], datase
     examples = "; ".join(f"{ref}: {reason}" for ref, reason in bad[:5])
     raise TooManyBadImages(
         f"{redact(dataset_url)}: {len(bad)} of {total} images could not be used, more than "
-        f"IngestConfig.max_bad_fraction={plan.config.max_bad_fraction}; fix or remove them, or raise "
+        f"ingest.max_bad_fraction={plan.config.max_bad_fraction}; fix or remove them, or raise "
         f"max_bad_fraction. First ones: {examples or 'none (the source is empty)'}"
     )
+
+
+def _check_no_empty_classes(results: Sequence[ShardResult], dataset_url: str, storage_options: StorageOptions) -> None:
+    """Fail, naming the samples with the labels past the first gap, when labels taken as
+    classes (a source without class names) leave a class between 0 and the largest without
+    any image: label 9 in a set of 0, 1 and 2 would make ten classes, six of them empty, and
+    a model that trains, samples and reports on classes that do not exist."""
+    totals: list[int] = []
+    for r in results:
+        totals.extend([0] * (len(r.class_counts) - len(totals)))
+        for label, n in enumerate(r.class_counts):
+            totals[label] += n
+    empty = [label for label, n in enumerate(totals) if n == 0]
+    if not empty:
+        return
+    beyond = {label for label, n in enumerate(totals) if n and label > empty[0]}
+    samples = _samples_labelled(beyond, results, dataset_url, storage_options)
+    shown = ", ".join(f"{ref} (label {label})" for ref, label in samples[:5])
+    more = sum(totals[label] for label in beyond) - len(samples[:5])
+    raise ValueError(
+        f"{redact(dataset_url)}: the labels seen leave {len(empty)} of {len(totals)} classes (0 to {len(totals) - 1}) "
+        f"without any image: {_ranges(empty)}. Samples labelled above class {empty[0]}: {shown}" + (f" and {more} more" if more else "")
+        + ". Give the source its class names (source.class_names) to declare the classes, which allows empty "
+        "ones, or fix these labels"
+    )
+
+
+def _samples_labelled(labels: set[int], results: Sequence[ShardResult], dataset_url: str,
+                      storage_options: StorageOptions, limit: int = 5) -> list[tuple[str, int]]:
+    """``(source ref, label)`` of the first ``limit`` samples with one of ``labels``, read back
+    from the shards that hold them (an error path: the shards' records count, not name, them)."""
+    found: list[tuple[str, int]] = []
+    for r in results:
+        if not any(label < len(r.class_counts) and r.class_counts[label] for label in labels):
+            continue
+        for sample in iter_samples(shard_url(dataset_url, r.split, r.index), storage_options):
+            label = int(sample["cls"])
+            if label in labels:
+                found.append((json.loads(sample["json"])["source"], label))
+                if len(found) == limit:
+                    return found
+    return found
+
+
+def _ranges(labels: Sequence[int]) -> str:
+    """``3-8, 11`` for ``[3, 4, 5, 6, 7, 8, 11]``."""
+    runs: list[list[int]] = []
+    for label in labels:
+        if runs and label == runs[-1][-1] + 1:
+            runs[-1].append(label)
+        else:
+            runs.append([label])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
 def _check_shards_exist(results: Sequence[ShardResult], dataset_url: str, storage_options: StorageOptions) -> None:

@@ -10,13 +10,13 @@ import os
 from functools import cached_property
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 import torch
 
 import vqvae2
-from storage.fsutil import join
+from storage.fsutil import holds_userinfo, join
 from storage.ingest import ShardingOptions
 from storage.sources import (
     FASHION_MNIST_DIR,
@@ -26,11 +26,12 @@ from storage.sources import (
     Source,
     TarSource,
     fashion_mnist_source,
+    http_options,
 )
 from storage.sources.image_folder import LABEL_MODES
 from storage.sources.list_file import FORMATS as LIST_FORMATS
 
-from .credentials import block_options, refuse_secrets
+from .credentials import block_options, refuse_secrets, refuse_userinfo
 
 PresetName = Literal["smoke", "fashion-mnist", "fashion-mnist-gpu", "imagenet-256", "ffhq-1024"]
 
@@ -78,7 +79,21 @@ class SourceSection(Section):
                                     "relative to the list's folder); None: the first of path, url, file, image")
     split_column: str | None = Field(None, description="list: a column of train/test; None: `ingest.holdout_fraction` "
                                      "of the images, chosen by a stable hash, are held out")
-    class_names: list[str] | None = Field(None, description="Class names of an idx, list or tars source")
+    class_names: list[str] | None = Field(None, description="Class names of an idx, list or tars source. A tars "
+                                          "source without them takes the labels seen as classes 0 to the largest, "
+                                          "and fails if one of those has no image (label 9 in a 3-class set): "
+                                          "class names declare the classes, empty ones included")
+    allow_outside: bool = Field(
+        False, description="list: also read rows that lie outside the list's own folder: absolute paths, file:// "
+        "URLs, ../ escapes, URLs of other buckets or filesystems. Off (the default), a list names files in its "
+        "folder and below (relative paths, or absolute ones inside it) and http(s) URLs on any host, and a list "
+        "that is itself remote (s3://, http(s)://) never names a local file: a list is data, maybe someone "
+        "else's, and must not pull any file the worker can read into the dataset",
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Seconds an http(s) server of the source (a list file and the "
+                             "images it names, tars, folders, the Fashion-MNIST mirror) may take to answer: to "
+                             "connect, and between two pieces of a reply; a large file that keeps coming is not cut "
+                             "off")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the source's URL "
                                             "(no credentials: see credentials_block)")
     credentials_block: str | None = Field(None, description="Name of a Prefect Secret block whose value is the JSON "
@@ -97,6 +112,15 @@ class SourceSection(Section):
             return "list"
         return "tars" if path.endswith(".tar") else "image-folder"
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        if url is not None and not url.strip():
+            raise ValueError("source.url is empty: give a folder, a list file or a .tar pattern (local, s3:// or "
+                             "http(s)://), or leave it out for Fashion-MNIST")
+        refuse_userinfo(url, "source.url", "source.credentials_block")
+        return url
+
     @model_validator(mode="after")
     def _url_when_needed(self) -> SourceSection:
         kind = self.resolved_kind
@@ -109,16 +133,20 @@ class SourceSection(Section):
         for name in ("path_column", "split_column"):
             if getattr(self, name) is not None and kind != "list":
                 raise ValueError(f"source.{name} applies to a list source, not to kind {kind!r}")
+        if self.allow_outside and kind != "list":
+            raise ValueError(f"source.allow_outside applies to a list source, not to kind {kind!r}")
         refuse_secrets(self.storage_options, "source.storage_options", "source.credentials_block")
         return self
 
     def build(self, download_to: str) -> Source:
         credentials = block_options(self.credentials_block, "source.credentials_block")
         options, kind = {**self.storage_options, **credentials} or None, self.resolved_kind
+        if self.url and kind != "list":  # a list times its own fetches: its rows may be on other servers
+            options = http_options(self.url, options, self.timeout_s)
         if kind == "fashion-mnist":
             if self.url:
                 return IdxSource(self.url, storage_options=options)
-            return fashion_mnist_source(download_to=download_to, storage_options=options)
+            return fashion_mnist_source(download_to=download_to, storage_options=options, timeout_s=self.timeout_s)
         if kind == "idx":
             names = tuple(self.class_names) if self.class_names else IdxSource.__dataclass_fields__["class_names"].default
             return IdxSource(self.url, class_names=names, storage_options=options)
@@ -130,7 +158,8 @@ class SourceSection(Section):
         if kind == "list":
             column = None if self.labels == "none" else self.labels.removeprefix("column:")
             return ListSource(self.url, path_column=self.path_column, label_column=column,
-                              split_column=self.split_column, class_names=names, storage_options=options)
+                              split_column=self.split_column, class_names=names, storage_options=options,
+                              allow_outside=self.allow_outside, timeout_s=self.timeout_s)
         label = {AUTO: "cls", "none": None}.get(self.labels, self.labels)
         return TarSource(self.url, class_names=names, label=label, storage_options=options)
 
@@ -160,6 +189,7 @@ class StorageSection(Section):
     def _not_empty(cls, root: str) -> str:
         if not root.strip():
             raise ValueError("storage.root must not be empty")
+        refuse_userinfo(root, "storage.root", "storage.credentials_block")
         return root
 
     @model_validator(mode="after")
@@ -321,10 +351,25 @@ class EvaluateSection(Section):
                                           "torch-fidelity's cache under TORCH_HOME")
     grid_size: int = Field(64, ge=1, le=1024, description="Images in the report's sample and reconstruction grids")
 
+    @field_validator("inception_weights")
+    @classmethod
+    def _no_credentials(cls, url: str | None) -> str | None:
+        refuse_userinfo(url, "evaluate.inception_weights", "storage.credentials_block")
+        return url
+
 
 class RunnerSection(Section):
     dask_address: str | None = Field(None, description="Run mapped and concurrent tasks on this Dask scheduler "
                                      "(tcp://host:8786); None: a thread pool in the flow's process")
+
+    @field_validator("dask_address")
+    @classmethod
+    def _no_credentials(cls, url: str | None) -> str | None:
+        if url is not None and holds_userinfo(url):
+            raise ValueError("runner.dask_address holds a user name or password (not repeated here): the config is "
+                             "a flow parameter, which Prefect stores and shows in its UI; secure the scheduler with "
+                             "Dask's TLS settings on the worker instead")
+        return url
 
 
 class PipelineConfig(BaseModel):
@@ -387,6 +432,13 @@ class PipelineConfig(BaseModel):
         """The source, Fashion-MNIST downloaded under the storage root where the Debian package is missing."""
         return self.source.build(download_to=join(self.storage.url, "downloads", "fashion-mnist"))
 
+    def check_source(self) -> None:
+        """Fail now, naming the URL, if the source given in `source.url` is missing, its server does
+        not answer, or its list names rows it may not: before a run starts Prefect and its tasks.
+        (Fashion-MNIST's default files are found, or downloaded, by the ingest itself.)"""
+        if self.source.url:
+            self.build_source().check()
+
     @property
     def num_samples(self) -> int:
         return self.preset_default("num_samples", self.sample.num_samples)
@@ -430,9 +482,31 @@ class Runtime(BaseModel):
         return {**self.storage.storage_options, **self.credentials}
 
 
+def validate_config(data: Any) -> PipelineConfig:
+    """`PipelineConfig.model_validate(data)`, its errors as one line naming each field by its
+    `--set` key: `invalid configuration: ingest.max_bad_fraction must be ...`."""
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(f"invalid configuration: {config_errors(err)}") from None
+
+
+def config_errors(error: ValidationError) -> str:
+    """Each error of `error` as `key: message`, or the message alone where it names its key
+    itself (the validators of this module do), joined by `; `. Never the input: the config
+    hides it (`hide_input_in_errors`), since it may hold a refused credential."""
+    lines = []
+    for detail in error.errors(include_url=False, include_input=False):
+        key = ".".join(str(part) for part in detail["loc"])
+        message = detail["msg"].removeprefix("Value error, ")
+        lines.append(message if not key or message.startswith(key) else f"{key}: {message}")
+    return "; ".join(lines)
+
+
 def pipeline_config(preset: PresetName = "fashion-mnist", **sections: Any) -> PipelineConfig:
     """A config for `preset`, other sections given as dicts: `pipeline_config("smoke", storage={"root": ...})`."""
     return PipelineConfig(preset=preset, **sections)
 
 
-__all__ = ["FASHION_MNIST_DIR", "PRESET_DEFAULTS", "PipelineConfig", "PresetName", "Runtime", "pipeline_config"]
+__all__ = ["FASHION_MNIST_DIR", "PRESET_DEFAULTS", "PipelineConfig", "PresetName", "Runtime", "config_errors",
+           "pipeline_config", "validate_config"]

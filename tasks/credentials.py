@@ -1,7 +1,10 @@
 """Where storage credentials may come from, and where they may not.
 
 A flow run's parameters (the pipeline config) are stored by Prefect and shown in its UI,
-so credentials there are refused, naming the field and what to use instead:
+so credentials there are refused, naming the field (never the value) and what to use
+instead. That includes a URL's user part (`s3://AKID:SECRET@bucket`, `https://TOKEN@host`):
+a bare `user@` is refused too, since tokens often travel alone in that place and a URL
+cannot say which it holds. Credentials belong in:
 
 - the worker's environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...) or its
   instance role, which s3fs reads itself;
@@ -18,6 +21,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from storage.fsutil import holds_userinfo
+
 # fsspec / s3fs / adlfs / gcsfs option names that hold a secret.
 SECRET_OPTIONS = frozenset({
     "key", "secret", "token", "password", "passwd", "session_token", "aws_access_key_id", "aws_secret_access_key",
@@ -26,17 +31,33 @@ SECRET_OPTIONS = frozenset({
 
 
 def refuse_secrets(options: Mapping[str, Any], field: str, block_field: str) -> None:
-    """Raise naming the first credential in `options` (nested ones included) and where it belongs."""
+    """Raise naming the first credential in `options` (nested ones included, and URLs with a
+    user part such as an `endpoint_url`) and where it belongs."""
     for name, value in options.items():
         if name.lower() in SECRET_OPTIONS:
-            raise ValueError(
-                f"{field} holds {name!r}, a credential: the config is a flow parameter, which Prefect stores and "
-                "shows in its UI. Give credentials to the worker instead, as AWS_ACCESS_KEY_ID / "
-                "AWS_SECRET_ACCESS_KEY (or its instance role), or save them in a Prefect Secret block holding the "
-                f"JSON text of an object of fsspec options and set {block_field} to its name"
-            )
+            raise ValueError(f"{field} holds {name!r}, a credential: {_WHERE_INSTEAD.format(block_field=block_field)}")
+        if isinstance(value, str):
+            refuse_userinfo(value, f"{field}.{name}", block_field)
         if isinstance(value, Mapping):
             refuse_secrets(value, f"{field}.{name}", block_field)
+
+
+def refuse_userinfo(url: str | None, field: str, block_field: str) -> None:
+    """Raise, naming `field` but not its value, if the URL `url` holds a user name or password."""
+    if url is not None and holds_userinfo(url):
+        raise ValueError(
+            f"{field} holds a user name or password (the userinfo before '@' in the URL, not repeated here), which "
+            "Prefect would store and show in its UI: give the URL without it, and the credentials to the worker "
+            f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or its instance role) or in a Prefect Secret block named in "
+            f"{block_field}"
+        )
+
+
+_WHERE_INSTEAD = (
+    "the config is a flow parameter, which Prefect stores and shows in its UI. Give credentials to the worker "
+    "instead, as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or its instance role), or save them in a Prefect Secret "
+    "block holding the JSON text of an object of fsspec options and set {block_field} to its name"
+)
 
 
 def block_options(name: str | None, field: str) -> dict[str, Any]:

@@ -65,6 +65,41 @@ def test_a_transient_error_is_retried(prefect_api, tmp_path):
     assert [run.run_count for run in task_runs(state.state_details.flow_run_id).values()] == [3]
 
 
+def test_botocore_credential_and_endpoint_errors_are_permanent_its_connection_errors_not():
+    from botocore import exceptions as boto
+
+    permanent = [boto.NoCredentialsError(), boto.PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY"),
+                 boto.ParamValidationError(report='Invalid bucket name "a:b@c"'), boto.NoRegionError(),
+                 boto.EndpointResolutionError(msg="Custom endpoint `ftp://x` was not a valid URI")]
+    transient = [boto.EndpointConnectionError(endpoint_url="http://127.0.0.1:9"),  # an endpoint briefly down
+                 boto.ConnectTimeoutError(endpoint_url="http://127.0.0.1:9"), boto.ReadTimeoutError(endpoint_url="x"),
+                 boto.ConnectionClosedError(endpoint_url="x"), boto.CredentialRetrievalError(provider="imds", error_msg="x")]
+    assert [type(e).__name__ for e in permanent if not is_permanent(e)] == []
+    assert [type(e).__name__ for e in transient if is_permanent(e)] == []
+
+
+def test_an_invalid_bucket_name_from_s3fs_ends_the_task_in_one_attempt(prefect_api, tmp_path, s3_bucket):
+    """A real botocore error: s3fs hands ParamValidationError up as it is."""
+    from storage.fsutil import exists
+
+    calls: list[int] = []
+
+    def locate(root: str):
+        return Artifact(root, "units", "k").unit_marker("unit", EncodedShard)
+
+    @cached_unit(locate=locate, name="bad-bucket-unit", retry_delay_seconds=0)
+    def unit(root: str) -> EncodedShard:
+        calls.append(1)
+        exists("s3://not_a_valid:bucket/x", s3_bucket.storage_options)
+        return EncodedShard(split="train", index=0, rows=1, offset=0)
+
+    @flow
+    def once() -> str:
+        return unit(str(tmp_path / "root"), return_state=True).name
+
+    assert once() == "Failed" and calls == [1]
+
+
 def test_a_training_process_says_whether_its_error_would_recur():
     assert is_permanent(TrainingFailed("rank 0: ValueError", permanent=True))
     assert not is_permanent(TrainingFailed("rank 0: RuntimeError", permanent=False))

@@ -225,7 +225,7 @@ def test_csv_with_relative_paths_and_string_labels(tmp_path):
             ["img/o0.png", "owl"], [str(absolute), "owl"], [f"file://{absolute}", ""], ["", "cat"],
             ["img/c0.png", "dog"]]
     _csv(tmp_path / "data" / "list.csv", ["path", "label"], rows)
-    source = ListSource(str(tmp_path / "data" / "list.csv"), label_column="label")
+    source = ListSource(str(tmp_path / "data" / "list.csv"), label_column="label", allow_outside=True)
     partition = source.partition(IngestConfig(shard_size=2, holdout_fraction=0))
 
     assert partition.class_names == ("cat", "dog", "owl")
@@ -241,7 +241,8 @@ def test_csv_with_relative_paths_and_string_labels(tmp_path):
     assert read["img/d0.webp"] == (1, (images / "d0.webp").read_bytes(), None)
     assert read[str(absolute)] == (2, absolute.read_bytes(), None)
 
-    named = ListSource(str(tmp_path / "data" / "list.csv"), label_column="label", class_names=("dog", "cat"))
+    named = ListSource(str(tmp_path / "data" / "list.csv"), label_column="label", class_names=("dog", "cat"),
+                       allow_outside=True)
     assert _labels(named.partition(IngestConfig(holdout_fraction=0)))["img/c0.png"] == 1
     assert any("label 'owl' is neither one of class_names" in r for _, r in named.partition(IngestConfig()).ignored)
 
@@ -331,13 +332,15 @@ def test_list_digest_follows_the_list_not_the_images(tmp_path):
 
 
 def test_list_on_s3_reads_relative_and_local_files_and_skips_a_missing_one(tmp_path, s3_bucket):
+    """A remote list naming a local file: allowed only with allow_outside (tests/test_input_checks.py refuses it)."""
     _images(tmp_path / "up" / "img", ["a.png", "b.jpg"])
     local = tmp_path / "local.webp"
     _image(local, "webp")
     _csv(tmp_path / "up" / "list.csv", ["url"], [["img/a.png"], ["img/b.jpg"], ["img/gone.png"], [str(local)]])
     fs, path = filesystem(f"{s3_bucket.url}/data", s3_bucket.storage_options)
     fs.put(str(tmp_path / "up") + "/", path, recursive=True)
-    source = ListSource(f"{s3_bucket.url}/data/list.csv", storage_options=s3_bucket.storage_options)
+    source = ListSource(f"{s3_bucket.url}/data/list.csv", storage_options=s3_bucket.storage_options,
+                        allow_outside=True)
     partition = source.partition(IngestConfig(holdout_fraction=0))
     assert partition.class_names == () and sorted(_refs(partition)) == sorted(["img/a.png", "img/b.jpg", "img/gone.png",
                                                                                str(local)])

@@ -4,7 +4,9 @@ from __future__ import annotations
 import moto.settings
 import pytest
 
-from storage.fsutil import atomic_open, exists, expand_urls, find, read_bytes, read_json, redact, write_bytes, write_json
+from storage.fsutil import (
+    atomic_open, exists, expand_urls, find, holds_userinfo, read_bytes, read_json, redact, write_bytes, write_json,
+)
 from storage.ingest import IngestConfig, ingest
 from storage.sources import IdxSource
 
@@ -12,6 +14,28 @@ from storage.sources import IdxSource
 def test_redact_drops_userinfo():
     assert redact("s3://AKIA:secret@bucket/x") == "s3://bucket/x"
     assert redact("/plain/path") == "/plain/path"
+
+
+@pytest.mark.parametrize("text, redacted", [
+    ("AKID:SECRET@bucket/runs", "bucket/runs"),  # no scheme
+    ("vqvae2: AKID:SECRET@bucket/runs: not found", "vqvae2: bucket/runs: not found"),
+    ('Invalid bucket name "AKID:SECRET@bucket": Bucket name must match', 'Invalid bucket name "bucket": Bucket name must match'),
+    ("--root=AKID:SECRET@bucket", "--root=bucket"),
+    ("s3://AKID:wJalr/K7MDENG@bucket/x", "s3://bucket/x"),  # a secret key holding an unescaped "/"
+    ("s3://AKID:p@ss@bucket/x", "s3://bucket/x"),  # and one holding an "@"
+    ("https://TOKEN@github.com/x.png", "https://github.com/x.png"),  # a bare user part: often a token
+    ("http://u:p@127.0.0.1:99/a.png and s3://k:s@b/c.png", "http://127.0.0.1:99/a.png and s3://b/c.png"),
+])
+def test_redact_drops_userinfo_in_every_spelling(text, redacted):
+    assert redact(text) == redacted and holds_userinfo(text)
+
+
+@pytest.mark.parametrize("text", [
+    "/data/a:b@c.png", "s3://bucket/photos/me@home.png", "http://cdn:8080/img/logo@2x.png", "file:///tmp/a@b.png",
+    "bob@example.com", "12:30 at noon", "s3://bucket/x", "memory://root/a@b",
+])
+def test_redact_leaves_urls_without_userinfo_alone(text):
+    assert redact(text) == text and not holds_userinfo(text)
 
 
 def test_atomic_write_appears_whole_or_not_at_all(storage_root):

@@ -1,13 +1,17 @@
-"""What every source shares: the item and partition types, the protocol, stable hashing."""
+"""What every source shares: the item and partition types, the protocol, stable hashing,
+and how long a web server may keep a source waiting."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
+
+from ..fsutil import redact
 
 
 @dataclass(frozen=True)
@@ -37,10 +41,15 @@ class Source(Protocol):
     :class:`FileItem` (it can grow) keeps every base unit whose files are all still
     there unchanged, with the same labels, and puts only the other files in new units
     (:func:`grow_units`); other sources ignore it.
+
+    ``check()`` fails fast, naming the URL, when the source is missing or its server does
+    not answer (a look at its top, not a listing of all of it): what a run checks before
+    it starts.
     """
 
     kind: ClassVar[str]
 
+    def check(self) -> None: ...
     def describe(self) -> dict[str, Any]: ...
     def digest(self) -> str: ...
     def partition(self, config: Any, base: Mapping[str, Sequence[Any]] | None = None) -> Partition: ...
@@ -89,6 +98,44 @@ def unit_interval(seed: int, name: str) -> float:
 
 def chunks(items: Sequence[Any], size: int) -> list[Any]:
     return [tuple(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def is_http(url: str) -> bool:
+    return str(url).lower().startswith(("http://", "https://"))
+
+
+def http_options(url: str, options: Mapping[str, Any] | None, timeout_s: float | None) -> Mapping[str, Any] | None:
+    """``options`` for reading ``url``, with a timeout when it is http(s): aiohttp, under
+    fsspec's HTTP filesystem, waits 300 s for a server that never answers. The timeout
+    bounds each wait (to connect, then between two pieces of a reply), not a whole
+    transfer, so a large file that keeps coming is not cut off."""
+    if timeout_s is None or not is_http(url):
+        return options
+    import aiohttp  # fsspec's HTTP filesystem needs it anyway
+
+    timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_connect=timeout_s, sock_read=timeout_s)
+    options = dict(options or {})
+    options["client_kwargs"] = {**options.get("client_kwargs", {}), "timeout": timeout}
+    return options
+
+
+def timeout_of(options: Mapping[str, Any] | None) -> float | None:
+    """The timeout :func:`http_options` put into ``options``, if any."""
+    timeout = (options or {}).get("client_kwargs", {}).get("timeout")
+    return getattr(timeout, "sock_read", None)
+
+
+@contextlib.contextmanager
+def answering(url: str, timeout_s: float | None) -> Iterator[None]:
+    """A server that did not answer in time, named (fsspec's own timeout error says nothing)."""
+    try:
+        yield
+    except TimeoutError as err:  # fsspec's FSTimeoutError, aiohttp's socket timeouts
+        if not is_http(url):
+            raise
+        within = f"within {timeout_s:g} s " if timeout_s else ""
+        raise TimeoutError(f"{redact(url)}: no answer {within}(source.timeout_s); check that the server is up and "
+                           "reachable from here, or raise source.timeout_s") from err
 
 
 class Reader:

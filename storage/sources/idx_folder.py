@@ -23,7 +23,7 @@ from ..fsutil import (
     write_bytes,
 )
 from ..idx import idx_header, parse_idx
-from .base import Partition, Reader, SourceItem, content_digest
+from .base import Partition, Reader, SourceItem, answering, content_digest, http_options, timeout_of
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_MIRROR = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"
@@ -59,10 +59,15 @@ class IdxSource:
         """Whether the folder at ``url`` has IDX train images at its top (one listing, not a
         recursive one: a folder of images may hold millions of files below)."""
         fs, path = filesystem(url, storage_options)
-        with storage_errors(url):
+        with answering(url, timeout_of(storage_options)), storage_errors(url):
             names = fs.ls(path, detail=False) if fs.isdir(path) else []
         prefix = f"{cls.PREFIXES['train']}-images-idx3-ubyte"
         return any(name.rstrip("/").rsplit("/", 1)[-1].startswith(prefix) for name in names)
+
+    def check(self) -> None:
+        """The folder holds the four IDX files."""
+        with answering(self.url, timeout_of(self.storage_options)):
+            self.files()
 
     def files(self) -> dict[str, tuple[str, str]]:
         """``{split: (images URL, labels URL)}``; fails naming the folder if a file is missing."""
@@ -184,19 +189,22 @@ def fetch_fashion_mnist(
     mirror: str = FASHION_MNIST_MIRROR,
     storage_options: StorageOptions = None,
     md5: Mapping[str, str] = FASHION_MNIST_MD5,
+    timeout_s: float | None = 30.0,
 ) -> IdxSource:
     """Download Fashion-MNIST from ``mirror`` into ``dest_url``, checking each file's MD5.
 
     Files already present with the right checksum are kept. ``mirror`` may be any fsspec
     URL (http(s), s3, a local copy; a copy that was re-gzipped, like Debian's, needs its
-    own ``md5``). Never called by the tests against the network.
+    own ``md5``). ``timeout_s``: how long an http(s) mirror may take to answer
+    (:func:`storage.sources.base.http_options`). Never called by the tests against the network.
     """
     for name, expected in md5.items():
         target = join(dest_url, name)
         if exists(target, storage_options) and md5_file(target, storage_options) == expected:
             continue
         url = join(mirror, name)
-        data = read_bytes(url)
+        with answering(url, timeout_s):
+            data = read_bytes(url, http_options(url, None, timeout_s))
         got = hashlib.md5(data).hexdigest()
         if got != expected:
             raise ValueError(
@@ -207,7 +215,8 @@ def fetch_fashion_mnist(
     return IdxSource(dest_url, storage_options=storage_options)
 
 
-def fashion_mnist_source(download_to: str | None = None, storage_options: StorageOptions = None) -> IdxSource:
+def fashion_mnist_source(download_to: str | None = None, storage_options: StorageOptions = None,
+                         timeout_s: float | None = 30.0) -> IdxSource:
     """Fashion-MNIST from the Debian package's folder, or else downloaded (with checksums) to ``download_to``."""
     if all(exists(join(FASHION_MNIST_DIR, name)) for name in FASHION_MNIST_MD5):
         return IdxSource(FASHION_MNIST_DIR)
@@ -216,4 +225,4 @@ def fashion_mnist_source(download_to: str | None = None, storage_options: Storag
             f"Fashion-MNIST is not in {FASHION_MNIST_DIR}: `apt-get install dataset-fashion-mnist`, "
             "or pass download_to=<URL> to fetch it from the official mirror"
         )
-    return fetch_fashion_mnist(download_to, storage_options=storage_options)
+    return fetch_fashion_mnist(download_to, storage_options=storage_options, timeout_s=timeout_s)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..fsutil import filesystem, find, fingerprint, redact, storage_errors
-from .base import FileItem, Partition, Reader, SourceItem, content_digest, grow_units, unit_interval
+from .base import FileItem, Partition, Reader, SourceItem, answering, content_digest, grow_units, timeout_of, unit_interval
 from .tar_shards import IMAGE_EXTENSIONS
 
 FETCH_BATCH = 64  # files requested at once from an object store (s3fs fetches them concurrently)
@@ -65,6 +65,15 @@ class ImageFolderSource:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "url": redact(self.url), "labels": self.labels}
+
+    def check(self) -> None:
+        """The folder exists (one look, not a listing of all its files)."""
+        fs, path = filesystem(self.url, self.storage_options)
+        with answering(self.url, timeout_of(self.storage_options)), storage_errors(self.url):
+            found = fs.isdir(path)
+        if not found:
+            raise FileNotFoundError(f"{redact(self.url)}: not found (no such folder); give a folder of images, a "
+                                    "list file (.csv, .tsv, .jsonl, .parquet) or a .tar pattern")
 
     def listing(self) -> dict[str, dict]:
         """Visible files, ``{relative path: info}``."""

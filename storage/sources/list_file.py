@@ -5,6 +5,14 @@ such as ``file://``, ``s3://``, ``https://``) and taken as they are. The list's
 ``storage_options`` reach the files whose URL has the list's protocol (or is relative);
 other URLs are opened without options.
 
+A list is data, perhaps someone else's: its rows must not pull any file the worker can
+read into a dataset. So a row lies inside the list's folder (a relative path that does not
+climb out of it with ``..``, or an absolute path or URL below it) or is an http(s) URL, on
+any host; anything else (``/etc/...``, ``file://``, ``../``, another bucket, and any local
+file in a list that is itself remote) fails the list, naming the rows, unless
+``allow_outside``. A row with a user name or password (``s3://AKID:SECRET@bucket/x.png``)
+always fails it, naming the row but not the value.
+
 A list names files, it does not fingerprint them: :meth:`ListSource.digest` hashes the
 list's bytes, so an edited list is noticed, but an image replaced behind an unchanged
 line is not (write a new list, e.g. with a content hash column, to re-ingest it).
@@ -15,6 +23,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import posixpath
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,8 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from ..fsutil import filesystem, join, read_bytes, redact, sha256_file
-from .base import FileItem, Partition, Reader, SourceItem, content_digest, grow_units, unit_interval
+from ..fsutil import filesystem, holds_userinfo, join, read_bytes, redact, sha256_file
+from .base import (
+    FileItem, Partition, Reader, SourceItem, answering, content_digest, grow_units, http_options, is_http, unit_interval,
+)  # fmt: skip
 from .image_folder import FETCH_BATCH, fetch, unreadable
 
 PATH_COLUMNS = ("path", "url", "file", "filename", "image", "filepath")  # tried in order when path_column is None
@@ -49,6 +60,11 @@ class ListSource:
     or ``test`` per row; without it, a stable hash of each path (and the config's seed)
     holds out ``holdout_fraction`` as ``test``. Units are :class:`FileItem` tuples with
     an empty fingerprint (see the module's note).
+
+    ``allow_outside``: also read rows outside the list's folder (see the module's note);
+    it decides whether a list is refused, never what an accepted one becomes, so it is not
+    part of :meth:`describe`. ``timeout_s``: how long an http(s) server (of the list or of
+    a row) may take to answer (:func:`storage.sources.base.http_options`); None: aiohttp's 300 s.
     """
 
     url: str
@@ -57,6 +73,8 @@ class ListSource:
     split_column: str | None = None
     class_names: tuple[str, ...] | None = None
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+    allow_outside: bool = field(default=False, compare=False)
+    timeout_s: float | None = field(default=30.0, compare=False)
     kind: ClassVar[str] = "list"
 
     def __post_init__(self) -> None:
@@ -75,20 +93,72 @@ class ListSource:
             "label_column": self.label_column, "split_column": self.split_column, "class_names": self.class_names,
         }  # fmt: skip
 
+    def options(self, url: str) -> Mapping[str, Any] | None:
+        """The fsspec options for reading ``url``, the list or a row: the list's own for its
+        protocol, none for others, and the timeout for http(s)."""
+        options = self.storage_options if _protocol(url) == _protocol(self.url) else None
+        return http_options(url, options, self.timeout_s)
+
     def digest(self) -> str:
         # The place stays in: two folders may hold equal lists of relative paths to different images.
-        return content_digest({**self.describe(), "sha256": sha256_file(self.url, self.storage_options)})
+        with answering(self.url, self.timeout_s):
+            sha256 = sha256_file(self.url, self.options(self.url))
+        return content_digest({**self.describe(), "sha256": sha256})
+
+    def check(self) -> None:
+        """Read the list and check its columns and rows: what :meth:`partition` refuses, refused now."""
+        self._read()
 
     def partition(self, config: Any, base: Mapping[str, Sequence[Any]] | None = None) -> Partition:
-        columns, rows = read_rows(self.url, self.storage_options)
-        if self.label_column == AUTO:
-            resolved = dataclasses.replace(self, label_column=AUTO_LABEL_COLUMN if AUTO_LABEL_COLUMN in columns else None)
-            return resolved._partition(columns, rows, config, base)
-        return self._partition(columns, rows, config, base)
+        source, rows, path_column = self._read()
+        return source._partition(rows, path_column, config, base)
 
-    def _partition(self, columns: Sequence[str], rows: Sequence[tuple[str, Mapping[str, Any]]], config: Any,
+    def _read(self) -> tuple[ListSource, list[Row], str]:
+        """``(this source with label_column "auto" resolved, the rows, the path column)``, the
+        rows checked (:meth:`_refuse_unsafe_rows`)."""
+        with answering(self.url, self.timeout_s):
+            columns, rows = read_rows(self.url, self.options(self.url))
+        source = self
+        if self.label_column == AUTO:
+            source = dataclasses.replace(self, label_column=AUTO_LABEL_COLUMN if AUTO_LABEL_COLUMN in columns else None)
+        path_column = source._column(columns)
+        source._refuse_unsafe_rows(rows, path_column)
+        return source, rows, path_column
+
+    def _refuse_unsafe_rows(self, rows: Sequence[Row], path_column: str) -> None:
+        """Fail on rows holding credentials, and on rows outside the list's folder unless allowed."""
+        paths = [(where, _path_text(row.get(path_column))) for where, row in rows]
+        secret = [where for where, path in paths if holds_userinfo(path)]
+        if secret:
+            raise ValueError(
+                f"{redact(self.url)}: {_some(secret)} hold a user name or password in the path (the userinfo "
+                "before '@' in the URL, not repeated here), which would end up in manifests, logs and Prefect's UI: "
+                "take it out of the list; the worker's AWS_* variables or instance role, or a Prefect Secret block "
+                "named in source.credentials_block, give the credentials of the list's own storage"
+            )
+        if self.allow_outside:
+            return
+        outside = [f"{where} ({redact(path)})" for where, path in paths if path and not self._inside(path)]
+        if outside:
+            local = "" if _is_local(self.url) else ", and never a local file, the list being remote"
+            raise ValueError(
+                f"{redact(self.url)}: {_some(outside)} lie outside the list's folder {redact(_folder(self.url))}: "
+                f"a list may name files in its folder and below, and http(s) URLs on any host{local}. Move the "
+                "files beside the list, or set source.allow_outside=true (ListSource.allow_outside) to read them"
+            )
+
+    def _inside(self, path: str) -> bool:
+        """Whether a row's path is an http(s) URL or lies inside the list's folder."""
+        if is_http(path):
+            return True
+        if "://" not in path and not path.startswith("/"):  # relative: inside unless it climbs out
+            normal = posixpath.normpath(path)
+            return normal != ".." and not normal.startswith("../")
+        (protocol, where), (list_protocol, folder) = _place(path), _place(_folder(self.url) or ".")
+        return protocol == list_protocol and (where == folder or where.startswith(folder.rstrip("/") + "/"))
+
+    def _partition(self, rows: Sequence[Row], path_column: str, config: Any,
                    base: Mapping[str, Sequence[Any]] | None) -> Partition:
-        path_column = self._column(columns)
         ignored: list[tuple[str, str, str]] = []  # (where, ref, reason)
         found: list[tuple[str, str, str, Any]] = []  # (where, path as written, split, label value)
         first_row: dict[str, str] = {}
@@ -193,6 +263,34 @@ def _row_number(where: str) -> int:
     return int(where.split()[1])
 
 
+def _path_text(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _some(rows: Sequence[str], shown: int = 5) -> str:
+    """``row 3 (line 4), row 9 (line 10) and 12 more``."""
+    more = f" and {len(rows) - shown} more" if len(rows) > shown else ""
+    return ", ".join(rows[:shown]) + more
+
+
+def _folder(url: str) -> str:
+    return url.rsplit("/", 1)[0] if "/" in url else ""
+
+
+def _is_local(url: str) -> bool:
+    return _protocol(url) in ("file", "local")
+
+
+def _place(url: str) -> tuple[str, str]:
+    """``(protocol, normalised path)`` of an absolute URL or path: a local one absolute, with
+    ``..`` resolved (not symlinks), so that two spellings of one place compare equal."""
+    protocol = _protocol(url)
+    if protocol in ("file", "local"):
+        path = url.split("://", 1)[1] if "://" in url else url
+        return "file", os.path.abspath(path)
+    return protocol, posixpath.normpath(url.split("://", 1)[1])
+
+
 def _class_order(name: str) -> tuple[int, int, str]:
     return (0, int(name), "") if _INTEGER.fullmatch(name) else (1, 0, name)
 
@@ -270,8 +368,7 @@ def _protocol(url: str) -> str:
 class _ListReader(Reader):
     def __init__(self, source: ListSource):
         self.source = source
-        self.folder = source.url.rsplit("/", 1)[0] if "/" in source.url else ""
-        self.protocol = _protocol(source.url)
+        self.folder = _folder(source.url)
 
     def resolve(self, path: str) -> str:
         """The URL of a path as written in the list."""
@@ -289,7 +386,10 @@ class _ListReader(Reader):
                 found.update(zip(positions, fetch(fs, paths, url)))
             for position, item in enumerate(batch):
                 data = found[position]
-                if isinstance(data, Exception):
+                if isinstance(data, TimeoutError) and self.source.timeout_s is not None:
+                    reason = f"unreadable: no answer within {self.source.timeout_s:g} s (source.timeout_s)"
+                    yield SourceItem(redact(item.ref), item.label, None, reason)
+                elif isinstance(data, Exception):
                     yield SourceItem(redact(item.ref), item.label, None, unreadable(data))
                 else:
                     yield SourceItem(redact(item.ref), item.label, data)
@@ -298,8 +398,7 @@ class _ListReader(Reader):
         groups: dict[int, tuple[Any, list[int], list[str], str]] = {}
         for position, item in enumerate(batch):
             url = self.resolve(item.ref)
-            options = self.source.storage_options if _protocol(url) == self.protocol else None
-            fs, path = filesystem(url, options)
+            fs, path = filesystem(url, self.source.options(url))
             group = groups.setdefault(id(fs), (fs, [], [], redact(url)))
             group[1].append(position)
             group[2].append(path)

@@ -15,9 +15,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import braceexpand
+
 from ..fsutil import expand_urls, filesystem, fingerprint, redact, storage_errors
 from ..shards import iter_samples
-from .base import Partition, Reader, SourceItem, content_digest, unit_interval
+from .base import Partition, Reader, SourceItem, answering, content_digest, timeout_of, unit_interval
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
 JSON_LABEL = "json:"  # label="json:FIELD": the label is FIELD of each sample's .json member
@@ -78,6 +80,15 @@ class TarSource:
             return {split: listed(p) for split, p in self.urls.items()}
         return listed(self.urls)
 
+    def check(self) -> None:
+        """The first tar of each pattern exists (a glob matches one): the rest is listed at planning."""
+        patterns = self.urls.values() if isinstance(self.urls, Mapping) else [self.urls]
+        for p in patterns:
+            for pattern in [p] if isinstance(p, str) else p:
+                first = next(iter(braceexpand.braceexpand(pattern)))
+                with answering(first, timeout_of(self.storage_options)):
+                    expand_urls(first, self.storage_options)
+
     def expand(self) -> dict[str, list[str]] | list[str]:
         """The tar URLs, per split when given per split."""
         if isinstance(self.urls, Mapping):
@@ -121,7 +132,7 @@ class TarSource:
         its order, so their shards keep their index and only new or changed tars are encoded again."""
         if config.max_samples_per_split is not None:
             raise ValueError(
-                "IngestConfig.max_samples_per_split cannot apply to tar sources (their sample counts are "
+                "ingest.max_samples_per_split cannot apply to tar sources (their sample counts are "
                 "unknown until read); select fewer tars with a brace pattern instead"
             )
         listed = self.listing()
@@ -132,7 +143,7 @@ class TarSource:
         elif len(listed) < 2:
             raise ValueError(
                 f"{self._patterns()}: a held-out test split needs at least two tars; "
-                "pass urls={'train': ..., 'test': ...} or set IngestConfig.holdout_fraction=0"
+                "pass urls={'train': ..., 'test': ...} or set ingest.holdout_fraction=0"
             )
         else:
             splits = _hold_out(listed, config, base or {})

@@ -15,28 +15,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from storage.fsutil import redact
-
 from .cached import RETRIES
-from .failures import is_permanent
+from .failures import first_line
+from .failures import advice as advice_after
 from .reporting import logger, publish_markdown
 
 KEY = "vqvae2-failure"
-MAX_LINE = 400  # characters of the error's first line: the artifact stays short
-
-
-def first_line(error: BaseException) -> str:
-    """The error's first non-empty line, without credentials, cut to `MAX_LINE` characters."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    line = redact(lines[0]) if lines else "(no message)"
-    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
 
 
 def advice(error: BaseException) -> str:
-    if is_permanent(error):  # bad input, config, credentials, a full disk, a diverged training
-        return "fix the cause named above and run again: finished stages are reused."
-    return (f"the stage was retried {RETRIES} times; check the storage and the network and run again: "
-            "it resumes where it stopped.")
+    """What to do about an error that ended a stage, after its retries (`tasks.runtime.failures.advice`)."""
+    return advice_after(error, RETRIES)
 
 
 def failure_markdown(error: BaseException, stage: str | None) -> str:

@@ -8,12 +8,19 @@ diverged again after its one recovery at a lower learning rate (`tasks.runtime.t
 fail the same way every time: those end the task at once, their message in its state,
 instead of after two waits.
 Anything else is retried, with backoff and jitter (`tasks.runtime.cached`).
+
+botocore's own errors are mostly of the first kind (no or partial credentials, an invalid
+bucket name or endpoint, an unknown region): those are permanent too, while its connection,
+timeout and transfer errors (an endpoint that is down for a moment) are retried.
+
+What to do about a failure, one line each for the run's failure report
+(`tasks.runtime.failure_report`) and the CLI, is here as well: both say the same.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from storage.fsutil import StorageFull
+from storage.fsutil import StorageFull, redact
 
 # Bad input and deterministic failures. ValueError covers pydantic's ValidationError,
 # TooManyBadImages, ShardError and ManifestError; FileNotFoundError the missing
@@ -24,10 +31,56 @@ PERMANENT: tuple[type[BaseException], ...] = (
 )
 
 
+# botocore errors a retry can cure, by class name (the rest of BotoCoreError is permanent):
+# the endpoint unreachable, slow or cut off mid-transfer, credentials or tokens that a
+# metadata service failed to hand out in time, a waiter that gave up.
+BOTOCORE_TRANSIENT = frozenset({
+    "ConnectionError", "HTTPClientError", "IncompleteReadError", "ChecksumError", "FlexibleChecksumError",
+    "CredentialRetrievalError", "MetadataRetrievalError", "TokenRetrievalError", "CapacityNotAvailableError",
+    "WaiterError",
+})  # fmt: skip
+
+
 def is_permanent(error: BaseException) -> bool:
     """Whether `error` would recur on a retry (`TrainingFailed` says so for its process's error)."""
     flagged = getattr(error, "permanent", None)
-    return flagged if isinstance(flagged, bool) else isinstance(error, PERMANENT)
+    if isinstance(flagged, bool):
+        return flagged
+    return isinstance(error, PERMANENT) or _botocore_permanent(error)
+
+
+def _botocore_permanent(error: BaseException) -> bool:
+    try:
+        from botocore.exceptions import BotoCoreError  # with s3fs; absent, no error is botocore's
+    except ImportError:
+        return False
+    if not isinstance(error, BotoCoreError):
+        return False
+    return not any(cls.__name__ in BOTOCORE_TRANSIENT for cls in type(error).__mro__ if issubclass(cls, BotoCoreError))
+
+
+MAX_LINE = 400  # characters of an error's line in a report or the CLI's output
+
+
+def first_line(error: BaseException, limit: int = MAX_LINE) -> str:
+    """The error's first non-empty line, without credentials, cut to `limit` characters. A
+    message that carries a traceback (a training process's error) adds its last line: the why."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return "(no message)"
+    line = lines[0]
+    if "Traceback (most recent call last):" in lines[1:] and lines[-1] != line:
+        line = f"{line} {lines[-1]}"
+    line = redact(line)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def advice(error: BaseException, retries: int = 0) -> str:
+    """What to do about `error`, which was retried `retries` times."""
+    if is_permanent(error):  # bad input, config, credentials, a full disk, a diverged training
+        return "fix the cause named above and run again: finished stages are reused."
+    retried = f"the stage was retried {retries} times; " if retries else ""
+    return f"{retried}check the storage and the network and run again: it resumes where it stopped."
 
 
 def retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:
