@@ -6,24 +6,34 @@
     vqvae2 sample --preset smoke --root ./runs --class Sneaker -n 16 --out sneakers.png
     vqvae2 reconstruct --preset smoke --root ./runs --images a.png b.jpg --out recon.png
     vqvae2 report --preset smoke --root ./runs
+    vqvae2 verify --root ./runs --repair               # find damaged files, drop them: the next run remakes them
 
 `--set KEY=VALUE` (repeatable) sets a pipeline field (`sample.num_samples=32`,
 `storage.storage_options={"endpoint_url": "..."}`) or, for any other key, overrides the
 model preset (`train_prior.steps=100`, `autoencoder.channels=64`). With a
 `PREFECT_API_URL` set, runs are recorded on that server instead.
+
+The config and its source are checked before anything runs: a bad field, a missing source
+or a web server that does not answer fail in seconds, naming the field or the URL. Every
+failure ends in one line on stderr, its cause and what to do; exit code 2 for bad input
+(the config, the source, a missing file), 1 for anything else. `--debug` adds the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import logging
 import os
 import sys
 import time
+import traceback
 import typing
 from typing import Any
 
 SECTIONS = ("source", "storage", "ingest", "training", "encode", "sample", "evaluate", "runner")
+# Errors in what the user gave (the config, the source, a file named): exit code 2, as argparse's own.
+BAD_INPUT: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
 def _value(text: str) -> Any:
@@ -45,7 +55,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_config(args: argparse.Namespace):
-    from tasks.config import PipelineConfig
+    """The pipeline config of the options; a bad one fails naming the option or the field (`--set` key)."""
+    from tasks.config import validate_config
 
     data: dict[str, Any] = {}
     if args.config:
@@ -53,30 +64,35 @@ def build_config(args: argparse.Namespace):
             with open(args.config, encoding="utf-8") as file:
                 data = json.load(file)
         except OSError as err:
-            raise SystemExit(f"vqvae2: --config {args.config}: {err.strerror or err}") from None
+            raise ValueError(f"--config {args.config}: {err.strerror or err}") from None
         except ValueError as err:  # malformed JSON (json.JSONDecodeError) or not UTF-8
-            raise SystemExit(f"vqvae2: --config {args.config}: not valid JSON: {err}") from None
+            raise ValueError(f"--config {args.config}: not valid JSON: {err}") from None
         if not isinstance(data, dict):
-            raise SystemExit(f"vqvae2: --config {args.config}: expected a JSON object, got {type(data).__name__}")
+            raise ValueError(f"--config {args.config}: expected a JSON object, got {type(data).__name__}")
     if args.preset:
         data["preset"] = args.preset
-    if args.root:
+    if args.root is not None:  # an empty one is refused by the config, not ignored
         data.setdefault("storage", {})["root"] = args.root
-    if args.source:
+    if args.source is not None:
         data.setdefault("source", {})["url"] = args.source
     for item in args.set or []:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         section, _, field = key.partition(".")
         if section in SECTIONS and field:
             data.setdefault(section, {})[field] = _value(raw)
         else:
             data.setdefault("overrides", {})[key] = _value(raw)
-    try:
-        return PipelineConfig.model_validate(data)
-    except ValueError as err:
-        raise SystemExit(f"invalid configuration: {err}") from None
+    return validate_config(data)
+
+
+def checked_config(args: argparse.Namespace):
+    """The config, with its source checked (`PipelineConfig.check_source`): a missing one, or a
+    server that does not answer, fails here in seconds, before Prefect starts."""
+    config = build_config(args)
+    config.check_source()
+    return config
 
 
 def _write(path: str, png: bytes) -> None:
@@ -87,10 +103,11 @@ def _write(path: str, png: bytes) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    config = checked_config(args)
     from flows.parameters import sections_of
     from flows.pipeline import vqvae2_pipeline
 
-    config = build_config(args)
+    _console_without_tracebacks(args.debug)
     report = vqvae2_pipeline(**sections_of(config))
     print(f"\nreport: {report.markdown}\n        {report.report}")
     _print_metrics(report.metrics)
@@ -102,12 +119,14 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
+    config = checked_config(args)
     from pydantic_core import to_jsonable_python
 
     from flows.parameters import sections_of
     from flows.pipeline import STAGE_FLOWS
 
-    result = STAGE_FLOWS[args.name](**sections_of(build_config(args)))
+    _console_without_tracebacks(args.debug)
+    result = STAGE_FLOWS[args.name](**sections_of(config))
     print(json.dumps(to_jsonable_python(result), indent=2))
 
 
@@ -117,10 +136,11 @@ def _class_index(value: str, class_names: list[str]) -> int:
     lowered = [name.lower() for name in class_names]
     if value.lower() in lowered:
         return lowered.index(value.lower())
-    raise SystemExit(f"unknown class {value!r}; the dataset has: {', '.join(class_names)}")
+    raise ValueError(f"unknown class {value!r}; the dataset has: {', '.join(class_names)}")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    config = checked_config(args)  # before the imports below, which take seconds
     import torch
     from tqdm import tqdm
 
@@ -130,7 +150,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from tasks.runtime.reporting import image_grid, png_bytes
     from tasks.stages import FinishedRun
 
-    config = build_config(args)
     finished = FinishedRun(config)
     options, device = finished.runtime.storage_options, resolve_device(config.training.device)
     autoencoder = load_model(finished.autoencoder, options, device)
@@ -138,7 +157,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     labels = None
     if config.model.num_classes:
         if args.class_ is None:
-            raise SystemExit(f"the priors are class-conditional: pass --class (one of {finished.dataset.class_names})")
+            raise ValueError(f"the priors are class-conditional: pass --class (one of {finished.dataset.class_names})")
         labels = _class_index(args.class_, finished.dataset.class_names)
     images = []
     with tqdm(total=args.n, desc="sampling", unit="image") as bar:
@@ -153,6 +172,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
+    config = checked_config(args)
     import numpy as np
     import torch
 
@@ -163,7 +183,6 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     from tasks.runtime.reporting import pairs_grid, png_bytes
     from tasks.stages import FinishedRun
 
-    config = build_config(args)
     finished = FinishedRun(config)
     model = load_model(finished.autoencoder, finished.runtime.storage_options)
     if args.images:
@@ -180,10 +199,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    config = checked_config(args)
     from storage.fsutil import read_json
     from tasks.stages import FinishedRun
 
-    config = build_config(args)
     finished = FinishedRun(config)
     manifest = finished.report
     report = read_json(manifest.report, finished.runtime.storage_options)
@@ -196,17 +215,65 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(f"  trained {row['stage']:20s} {row['steps']} steps")
 
 
+def cmd_verify(args: argparse.Namespace) -> None:
+    from storage.fsutil import redact
+    from tasks.config import Runtime
+    from tasks.verify import repair, verify_root
+
+    runtime = Runtime.of(build_config(args))
+    root = redact(runtime.root)
+    checked = verify_root(runtime.root, runtime.storage_options)
+    print(f"checked {len(checked)} finished artifacts ({sum(c.files for c in checked)} files) under {root}")
+    unrecorded = [c.artifact for c in checked if not c.recorded]
+    if unrecorded:
+        print(f"  not checked: {len(unrecorded)} made before vqvae2 recorded their files' digests: "
+              + ", ".join(f"{a.stage}/{a.key}" for a in unrecorded))
+    damaged = [(c.artifact, d) for c in checked for d in c.damaged]
+    for artifact, problem in damaged:
+        print(f"  damaged: {redact(artifact.path(problem.path))}: {problem.what}")
+    if not damaged:
+        print("nothing is damaged")
+        return
+    if not args.repair:
+        print(f"{len(damaged)} damaged files: `vqvae2 verify --root {root} --repair` drops them, and the next run of "
+              "the config that made them makes them again")
+        raise SystemExit(1)
+    removed = repair(checked)
+    artifacts = sorted({f"{a.stage}/{a.key}" for a, _ in damaged})
+    print(f"repaired: dropped {len(removed)} files of {', '.join(artifacts)}; the next run of the config that made "
+          "them makes them again (the rest is reused)")
+
+
 def cmd_node(args: argparse.Namespace) -> None:
     from tasks.runtime.process import serve_node
 
     raise SystemExit(serve_node(args.rdzv_endpoint, args.nnodes, args.node_rank, args.nproc_per_node, args.once))
 
 
+class _StageNames:
+    """The stage names, from the stage declarations, read only when the `stage` command checks
+    or lists them: importing the stages (Prefect, torch) takes seconds, which a bad option
+    of any other command should not wait for."""
+
+    def _names(self) -> list[str]:
+        from flows.pipeline import STAGE_FLOWS
+
+        return list(STAGE_FLOWS)
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+
 def parser() -> argparse.ArgumentParser:
-    from flows.pipeline import STAGE_FLOWS
     from tasks.config import PresetName
 
-    common = argparse.ArgumentParser(add_help=False)
+    # Options every command takes; a new command adds `parents=[common]` (or `[debugging]`).
+    debugging = argparse.ArgumentParser(add_help=False)
+    debugging.add_argument("--debug", action="store_true", help="on failure, print the traceback too")
+    common = argparse.ArgumentParser(add_help=False, parents=[debugging])
     common.add_argument("--preset", choices=typing.get_args(PresetName),
                         help="model and training preset (default: fashion-mnist)")
     common.add_argument("--root", help="storage root: a local path or s3://bucket/prefix (default: ~/vqvae2-runs)")
@@ -220,7 +287,7 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
     commands.add_parser("run", parents=[common], help="run the whole pipeline").set_defaults(fn=cmd_run)
     stage = commands.add_parser("stage", parents=[common], help="run one stage on existing artifacts")
-    stage.add_argument("name", choices=list(STAGE_FLOWS))
+    stage.add_argument("name", choices=_StageNames(), metavar="NAME", help="the stage: %(choices)s")
     stage.set_defaults(fn=cmd_stage)
 
     sample = commands.add_parser("sample", parents=[common], help="sample images of a class from a finished run")
@@ -241,14 +308,20 @@ def parser() -> argparse.ArgumentParser:
     recon.add_argument("--scale", type=_positive_int, default=4)
     recon.set_defaults(fn=cmd_reconstruct)
 
-    node = commands.add_parser("node", help="on another machine: join the multi-node trainings of a worker "
-                               "(training.nnodes > 1), one after another")
+    node = commands.add_parser("node", parents=[debugging], help="on another machine: join the multi-node "
+                               "trainings of a worker (training.nnodes > 1), one after another")
     node.add_argument("--rdzv-endpoint", required=True, metavar="HOST:PORT", help="the worker's training.rdzv_endpoint")
     node.add_argument("--nnodes", type=_positive_int, required=True, help="training.nnodes")
     node.add_argument("--node-rank", type=_positive_int, required=True, help="this machine's number, 1 to nnodes - 1")
     node.add_argument("--nproc-per-node", type=_positive_int, default=1, help="training.processes (default 1)")
     node.add_argument("--once", action="store_true", help="join one training, then exit with its code")
     node.set_defaults(fn=cmd_node)
+
+    verify = commands.add_parser("verify", parents=[common], help="check every finished artifact under --root "
+                                 "against the sizes and SHA-256 digests recorded when it was made")
+    verify.add_argument("--repair", action="store_true", help="drop the damaged files (and the completion marks "
+                        "of their artifacts), so that the next run makes exactly them again")
+    verify.set_defaults(fn=cmd_verify)
 
     report = commands.add_parser("report", parents=[common], help="print a finished run's report")
     report.add_argument("--json", action="store_true", help="the whole report.json")
@@ -264,11 +337,55 @@ def main(argv: list[str] | None = None) -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     try:
         args.fn(args)
-    except (FileNotFoundError, ValueError) as err:  # bad input: one line, not a traceback
-        print(f"vqvae2: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("vqvae2: interrupted; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:  # every failure ends here: one line, the traceback only with --debug
+        raise SystemExit(_failed(error, args.debug)) from None
     finally:
         _let_ephemeral_server_settle(started)
+
+
+def _failed(error: Exception, debug: bool) -> int:
+    """Print what failed and what to do in one line (after the traceback with `--debug`);
+    return the exit code: 2 for bad input, 1 otherwise."""
+    from tasks.runtime.failures import advice, first_line  # light: no Prefect, no torch
+
+    if debug:
+        traceback.print_exception(error)
+    bad_input = isinstance(error, BAD_INPUT)
+    line = first_line(error, limit=2000)  # the whole fix-it of a long message: a terminal wraps it
+    cause = line if bad_input else f"{type(error).__name__}: {line}"
+    more = "" if debug or bad_input else " (--debug shows the traceback)"
+    print(f"vqvae2: {cause}; what to do: {advice(error)}{more}", file=sys.stderr)
+    return 2 if bad_input else 1
+
+
+class _WithoutTraceback(logging.Formatter):
+    """A console formatter that leaves out a record's traceback: Prefect logs a failed task's
+    with it, and the CLI's last line already says what failed. The run's logs on the Prefect
+    server keep it (their handler formats the same record in full)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _console_without_tracebacks(debug: bool) -> None:
+    """Keep tracebacks off the terminal unless `--debug` (after Prefect, once imported, set up its logging)."""
+    if debug:
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler.formatter, _WithoutTraceback):
+            handler.setFormatter(_WithoutTraceback(handler.formatter or logging.Formatter()))
 
 
 def _let_ephemeral_server_settle(since: datetime.datetime, timeout: float = 60.0) -> None:

@@ -39,12 +39,14 @@ from torch.utils.data import Dataset, Sampler
 from zarr.codecs import ZstdCodec
 
 from .fsutil import StorageOptions, filesystem, join, redact, storage_errors
+from .integrity import REPAIR, DamagedArtifact
 from .ranks import rank_share
 
 FORMAT = "vqvae2-codes/1"
 CODE_MAX = np.iinfo(np.int16).max  # codebooks up to 32768 entries fit int16
 TARGET_CHUNK_BYTES = 1 << 20  # ~1 MiB of raw codes per chunk: few objects, cheap random reads
-_COMPRESSOR = ZstdCodec(level=3)
+# With a checksum per chunk: a byte flipped at rest fails the read instead of giving other codes.
+_COMPRESSOR = ZstdCodec(level=3, checksum=True)
 
 CodesRecord = dict[str, tuple[int, str]]
 """What :func:`write_codes` wrote: chunk object key relative to the group
@@ -116,10 +118,13 @@ def create_codes(
     layout = {"format": FORMAT, "level_shapes": [list(s) for s in shapes], "splits": splits}
 
     try:
-        existing = dict(_open(url, "r", storage_options).attrs)
+        found = _open(url, "r", storage_options)
+        existing = dict(found.attrs)
     except FileNotFoundError:
         existing = {}
-    if existing.get("format") == FORMAT:  # the layout attrs go last, so their presence means "created"
+    if existing.get("format") == FORMAT and _arrays_readable(found, splits, len(shapes)):
+        # The layout attrs go last, so their presence means "created" (its arrays too, unless
+        # `vqvae2 verify --repair` dropped a damaged one: then the group is made again).
         if {k: existing.get(k) for k in layout} != layout:
             raise ValueError(f"{redact(url)}: a codes group with another layout exists; use a new URL (key) for new codes")
         return existing
@@ -134,6 +139,17 @@ def create_codes(
         sub.create_array("keys", shape=(n,), chunks=(rows,), dtype=str, compressors=_COMPRESSOR)
     group.attrs.update({**dict(attrs or {}), **layout, "class_names": list(class_names or []), "complete": False})
     return dict(group.attrs)
+
+
+def _arrays_readable(group: zarr.Group, splits: Mapping[str, Any], levels: int) -> bool:
+    names = [level_name(level) for level in range(levels)] + ["labels", "keys"]
+    try:
+        for split in splits:
+            for name in names:
+                group[f"{split}/{name}"]
+    except (KeyError, FileNotFoundError, ValueError):
+        return False
+    return True
 
 
 def write_codes(
@@ -314,8 +330,16 @@ class CodeDataset(Dataset):
             cache.move_to_end(index)
             return cache[index]
         rows = slice(index * self.chunk_rows, min((index + 1) * self.chunk_rows, self.num_rows))
-        levels = [torch.from_numpy(group[level_name(i)][rows].astype(np.int64)) for i in range(len(self.level_shapes))]
-        entry = (levels, torch.from_numpy(group["labels"][rows].astype(np.int64)))
+        where = f"{redact(self.url)}/{self.split}: chunk {index} (rows [{rows.start}, {rows.stop}))"
+        try:
+            levels = [group[level_name(i)][rows].astype(np.int64) for i in range(len(self.level_shapes))]
+            labels = group["labels"][rows].astype(np.int64)
+        except (RuntimeError, ValueError) as err:  # zstd: a cut or altered chunk object
+            raise DamagedArtifact(f"{where} does not read ({err}); {REPAIR}") from err
+        if (labels < 0).any() or any((level < 0).any() for level in levels):
+            # Complete codes hold no fill value: a chunk object of these rows is gone.
+            raise DamagedArtifact(f"{where} holds rows that were never written: a chunk object is missing; {REPAIR}")
+        entry = ([torch.from_numpy(level) for level in levels], torch.from_numpy(labels))
         cache[index] = entry
         if len(cache) > self.cache_chunks:
             cache.popitem(last=False)

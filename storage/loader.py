@@ -51,8 +51,13 @@ from .artifacts import read_manifest
 from .fsutil import StorageOptions, join, redact
 from .imaging import MAX_RATIO, SHARD_FORMATS, ImageError, decode_image
 from .ingest import FORMAT
+from .integrity import REPAIR, DamagedArtifact
 from .ranks import rank_share
 from .shards import ShardError, iter_samples
+
+class DamagedShard(ShardError, DamagedArtifact):
+    """A shard of a finished dataset that does not read back as it was written."""
+
 
 Segment = tuple[str, int, int, int]  # (shard URL, first sample, samples to take, samples in the shard)
 
@@ -93,16 +98,17 @@ def _read_segments(segments: Sequence[Segment], storage_options: StorageOptions,
             yield from cached[skip:skip + take]
             continue
         n = 0
-        with contextlib.closing(iter_samples(url, storage_options)) as samples:
-            for sample in itertools.islice(samples, skip, skip + take):
-                sample["__url__"], sample["__index__"] = url, skip + n
-                yield sample
-                n += 1
+        try:
+            with contextlib.closing(iter_samples(url, storage_options)) as samples:
+                for sample in itertools.islice(samples, skip, skip + take):
+                    sample["__url__"], sample["__index__"] = url, skip + n
+                    yield sample
+                    n += 1
+        except ShardError as err:
+            raise DamagedShard(f"{err}; {REPAIR}") from err
         if n < take:
-            raise ShardError(
-                f"{redact(url)}: ends after {skip + n} samples but the manifest promises {count}; "
-                "the shard is truncated, ingest it again"
-            )
+            raise DamagedShard(f"{redact(url)}: ends after {skip + n} samples but the manifest promises {count}: "
+                               f"it is truncated; {REPAIR}")
 
 
 def _decode(sample: dict[str, Any], shape: tuple[int, int, int], ratio_kept: bool = False) -> Decoded:
@@ -118,7 +124,7 @@ def _decode(sample: dict[str, Any], shape: tuple[int, int, int], ratio_kept: boo
         fields = sorted(k for k in sample if not k.startswith("__"))
         raise ShardError(f"{where} has no {err} member (has {fields}); not a shard written by storage.ingest") from err
     except (ImageError, ValueError) as err:
-        raise ShardError(f"{where}: {err}; the shard is corrupt, ingest it again") from err
+        raise DamagedShard(f"{where}: {err}; {REPAIR}") from err
     size, fits = shape[0], pixels.shape == shape
     if ratio_kept:
         height, width, channels = pixels.shape

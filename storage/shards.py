@@ -180,7 +180,7 @@ def iter_samples(url: str, storage_options: StorageOptions = None) -> Iterator[d
                     raise tarfile.ReadError("no end-of-archive marker")
         except (tarfile.TarError, EOFError, zlib.error) as err:
             raise ShardError(
-                f"{redact(url)}: not a readable tar shard ({err}); it is truncated or not a tar file, re-create it"
+                f"{redact(url)}: not a readable tar shard ({err}); it is truncated or not a tar file"
             ) from err
     if sample:
         yield sample

@@ -70,6 +70,9 @@ class Manifest(Record):
     key: str
     url: RootURL
     seconds: float | None = None  # how long the stage took to compute it
+    # SHA-256 of the artifact's inventory.json: the size and digest of each of its files, as
+    # written (`vqvae2 verify` checks them). None in artifacts made before it was kept.
+    inventory: str | None = None
 
 
 # --- ingest ------------------------------------------------------------------------------

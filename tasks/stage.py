@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from storage.artifacts import artifact_key
+from storage.integrity import FileRecord
 
 from .config import PipelineConfig, Runtime
 from .manifests import Manifest
@@ -111,11 +112,14 @@ def key_of(value: Any) -> str:
     raise TypeError(f"no key for an input of type {type(value).__name__}")
 
 
-def stage_task(stage: Stage, *, task_run_name: str | None = None, name: str | None = None, **options: Any):
+def stage_task(stage: Stage, *, task_run_name: str | None = None, name: str | None = None,
+               known_files: Callable[[Mapping[str, Any]], Mapping[str, FileRecord]] | None = None, **options: Any):
     """The task that produces `stage`'s artifact: `fn(settings, runtime, **inputs, artifact) -> manifest`.
 
     Cached through `cached_unit` on the artifact's manifest; the manifest gets the time
-    the stage took, and is written last. It first tidies the stage's folder
+    the stage took and the digest of the artifact's inventory (every file's size and
+    SHA-256: `known_files(params)` gives those recorded as the files were written, the
+    rest are read), and is written last. It first tidies the stage's folder
     (`Artifact.tidy_stage`): what failed runs left there is removed by the next run."""
 
     def decorate(fn: Callable[..., M]):
@@ -132,7 +136,8 @@ def stage_task(stage: Stage, *, task_run_name: str | None = None, name: str | No
             artifact.tidy_stage()
             started = time.monotonic()
             manifest = fn(*args, artifact=artifact, **kwargs)
-            return manifest.model_copy(update={"seconds": round(time.monotonic() - started, 3)})
+            files = artifact.write_inventory(known_files(params) if known_files else None)
+            return manifest.model_copy(update={"seconds": round(time.monotonic() - started, 3), "inventory": files})
 
         # Prefect binds parameters by signature: show it fn's, without the artifact.
         produce.__signature__ = shown

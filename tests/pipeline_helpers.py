@@ -1,7 +1,10 @@
 """Helpers for the pipeline tests: configs, and what the Prefect API recorded of a run."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -69,3 +72,77 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+# What records how a run went, not what it made: the time a stage took, the step a
+# training resumed from, whether a shard was found done by a later run, the Prefect block
+# through which a cache record was written (one per storage root), and the digest of an
+# artifact's inventory (which holds the byte digests of files compared here by what they
+# mean: see `_content`).
+# Everything else must be equal to the byte.
+VOLATILE = {"seconds", "resumed_from_step", "reused", "storage_block_id", "inventory"}
+
+
+def root_contents(root: Path) -> dict[str, str]:
+    """{path under `root`: digest of what it holds}, equal for two roots that hold the same
+    artifacts (`VOLATILE` fields aside): how a run after a fault is compared with an undisturbed one."""
+    return {str(p.relative_to(root)): _content(p, root) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _content(path: Path, root: Path) -> str:
+    import torch
+
+    if path.suffix == ".pt":  # torch.save lays out equal tensors in more than one way
+        return _tensor_digest(torch.load(path, weights_only=True))
+    data = path.read_bytes()
+    if path.suffix in (".json", ".md"):
+        text = data.decode().replace(str(root), "{root}")  # URLs written before paths were relative
+        if path.name == "inventory.json":  # digests of the files compared here by what they mean, not their bytes
+            text = json.dumps({k: v for k, v in json.loads(text).items() if not k.endswith((".pt", ".json", ".md"))},
+                              sort_keys=True)
+        elif path.suffix == ".json":
+            text = json.dumps(_without_volatile(json.loads(text)), sort_keys=True)
+        else:  # the report's table of trainings has a column of seconds
+            text = re.sub(r"^(\| [\w-]+ \| \d+ \| )[\d.]+ \|", r"\1 |", text, flags=re.M)
+        data = text.encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tensor_digest(value) -> str:
+    import torch
+
+    digest = hashlib.sha256()
+
+    def feed(v) -> None:
+        if isinstance(v, torch.Tensor):
+            digest.update(f"{v.dtype}{tuple(v.shape)}".encode() + v.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(v, dict):
+            for k in sorted(v, key=str):
+                digest.update(repr(k).encode())
+                feed(v[k])
+        elif isinstance(v, (list, tuple)):
+            for item in v:
+                feed(item)
+        else:
+            digest.update(repr(v).encode())
+
+    feed(value)
+    return digest.hexdigest()
+
+
+def _without_volatile(value):
+    if isinstance(value, str) and value.startswith("{"):  # a cache record holds its result as JSON text
+        with contextlib.suppress(ValueError):
+            return _without_volatile(json.loads(value))
+    if isinstance(value, dict):
+        return {k: _without_volatile(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [_without_volatile(v) for v in value]
+    return value
+
+
+def differences(ours: Path, theirs: Path) -> dict[str, list[str]]:
+    """What differs between two roots: files only one has, and files whose content differs."""
+    mine, other = root_contents(ours), root_contents(theirs)
+    return {"only here": sorted(set(mine) - set(other)), "missing": sorted(set(other) - set(mine)),
+            "differ": sorted(rel for rel in mine.keys() & other.keys() if mine[rel] != other[rel])}

@@ -7,13 +7,13 @@ whole process group is frozen, the stage is checked to be unfinished, and the fl
 process alone is SIGKILLed: its training processes must notice and exit by themselves.
 The next run resumes. At the end every file under the root is compared with an
 undisturbed run's: the same paths (nothing stray, no temporary left), the same bytes,
-except the fields that record how the run went rather than what it made (`VOLATILE`).
+except the fields that record how the run went rather than what it made
+(`pipeline_helpers.VOLATILE`).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import signal
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from flows.parameters import sections_of
+from pipeline_helpers import differences
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -51,13 +51,6 @@ KILLS = [
     Kill("sampling", "samples/*/units/*.json", "samples/*/manifest.json"),
 ]
 MILESTONES = [kill.finished for kill in KILLS] + ["reports/*/manifest.json"]
-
-# What records how a run went, not what it made: the time a stage took, the step a
-# training resumed from, whether a shard was found done by a later run, the Prefect block
-# through which a cache record was written (one per storage root). Everything else must
-# be equal to the byte.
-VOLATILE = {"seconds", "resumed_from_step", "reused", "storage_block_id"}
-
 
 def _api_url() -> str:
     from prefect.settings import get_current_settings
@@ -129,55 +122,6 @@ def _kill_during(run: subprocess.Popen, root: Path, kill: Kill, clock: Milestone
             "left_by_kill": left}
 
 
-def _content(path: Path, root: Path) -> str:
-    if path.suffix == ".pt":  # torch.save lays out equal tensors in more than one way
-        return _tensor_digest(torch.load(path, weights_only=True))
-    data = path.read_bytes()
-    if path.suffix in (".json", ".md"):
-        text = data.decode().replace(str(root), "{root}")  # manifests name their own files by URL
-        if path.suffix == ".json":
-            text = json.dumps(_without_volatile(json.loads(text)), sort_keys=True)
-        else:  # the report's table of trainings has a column of seconds
-            text = re.sub(r"^(\| [\w-]+ \| \d+ \| )[\d.]+ \|", r"\1 |", text, flags=re.M)
-        data = text.encode()
-    return hashlib.sha256(data).hexdigest()
-
-
-def _tensor_digest(value) -> str:
-    digest = hashlib.sha256()
-
-    def feed(v) -> None:
-        if isinstance(v, torch.Tensor):
-            digest.update(f"{v.dtype}{tuple(v.shape)}".encode() + v.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(v, dict):
-            for k in sorted(v, key=str):
-                digest.update(repr(k).encode())
-                feed(v[k])
-        elif isinstance(v, (list, tuple)):
-            for item in v:
-                feed(item)
-        else:
-            digest.update(repr(v).encode())
-
-    feed(value)
-    return digest.hexdigest()
-
-
-def _without_volatile(value):
-    if isinstance(value, str) and value.startswith("{"):  # a cache record holds its result as JSON text
-        with contextlib.suppress(ValueError):
-            return _without_volatile(json.loads(value))
-    if isinstance(value, dict):
-        return {k: _without_volatile(v) for k, v in value.items() if k not in VOLATILE}
-    if isinstance(value, list):
-        return [_without_volatile(v) for v in value]
-    return value
-
-
-def _contents(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): _content(p, root) for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def test_a_run_killed_in_every_stage_ends_as_an_undisturbed_run(prefect_api, tmp_path):
     reference_root, root = tmp_path / "reference" / "root", tmp_path / "faults" / "root"
     reference_clock, clock = Milestones(reference_root), Milestones(root)
@@ -200,12 +144,9 @@ def test_a_run_killed_in_every_stage_ends_as_an_undisturbed_run(prefect_api, tmp
     lines = log.read_text().splitlines()
     assert any("resuming from step" in line for line in lines)  # the trainings resumed, not restarted
 
-    ours, theirs = _contents(root), _contents(reference_root)
-    stray = sorted(set(ours) - set(theirs))
-    assert stray == [], f"files an undisturbed run does not leave: {stray}"
-    assert sorted(set(theirs) - set(ours)) == []
-    differ = sorted(rel for rel in ours if ours[rel] != theirs[rel])
-    assert differ == [], f"files that differ from an undisturbed run's: {differ}"
+    found = differences(root, reference_root)
+    stray = found["only here"]
+    assert found == {"only here": [], "missing": [], "differ": []}, "not as an undisturbed run leaves it"
 
     # What each kill cost: the delay it added to when its stage finished, over the reference.
     delays = [clock.seen[m] - reference_clock.seen[m] for m in MILESTONES[:-1]]
@@ -390,3 +331,154 @@ def test_an_s3_endpoint_that_goes_away_mid_ingest_is_survived(prefect_api, tmp_p
     finally:
         server.stop()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+# --- the run lock: killed holders, a Prefect server that restarts, runs with their own Prefect homes ---
+
+
+def _start_in(root: Path, log: Path, home: Path, api: str | None = None) -> subprocess.Popen:
+    """`vqvae2 run` with its own PREFECT_HOME: on the Prefect server at `api`, or without one
+    (Prefect's ephemeral mode, its database in `home`)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_LOCAL_STORAGE_PATH=str(home / "storage"), PYTHONPATH=str(REPO),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", **({"PREFECT_API_URL": api} if api else {}))
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *SETTINGS, "--root", str(root)], cwd=REPO,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_new(root: Path, glob: str, run: subprocess.Popen, timeout: float = 600) -> None:
+    """Until a file matching `glob` appears that was not there when this was called."""
+    before, deadline = set(root.glob(glob)), time.monotonic() + timeout
+    while not set(root.glob(glob)) - before:
+        assert run.poll() is None, f"the run ended (exit code {run.returncode}) before {glob} appeared"
+        assert time.monotonic() < deadline, f"{glob} never appeared"
+        time.sleep(0.05)
+
+
+def _seconds_until_logged(log: Path, pattern: str, run: subprocess.Popen, timeout: float = 600) -> float:
+    started = time.monotonic()
+    while not re.search(pattern, log.read_text()):
+        assert run.poll() is None, f"the run ended (exit code {run.returncode}) before logging {pattern!r}"
+        assert time.monotonic() - started < timeout, f"never logged {pattern!r}: {log.read_text()[-3000:]}"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def _kill_group(run: subprocess.Popen) -> None:
+    os.killpg(run.pid, signal.SIGKILL)  # the flow's process and its trainings: nothing releases the turn
+    run.wait()
+
+
+def _task_states(log: str) -> dict[str, str]:
+    return dict(re.findall(r"Task run '([\w-]+)' - Finished in state (\w+)", log))
+
+
+@pytest.fixture(scope="module")
+def taken_in_turns(tmp_path_factory) -> tuple[Path, list[str]]:
+    """Two smoke runs of one config into one root started together, each with its own
+    PREFECT_HOME and ephemeral Prefect server: (the root, their logs). Nothing disturbs them:
+    the root is also the reference that killed runs must end equal to."""
+    base = tmp_path_factory.mktemp("taken-in-turns")
+    root = base / "root"
+    runs = [_start_in(root, base / f"run-{i}.log", base / f"prefect-home-{i}") for i in range(2)]
+    codes = [run.wait(timeout=900) for run in runs]
+    logs = [(base / f"run-{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+    return root, logs
+
+
+def test_two_runs_with_their_own_prefect_homes_take_turns_on_one_root(taken_in_turns):
+    root, logs = taken_in_turns
+    waited = [log for log in logs if "another run of this config holds" in log]
+    assert len(waited) == 1, "both runs went ahead at once" if not waited else "both runs waited"
+    second, first = waited[0], logs[1 - logs.index(waited[0])]
+    assert "Completed" in _task_states(first).values()  # the first computed
+    # The second reused all of it: every task Cached, but the ingest plan, which each Prefect
+    # home keeps in its own result storage (never under the root), so it is made again.
+    states = _task_states(second)
+    assert states and {s for name, s in states.items() if not name.startswith("plan-dataset")} == {"Cached"}, states
+    for stage in ("datasets", "autoencoder", "codes", "priors", "classifiers", "samples", "reports"):
+        dirs = [d for d in (root / stage).iterdir() if d.is_dir()]
+        assert len(dirs) == {"priors": 2, "classifiers": 2}.get(stage, 1), stage  # one set of artifacts
+    assert [p for p in root.glob(".vqvae2/**/*") if p.is_file()] == []  # the turns were given back
+
+
+def test_a_killed_run_gives_its_turn_to_the_next_at_once(prefect_api, tmp_path, taken_in_turns):
+    """The process group SIGKILLed right after a stage finished (the ingest's last task), then
+    mid-stage (a new autoencoder checkpoint, the training unfinished): each re-run, started at
+    once, takes the dead run's turn without waiting, and the last ends as an undisturbed run."""
+    from tasks.runtime.exclusive import LEASE_S
+
+    root, logs = tmp_path / "root", [tmp_path / f"run-{i}.log" for i in range(3)]
+    first = _start(root, logs[0])
+    _seconds_until_logged(logs[0], r"Task run 'finalize-dataset-\w+' - Finished in state", first)
+    _kill_group(first)
+
+    second = _start(root, logs[1])
+    took_turn_after = [_seconds_until_logged(logs[1], "taking its place", second)]
+    _wait_for_new(root, "autoencoder/*/checkpoints/step-*.pt", second)
+    os.killpg(second.pid, signal.SIGSTOP)  # caught mid-training
+    assert not any(root.glob("autoencoder/*/manifest.json"))
+    _kill_group(second)
+
+    last = _start(root, logs[2])
+    took_turn_after.append(_seconds_until_logged(logs[2], "taking its place", last))
+    assert last.wait(timeout=900) == 0, logs[2].read_text()[-5000:]
+    for log in logs:
+        assert "another run of this config holds" not in log.read_text()  # none waited
+    assert all(seconds < LEASE_S for seconds in took_turn_after), took_turn_after
+
+    assert differences(root, taken_in_turns[0]) == {"only here": [], "missing": [], "differ": []}
+    print(f"\nre-runs after a SIGKILL took the turn {', '.join(f'{s:.1f}' for s in took_turn_after)} s after starting")
+
+
+def _serve_prefect(home: Path, port: int) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1:`port` with its database in `home`, once it answers."""
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    with (home / "server.log").open("ab") as log:
+        server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    import httpx
+
+    deadline = time.monotonic() + 240
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                return server
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+
+
+def test_a_run_outlives_a_restart_of_its_prefect_server_and_the_next_run_takes_its_turn(tmp_path, taken_in_turns):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home, root = tmp_path / "prefect-home", tmp_path / "root"
+    home.mkdir()
+    api = f"http://127.0.0.1:{port}/api"
+    server = _serve_prefect(home, port)
+    try:
+        run = _start_in(root, tmp_path / "run.log", home, api)
+        _wait_for_new(root, "autoencoder/*/checkpoints/step-*.pt", run)
+        _stop(server)  # mid-training
+        assert run.poll() is None
+        time.sleep(15)
+        server = _serve_prefect(home, port)  # the same port and database
+        assert run.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-5000:]
+        rerun = _start_in(root, tmp_path / "rerun.log", home, api)
+        assert rerun.wait(timeout=600) == 0, (tmp_path / "rerun.log").read_text()[-5000:]
+        assert "another run of this config holds" not in (tmp_path / "rerun.log").read_text()
+        assert differences(root, taken_in_turns[0]) == {"only here": [], "missing": [], "differ": []}
+    finally:
+        _stop(server)

@@ -7,8 +7,9 @@ decorator (`tasks.runtime.cached`) asks nothing else.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -16,6 +17,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from storage.artifacts import MANIFEST, artifact_url, clean_incomplete
 from storage.fsutil import exists, join, read_bytes, redact, sweep_temporaries, write_bytes
+from storage.integrity import DamagedArtifact, FileRecord, inventory
 
 from ..manifests import Manifest, located
 from .reporting import logger
@@ -26,6 +28,7 @@ M = TypeVar("M", bound=Manifest)
 
 ABANDONED_AFTER_S = 24 * 3600.0  # a stage writing into its folder less often than this is not running
 RECORDS = ".prefect"  # the folder of an artifact that holds Prefect's cache records of its units
+INVENTORY = "inventory.json"  # every file of a complete artifact: size and SHA-256 (`Artifact.write_inventory`)
 
 
 class ManifestError(ValueError):
@@ -145,6 +148,26 @@ class Artifact:
             url=self.path(MANIFEST), record=self.record("stage"), read=lambda: self.read(model),
             write=lambda manifest: write_typed(self.path(MANIFEST), manifest, self.storage_options, self.root),
         )
+
+    def write_inventory(self, known: Mapping[str, FileRecord] | None = None) -> str:
+        """Record the size and SHA-256 of every file of the artifact (but its manifest and
+        Prefect's records) in `inventory.json`; returns that file's digest, for the manifest.
+        `known`: files whose digest was recorded as they were written (shards, code chunks)."""
+        files = inventory(self.url, self.storage_options, known, exclude=(MANIFEST, RECORDS, INVENTORY))
+        lines = [f"{json.dumps(path)}: [{size}, {json.dumps(digest)}]" for path, (size, digest) in files.items()]
+        data = ("{\n" + ",\n".join(lines) + "\n}\n").encode()  # a file a line
+        write_bytes(self.path(INVENTORY), data, self.storage_options)
+        return hashlib.sha256(data).hexdigest()
+
+    def read_inventory(self, digest: str) -> dict[str, FileRecord]:
+        """The artifact's inventory, checked against the `digest` its manifest recorded."""
+        data = read_bytes(self.path(INVENTORY), self.storage_options)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise DamagedArtifact(f"{redact(self.path(INVENTORY))}: other bytes than its manifest records (SHA-256)")
+        try:
+            return {path: (int(size), str(sha)) for path, (size, sha) in json.loads(data).items()}
+        except (ValueError, TypeError, AttributeError) as err:
+            raise DamagedArtifact(f"{redact(self.path(INVENTORY))}: not an inventory ({err})") from None
 
     def tidy_stage(self) -> None:
         """At the start of the stage that owns them: remove its abandoned artifact folders

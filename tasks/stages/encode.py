@@ -135,7 +135,13 @@ def encode_shard(unit: tuple[str, int], settings: EncodeSettings, runtime: Runti
     return EncodedShard(split=split, index=index, rows=len(keys), offset=offset, chunks=chunks)
 
 
-@stage_task(STAGE, name="finalize-codes")
+def _chunk_digests(params: dict[str, Any]) -> dict[str, tuple[int, str]]:
+    """The chunk objects' sizes and SHA-256 as their writers recorded them: not read again for the inventory."""
+    return {f"{ARRAYS}/{key}": (size, digest) for shard in params["shards"] for key, (size, digest)
+            in (shard.chunks or {}).items()}
+
+
+@stage_task(STAGE, name="finalize-codes", known_files=_chunk_digests)
 def finalize_codes(settings: EncodeSettings, runtime: Runtime, dataset: DatasetManifest,
                    autoencoder: AutoencoderManifest, shards: list[EncodedShard], artifact: Artifact) -> CodesManifest:
     """Check every row was written, mark the arrays complete, record the layout."""

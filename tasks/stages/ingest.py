@@ -19,6 +19,7 @@ from storage.artifacts import artifact_key, artifact_url
 from storage.fsutil import exists, join, read_json, write_json
 from storage.ingest import IngestConfig, IngestPlan, ShardResult, ShardTask, finalize_dataset, finished_shard, plan_ingest
 from storage.ingest import write_shard as write_shard_files
+from storage.shards import shard_name
 from storage.sources import Source
 
 from ..config import PipelineConfig, Runtime
@@ -151,11 +152,17 @@ def write_shard(shard: ShardTask, digest: str, source: Source, settings: IngestS
     return result
 
 
-@stage_task(STAGE, name="finalize-dataset")
+def _shard_digests(params: dict[str, Any]) -> dict[str, tuple[int, str]]:
+    """The shards' sizes and SHA-256 as their writers recorded them: not read again for the inventory."""
+    return {f"{r.split}/{shard_name(r.index)}": (r.num_bytes, r.sha256) for r in params["shards"] if r.sha256}
+
+
+@stage_task(STAGE, name="finalize-dataset", known_files=_shard_digests)
 def finalize(settings: IngestSettings, runtime: Runtime, source: str, plan: IngestPlan, shards: list[ShardResult],
              artifact: Artifact) -> DatasetManifest:
     """Check the shards, enforce the bad-image budget, write the dataset manifest last."""
-    written = finalize_dataset(plan, shards, artifact.url, artifact.storage_options)
+    # Not written here: the stage's marker writes the manifest, with its identity, once.
+    written = finalize_dataset(plan, shards, artifact.url, artifact.storage_options, write=False)
     manifest = DatasetManifest(**written, **artifact.identity())
     write_json(lineage_url(settings, runtime, plan.source), {"dataset": artifact.key,
                                                              "source_digest": plan.source_digest},

@@ -17,6 +17,7 @@ whichever worker draws them.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,7 +28,7 @@ import torch
 from prefect import unmapped
 
 import vqvae2
-from storage.fsutil import read_bytes, redact, write_bytes
+from storage.fsutil import exists, read_bytes, redact, write_bytes
 
 from ..config import PipelineConfig, Runtime
 from ..manifests import (
@@ -254,7 +255,14 @@ def _batch_marker(index: int, settings: SampleSettings, runtime: Runtime, datase
                   autoencoder: AutoencoderManifest, priors: list[PriorManifest],
                   judge: ClassifierManifest | None) -> Marker[SampleBatch]:
     samples = _samples(settings, runtime, dataset, autoencoder, priors, judge)
-    return samples.unit_marker(f"batch-{index:05d}", SampleBatch)
+    marker = samples.unit_marker(f"batch-{index:05d}", SampleBatch)
+
+    def read() -> SampleBatch | None:  # a batch whose file is gone (`vqvae2 verify --repair`) is drawn again
+        batch = marker.read()
+        return batch if batch is None or exists(batch.url, runtime.storage_options) else None
+
+    # Complete samples are trusted whole: their batch files are looked for only while drawing.
+    return dataclasses.replace(marker, read=read, done=lambda: samples.is_complete() or read() is not None)
 
 
 @torch.no_grad()
