@@ -40,8 +40,12 @@ PIPELINE_SUMMARY = "The whole VQ-VAE-2 pipeline: ingest, train, encode, priors, 
 
 def run_pipeline(config: PipelineConfig) -> ReportManifest:
     failed = FailedStages()
-    with reported_failure(failed), one_run_at_a_time(config):  # a second run of this config waits, then reuses
-        return _run_pipeline(config, failed)
+    with reported_failure(failed):
+        if not config.classes_from_data:
+            with failed.within("evaluate"):
+                check_features_available(config)  # not after hours of training, nor after waiting for a turn
+        with one_run_at_a_time(config):  # a second run of this config waits, then reuses
+            return _run_pipeline(config, failed)
 
 
 class _NamedOutputs(Outputs):
@@ -58,9 +62,6 @@ class _NamedOutputs(Outputs):
 
 
 def _run_pipeline(config: PipelineConfig, failed: FailedStages) -> ReportManifest:
-    if not config.classes_from_data:
-        with failed.within("evaluate"):
-            check_features_available(config)  # not after hours of training
     runtime = Runtime.of(config)
 
     def produce(stage: Stage, variant: Any, settings: Settings, inputs: dict[str, Any]) -> Any:

@@ -329,6 +329,9 @@ def md5_file(url: str, storage_options: StorageOptions = None, block_size: int =
 
 def _hash_file(url: str, digest, storage_options: StorageOptions, block_size: int) -> str:
     fs, path = filesystem(url, storage_options)
+    # The bytes as they are now: s3fs would read a file rewritten since it was listed (zarr's
+    # metadata, say) as of its listed ETag, and fail.
+    fs.invalidate_cache(path)
     with storage_errors(url), fs.open(path, "rb") as f:
         while block := f.read(block_size):
             digest.update(block)

@@ -123,16 +123,31 @@ def _kill_during(run: subprocess.Popen, root: Path, kill: Kill, clock: Milestone
 
 
 def test_a_run_killed_in_every_stage_ends_as_an_undisturbed_run(prefect_api, tmp_path):
+    """Besides the kills mid-stage, the whole process group is SIGKILLed right after the
+    ingest finished (nothing released its turn). Every re-run starts at once and takes the
+    dead run's turn without waiting (`tasks.runtime.exclusive`)."""
+    from tasks.runtime.exclusive import LEASE_S
+
     reference_root, root = tmp_path / "reference" / "root", tmp_path / "faults" / "root"
     reference_clock, clock = Milestones(reference_root), Milestones(root)
     reference = _start(reference_root, tmp_path / "reference.log")  # side by side: the same load on both
-    rows = []
-    log = tmp_path / "faults.log"
+    rows, logs, took_turn = [], [], []
+
+    def next_run() -> subprocess.Popen:
+        logs.append(tmp_path / f"faults-{len(logs)}.log")
+        run = _start(root, logs[-1])
+        if len(logs) > 1:  # the run before was killed
+            took_turn.append(_seconds_until_logged(logs[-1], "taking its place", run))
+        return run
+
     for kill in KILLS:
-        run = _start(root, log)
-        rows.append(_kill_during(run, root, kill, clock))
-    last = _start(root, log)
-    assert last.wait(timeout=900) == 0, log.read_text()[-5000:]
+        rows.append(_kill_during(next_run(), root, kill, clock))
+        if kill is KILLS[0]:
+            run = next_run()
+            _seconds_until_logged(logs[-1], r"Task run 'finalize-dataset-\w+' - Finished in state", run)
+            _kill_group(run)
+    last = next_run()
+    assert last.wait(timeout=900) == 0, logs[-1].read_text()[-5000:]
     assert reference.wait(timeout=900) == 0, (tmp_path / "reference.log").read_text()[-5000:]
     reference_clock.stop.set()
     clock.stop.set()
@@ -141,8 +156,11 @@ def test_a_run_killed_in_every_stage_ends_as_an_undisturbed_run(prefect_api, tmp
     for row in rows:  # each kill caught its stage at work, and left no process behind
         assert row["unfinished"], f"{row['stage']} had finished before the kill: the kill tested nothing"
         assert row["orphans"] == [], f"processes outlived the run killed during {row['stage']}: {row['orphans']}"
-    lines = log.read_text().splitlines()
-    assert any("resuming from step" in line for line in lines)  # the trainings resumed, not restarted
+    texts = [path.read_text() for path in logs]
+    assert not [text for text in texts if "another run of this config holds" in text]  # none waited
+    assert len(took_turn) == len(KILLS) + 1 and max(took_turn) < LEASE_S, took_turn
+    log_lines = "\n".join(texts).splitlines()
+    assert any("resuming from step" in line for line in log_lines)  # the trainings resumed, not restarted
 
     found = differences(root, reference_root)
     stray = found["only here"]
@@ -158,6 +176,7 @@ def test_a_run_killed_in_every_stage_ends_as_an_undisturbed_run(prefect_api, tmp
         table.append(f"| SIGKILL of the flow process at {row['killed_at_s']} s | {row['stage']} | resumed | "
                      f"{lost:.1f} | {row['left_by_kill']} / {stray_bytes} |")
     print("\n" + "\n".join(table))
+    print(f"each re-run took the killed run's turn {max(took_turn):.1f} s after starting at most")
 
 
 # --- a full or read-only disk, an S3 endpoint that goes away ---------------------------------
@@ -402,35 +421,6 @@ def test_two_runs_with_their_own_prefect_homes_take_turns_on_one_root(taken_in_t
         dirs = [d for d in (root / stage).iterdir() if d.is_dir()]
         assert len(dirs) == {"priors": 2, "classifiers": 2}.get(stage, 1), stage  # one set of artifacts
     assert [p for p in root.glob(".vqvae2/**/*") if p.is_file()] == []  # the turns were given back
-
-
-def test_a_killed_run_gives_its_turn_to_the_next_at_once(prefect_api, tmp_path, taken_in_turns):
-    """The process group SIGKILLed right after a stage finished (the ingest's last task), then
-    mid-stage (a new autoencoder checkpoint, the training unfinished): each re-run, started at
-    once, takes the dead run's turn without waiting, and the last ends as an undisturbed run."""
-    from tasks.runtime.exclusive import LEASE_S
-
-    root, logs = tmp_path / "root", [tmp_path / f"run-{i}.log" for i in range(3)]
-    first = _start(root, logs[0])
-    _seconds_until_logged(logs[0], r"Task run 'finalize-dataset-\w+' - Finished in state", first)
-    _kill_group(first)
-
-    second = _start(root, logs[1])
-    took_turn_after = [_seconds_until_logged(logs[1], "taking its place", second)]
-    _wait_for_new(root, "autoencoder/*/checkpoints/step-*.pt", second)
-    os.killpg(second.pid, signal.SIGSTOP)  # caught mid-training
-    assert not any(root.glob("autoencoder/*/manifest.json"))
-    _kill_group(second)
-
-    last = _start(root, logs[2])
-    took_turn_after.append(_seconds_until_logged(logs[2], "taking its place", last))
-    assert last.wait(timeout=900) == 0, logs[2].read_text()[-5000:]
-    for log in logs:
-        assert "another run of this config holds" not in log.read_text()  # none waited
-    assert all(seconds < LEASE_S for seconds in took_turn_after), took_turn_after
-
-    assert differences(root, taken_in_turns[0]) == {"only here": [], "missing": [], "differ": []}
-    print(f"\nre-runs after a SIGKILL took the turn {', '.join(f'{s:.1f}' for s in took_turn_after)} s after starting")
 
 
 def _serve_prefect(home: Path, port: int) -> subprocess.Popen:

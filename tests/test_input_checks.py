@@ -94,11 +94,13 @@ def _refused(capsys, argv: list[str], code: int = 2) -> str:
     return err
 
 
-def _installed(argv: list[str], home: Path, cwd: Path, timeout: float = 600) -> tuple[subprocess.CompletedProcess, float]:
-    """The installed `vqvae2` command with its own PREFECT_HOME; (its result, seconds it took)."""
+def _installed(argv: list[str], home: Path, cwd: Path, timeout: float = 600,
+               api: str | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """The installed `vqvae2` command with its own PREFECT_HOME, on the Prefect server at `api`
+    or in ephemeral mode; (its result, seconds it took)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), PREFECT_LOCAL_STORAGE_PATH=str(home / "storage"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", **({"PREFECT_API_URL": api} if api else {}))
     started = time.monotonic()
     done = subprocess.run(["vqvae2", *argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     return done, time.monotonic() - started
@@ -345,8 +347,12 @@ def test_every_failure_is_one_line_and_debug_adds_the_traceback(monkeypatch, cap
 
 
 @pytest.mark.slow
-def test_a_failure_inside_a_prefect_run_is_one_line_without_its_traceback(tmp_path):
-    """The run's logs still name the failed task; only the traceback stays off the terminal."""
+def test_a_failure_inside_a_prefect_run_is_one_line_without_its_traceback(prefect_api, tmp_path):
+    """The run's logs still name the failed task; only the traceback stays off the terminal.
+    (On the session's Prefect API: a temporary server would start twice.)"""
+    from prefect.settings import get_current_settings
+
+    api = str(get_current_settings().api.url)
     labels = [i % 3 for i in range(24)]
     labels[5] = 9
     _labelled_tar(tmp_path / "00000.tar", labels[:12], 0)
@@ -354,11 +360,11 @@ def test_a_failure_inside_a_prefect_run_is_one_line_without_its_traceback(tmp_pa
     argv = ["stage", "ingest", "--preset", "smoke", "--root", str(tmp_path / "root"), "--source",
             f"{tmp_path}/{{00000..00001}}.tar", "--set", "ingest.holdout_fraction=0"]
     line = f"vqvae2: {tmp_path / 'root'}/datasets/"
-    quiet, _ = _installed(argv, tmp_path / "home", cwd=tmp_path)
+    quiet, _ = _installed(argv, tmp_path / "home", cwd=tmp_path, api=api)
     assert quiet.returncode == 2 and "Traceback" not in quiet.stderr, quiet.stderr[-3000:]
     ours = [row for row in quiet.stderr.splitlines() if row.startswith("vqvae2: ")]
     assert len(ours) == 1 and ours[0].startswith(line) and "00000.tar#000005 (label 9)" in ours[0], quiet.stderr[-3000:]
-    loud, _ = _installed([*argv, "--debug"], tmp_path / "home", cwd=tmp_path)
+    loud, _ = _installed([*argv, "--debug"], tmp_path / "home", cwd=tmp_path, api=api)
     assert loud.returncode == 2 and "Traceback (most recent call last)" in loud.stderr
     assert [row for row in loud.stderr.splitlines() if row.startswith("vqvae2: ")] == ours
 

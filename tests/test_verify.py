@@ -14,6 +14,7 @@ import pytest
 
 from flows.parameters import sections_of
 from storage.codes import CodeDataset
+from storage.fsutil import join, remove, write_bytes
 from storage.integrity import DamagedArtifact, damage, inventory
 from storage.loader import iter_shard_batches
 from tasks.stages import FinishedRun
@@ -129,19 +130,23 @@ def test_reading_a_missing_or_altered_chunk_names_it(smoke_run, tmp_path):
         CodeDataset(str(codes), "train").chunk(1)
 
 
-def test_an_inventory_records_every_file_and_tells_each_kind_of_damage(tmp_path):
-    folder = tmp_path / "artifact"
-    for name, size in {"a.bin": 100, "b/c.bin": 50, "d.bin": 10}.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(np.random.default_rng(size).bytes(size))
-    (folder / "d.bin.tmp-0000abcd-1-0123456789ab").write_bytes(b"an unfinished write")
-    files = inventory(str(folder), known={"a.bin": (100, "recorded")}, exclude=["d.bin"])
-    assert sorted(files) == ["a.bin", "b/c.bin"] and files["a.bin"] == (100, "recorded")
-    files["a.bin"] = inventory(str(folder))["a.bin"]
-    assert damage(str(folder), files) == []
-    _flip(folder / "a.bin")
-    (folder / "b" / "c.bin").write_bytes(b"short")
-    assert [(d.path, d.what) for d in damage(str(folder), files)] == [
+def test_an_inventory_records_every_file_and_tells_each_kind_of_damage(storage_root):
+    """On a disk, memory:// and S3 alike."""
+    url, options = storage_root
+    folder = join(url, "artifact")
+    contents = {name: np.random.default_rng(size).bytes(size) for name, size in
+                {"a.bin": 100, "b/c.bin": 50, "d.bin": 10, "d.bin.tmp-0000abcd-1-0123456789ab": 7}.items()}
+    for name, data in contents.items():
+        write_bytes(join(folder, name), data, options)
+    files = inventory(folder, options, known={"a.bin": (100, "recorded")}, exclude=["d.bin"])
+    assert sorted(files) == ["a.bin", "b/c.bin"] and files["a.bin"] == (100, "recorded")  # no temporary
+    files["a.bin"] = inventory(folder, options)["a.bin"]
+    assert damage(folder, files, options) == []
+    changed = bytearray(contents["a.bin"])
+    changed[50] ^= 0xFF
+    write_bytes(join(folder, "a.bin"), bytes(changed), options)
+    write_bytes(join(folder, "b/c.bin"), b"short", options)
+    assert [(d.path, d.what) for d in damage(folder, files, options)] == [
         ("a.bin", "other bytes than recorded (SHA-256), same size"), ("b/c.bin", "has 5 bytes, recorded 50")]
-    (folder / "a.bin").unlink()
-    assert damage(str(folder), files)[0].what == "missing"
+    remove(join(folder, "a.bin"), options)
+    assert damage(folder, files, options)[0].what == "missing"
