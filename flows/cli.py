@@ -235,8 +235,9 @@ def cmd_verify(args: argparse.Namespace) -> None:
         print("nothing is damaged")
         return
     if not args.repair:
-        print(f"{len(damaged)} damaged files: `vqvae2 verify --root {root} --repair` drops them, and the next run of "
-              "the config that made them makes them again")
+        files = "1 damaged file" if len(damaged) == 1 else f"{len(damaged)} damaged files"
+        print(f"{files}: `vqvae2 verify --root {root} --repair` drops them, and the next run of the config that made "
+              "them makes them again")
         raise SystemExit(1)
     removed = repair(checked)
     artifacts = sorted({f"{a.stage}/{a.key}" for a, _ in damaged})
