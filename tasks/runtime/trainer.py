@@ -19,6 +19,7 @@ loss-curve PNG next to the checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import random
@@ -44,11 +45,13 @@ from ..config import TrainingRun
 from ..manifests import TrainingSummary
 from .artifacts import Artifact
 from .devices import resolve_device
-from .reporting import Progress, format_metrics, logger, loss_curve_png, publish_table
+from .reporting import Progress, format_metrics, logger, loss_curve_png, publish_part
+from .tensorboard import Logged, TensorBoardRun, run_url
 
 # (epoch, batches of it already consumed) -> the rest of that epoch's batches
 BatchSource = Callable[[int, int], Iterable[Any]]
 Evaluator = Callable[[nn.Module], dict[str, float]]
+Pictures = Callable[[nn.Module], dict[str, np.ndarray]]  # name -> a uint8 picture, H x W (x 3)
 
 # A loss spike that made the weights non-finite often passes at a lower rate; the same
 # rate, RNG and batches would diverge at the same step again (why a retry cannot help).
@@ -148,6 +151,7 @@ class TrainingJob:
     artifact: Artifact
     options: TrainingRun
     evaluate: Evaluator | None = None  # held-out metrics at each epoch's end and at the last step
+    pictures: Pictures | None = None  # shown per epoch in TensorBoard (training.tensorboard), drawn on rank 0 only
 
 
 class _EpochStream:
@@ -235,7 +239,8 @@ class UIReporter:
         self.bar.update(done, note)
 
     def table(self, key: str, rows: list[dict[str, Any]], description: str) -> None:
-        publish_table(key, rows, description)
+        # Every training's epochs in one card of the run, updated in place.
+        publish_part("trainings", key, rows, "metrics per epoch of each training (part: the training)")
 
 
 class Trainer:
@@ -267,6 +272,10 @@ class Trainer:
         self.recoveries: list[Recovery] = []
         self.damaged: list[str] = []  # checkpoints that did not load, removed before the next save
         self.initial: bytes | None = None  # a fresh run's step-0 state, until its first checkpoint
+        self.tensorboard = None  # rank 0's event files, with training.tensorboard
+        if job.options.tensorboard and self.rank == 0:
+            self.tensorboard = TensorBoardRun(run_url(job.artifact.root, job.name, job.artifact.key),
+                                              job.artifact.storage_options)
 
     def state_dict(self) -> dict[str, Any]:
         """The state to resume from; a collective under DDP (every rank's RNG state is in it)."""
@@ -302,9 +311,11 @@ class Trainer:
             buffer = io.BytesIO()
             torch.save(self.state_dict(), buffer)
             self.initial = buffer.getvalue()
+            self._start_tensorboard()
             return 0
         _, url, state = found
         self.load_state_dict(state)
+        self._start_tensorboard()
         self.reporter.log(f"{self.job.name}: resuming from step {self.step} (epoch {self.stream.epoch}, "
                           f"batch {self.stream.consumed}) of {url}")
         return self.step
@@ -334,6 +345,8 @@ class Trainer:
                     self.reporter.log(f"{self.job.name}: removed the damaged checkpoint {redact(url)}")
             save_checkpoint(checkpoint_url(self.checkpoints, self.step), state, storage)
             prune_checkpoints(self.checkpoints, keep=2, storage_options=storage)
+            if self.tensorboard is not None:
+                self.tensorboard.publish()
         self.damaged, self.initial = [], None
         self.last_save = time.monotonic()
 
@@ -385,9 +398,10 @@ class Trainer:
         # LambdaLR sets each step's rate from base_lrs, and saves them: the lower rate lasts.
         self.scheduler.base_lrs = [lr * DIVERGED_LR_FACTOR for lr in self.scheduler.base_lrs]
         self.recoveries.append(Recovery(diverged_at, self.step, DIVERGED_LR_FACTOR))
+        self._start_tensorboard()
         self.reporter.log(
             f"{name}: {error}; resuming from step {self.step} ({source}) at {DIVERGED_LR_FACTOR:g} times the learning "
-            f"rate, {before:.3g} -> {self.scheduler.base_lrs[0]:.3g} (once: a second divergence fails the training)")
+            f"rate, {before:.4g} -> {self.scheduler.base_lrs[0]:.4g} (once: a second divergence fails the training)")
 
     def _close_epoch(self, finished: int, partial: bool = False) -> None:
         train = _mean_over_ranks(self.epoch_window.pop(), self.world)
@@ -397,9 +411,11 @@ class Trainer:
             row.update({f"val_{k}": v for k, v in self.job.evaluate(self.model).items()})
         row["partial_epoch"] = partial
         self.epochs.append(row)
+        if self.tensorboard is not None:
+            self.tensorboard.log_epoch(row, self._pictures())
         name = self.job.name
         self.reporter.log(f"{name} epoch {finished}{' (partial)' if partial else ''}: {format_metrics(row)}")
-        self.reporter.table(f"{name}-epochs", self.epochs, f"{name}: metrics per epoch")
+        self.reporter.table(name, self.epochs, f"{name}: metrics per epoch")
 
     def _on_step(self, step: int, metrics: Metrics) -> None:
         job, opts, steps = self.job, self.job.options, self.job.train.steps
@@ -410,6 +426,8 @@ class Trainer:
         if logged:
             means = _mean_over_ranks(self.interval.pop(), self.world)
             self.history.append({"step": step, "epoch": self.stream.epoch, **means})
+            if self.tensorboard is not None:
+                self.tensorboard.log_step(self.history[-1])
             self.reporter.progress(step, steps, f"step {step}/{steps}, loss {means.get('loss', float('nan')):.4g}")
             self.reporter.log(f"{job.name} step {step}/{steps}: {format_metrics(means)}")
         # The clock is looked at when metrics are logged, and rank 0's reading decides for all ranks.
@@ -423,6 +441,19 @@ class Trainer:
             raise InjectedFault(f"{job.name}: fault injected at step {step} (training.fail_once_at_step)")
 
     def run(self) -> TrainingSummary:
+        try:
+            summary = self._attempt()
+        except BaseException:
+            # A failed attempt's rows too (the next attempt trims those it logs again); its own error is the news.
+            if self.tensorboard is not None:
+                with contextlib.suppress(OSError):
+                    self.tensorboard.close()
+            raise
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        return summary
+
+    def _attempt(self) -> TrainingSummary:
         resumed_from = self.resume()
         while True:
             try:
@@ -434,6 +465,20 @@ class Trainer:
         if self.rank == 0:
             self._write_results()
         return summary
+
+    def _start_tensorboard(self) -> None:
+        """A new event file, from the state just seeded or loaded (the run's files trimmed to its history)."""
+        if self.tensorboard is not None:
+            self.tensorboard.start(self.step, Logged.of(self.history, self.epochs))
+
+    def _pictures(self) -> dict[str, np.ndarray]:
+        """The job's pictures of the model as it is: in eval mode, without gradients, and from
+        no RNG but their own (training takes the same random numbers with TensorBoard or without)."""
+        if self.job.pictures is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad():
+            return self.job.pictures(self.model)
 
     def _train(self) -> None:
         job = self.job

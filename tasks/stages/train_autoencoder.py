@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -14,10 +15,12 @@ from ..runtime.artifacts import Artifact
 from ..runtime.devices import training_task
 from ..runtime.datasets import first_images, train_batches
 from ..runtime.process import train
+from ..runtime.reporting import image_grid
 from ..runtime.trainer import TrainingJob, rank_batch_size
 from ..stage import Needs, Settings, Stage, stage_task
 
 VALIDATION_IMAGES = 256
+PICTURES = 8  # held-out images shown with their reconstructions at each epoch's end (training.tensorboard)
 
 
 class AutoencoderSettings(Settings):
@@ -64,11 +67,20 @@ def autoencoder_job(settings: AutoencoderSettings, runtime: Runtime, dataset: Da
         names = vqvae2.level_names(model.levels)
         return {"mse": mse, **{f"usage_{n}": float(u) for n, u in zip(names, out.usage)}}
 
+    def pictures(model: vqvae2.VQVAE2) -> dict[str, np.ndarray]:
+        shown = validation[:PICTURES]
+        if not len(shown):
+            return {}
+        reconstructions = model(shown.to(next(model.parameters()).device)).reconstruction.clamp(0, 1).cpu()
+        # A row of held-out images, their reconstructions below.
+        return {"reconstructions": image_grid(torch.cat([shown, reconstructions]), columns=len(shown))}
+
     batches, per_epoch = train_batches(dataset, rank_batch_size(settings.train.batch_size), settings.train.seed,
                                        settings.num_workers, runtime)
     return TrainingJob(
         name="autoencoder", model=model, loss_fn=vqvae2.autoencoder_loss, train=settings.train, batches=batches,
         batches_per_epoch=per_epoch, artifact=artifact, options=runtime.training, evaluate=evaluate,
+        pictures=pictures,
     )
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
 from prefect.futures import PrefectFuture
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 import vqvae2
 from storage.codes import ChunkShuffleSampler, CodeDataset
@@ -17,10 +19,12 @@ from ..runtime.artifacts import Artifact
 from ..runtime.devices import training_task
 from ..runtime.codes import held_out_bits_per_code, level_batch, validation_batches
 from ..runtime.process import train
+from ..runtime.tensorboard import code_maps
 from ..runtime.trainer import TrainingJob, private_generator, rank_batch_size
 from ..stage import Needs, Settings, Stage, stage_task
 
 VALIDATION_ROWS = 1024
+PICTURES = 8  # held-out code grids shown with the prior's samples at each epoch's end (training.tensorboard)
 
 
 class PriorSettings(Settings):
@@ -83,11 +87,30 @@ def prior_job(settings: PriorSettings, runtime: Runtime, codes: CodesManifest, a
     def evaluate(model: vqvae2.PixelCNNPrior) -> dict[str, float]:
         return {"bits_per_code": held_out_bits_per_code(model, level, held_out)}
 
+    shown = _first_rows(codes, options, PICTURES) if runtime.training.tensorboard else None
+
+    def pictures(model: vqvae2.PixelCNNPrior) -> dict[str, np.ndarray]:
+        device = next(model.parameters()).device
+        target, cond, labels = vqvae2.train.move_batch(level_batch(shown, level, model), device)
+        # A generator of its own: training takes the same random numbers with TensorBoard or without.
+        generator = torch.Generator(device=device).manual_seed(train_config.seed)
+        sampled = vqvae2.sample_level_fast(model, len(target), cond, labels, generator=generator)
+        # A row of held-out code grids; below, the prior's samples given the same levels above (and labels).
+        return {"samples": code_maps(torch.cat([target, sampled]), codes.codebook_size, columns=len(target))}
+
     return TrainingJob(
         name=settings.name(len(codes.level_shapes)), model=prior, loss_fn=_loss(level), train=train_config,
         batches=batches, batches_per_epoch=-(-len(sampler) // batch_size), artifact=artifact,
-        options=runtime.training, evaluate=evaluate,
+        options=runtime.training, evaluate=evaluate, pictures=pictures if shown is not None else None,
     )
+
+
+def _first_rows(codes: CodesManifest, storage_options: dict[str, Any] | None, n: int) -> Any | None:
+    """The first `n` rows of the test split as one CodeDataset batch; None if it has none. Read
+    by index, not through a DataLoader, whose iterators draw their seeds from the global RNG."""
+    dataset = CodeDataset(codes.codes, "test", storage_options=storage_options)
+    rows = [dataset[i] for i in range(min(n, len(dataset)))]
+    return default_collate(rows) if rows else None
 
 
 @stage_task(STAGE, name="train-prior", task_run_name="train-prior-{settings.level}")
