@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: everything that needs a GPU to be measured, in one run that fits a lent
-# machine's time (README, "On GPUs"). In order, each step under its own time limit, so one
+# machine's time (docs/gpus.md). In order, each step under its own time limit, so one
 # that fails or overruns costs only itself:
 #   1. the device, and the CUDA-only tests;
 #   2. the whole pipeline on the `fashion-mnist-gpu` preset: wall time, training seconds

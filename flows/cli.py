@@ -1,17 +1,20 @@
 """`vqvae2`: the pipeline from a terminal, with Prefect in ephemeral mode (no server needed).
 
-    vqvae2 run --preset smoke --root ./runs           # the whole pipeline; prints where the report is
-    vqvae2 run --source ./my-images --preset imagenet-256 --set num_classes=auto   # your own images
+    vqvae2 run --preset smoke --root ./runs           # the whole pipeline; prints its run's name and the report
+    vqvae2 run --source ./my-images --root ./runs     # your own images (classes, or none, from the data)
+    vqvae2 ls --root ./runs                           # the finished runs under a root, newest first
+    vqvae2 report --root ./runs [--key K]             # the newest run's report (or config key K's)
+    vqvae2 sample --root ./runs --class Sneaker -n 16 --out sneakers.png   # without --class: every class
+    vqvae2 reconstruct --root ./runs --images a.png b.jpg --out recon.png
     vqvae2 stage train-priors --preset smoke --root ./runs
-    vqvae2 sample --preset smoke --root ./runs --class Sneaker -n 16 --out sneakers.png
-    vqvae2 reconstruct --preset smoke --root ./runs --images a.png b.jpg --out recon.png
-    vqvae2 report --preset smoke --root ./runs
     vqvae2 verify --root ./runs --repair               # find damaged files, drop them: the next run remakes them
 
+`report`, `sample` and `reconstruct` work on the runs recorded under --root (the newest, or
+--key's); with --preset, --config or --source they find the run of that config instead.
 `--set KEY=VALUE` (repeatable) sets a pipeline field (`sample.num_samples=32`,
 `storage.storage_options={"endpoint_url": "..."}`) or, for any other key, overrides the
-model preset (`train_prior.steps=100`, `autoencoder.channels=64`). With a
-`PREFECT_API_URL` set, runs are recorded on that server instead.
+model preset (`train_prior.steps=100`, `num_classes=0`). With a `PREFECT_API_URL` set, runs
+are recorded on that server instead.
 
 The config and its source are checked before anything runs: a bad field, a missing source
 or a web server that does not answer fail in seconds, naming the field or the URL. Every
@@ -28,19 +31,15 @@ import os
 import sys
 import time
 import traceback
-import typing
 from typing import Any
 
-SECTIONS = ("source", "storage", "ingest", "training", "encode", "sample", "evaluate", "runner")
+# Nothing heavy is imported at the top: `vqvae2 --help`, and a bad option, answer at once;
+# each command imports what it needs (torch, pydantic, Prefect) when it runs.
+
+# `tasks.config.PresetName`, which takes torch to import (tests/test_cli.py checks they agree).
+PRESETS = ("smoke", "fashion-mnist", "fashion-mnist-gpu", "imagenet-256", "ffhq-1024")
 # Errors in what the user gave (the config, the source, a file named): exit code 2, as argparse's own.
 BAD_INPUT: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
-
-
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def _positive_int(text: str) -> int:
@@ -54,11 +53,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def build_config(args: argparse.Namespace):
-    """The pipeline config of the options; a bad one fails naming the option or the field (`--set` key)."""
+def build_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
+    """The pipeline config of the options (over `base`, a recorded run's config); a bad one
+    fails naming the option or the field (`--set` key)."""
     from tasks.config import validate_config
+    from tasks.config_keys import SECTIONS, parse_value
 
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = json.loads(json.dumps(base or {}))  # a copy: the sections below are changed in place
     if args.config:
         try:
             with open(args.config, encoding="utf-8") as file:
@@ -69,11 +70,11 @@ def build_config(args: argparse.Namespace):
             raise ValueError(f"--config {args.config}: not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"--config {args.config}: expected a JSON object, got {type(data).__name__}")
-    if args.preset:
+    if getattr(args, "preset", None):
         data["preset"] = args.preset
     if args.root is not None:  # an empty one is refused by the config, not ignored
         data.setdefault("storage", {})["root"] = args.root
-    if args.source is not None:
+    if getattr(args, "source", None) is not None:
         data.setdefault("source", {})["url"] = args.source
     for item in args.set or []:
         key, sep, raw = item.partition("=")
@@ -81,9 +82,9 @@ def build_config(args: argparse.Namespace):
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         section, _, field = key.partition(".")
         if section in SECTIONS and field:
-            data.setdefault(section, {})[field] = _value(raw)
+            data.setdefault(section, {})[field] = parse_value(raw)
         else:
-            data.setdefault("overrides", {})[key] = _value(raw)
+            data.setdefault("overrides", {})[key] = parse_value(raw)
     return validate_config(data)
 
 
@@ -106,16 +107,35 @@ def cmd_run(args: argparse.Namespace) -> None:
     config = checked_config(args)
     from flows.parameters import sections_of
     from flows.pipeline import vqvae2_pipeline
+    from storage.fsutil import redact
 
     _console_without_tracebacks(args.debug)
-    report = vqvae2_pipeline(**sections_of(config))
-    print(f"\nreport: {report.markdown}\n        {report.report}")
+    # The flow run's own name (pipeline-brave-otter), chosen here so that it can be said first:
+    # what to look for in Prefect's UI while the run goes on.
+    name = vqvae2_pipeline.flow_run_name()
+    print(f"run {name}: preset {config.preset}, root {redact(config.storage.url)}")
+    try:
+        report = vqvae2_pipeline.with_options(flow_run_name=name)(**sections_of(config))
+    except BaseException:
+        print(f"run {name} did not finish", file=sys.stderr)
+        raise
+    print(f"\nrun {name} finished; report {report.key}: {report.markdown}\n        {report.report}")
     _print_metrics(report.metrics)
+    _print_report_link(report.key)
+
+
+def _print_report_link(report_key: str) -> None:
+    """The report's page in Prefect's UI, when the run was recorded on a server (not ephemeral)."""
+    from tasks.runtime.reporting import latest_artifact_ui_url
+    from tasks.stages.evaluate import report_artifact_key
+
+    if link := latest_artifact_ui_url(report_artifact_key(report_key)):
+        print(f"the report in Prefect's UI: {link}")
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
     for name, value in metrics.items():
-        print(f"  {name:32s} {value:.5g}" if isinstance(value, float) else f"  {name:32s} {value}")
+        print(f"  {name:32s} {value:.4g}" if isinstance(value, float) else f"  {name:32s} {value}")
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
@@ -130,6 +150,34 @@ def cmd_stage(args: argparse.Namespace) -> None:
     print(json.dumps(to_jsonable_python(result), indent=2))
 
 
+def finished_run(args: argparse.Namespace):
+    """The finished run a command works on. Without --preset, --config or --source: a run
+    recorded under --root (the newest, or the one --key names), its artifacts read from the
+    folders its record names; the other options complete its config (storage, device), and a
+    --set that changes what it made means the run of that config instead. Otherwise, or
+    when nothing is recorded there, the run of the config the options give, found from its keys."""
+    from tasks.config import Runtime, validate_config
+    from tasks.runs import RecordedRun, find_run, recorded_config, record_url
+    from tasks.stages import FinishedRun
+
+    if args.key is None and (args.preset or args.config or args.source):
+        return FinishedRun(checked_config(args))
+    runtime = Runtime.of(build_config(args))  # where the records are, and how to read them
+    found = find_run(runtime.root, runtime.storage_options, args.key)
+    if found is None:
+        return FinishedRun(checked_config(args))
+    try:
+        recorded = validate_config({**found.record.config, "storage": {"root": runtime.storage.root}})
+    except ValueError as err:
+        raise ValueError(f"{record_url(runtime.root, found.record.key)}: the recorded config does not read ({err}); "
+                         "give the run's config with --preset and --set, or --config") from None
+    config = build_config(args, base=found.record.config)
+    if recorded_config(config) != recorded_config(recorded):
+        config.check_source()
+        return FinishedRun(config)
+    return RecordedRun(found.record, config)
+
+
 def _class_index(value: str, class_names: list[str]) -> int:
     if value.isdigit() and int(value) < len(class_names):
         return int(value)
@@ -139,8 +187,19 @@ def _class_index(value: str, class_names: list[str]) -> int:
     raise ValueError(f"unknown class {value!r}; the dataset has: {', '.join(class_names)}")
 
 
+def _sample_labels(n: int, class_index: int | None, num_classes: int) -> list[int] | None:
+    """The class of each of `n` images: all `class_index`, or (None) every class in order,
+    evenly, the first ones one more (as the sample stage spreads them); None: unconditional."""
+    if not num_classes:
+        return None
+    if class_index is not None:
+        return [class_index] * n
+    base, extra = divmod(n, num_classes)
+    return [c for c in range(num_classes) for _ in range(base + (c < extra))]
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
-    config = checked_config(args)  # before the imports below, which take seconds
+    finished = finished_run(args)  # before the imports below, which take seconds
     import torch
     from tqdm import tqdm
 
@@ -148,31 +207,31 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from tasks.runtime.devices import resolve_device
     from tasks.runtime.models import load_model
     from tasks.runtime.reporting import image_grid, png_bytes
-    from tasks.stages import FinishedRun
 
-    finished = FinishedRun(config)
+    config, names = finished.config, finished.dataset.class_names
     options, device = finished.runtime.storage_options, resolve_device(config.training.device)
+    if args.class_ is not None and not config.model.num_classes:
+        raise ValueError(f"--class {args.class_}: the priors are unconditional (num_classes=0): leave --class out")
+    chosen = _class_index(args.class_, names) if args.class_ is not None else None
+    labels = _sample_labels(args.n, chosen, config.model.num_classes)
     autoencoder = load_model(finished.autoencoder, options, device)
     priors = [load_model(p, options, device) for p in finished.priors]
-    labels = None
-    if config.model.num_classes:
-        if args.class_ is None:
-            raise ValueError(f"the priors are class-conditional: pass --class (one of {finished.dataset.class_names})")
-        labels = _class_index(args.class_, finished.dataset.class_names)
     images = []
     with tqdm(total=args.n, desc="sampling", unit="image") as bar:
         for first in range(0, args.n, args.batch_size):
             size = min(args.batch_size, args.n - first)
-            batch_labels = torch.full((size,), labels, device=device) if labels is not None else None
+            batch_labels = torch.tensor(labels[first:first + size], device=device) if labels is not None else None
             batch, _ = vqvae2.sample_images(autoencoder, priors, size, labels=batch_labels,
                                             temperature=args.temperature, top_k=args.top_k, seed=args.seed + first)
             images.append(batch.cpu())
             bar.update(size)
+    if labels is not None and chosen is None:
+        print(f"{args.n} images of every class ({len(names)}), in class order: {', '.join(names)}")
     _write(args.out, png_bytes(image_grid(torch.cat(images)), scale=args.scale))
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
-    config = checked_config(args)
+    finished = finished_run(args)
     import numpy as np
     import torch
 
@@ -181,9 +240,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     from tasks.runtime.datasets import first_images
     from tasks.runtime.models import load_model, reconstruct
     from tasks.runtime.reporting import pairs_grid, png_bytes
-    from tasks.stages import FinishedRun
 
-    finished = FinishedRun(config)
+    config = finished.config
     model = load_model(finished.autoencoder, finished.runtime.storage_options)
     if args.images:
         mode = "L" if config.model.image_channels == 1 else "RGB"
@@ -194,25 +252,59 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
         images, _ = first_images(finished.dataset, "test", args.count, finished.runtime.storage_options)
     recon = reconstruct(model, images)
     mse = torch.nn.functional.mse_loss(recon, images).item()
-    print(f"{len(images)} images, reconstruction MSE {mse:.5f}")
+    print(f"{len(images)} images, reconstruction MSE {mse:.4g}")
     _write(args.out, png_bytes(pairs_grid(images, recon, 2 * len(images)), scale=args.scale))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    config = checked_config(args)
+    finished = finished_run(args)
     from storage.fsutil import read_json
-    from tasks.stages import FinishedRun
 
-    finished = FinishedRun(config)
     manifest = finished.report
     report = read_json(manifest.report, finished.runtime.storage_options)
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"report of the {report['preset']} run on dataset {report['dataset']['key']}: {manifest.markdown}")
+    recorded = getattr(finished, "record", None)
+    key = f" {recorded.key}" if recorded is not None else ""
+    print(f"report of the {report['preset']} run{key} on dataset {report['dataset']['key']}: {manifest.markdown}")
     _print_metrics(report["metrics"])
     for row in report["training"]:
         print(f"  trained {row['stage']:20s} {row['steps']} steps")
+
+
+def cmd_ls(args: argparse.Namespace) -> None:
+    from storage.fsutil import redact
+    from tasks.config import Runtime
+    from tasks.runs import finished_runs
+
+    runtime = Runtime.of(build_config(args))
+    runs = finished_runs(runtime.root, runtime.storage_options)
+    rows = [{"key": run.record.key, "preset": run.record.preset, "source": run.record.source,
+             "finished": run.finished.isoformat(timespec="seconds") if run.finished else None,
+             "sample_fid": run.record.sample_fid, "report": redact(run.record.markdown),
+             "report_json": redact(run.record.report), "num_classes": run.record.num_classes}
+            for run in runs]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print(f"no finished runs under {redact(runtime.root)}")
+        return
+    header = ("KEY", "PRESET", "SOURCE", "FINISHED", "SAMPLE FID", "REPORT")
+    cells = [header] + [(r["key"], r["preset"], r["source"], _local_time(run.finished), _number(r["sample_fid"]),
+                         r["report"]) for r, run in zip(rows, runs)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header) - 1)]
+    for row in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+
+
+def _local_time(when: datetime.datetime | None) -> str:
+    return when.astimezone().strftime("%Y-%m-%d %H:%M") if when else "-"
+
+
+def _number(value: float | None) -> str:
+    return f"{value:.4g}" if value is not None else "-"
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -269,45 +361,68 @@ class _StageNames:
 
 
 def parser() -> argparse.ArgumentParser:
-    from tasks.config import PresetName
-
-    # Options every command takes; a new command adds `parents=[common]` (or `[debugging]`).
+    """The command line; building it imports nothing heavy (tests/test_cli.py checks it)."""
+    # Options every command takes; a new command adds `parents=[...]` of what it needs.
     debugging = argparse.ArgumentParser(add_help=False)
     debugging.add_argument("--debug", action="store_true", help="on failure, print the traceback too")
-    common = argparse.ArgumentParser(add_help=False, parents=[debugging])
-    common.add_argument("--preset", choices=typing.get_args(PresetName),
-                        help="model and training preset (default: fashion-mnist)")
-    common.add_argument("--root", help="storage root: a local path or s3://bucket/prefix (default: ~/vqvae2-runs)")
+    rooted = argparse.ArgumentParser(add_help=False, parents=[debugging])
+    rooted.add_argument("--root", help="storage root: a local path or s3://bucket/prefix (default: ~/vqvae2-runs)")
+    rooted.add_argument("--config", help="a JSON file with a whole pipeline config")
+    rooted.add_argument("--set", action="append", metavar="KEY=VALUE", help="set a config field, e.g. "
+                        "sample.num_samples=64, or override the model preset, e.g. num_classes=0 (repeatable)")
+    common = argparse.ArgumentParser(add_help=False, parents=[rooted])
+    common.add_argument("--preset", choices=PRESETS, metavar="NAME",
+                        help=f"model and training preset: {', '.join(PRESETS)} (default: fashion-mnist)")
     common.add_argument("--source", metavar="URL", help="your images: a folder (flat, or a sub-folder per class), a "
                         "CSV/JSONL/Parquet list, or a .tar pattern; local, s3:// or http(s):// (source.url; "
                         "default: Fashion-MNIST)")
-    common.add_argument("--config", help="a JSON file with a whole pipeline config")
-    common.add_argument("--set", action="append", metavar="KEY=VALUE", help="set a config field (repeatable)")
+    finished = argparse.ArgumentParser(add_help=False, parents=[common])
+    finished.add_argument("--key", metavar="KEY", help="the finished run under --root with this config key (or a "
+                          "unique start of it), as `vqvae2 ls` lists them (default: the newest; with --preset, "
+                          "--config or --source and no --key: the run of that config)")
 
     top = argparse.ArgumentParser(prog="vqvae2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = top.add_subparsers(dest="command", required=True)
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("run", parents=[common], help="run the whole pipeline").set_defaults(fn=cmd_run)
     stage = commands.add_parser("stage", parents=[common], help="run one stage on existing artifacts")
     stage.add_argument("name", choices=_StageNames(), metavar="NAME", help="the stage: %(choices)s")
     stage.set_defaults(fn=cmd_stage)
 
-    sample = commands.add_parser("sample", parents=[common], help="sample images of a class from a finished run")
-    sample.add_argument("--class", dest="class_", help="class name or index")
-    sample.add_argument("-n", type=_positive_int, default=16, help="number of images")
+    listing = commands.add_parser("ls", parents=[rooted], help="list the finished runs under --root, newest first")
+    listing.add_argument("--json", action="store_true", help="print them as JSON")
+    listing.set_defaults(fn=cmd_ls)
+
+    report = commands.add_parser("report", parents=[finished], help="print a finished run's report")
+    report.add_argument("--json", action="store_true", help="the whole report.json")
+    report.set_defaults(fn=cmd_report)
+
+    sample = commands.add_parser("sample", parents=[finished], help="sample images from a finished run's priors")
+    sample.add_argument("--class", dest="class_", metavar="CLASS", help="class name or index (default: every "
+                        "class in turn, evenly)")
+    sample.add_argument("-n", type=_positive_int, default=16, help="number of images (default 16)")
     sample.add_argument("--out", required=True, help="PNG grid to write (path or URL)")
-    sample.add_argument("--temperature", type=float, default=1.0)
-    sample.add_argument("--top-k", type=int)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--batch-size", type=_positive_int, default=64)
-    sample.add_argument("--scale", type=_positive_int, default=4, help="enlarge the grid by this factor")
+    sample.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the priors "
+                        "(default 1.0; lower: safer, less varied images)")
+    sample.add_argument("--top-k", type=_positive_int, help="draw each code from the k likeliest only (default: all)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default 0): the same seed, the same images")
+    sample.add_argument("--batch-size", type=_positive_int, default=64, help="images drawn at a time (default 64)")
+    sample.add_argument("--scale", type=_positive_int, default=4, help="enlarge the grid by this factor (default 4)")
     sample.set_defaults(fn=cmd_sample)
 
-    recon = commands.add_parser("reconstruct", parents=[common], help="reconstruct images with a finished run's autoencoder")
-    recon.add_argument("--images", nargs="*", help="image files (default: held-out test images)")
-    recon.add_argument("--count", type=_positive_int, default=16, help="held-out images to use without --images")
+    recon = commands.add_parser("reconstruct", parents=[finished], help="reconstruct images with a finished run's "
+                                "autoencoder")
+    recon.add_argument("--images", nargs="*", metavar="FILE", help="image files (default: held-out test images)")
+    recon.add_argument("--count", type=_positive_int, default=16, help="held-out images to use without --images "
+                       "(default 16)")
     recon.add_argument("--out", required=True, help="PNG of originals and reconstructions side by side")
-    recon.add_argument("--scale", type=_positive_int, default=4)
+    recon.add_argument("--scale", type=_positive_int, default=4, help="enlarge the picture by this factor (default 4)")
     recon.set_defaults(fn=cmd_reconstruct)
+
+    verify = commands.add_parser("verify", parents=[common], help="check every finished artifact under --root "
+                                 "against the sizes and SHA-256 digests recorded when it was made")
+    verify.add_argument("--repair", action="store_true", help="drop the damaged files (and the completion marks "
+                        "of their artifacts), so that the next run makes exactly them again")
+    verify.set_defaults(fn=cmd_verify)
 
     node = commands.add_parser("node", parents=[debugging], help="on another machine: join the multi-node "
                                "trainings of a worker (training.nnodes > 1), one after another")
@@ -317,16 +432,6 @@ def parser() -> argparse.ArgumentParser:
     node.add_argument("--nproc-per-node", type=_positive_int, default=1, help="training.processes (default 1)")
     node.add_argument("--once", action="store_true", help="join one training, then exit with its code")
     node.set_defaults(fn=cmd_node)
-
-    verify = commands.add_parser("verify", parents=[common], help="check every finished artifact under --root "
-                                 "against the sizes and SHA-256 digests recorded when it was made")
-    verify.add_argument("--repair", action="store_true", help="drop the damaged files (and the completion marks "
-                        "of their artifacts), so that the next run makes exactly them again")
-    verify.set_defaults(fn=cmd_verify)
-
-    report = commands.add_parser("report", parents=[common], help="print a finished run's report")
-    report.add_argument("--json", action="store_true", help="the whole report.json")
-    report.set_defaults(fn=cmd_report)
     return top
 
 
@@ -355,10 +460,12 @@ def _failed(error: Exception, debug: bool) -> int:
     if debug:
         traceback.print_exception(error)
     bad_input = isinstance(error, BAD_INPUT)
-    line = first_line(error, limit=2000)  # the whole fix-it of a long message: a terminal wraps it
+    # The whole fix-it of a long message (a terminal wraps it), and a field to set named as on
+    # this command line: `--set ingest.max_bad_fraction=0.05`.
+    line = first_line(error, limit=2000, form="cli")
     cause = line if bad_input else f"{type(error).__name__}: {line}"
     more = "" if debug or bad_input else " (--debug shows the traceback)"
-    print(f"vqvae2: {cause}; what to do: {advice(error)}{more}", file=sys.stderr)
+    print(f"vqvae2: {cause}; what to do: {advice(error, form='cli')}{more}", file=sys.stderr)
     return 2 if bad_input else 1
 
 

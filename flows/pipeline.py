@@ -25,6 +25,7 @@ from prefect.utilities.names import generate_slug
 from tasks.config import PipelineConfig, Runtime
 from tasks.manifests import ReportManifest
 from tasks.runtime.exclusive import one_run_at_a_time
+from tasks.runs import record_run
 from tasks.runtime.failure_report import FailedStages, reported_failure
 from tasks.source_watch import announce_new_data
 from tasks.stage import Settings, Stage
@@ -80,6 +81,7 @@ def _run_pipeline(config: PipelineConfig, failed: FailedStages) -> ReportManifes
     report = outputs.get("evaluate")
     with failed.within("evaluate"):
         BY_NAME["evaluate"].publish(report, runtime.storage_options)  # on every run: a Cached one shows its results
+        record_run(config, outputs, runtime)  # which config made which report: `vqvae2 ls`, `vqvae2 report --root`
     return report
 
 
@@ -107,6 +109,8 @@ def run_stage(config: PipelineConfig, stage: Stage) -> Any:
         if stage.publish:
             for result in results if stage.variants else [results]:
                 stage.publish(result, finished.runtime.storage_options)
+        if stage is BY_NAME["evaluate"]:  # a new report: recorded as a pipeline run's is
+            record_run(config, finished, finished.runtime)
         return results
 
 

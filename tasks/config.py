@@ -6,6 +6,7 @@ Fields left at None take the preset's value (see `PRESET_DEFAULTS`), so choosing
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from functools import cached_property
 from typing import Any, Literal
@@ -73,7 +74,7 @@ class SourceSection(Section):
         "or auto (folders when every image is in a sub-folder, none when all lie at the top); list: column:NAME, "
         "none, or auto (the column `label` when there is one); tars: cls (the .cls member), json:FIELD (a field of "
         "each sample's .json, as img2dataset writes), none, or auto (cls). Unlabelled data trains unconditional "
-        "priors: set num_classes to 0 or auto",
+        "priors, unless the override num_classes fixes a number",
     )
     path_column: str | None = Field(None, description="list: the column of image paths or URLs (relative ones are "
                                     "relative to the list's folder); None: the first of path, url, file, image")
@@ -223,6 +224,9 @@ class TrainingRun(Section):
     gpus: int | None = Field(None, ge=0, description="GPUs of a worker that trainings share: at most one training "
                              "per GPU at a time, each on its own (Prefect concurrency limits `gpu` and "
                              "`vqvae2-gpu-<i>`); None: the visible CUDA devices; 0: no limit")
+    tensorboard: bool = Field(False, description="Also write each training's metrics, and a picture per epoch "
+                              "(reconstructions, prior samples), as TensorBoard event files under "
+                              "{root}/tensorboard/<training>-<key>/: `tensorboard --logdir {root}/tensorboard`")
 
     nnodes: int = Field(1, ge=1, description="Machines each data-parallel training spans, `training.processes` "
                         "on each: this worker is node 0, and every other machine runs `vqvae2 node --rdzv-endpoint "
@@ -250,6 +254,15 @@ class TrainingRun(Section):
             raise ValueError(f"training.nnodes is {self.nnodes}: set training.rdzv_endpoint to this worker's "
                              "host:port, where the other machines' training processes join it")
         return self
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _tensorboard_installed(cls, on: bool) -> bool:
+        # Checked with the config, before anything runs: not when the first training starts.
+        if on and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("training.tensorboard is true, but tensorboard is not installed on this machine: "
+                             "pip install 'vqvae2[tensorboard]' (or tensorboard), or leave training.tensorboard off")
+        return on
 
 
 class TrainingSection(TrainingRun):
@@ -380,8 +393,10 @@ class PipelineConfig(BaseModel):
     preset: PresetName = Field("fashion-mnist", description="Model and training preset")
     overrides: dict[str, Any] = Field(
         default_factory=dict,
-        description="Dotted-path overrides of the preset, e.g. {'autoencoder.channels': 64, 'train_prior.steps': 100}; "
-        "{'num_classes': 'auto'} takes the number of classes from the data (0, unconditional, when it has no labels)",
+        description="Dotted-path overrides of the preset, e.g. {'autoencoder.channels': 64, 'train_prior.steps': 100}. "
+        "The number of classes follows the data unless num_classes is a number here: the preset's when the dataset "
+        "has that many, else the dataset's (0, unconditional priors, when it has no labels); {'num_classes': 'auto'} "
+        "always takes the dataset's; {'num_classes': 0} forces unconditional priors",
     )
     source: SourceSection = Field(default_factory=SourceSection, description="Where the images come from; "
                                   "default: Fashion-MNIST")
@@ -410,15 +425,27 @@ class PipelineConfig(BaseModel):
 
     @cached_property
     def model(self) -> vqvae2.ModelConfig:
-        """The preset with the overrides applied (`num_classes: auto` keeps the preset's
-        number until `with_classes` adopts the dataset's)."""
+        """The preset with the overrides applied. Until the dataset is known (`with_classes`),
+        a config whose num_classes is not a number has the preset's."""
         overrides = {k: v for k, v in self.overrides.items() if not (k == "num_classes" and v == AUTO)}
         return vqvae2.preset(self.preset, overrides)
 
+    # The number of classes, three ways (`tasks.stages.ingest.adopt_classes` applies them):
+    # - not set (the default): the preset's number when the dataset has that many classes, so
+    #   Fashion-MNIST's configs keep their keys; otherwise the dataset's, as if set by hand;
+    # - `auto`: always the dataset's, written into the config as if set by hand;
+    # - a number: fixed; a dataset with other classes fails right after ingest (0: unconditional).
+
     @property
     def classes_from_data(self) -> bool:
-        """`num_classes: auto`: the model takes the number of classes the dataset has."""
+        """`num_classes: auto`: the model takes the number of classes the dataset has, whatever
+        the preset says; the keys wait for the dataset (`with_classes`)."""
         return self.overrides.get("num_classes") == AUTO
+
+    @property
+    def classes_fixed(self) -> bool:
+        """`num_classes` set to a number: the dataset must have that many classes (or any, for 0)."""
+        return "num_classes" in self.overrides and not self.classes_from_data
 
     def with_classes(self, num_classes: int) -> PipelineConfig:
         """This config with `num_classes` fixed: what an `auto` config becomes once the data is known,

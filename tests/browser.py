@@ -120,7 +120,12 @@ def _errors(stderr: str) -> str:
 
 
 def render(url: str, screenshot: Path, *, wait_for: list[str], timeout_s: float = 60) -> str:
-    """Screenshot `url` into `screenshot` (PNG, 1600x1200) and return the page's text.
+    """Screenshot `url` into `screenshot` (PNG, 1600x1200) and return the page's text (see `render_page`)."""
+    return render_page(url, screenshot, wait_for=wait_for, timeout_s=timeout_s)[0]
+
+
+def render_page(url: str, screenshot: Path, *, wait_for: list[str], timeout_s: float = 60) -> tuple[str, str]:
+    """Screenshot `url` into `screenshot` (PNG, 1600x1200); return the page's text and its DOM.
 
     Loads again with a longer virtual-time budget until every string of `wait_for` is in the
     text; raises AssertionError naming the missing strings and the URL once `timeout_s` has
@@ -138,7 +143,7 @@ def render(url: str, screenshot: Path, *, wait_for: list[str], timeout_s: float 
         text = page_text(dom)
         missing = [s for s in wait_for if " ".join(s.split()) not in text]
         if not missing and screenshot.exists():
-            return text
+            return text, dom
         if time.monotonic() >= deadline:
             break
         budget_ms = min(budget_ms * 2, 60_000)

@@ -167,3 +167,144 @@ def test_source_takes_its_kind_from_the_url(source, kind):
 def test_labels_a_source_kind_does_not_take_are_refused_naming_the_field(capsys):
     err = _refused(capsys, ["report", "--source", "./my-images", "--set", "source.labels=json:label"])
     assert "source.labels is 'json:label', but a source of kind 'image-folder' takes one of auto, folders, none" in err
+
+
+# --- the command line itself: at once, and every option explained ------------------------------
+
+
+def test_the_parser_and_its_help_import_neither_torch_nor_prefect():
+    """`vqvae2 --help`, and a command's options, answer before any heavy import (bench_cli.py times it)."""
+    import sys
+
+    code = "\n".join([
+        "import contextlib, io, sys",
+        "from flows.cli import parser",
+        "for argv in (['run', '--preset', 'smoke', '--source', 'x'], ['ls', '--json'], ['report', '--key', 'ab'],",
+        "             ['sample', '--out', 'x.png'], ['reconstruct', '--out', 'x.png'], ['verify', '--repair']):",
+        "    parser().parse_args(argv)",
+        "for argv in (['--help'], ['run', '--help'], ['sample', '--help']):",
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):",
+        "        parser().parse_args(argv)",
+        "print(sorted(m for m in ('torch', 'prefect', 'pydantic', 'numpy', 'tasks.config') if m in sys.modules))",
+    ])
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
+def _options(parser):
+    """(command, option) of every option of every command, with its argparse action."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                yield parser.prog, choice.dest, choice
+            for sub in action.choices.values():
+                yield from _options(sub)
+        else:
+            yield parser.prog, "/".join(action.option_strings) or action.dest, action
+
+
+def test_every_command_and_option_has_help_text():
+    from flows.cli import parser
+
+    options = list(_options(parser()))
+    assert {"vqvae2 ls", "vqvae2 report", "vqvae2 sample"} <= {prog for prog, _, _ in options}
+    missing = [f"{prog} {name}" for prog, name, action in options if not (action.help or "").strip()]
+    assert not missing, missing
+
+
+# --- finished runs, found by their root ---------------------------------------------------------
+
+
+def test_ls_lists_the_finished_runs_under_a_root(smoke_run, capsys):
+    config, root, state = smoke_run
+    report = state.result()
+    key = report.key  # a run is known by its report's key: its folder's name under reports/
+    main(["ls", "--root", str(root)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["KEY", "PRESET", "SOURCE", "FINISHED", "SAMPLE", "FID", "REPORT"]
+    (row,) = [line for line in lines[1:] if line.startswith(key)]
+    assert row.split()[1:3] == ["smoke", "fashion-mnist"] and row.endswith(f"  {report.markdown}")
+    assert f"{report.metrics['sample_fid']:.4g}" in row.split()
+    main(["ls", "--root", str(root), "--json"])
+    listed = json.loads(capsys.readouterr().out)
+    (run,) = [r for r in listed if r["key"] == key]
+    assert (run["preset"], run["source"], run["num_classes"]) == ("smoke", "fashion-mnist", 10)
+    assert run["sample_fid"] == report.metrics["sample_fid"] and run["report"] == report.markdown
+    assert [r["finished"] for r in listed] == sorted((r["finished"] for r in listed), reverse=True)  # newest first
+
+
+def test_report_of_a_root_reads_its_newest_run_or_the_one_named_by_key(smoke_run, capsys):
+    from tasks.runs import finished_runs
+
+    config, root, state = smoke_run
+    key = state.result().key
+    main(["report", "--root", str(root), "--key", key[:6]])  # a start of the key will do
+    text = capsys.readouterr().out
+    assert text.startswith(f"report of the smoke run {key} on dataset ") and state.result().markdown in text
+    main(["report", "--root", str(root), "--key", key, "--json"])
+    assert json.loads(capsys.readouterr().out)["metrics"] == state.result().metrics
+    newest = finished_runs(str(root))[0].record  # another test may have evaluated another config here since
+    main(["report", "--root", str(root)])
+    assert capsys.readouterr().out.startswith(f"report of the {newest.preset} run {newest.key} on dataset ")
+
+
+def test_report_names_a_key_no_run_under_the_root_has(smoke_run, capsys):
+    _, root, _ = smoke_run
+    assert "--key 0000000: no finished run with that report key under" in _refused(
+        capsys, ["report", "--root", str(root), "--key", "0000000"])
+
+
+def test_sample_without_a_class_draws_every_class_in_turn(smoke_run, tmp_path, capsys):
+    config, root, state = smoke_run
+    out = tmp_path / "every-class.png"
+    main(["sample", "--root", str(root), "--key", state.result().key, "-n", "12", "--out", str(out), "--scale", "1"])
+    printed = capsys.readouterr().out
+    assert "12 images of every class (10), in class order: T-shirt/top, Trouser, " in printed
+    assert np.asarray(Image.open(out)).shape == (3 * 17 + 1, 4 * 17 + 1)  # 12 images of 16x16: 3 rows of 4
+
+
+# --- your own images, without a flag ----------------------------------------------------------
+
+
+def test_a_flat_folder_runs_to_a_report_with_no_set_and_is_listed_under_its_root(
+        prefect_api, tmp_path, fashion_mnist_test_split, capsys):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId, FlowRunFilter, FlowRunFilterName
+
+    from image_files import write_folder
+
+    images, _ = fashion_mnist_test_split
+    folder, root = tmp_path / "my-images", tmp_path / "root"
+    write_folder(folder, images[:200])  # flat: no labels, so no classes (the smoke preset has 10)
+    main(["run", "--preset", "smoke", "--source", str(folder), "--root", str(root)])
+    out = capsys.readouterr().out
+    started = re.match(r"run (pipeline-\S+): preset smoke, root ", out)
+    assert started, out[:500]
+    name = started.group(1)
+    finished = re.search(rf"\nrun {name} finished; report ([0-9a-f]{{16}}): {re.escape(str(root))}/reports/\1/report.md\n",
+                         out)
+    assert finished, out[-1500:]
+    key = finished.group(1)
+    # The report's card on the run's server, as the flow's log says it too.
+    link = re.search(r"^the report in Prefect's UI: (http://127\.0\.0\.1:\d+/artifacts/artifact/[0-9a-f-]{36})$",
+                     out, re.M)
+    assert link, out[-1500:]
+    with get_client(sync_client=True) as client:  # the name printed is the flow run's, as the UI shows it
+        (flow_run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[link.group(1)[-36:]])))
+    assert flow_run.state.is_completed()
+    assert (artifact.key, artifact.flow_run_id) == (f"vqvae2-report-{key}", flow_run.id)
+
+    main(["ls", "--root", str(root), "--json"])
+    (run,) = json.loads(capsys.readouterr().out)
+    assert (run["key"], run["source"], run["num_classes"]) == (key, str(folder), 0)  # unconditional: no labels
+    assert run["report"].startswith(f"{root}/reports/") and os.path.exists(run["report"])
+    record = (root / "runs" / f"{key}.json").read_text()
+    assert str(root) not in record and "storage" not in json.loads(record)["config"]  # relative, and no storage
+    main(["report", "--root", str(root)])
+    assert capsys.readouterr().out.startswith(f"report of the smoke run {key} on dataset ")
+    main(["sample", "--root", str(root), "-n", "4", "--out", str(tmp_path / "mine.png")])  # unconditional: no class
+    assert f"wrote {tmp_path / 'mine.png'}" in capsys.readouterr().out

@@ -163,3 +163,64 @@ def test_test_only_fields_are_not_in_the_run_form_but_still_apply():
     assert "fail_once_at_step" not in json.dumps(form)  # nor in the defaults the form is filled with
     config = pipeline_config("smoke", training={"fail_once_at_step": {"autoencoder": 3}})
     assert config.training.fail_once_at_step == {"autoencoder": 3}
+
+
+def test_the_cli_knows_the_presets_and_sections_without_importing_the_config():
+    """The CLI's parser and `tasks.config_keys` name them without torch or pydantic: the same ones."""
+    import typing
+
+    from flows.cli import PRESETS
+    from tasks.config import PipelineConfig, PresetName
+    from tasks.config_keys import SECTIONS
+
+    assert PRESETS == typing.get_args(PresetName)
+    assert SECTIONS == tuple(name for name in PipelineConfig.model_fields if name not in ("preset", "overrides"))
+
+
+@pytest.mark.parametrize("overrides, from_data, fixed", [
+    ({}, False, False),  # the default: the preset's classes when the data has them, else the data's
+    ({"num_classes": "auto"}, True, False),
+    ({"num_classes": 3}, False, True),
+    ({"num_classes": 0}, False, True),  # unconditional, whatever the data
+])
+def test_the_number_of_classes_follows_the_data_unless_it_is_a_number(overrides, from_data, fixed):
+    from tasks.config import pipeline_config
+
+    config = pipeline_config("smoke", overrides=overrides)
+    assert (config.classes_from_data, config.classes_fixed) == (from_data, fixed)
+    assert config.model.num_classes == overrides.get("num_classes", 10) if fixed else config.model.num_classes == 10
+    assert config.with_classes(4).model.num_classes == 4 and config.with_classes(4).classes_fixed
+
+
+@pytest.mark.parametrize("key, value, cli, parameters", [
+    ("ingest.max_bad_fraction", 0.05, "--set ingest.max_bad_fraction=0.05", '{"ingest": {"max_bad_fraction": 0.05}}'),
+    ("num_classes", "auto", "--set num_classes=auto", '{"overrides": {"num_classes": "auto"}}'),
+    ("training.subprocess", False, "--set training.subprocess=false", '{"training": {"subprocess": false}}'),
+    ("storage.storage_options", {"endpoint_url": "http://minio:9000"},
+     '--set storage.storage_options={"endpoint_url": "http://minio:9000"}',
+     '{"storage": {"storage_options": {"endpoint_url": "http://minio:9000"}}}'),
+])
+def test_a_setting_is_named_as_the_cli_and_a_deployment_take_it(key, value, cli, parameters):
+    from tasks.config import validate_config
+    from tasks.config_keys import Setting, parse_value
+
+    setting = Setting(key, value)
+    assert (setting.shown("cli"), setting.shown("parameters")) == (cli, parameters)
+    # Each form reads back as the same config: what the CLI's --set makes, what a run's parameters make.
+    text = cli.removeprefix("--set ").partition("=")[2]
+    section, _, field = key.partition(".")
+    by_option = {section: {field: parse_value(text)}} if field else {"overrides": {key: parse_value(text)}}
+    assert validate_config(by_option) == validate_config(json.loads(parameters))
+
+
+def test_tensorboard_without_the_package_is_refused_with_the_config(monkeypatch):
+    """Before anything runs, not when the first training starts an hour later."""
+    import sys
+
+    from tasks.config import pipeline_config
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed: find_spec finds nothing
+    with pytest.raises(ValueError, match=r"training.tensorboard is true, but tensorboard is not installed on this "
+                                         r"machine: pip install 'vqvae2\[tensorboard\]'"):
+        pipeline_config("smoke", training={"tensorboard": True})
+    assert not pipeline_config("smoke").training.tensorboard

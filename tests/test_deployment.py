@@ -3,8 +3,10 @@
 one section overridden, the watch and its trigger, and the UI as headless Chromium shows it."""
 from __future__ import annotations
 
+import base64
 import io
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from storage.fsutil import read_bytes
 from tasks.runtime.exclusive import run_limit
 from tasks.runtime.reporting import display_scale, image_grid
 from tasks.stages import FinishedRun
-from browser import render
+from browser import render, render_page
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -56,7 +58,7 @@ def _deployment_config(tmp_path: Path, root: Path, folder: Path) -> Path:
     the test starts it. Returns the folder to deploy from."""
     project = yaml.safe_load((REPO / "prefect.yaml").read_text())
     watch = next(d for d in project["deployments"] if d["name"] == "watch")
-    assert watch["schedules"] == [{"interval": 600}]
+    assert watch["schedules"] == [{"interval": 600, "active": False}]  # shipped off: enabled by the user
     del watch["schedules"]
     config = {"preset": "smoke", "source": {"url": str(folder)}, "storage": {"root": str(root)}}
     for deployment in project["deployments"]:
@@ -84,9 +86,15 @@ def _run(env: dict, api: str, deployment: str, params: dict | None = None, timeo
     return run
 
 
-def _artifacts(api: str, flow_run_id: str) -> dict[str, dict]:
+def _artifacts(api: str, flow_run_id: str, keyed_only: bool = True) -> dict[str, dict]:
+    """{key: artifact} of a flow run; `keyed_only=False`: its progress bars too, by id."""
     found = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).json()
-    return {a["key"]: a for a in found if a["key"]}
+    return {a["key"] or a["id"]: a for a in found if a["key"] or not keyed_only}
+
+
+def _log_lines(api: str, flow_run_id: str) -> list[str]:
+    logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}}).json()
+    return [log["message"] for log in logs]
 
 
 def _runs_of(api: str, deployment: str) -> list[dict]:
@@ -107,7 +115,8 @@ def test_deployments_from_prefect_yaml_pipeline_stage_runs_and_the_new_data_trig
     # The worker runs anywhere: the deployments name no path of the machine that deployed.
     assert deployments["full-pipeline"]["pull_steps"] and str(project) not in json.dumps(
         [d["pull_steps"] for d in deployments.values()])
-    assert deployments["nightly"]["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    nightly = deployments["nightly"]["schedules"][0]
+    assert nightly["schedule"]["cron"] == "0 2 * * *" and nightly["active"] is False
     # Each section is a parameter with its own form.
     form = deployments["sample"]["parameter_openapi_schema"]["properties"]
     assert list(form) == ["preset", "overrides", "source", "storage", "ingest", "training", "encode", "sample",
@@ -122,7 +131,14 @@ def test_deployments_from_prefect_yaml_pipeline_stage_runs_and_the_new_data_trig
         first = _run(env, api, "full-pipeline")
         assert set(_task_states(api, first["id"]).values()) == {"Completed"}
         assert list(root.glob("reports/*/report.md"))
-        report_key = next(k for k in _artifacts(api, first["id"]) if k.startswith("vqvae2-report-"))
+        made = _artifacts(api, first["id"], keyed_only=False)
+        assert len(made) <= 12, [(a["type"], a["key"], a["description"]) for a in made.values()]  # a tab one can read
+        report_key = next(k for k in made if k.startswith("vqvae2-report-"))
+        assert report_key == f"vqvae2-report-{next(root.glob('reports/*')).name}"  # the key of its folder
+        # The end of the run's log links the report's page in the UI.
+        link = next(line for line in _log_lines(api, first["id"]) if "the report in Prefect's UI: " in line)
+        report_page = link.split("the report in Prefect's UI: ", 1)[1].strip()
+        assert report_page == f"{api.removesuffix('/api')}/artifacts/artifact/{made[report_key]['id']}"
 
         # The nightly deployment on unchanged inputs: every task Cached, in well under a minute.
         rerun = _run(env, api, "nightly", timeout=600)
@@ -145,8 +161,13 @@ def test_deployments_from_prefect_yaml_pipeline_stage_runs_and_the_new_data_trig
         assert grid_artifact["type"] == "markdown" and "data:image/png;base64," in grid_artifact["data"]
 
         pages = _screenshots(api, tmp_path / "screenshots", first, sampled, report_key,
-                             grid_artifact["key"])
+                             grid_artifact["key"], [k for k, a in made.items() if a["key"] and k != report_key])
         assert all(p.stat().st_size > 10_000 for p in pages)
+        # Prefect's default (V1) UI shows the report's images as images, not as their markdown.
+        _, dom = render_page(report_page, tmp_path / "screenshots" / "report-v1.png", wait_for=["Held-out images"])
+        grids = re.findall(r'<img src="(data:image/png;base64,[^"]+)" alt="samples"', dom)
+        assert grids and Image.open(io.BytesIO(base64.b64decode(grids[0].split(",", 1)[1]))).size[0] > 100
+        assert "![samples](data:" not in dom
 
         # New data: the watch sees nothing to do, then the grown folder, and its event starts new-data.
         _run(env, api, "watch", timeout=300)
@@ -178,17 +199,20 @@ def _wait_for_run(api: str, deployment: str, timeout: float = 120) -> dict:
 
 
 def _screenshots(api: str, folder: Path, pipeline_run: dict, sample_run: dict, report_key: str,
-                 grid_key: str) -> list[Path]:
-    """What an operator sees in Prefect's UI, rendered by headless Chromium (kept under `folder`)."""
+                 grid_key: str, other_keys: list[str]) -> list[Path]:
+    """What an operator sees in Prefect's UI, rendered by headless Chromium (kept under `folder`);
+    the pipeline run's Artifacts tab shows the report's card first."""
     ui = api.removesuffix("/api")
     folder.mkdir()
     pages = [
         (f"{ui}/runs/flow-run/{pipeline_run['id']}", "pipeline-run.png", ["Completed", pipeline_run["name"]]),
         # The tab opens from the URL in the UI under /v2 only (the other resets it to Logs).
         (f"{ui}/v2/runs/flow-run/{pipeline_run['id']}?tab=Artifacts", "pipeline-artifacts.png",
-         ["Completed", report_key]),
+         ["Completed", report_key, *other_keys]),
         (f"{ui}/v2/runs/flow-run/{sample_run['id']}?tab=Artifacts", "sample-run.png", ["Completed", grid_key]),
     ]
     for url, name, expected in pages:
-        render(url, folder / name, wait_for=expected)
+        text = render(url, folder / name, wait_for=expected)
+        if name == "pipeline-artifacts.png":
+            assert all(text.index(report_key) < text.index(key) for key in other_keys), text
     return [folder / name for _, name, _ in pages]

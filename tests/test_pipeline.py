@@ -78,17 +78,22 @@ def test_the_ui_gets_progress_tables_and_a_report_with_images(smoke_run):
     for artifact in found:
         by_type.setdefault(artifact.type, []).append(artifact)
     # One progress bar per training (5) and per mapped stage (ingest, encode, sample), each at 100%.
-    assert len(by_type["progress"]) >= 8
+    assert len(by_type["progress"]) == 8
     assert all(float(a.data) == 100.0 for a in by_type["progress"])
-    # Keys carry the config's short key (the one its runs take turns on): its own history in the UI.
-    short = run_limit(config).rsplit("-", 1)[1]
-    tables = {a.key for a in by_type["table"]}
-    assert {f"{name}-{short}" for name in ("autoencoder-epochs", "prior-top-epochs", "prior-bottom-epochs",
-                                           "classifier-judge-epochs", "classifier-features-epochs", "dataset",
-                                           "vqvae2-fidelity")} <= tables
-    report = next(a for a in by_type["markdown"] if a.key == f"vqvae2-report-{short}")
+    # Keys carry the config's short key (the one its runs take turns on): its own history in the UI;
+    # the report's, the key of its folder under the root.
+    short, report_key = run_limit(config).rsplit("-", 1)[1], state.result().key
+    tables = {a.key: a for a in by_type["table"]}
+    assert set(tables) == {f"trainings-{short}", f"dataset-{short}", f"vqvae2-fidelity-{report_key}"}
+    # Every training's epochs in one table, updated in place: one card, whatever the epochs.
+    trainings = json.loads(tables[f"trainings-{short}"].data)
+    assert {row["part"] for row in trainings} == {"autoencoder", "prior-top", "prior-bottom", "classifier-judge",
+                                                  "classifier-features"}
+    assert all({"epoch", "step", "train_loss"} <= set(row) for row in trainings), trainings
+    report = next(a for a in by_type["markdown"] if a.key == f"vqvae2-report-{report_key}")
+    assert len(found) <= 12  # a tab a person can read
     assert report.data.count("data:image/png;base64,") >= 9  # grids, trade-off plot and loss curves, inline
-    assert report.data.count(f")]({root.as_uri()}/reports/") >= 9  # each a link to its full image
+    assert report.data.count(f": full size]({root.as_uri()}/reports/") >= 9  # each with a link to its full image
 
 
 def test_a_second_run_is_all_cached_and_rewrites_nothing(smoke_run, monkeypatch):
@@ -109,8 +114,7 @@ def test_a_second_run_is_all_cached_and_rewrites_nothing(smoke_run, monkeypatch)
     assert snapshot(root) == before
     assert state.result().metrics == first.result().metrics
     # Its own Artifacts tab still shows the results: the flow publishes the report on every run.
-    short = run_limit(config).rsplit("-", 1)[1]
-    report = [a for a in artifacts(state.state_details.flow_run_id) if a.key == f"vqvae2-report-{short}"]
+    report = [a for a in artifacts(state.state_details.flow_run_id) if a.key == f"vqvae2-report-{first.result().key}"]
     assert len(report) == 1 and report[0].data.count("data:image/png;base64,") >= 9
 
 
@@ -244,16 +248,18 @@ def test_a_dataset_of_other_classes_than_the_model_fails_after_ingest_before_any
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[i]).save(target)
     root = tmp_path / "root"
-    config = smoke_config(str(root), source={"kind": "image-folder", "url": str(folder)})  # smoke: 10 classes
+    source = {"kind": "image-folder", "url": str(folder)}
+    config = smoke_config(str(root), source=source, overrides={"num_classes": 10})  # a number: fixed
     state = vqvae2_pipeline(**sections_of(config), return_state=True)
     assert state.is_failed()
     with pytest.raises(ValueError, match=r"the dataset has 3 classes \(class0, class1, class2\) but the model has "
                                          r"num_classes=10 .*set the override num_classes to 3 or auto"):
         state.result()
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["datasets"]  # no training began
-    for fix in (3, "auto"):  # what the message says to do passes the check
-        fixed = smoke_config(str(root), source={"kind": "image-folder", "url": str(folder)},
-                             overrides={"num_classes": fix})
+    # What the message says to do passes the check, and so does leaving num_classes unset (the
+    # default: the dataset's classes, as the smoke preset has another number).
+    for overrides in ({"num_classes": 3}, {"num_classes": "auto"}, {}):
+        fixed = smoke_config(str(root), source=source, overrides=overrides)
         assert adopt_classes(ingest_flow(**sections_of(fixed)), fixed).model.num_classes == 3
 
 

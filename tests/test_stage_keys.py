@@ -204,3 +204,65 @@ def test_the_same_config_gives_the_same_keys():
     first = stage_keys(pipeline_config("smoke", storage={"root": "/tmp/a"}))
     assert first == stage_keys(pipeline_config("smoke", storage={"root": "/tmp/a"}))
     assert len(set(first.values())) == len(first)
+
+
+# --- the classes follow the data by default, and Fashion-MNIST's keys stay as they were --------
+
+# The keys and run-lease names of the default configs, computed before `num_classes` followed the
+# data by default (with the same root and source digest as here): a default run on Fashion-MNIST
+# must find the artifacts and the lease of a run made before.
+KEYS_BEFORE_AUTO_CLASSES = {
+    "fashion-mnist": ({
+        "ingest": "c76da303a4e2dec6", "train-classifiers[judge]": "14343940dc90b8e1",
+        "train-classifiers[features]": "8386b01fb49c3313", "train-autoencoder": "ec9f2afc8a14e5dc",
+        "encode": "e0692b6c70feed8f", "train-priors[0]": "703805d9db168da6", "train-priors[1]": "62cd0054d7191578",
+        "sample": "8485b937f41d62d2", "evaluate": "51393587c58fb51c",
+    }, "vqvae2-run-bb5d015a073bdaf0"),
+    "smoke": ({
+        "ingest": "d6537bad74137705", "train-classifiers[judge]": "9afbb3f950276150",
+        "train-classifiers[features]": "1394d397718e5332", "train-autoencoder": "5a314ff518d59784",
+        "encode": "63602dca7a819777", "train-priors[0]": "6731cc15c1db9a2d", "train-priors[1]": "d52073e42f4236d9",
+        "sample": "448c2f8e868bce8e", "evaluate": "390f7690ef2b2871",
+    }, "vqvae2-run-39d6aa0f24ad307f"),
+}
+
+
+def _dataset(class_names: list[str]):
+    from tasks.manifests import DatasetManifest
+
+    return DatasetManifest.model_construct(class_names=class_names, source={"kind": "image_folder"})
+
+
+@pytest.mark.parametrize("preset", sorted(KEYS_BEFORE_AUTO_CLASSES))
+def test_a_default_config_on_fashion_mnist_keeps_its_keys_and_its_run_lease(preset):
+    from tasks.runtime.exclusive import run_limit
+    from tasks.stages.ingest import adopt_classes
+
+    keys, lease = KEYS_BEFORE_AUTO_CLASSES[preset]
+    config = pipeline_config(preset, storage={"root": "/tmp/vqvae2-keys"})
+    assert "num_classes" not in config.overrides and not config.classes_from_data and not config.classes_fixed
+    assert stage_keys(config) == keys and run_limit(config) == lease
+    fashion_mnist = _dataset([str(i) for i in range(10)])  # the preset's 10 classes: the config stays itself
+    assert adopt_classes(fashion_mnist, config) is config
+
+
+@pytest.mark.parametrize("names, taken", [(["cat", "dog", "emu"], 3), ([], 0), (["only"], 0)])
+def test_a_default_config_takes_other_classes_from_the_data_with_the_keys_of_that_number_set_by_hand(names, taken):
+    from tasks.stages.ingest import adopt_classes
+
+    config = pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"})
+    adopted = adopt_classes(_dataset(names), config)
+    assert adopted.model.num_classes == taken
+    by_hand = pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"}, overrides={"num_classes": taken})
+    assert stage_keys(adopted) == stage_keys(by_hand)
+
+
+@pytest.mark.parametrize("fixed, names", [(10, ["cat", "dog", "emu"]), (10, []), (3, [str(i) for i in range(10)])])
+def test_a_number_of_classes_set_by_hand_is_checked_against_the_data(fixed, names):
+    from tasks.stages.ingest import adopt_classes
+
+    config = pipeline_config("smoke", overrides={"num_classes": fixed})
+    with pytest.raises(ValueError, match=rf"but the model has num_classes={fixed} "):
+        adopt_classes(_dataset(names), config)
+    unconditional = pipeline_config("smoke", overrides={"num_classes": 0})  # 0 forces unconditional priors
+    assert adopt_classes(_dataset(names), unconditional) is unconditional

@@ -50,7 +50,8 @@ def test_a_small_image_is_embedded_as_it_is():
 def test_an_inline_image_is_a_thumbnail_linking_to_the_full_file(tmp_path):
     full = str(tmp_path / "report dir" / "samples.png")
     text = markdown_image(_png(4096, 2048), "samples", full)
-    assert text.startswith("[![samples](data:image/png;base64,") and text.endswith(f"]({link_url(full)})")
+    # The image, then its link (Prefect's default UI shows an image inside a link as raw text).
+    assert text.startswith("![samples](data:image/png;base64,") and text.endswith(f"\n[samples: full size]({link_url(full)})")
     assert link_url(full).startswith("file:///") and " " not in link_url(full)
     assert link_url("s3://bucket/runs (old)/x.png") == "s3://bucket/runs%20%28old%29/x.png"
     assert len(text) < 0.5 * 4096 * 2048  # the full grid's pixels are not in the artifact
@@ -74,7 +75,7 @@ def test_the_report_links_each_ui_thumbnail_to_its_full_image_and_report_md_show
     links = {name: f"s3://bucket/root/reports/k/{name}.png" for name in names}
     ui = render_markdown(_report(), images, links=links)
     for name in names:
-        assert f"[![{name}](data:image/png;base64," in ui and f")](s3://bucket/root/reports/k/{name}.png)" in ui
+        assert f"![{name}](data:image/png;base64," in ui and f"[{name}: full size](s3://bucket/root/reports/k/{name}.png)" in ui
     assert ui.count("data:image/png;base64,") == len(names)
     on_disk = render_markdown(_report(), {name: f"{name}.png" for name in names})
     assert all(f"![{name}]({name}.png)" in on_disk for name in names) and "data:" not in on_disk
@@ -142,22 +143,22 @@ def _latest(key: str) -> Any:
 
 
 def test_two_configs_each_keep_their_report_and_a_stage_flow_shows_what_it_made(smoke_run):
-    config, root, _ = smoke_run
-    short = run_limit(config).rsplit("-", 1)[1]
-    first_report = _latest(f"vqvae2-report-{short}")  # the smoke run's, or a re-run's of its config
+    config, root, smoke = smoke_run
+    report_key = smoke.result().key  # a report's UI artifact has its folder's key
+    first_report = _latest(f"vqvae2-report-{report_key}")  # the smoke run's, or a re-run's of its config
 
     # Another config, one after the other: other acceptance rates, which the evaluate flow
     # samples first (the trainings are found, not redone), then reports under its own key.
     other = smoke_config(str(root), sample={"acceptance_rates": [1.0, 0.5]})
-    other_short = run_limit(other).rsplit("-", 1)[1]
     evaluated = STAGE_FLOWS["evaluate"](**sections_of(other), return_state=True)
     assert evaluated.is_completed(), evaluated.message
     names = state_names(evaluated.state_details.flow_run_id)
     assert any(n.startswith("finalize-samples") for n in names) and not any(n.startswith("train") for n in names)
     assert [row["rate"] for row in evaluated.result().fidelity if row.get("rate")] == [1.0, 0.5]
-    other_report = _latest(f"vqvae2-report-{other_short}")
-    assert other_short != short and other_report.flow_run_id == evaluated.state_details.flow_run_id
-    assert _latest(f"vqvae2-report-{short}").id == first_report.id  # not overwritten
+    other_key = evaluated.result().key
+    other_report = _latest(f"vqvae2-report-{other_key}")
+    assert other_key != report_key and other_report.flow_run_id == evaluated.state_details.flow_run_id
+    assert _latest(f"vqvae2-report-{report_key}").id == first_report.id  # not overwritten
 
     # The sample flow: exactly the images asked for, its grid on the run's Artifacts tab.
     asked = smoke_config(str(root), sample={"num_samples": 7, "seed": 3})

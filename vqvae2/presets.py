@@ -79,7 +79,7 @@ def fashion_mnist() -> ModelConfig:
 def fashion_mnist_gpu() -> ModelConfig:
     # `fashion-mnist` at a GPU's width: twice the channels, deeper priors with a wider
     # conditioning stack, and about ten epochs of training where the CPU preset affords one
-    # or two; still minutes on one GPU (README, "On GPUs").
+    # or two; still minutes on one GPU (docs/gpus.md).
     return ModelConfig(
         name="fashion-mnist-gpu",
         image_size=32,

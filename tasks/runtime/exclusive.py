@@ -43,7 +43,8 @@ API_TIMEOUT_S = 5.0  # asking the API whether a holder's flow run finished: neve
 RUN_ONLY = {"runner": True, "encode": True, "storage": {"storage_options", "credentials_block"},
             "source": {"timeout_s"},
             "training": {"device", "checkpoint_every", "checkpoint_minutes", "log_every", "subprocess",
-                         "cpu_threads", "decoded_cache_mb", "gpus", "rdzv_endpoint", "fail_once_at_step"}}
+                         "cpu_threads", "decoded_cache_mb", "gpus", "rdzv_endpoint", "fail_once_at_step",
+                         "tensorboard"}}
 
 
 def run_limit(config: PipelineConfig) -> str:

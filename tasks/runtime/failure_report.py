@@ -5,16 +5,21 @@ in which stage it failed, why (the first line of the error, and its type) and wh
     ...ShardError: /data/tars/00001.tar: the shard is truncated ...
     What to do: fix the cause named above and run again: finished stages are reused.
 
+A field to set is named as a deployment's run parameters (`{"ingest": {"max_bad_fraction":
+0.05}}`), the form a run started from the UI or `prefect deployment run --params` takes;
+the CLI names it `--set ingest.max_bad_fraction=0.05` (`tasks.config_keys`).
+
 No traceback (Prefect's logs have it) and nothing of the config: errors that name a
 storage URL already have its credentials removed, and `storage.fsutil.redact` removes a
 ``user:password@`` left anywhere in the line here too. Notifications are Prefect
-automations on the run's Failed state (README, "Reliability and security"), not code.
+automations on the run's Failed state (docs/reliability.md), not code.
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 
+from ..config_keys import Form
 from .cached import RETRIES
 from .failures import first_line
 from .failures import advice as advice_after
@@ -23,14 +28,17 @@ from .reporting import logger, publish_markdown
 KEY = "vqvae2-failure"
 
 
+FORM: Form = "parameters"  # how the UI's reader sets a field: a run's parameters, section by section
+
+
 def advice(error: BaseException) -> str:
     """What to do about an error that ended a stage, after its retries (`tasks.runtime.failures.advice`)."""
-    return advice_after(error, RETRIES)
+    return advice_after(error, RETRIES, form=FORM)
 
 
 def failure_markdown(error: BaseException, stage: str | None) -> str:
     where = f"in stage `{stage}`" if stage else "before its stages started"
-    line = first_line(error).replace("```", "'''")
+    line = first_line(error, form=FORM).replace("```", "'''")
     return "\n".join([
         f"# vqvae2 run failed {where}",
         "",

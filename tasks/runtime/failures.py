@@ -14,13 +14,19 @@ bucket name or endpoint, an unknown region): those are permanent too, while its 
 timeout and transfer errors (an endpoint that is down for a moment) are retried.
 
 What to do about a failure, one line each for the run's failure report
-(`tasks.runtime.failure_report`) and the CLI, is here as well: both say the same.
+(`tasks.runtime.failure_report`) and the CLI, is here as well: both say the same, each in
+the form of where it is read (`tasks.config_keys`): a field to set is `--set KEY=VALUE` on
+the command line and a deployment's run parameters (`{"ingest": {...}}`) in the UI.
 """
 from __future__ import annotations
 
+import re
+import sys
 from typing import Any
 
 from storage.fsutil import StorageFull, redact
+
+from ..config_keys import Form, Setting, in_form
 
 # Bad input and deterministic failures. ValueError covers pydantic's ValidationError,
 # TooManyBadImages, ShardError and ManifestError; FileNotFoundError the missing
@@ -62,25 +68,69 @@ def _botocore_permanent(error: BaseException) -> bool:
 MAX_LINE = 400  # characters of an error's line in a report or the CLI's output
 
 
-def first_line(error: BaseException, limit: int = MAX_LINE) -> str:
-    """The error's first non-empty line, without credentials, cut to `limit` characters. A
-    message that carries a traceback (a training process's error) adds its last line: the why."""
+def first_line(error: BaseException, limit: int = MAX_LINE, form: Form = "cli") -> str:
+    """The error's first non-empty line, without credentials, cut to `limit` characters, a
+    field it says to set named in `form`. A message that carries a traceback (a training
+    process's error) adds its last line: the why."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return "(no message)"
     line = lines[0]
     if "Traceback (most recent call last):" in lines[1:] and lines[-1] != line:
         line = f"{line} {lines[-1]}"
-    line = redact(line)
+    line = in_form(redact(line), form)
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def advice(error: BaseException, retries: int = 0) -> str:
-    """What to do about `error`, which was retried `retries` times."""
+def advice(error: BaseException, retries: int = 0, form: Form = "cli") -> str:
+    """What to do about `error`, which was retried `retries` times, a field to set named in `form`."""
     if is_permanent(error):  # bad input, config, credentials, a full disk, a diverged training
+        fixes = settings_that_fix(error)
+        if fixes:
+            options = " or ".join(setting.shown(form) for setting in fixes)
+            given = "with" if form == "cli" else "with the parameters"
+            return f"fix the cause named above, or run again {given} {options}: finished stages are reused."
         return "fix the cause named above and run again: finished stages are reused."
     retried = f"the stage was retried {retries} times; " if retries else ""
     return f"{retried}check the storage and the network and run again: it resumes where it stopped."
+
+
+class SettingError(ValueError):
+    """Bad input that setting a config field cures: `fixes` are the settings that would (the
+    advice shows them in the form of where it is read). Pickles as a ValueError does: its
+    arguments are the message and the fixes."""
+
+    def __init__(self, message: str, *fixes: Setting) -> None:
+        super().__init__(message, *fixes)
+        self.fixes = fixes
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def settings_that_fix(error: BaseException) -> tuple[Setting, ...]:
+    """The config settings that would cure `error`, if it says: a `SettingError`'s, or the
+    bad-image share that would have let an ingest with too many unreadable images pass."""
+    if isinstance(error, SettingError):
+        return error.fixes
+    ingest = sys.modules.get("storage.ingest")  # loaded wherever its error was raised: no import here
+    if ingest is not None and isinstance(error, ingest.TooManyBadImages):
+        return _bad_share(str(error))
+    return ()
+
+
+def _bad_share(message: str) -> tuple[Setting, ...]:
+    """`ingest.max_bad_fraction` just above the share of unusable images a TooManyBadImages
+    counts ("N of T images could not be used"), in hundredths; none when it would be 1 or more."""
+    counts = _BAD_COUNTS.search(message)
+    if counts is None:
+        return ()
+    bad, total = int(counts.group(1)), int(counts.group(2))
+    hundredths = 100 * bad // total + 1  # strictly above: the check is `bad <= fraction * total`
+    return (Setting("ingest.max_bad_fraction", hundredths / 100),) if total and hundredths < 100 else ()
+
+
+_BAD_COUNTS = re.compile(r"(\d+) of (\d+) images could not be used")
 
 
 def retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:

@@ -12,27 +12,35 @@ import logging
 import math
 import re
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+from uuid import UUID
 
 import numpy as np
 import torch
 from PIL import Image
 from prefect.artifacts import (
+    TableArtifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactUpdate
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
 from prefect.context import get_run_context
 from prefect.exceptions import MissingContextError
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
+from prefect.settings import get_current_settings
 from pydantic import BaseModel
 from tqdm import tqdm
 
@@ -141,17 +149,96 @@ def track(futures: Sequence[PrefectFuture], description: str) -> list[PrefectFut
     return futures
 
 
-def publish_table(key: str, rows: Sequence[Mapping[str, Any]], description: str) -> None:
-    """A table artifact (a new version of `key` of this config each call: the UI shows the latest)."""
+def publish_table(key: str, rows: Sequence[Mapping[str, Any]], description: str, per_config: bool = True) -> None:
+    """A table artifact (a new version of `key` of this config each call: the UI shows the latest);
+    `per_config=False`: of `key` itself, which names what the table shows."""
     if in_prefect_run() and rows:
-        create_table_artifact(key=config_artifact_key(key), table=[_rounded(r) for r in rows],
-                              description=description)
+        create_table_artifact(key=config_artifact_key(key) if per_config else artifact_key(key),
+                              table=[_rounded(r) for r in rows], description=description)
+
+
+class _RunTable:
+    """One table artifact of a flow run, made of parts that arrive from several tasks and
+    update it in place: one card in the run's Artifacts tab, however many epochs."""
+
+    def __init__(self, key: str) -> None:
+        self.key, self.parts, self.id = key, {}, None
+        self.lock = threading.Lock()
+
+    def put(self, part: str, rows: Sequence[Mapping[str, Any]], description: str) -> None:
+        with self.lock:  # trainings report concurrently, each from its own thread
+            self.parts[part] = [{"part": part, **_rounded(row)} for row in rows]
+            table = [row for name in sorted(self.parts) for row in self.parts[name]]
+            if self.id is None:
+                self.id = create_table_artifact(key=config_artifact_key(self.key), table=table, description=description)
+                return
+            with get_client(sync_client=True) as client:
+                client.update_artifact(self.id, ArtifactUpdate(data=TableArtifact(table=table).format(),
+                                                               description=description))
+
+
+# The run tables of the flow runs of this process, by (flow run, key): a table lives as long
+# as its flow run, and a process runs few flow runs.
+_RUN_TABLES: dict[tuple[str, str], _RunTable] = {}
+_RUN_TABLES_LOCK = threading.Lock()
+
+
+def publish_part(key: str, part: str, rows: Sequence[Mapping[str, Any]], description: str) -> None:
+    """`rows` as the part `part` of this flow run's table `key` (the rows a part had before are
+    replaced; the other parts kept), created once and then updated in place: every training's
+    epochs, say, in one card, not a new card per epoch."""
+    if not in_prefect_run() or not rows:
+        return
+    with _RUN_TABLES_LOCK:
+        table = _RUN_TABLES.setdefault((str(flow_run.get_id()), key), _RunTable(key))
+    table.put(part, rows, description)
 
 
 def publish_markdown(key: str, markdown: str, description: str) -> None:
     """A markdown artifact, a new version of `key` of this config."""
     if in_prefect_run():
         create_markdown_artifact(key=config_artifact_key(key), markdown=markdown, description=description)
+
+
+MAX_TRIES_TO_LEAD = 64  # P(not first) after n tries is ((k-1)/k)^n: for 12 artifacts, 0.4% after 64
+
+
+def publish_leading_markdown(key: str, markdown: str, description: str) -> UUID | None:
+    """A markdown artifact of `key` itself that Prefect's UIs list first among its flow run's.
+
+    Both UIs order a run's artifacts by id, newest id first, and Prefect gives ids at random
+    (uuid4): no order of creation shows one first. So the artifact is made again until its
+    id is the greatest of the run's (about as many tries as the run has artifacts); the
+    versions that lost are deleted."""
+    if not in_prefect_run():
+        return None
+    run_id = flow_run.get_id()
+    with get_client(sync_client=True) as client:
+        others = [a.id for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))) if a.type != "result"]
+        for _ in range(MAX_TRIES_TO_LEAD):
+            made = create_markdown_artifact(key=artifact_key(key), markdown=markdown, description=description)
+            if all(str(made) > str(other) for other in others):
+                return made
+            client.delete_artifact(made)
+    return create_markdown_artifact(key=artifact_key(key), markdown=markdown, description=description)
+
+
+def artifact_ui_url(artifact_id: UUID | str | None) -> str | None:
+    """Where Prefect's default UI shows an artifact; None without a UI (ephemeral mode, which
+    has no server once the run ends)."""
+    base = get_current_settings().ui_url
+    return f"{str(base).rstrip('/')}/artifacts/artifact/{artifact_id}" if base and artifact_id else None
+
+
+def latest_artifact_ui_url(key: str) -> str | None:
+    """The UI page of the newest version of the artifact `key`; None without a UI or artifact."""
+    if get_current_settings().ui_url is None:
+        return None
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(limit=1, sort=ArtifactSort.UPDATED_DESC,
+                                      artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(key)])))
+    return artifact_ui_url(found[0].id) if found else None
 
 
 def _rounded(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -230,9 +317,10 @@ def link_url(url: str) -> str:
 
 def markdown_image(png: bytes, alt: str, link: str | None = None) -> str:
     """An inline image the Prefect UI renders without access to the storage root: a thumbnail
-    (the artifact lives in Prefect's database), linking to the full image at `link`."""
+    (the artifact lives in Prefect's database), then a link to the full image at `link`. Not
+    an image inside the link: Prefect's default (V1) UI shows such a link's text raw."""
     inline = f"![{alt}](data:image/png;base64,{base64.b64encode(thumbnail_png(png)).decode()})"
-    return f"[{inline}]({link_url(link)})" if link else inline
+    return f"{inline}\n[{alt}: full size]({link_url(link)})" if link else inline
 
 
 @dataclass(frozen=True)
@@ -257,7 +345,11 @@ def plot_png(panels: Sequence[Panel]) -> bytes:
     try:
         for ax, panel in zip(axes[0], panels):
             for label, points in panel.series.items():
-                if points:
+                if len(points) == 1:  # a run that logged once: no line to draw, so a clear point and its value
+                    (x, y), = points
+                    ax.plot([x], [y], marker="o", markersize=9, linestyle="none", label=label)
+                    ax.annotate(f"{y:.4g}", (x, y), textcoords="offset points", xytext=(8, 8))
+                elif points:
                     ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, label=label)
             values = [y for points in panel.series.values() for _, y in points if y > 0]
             if values and max(values) / min(values) > 50:

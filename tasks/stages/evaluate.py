@@ -49,15 +49,17 @@ from ..runtime.models import load_model, reconstruct
 from ..runtime.report_markdown import render_markdown
 from ..runtime.reporting import (
     Panel,
+    artifact_ui_url,
     display_scale,
     image_grid,
     logger,
     pairs_grid,
     plot_png,
     png_bytes,
-    publish_markdown,
+    publish_leading_markdown,
     publish_table,
 )
+from ..runtime.rounding import rounded
 from ..runtime.samples import kept_images
 from ..stage import Needs, Settings, Stage, stage_task
 
@@ -94,11 +96,20 @@ def publish_report(manifest: ReportManifest, storage_options: dict[str, Any] | N
     names = report.get("images") or sorted(n[: -len(".png")] for n in find(folder, storage_options) if n.endswith(".png"))
     full = {name: join(folder, f"{name}.png") for name in names}  # (reports before "images" was kept: every PNG)
     images = {name: read_bytes(url, storage_options) for name, url in full.items()}
-    # The UI gets thumbnails (Prefect keeps the artifact in its database), each a link to its full file.
-    publish_markdown("vqvae2-report", render_markdown(report, images, links=full),
-                     f"vqvae2 report ({report['preset']}, dataset {report['dataset']['key']})")
-    publish_table("vqvae2-fidelity", [_fidelity_cells(row) for row in report["fidelity"]["rows"]],
-                  f"FID/KID/precision/recall/IS per image set ({manifest.extractor} features)")
+    # The UI gets thumbnails (Prefect keeps the artifact in its database), each a link to its
+    # full file. Keyed by the report's own key, as its folder under the root is.
+    publish_table(f"vqvae2-fidelity-{manifest.key}", [_fidelity_cells(row) for row in report["fidelity"]["rows"]],
+                  f"FID/KID/precision/recall/IS per image set ({manifest.extractor} features)", per_config=False)
+    # Last, and listed first: the card an operator opens a finished run for.
+    published = publish_leading_markdown(report_artifact_key(manifest.key), render_markdown(report, images, links=full),
+                                         f"vqvae2 report ({report['preset']}, dataset {report['dataset']['key']})")
+    if link := artifact_ui_url(published):
+        logger().info(f"the report in Prefect's UI: {link}")
+
+
+def report_artifact_key(report_key: str) -> str:
+    """The report's UI artifact: `vqvae2-report-<key>`, the key of its folder `{root}/reports/<key>/`."""
+    return f"vqvae2-report-{report_key}"
 
 
 STAGE = Stage(
@@ -134,9 +145,9 @@ def fidelity_rows(extractor: Extractor, reference: torch.Tensor, sets: dict[str,
     rows = []
     for name, metrics in fidelity_table(sets, reference, extractor).items():
         rows.append({"set": name, "rate": rates.get(name), **metrics})
-        inception_score = f", IS {metrics['isc_mean']:.3f}" if "isc_mean" in metrics else ""
-        logger().info(f"{name}: FID {metrics['fid']:.3f}, precision {metrics['precision']:.3f}, "
-                      f"recall {metrics['recall']:.3f}{inception_score}")
+        inception_score = f", IS {rounded(metrics['isc_mean'])}" if "isc_mean" in metrics else ""
+        logger().info(f"{name}: FID {rounded(metrics['fid'])}, precision {rounded(metrics['precision'])}, "
+                      f"recall {rounded(metrics['recall'])}{inception_score}")
     return rows
 
 

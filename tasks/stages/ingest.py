@@ -23,9 +23,11 @@ from storage.shards import shard_name
 from storage.sources import Source
 
 from ..config import PipelineConfig, Runtime
+from ..config_keys import Setting
 from ..manifests import DatasetManifest
 from ..runtime.artifacts import Artifact, Marker
 from ..runtime.cached import cached_unit, with_records
+from ..runtime.failures import SettingError
 from ..runtime.reporting import logger, publish_table, track
 from ..stage import SOURCE, Settings, Stage, stage_task
 
@@ -180,25 +182,45 @@ def finalize(settings: IngestSettings, runtime: Runtime, source: str, plan: Inge
 
 
 def adopt_classes(dataset: DatasetManifest, config: PipelineConfig) -> PipelineConfig:
-    """The config whose model has the dataset's classes: `num_classes: auto` takes them (0, an
-    unconditional model, for unlabelled data or a single class); a class-conditional model
-    of another number of classes fails here, after ingest and before any training, rather
-    than mid-training (a label out of range) or, worse, by sampling classes that do not exist."""
+    """The config whose model has the dataset's classes (0, an unconditional model, for
+    unlabelled data or a single class). Unless num_classes is a number, the model takes them:
+    left unset, the config stays as it is when the preset has that number (Fashion-MNIST's
+    runs keep their keys) and takes the dataset's otherwise; `auto` always writes it in. A
+    number of classes the dataset does not have fails here, after ingest and before any
+    training, rather than mid-training (a label out of range) or, worse, by sampling classes
+    that do not exist."""
     found = len(dataset.class_names)
+    adopted = found if found >= 2 else 0
+    if config.classes_fixed:
+        _check_fixed_classes(dataset, config)
+        return config
+    labels = f"the dataset has {found} class{'es' if found > 1 else ''}" if found else "the dataset has no labels"
     if config.classes_from_data:
-        adopted = found if found >= 2 else 0
-        logger().info(f"num_classes auto: {adopted} (the dataset has " + (f"{found} classes)" if found else "no labels)"))
+        logger().info(f"num_classes auto: {adopted} ({labels})")
         return config.with_classes(adopted)
-    expected = config.model.num_classes
+    preset = config.model.num_classes
+    if adopted == preset:
+        return config
+    logger().info(f"num_classes: {adopted}, the dataset's ({labels}; the preset {config.preset!r} has {preset})")
+    return config.with_classes(adopted)
+
+
+def _check_fixed_classes(dataset: DatasetManifest, config: PipelineConfig) -> None:
+    """A fixed number of classes the dataset does not have: say what to set (in the advice,
+    in the form of where the user is: `--set num_classes=3` or the run's parameters)."""
+    found, expected = len(dataset.class_names), config.model.num_classes
     if expected and not found:
-        raise ValueError(f"the dataset has no labels (source {dataset.source}) but the model has num_classes={expected} "
-                         f"(preset {config.preset!r}): set the override num_classes to 0 or auto "
-                         "(--set num_classes=auto) for unconditional priors, or give the source labels (source.labels)")
+        raise SettingError(
+            f"the dataset has no labels (source {dataset.source}) but the model has num_classes={expected} (preset "
+            f"{config.preset!r}): leave the override num_classes unset, or set it to 0 or auto, for unconditional "
+            "priors, or give the source labels (source.labels)",
+            Setting("num_classes", 0),
+        )
     if expected and expected != found:
         names = ", ".join(dataset.class_names[:12]) + (", ..." if found > 12 else "")
-        raise ValueError(
+        raise SettingError(
             f"the dataset has {found} classes ({names}) but the model has num_classes={expected} (preset "
-            f"{config.preset!r}): set the override num_classes to {found} or auto (--set num_classes=auto), or 0 "
-            f"for unconditional priors, or use a source with {expected} classes"
+            f"{config.preset!r}): set the override num_classes to {found} or auto, or 0 for unconditional priors, "
+            f"or use a source with {expected} classes",
+            Setting("num_classes", found),
         )
-    return config

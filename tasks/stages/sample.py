@@ -47,6 +47,7 @@ from ..runtime.devices import resolve_device
 from ..runtime.models import load_model
 from ..runtime.report_markdown import table
 from ..runtime.reporting import display_scale, image_grid, logger, markdown_image, png_bytes, publish_markdown, track
+from ..runtime.rounding import rounded
 from ..runtime.samples import load_samples, rate_key
 from ..stage import Needs, Settings, Stage, stage_task
 
@@ -326,8 +327,8 @@ def finalize_samples(settings: SampleSettings, runtime: Runtime, dataset: Datase
     if rejection:
         write_bytes(artifact.path("rejection.png"), png_bytes(rejection_grid(data["images"], scores, labels, plan),
                                                               scale), options)
-    logger().info(f"{len(scores)} candidates; kept per rate: " +
-                  ", ".join(f"{r.rate}: {r.kept} (judge {r.judge_confidence_kept})" for r in rows))
+    kept_per_rate = (f"{rounded(r.rate)}: {r.kept} (judge {rounded(r.judge_confidence_kept)})" for r in rows)
+    logger().info(f"{len(scores)} candidates; kept per rate: " + ", ".join(kept_per_rate))
     return SamplesManifest(
         **artifact.identity(), batches=urls, candidates=int(len(scores)), selections=artifact.path("selections.npz"),
         rates=rows, grid=artifact.path("grid.png"), rejection_grid=artifact.path("rejection.png") if rejection else None,

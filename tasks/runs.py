@@ -1,0 +1,197 @@
+"""Which config made which report: a small record per finished run, under the storage root.
+
+    {root}/runs/<report key>.json
+
+A pipeline run (or the evaluate stage flow) writes it when it finishes; `vqvae2 ls` lists
+them, and `vqvae2 report | sample | reconstruct --root R [--key K]` read the artifacts a
+record names, so they need neither the config again nor its source.
+
+A record holds the part of the config that decides the artifacts (what the run lease
+digests, `exclusive.run_limit`, less the storage section and the source's storage options
+and credentials block: how storage is reached, never what it holds, and nothing a secret
+could hide in), the number of classes the model took, the folder of each stage's
+artifact, and the report's paths and metrics; every path is relative to the root. So a
+record reads the same wherever its root moves (a renamed folder, a sync to S3), and every
+run of one config writes the same bytes: a record is written only when it changes, and a
+re-run that finds everything Cached rewrites nothing. When its run finished is the
+record's modification time. A run is known by its report's key: the name of its folder
+`{root}/reports/<key>/`, of its record, and of its UI artifact `vqvae2-report-<key>` (one
+key wherever a user meets the run); a source that grew makes a new report, so a new record
+beside the old one.
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from storage.fsutil import exists, find, join, modified_time, read_bytes, redact, write_bytes
+
+from .manifests import Record, RootURL, from_root, located
+from .runtime.artifacts import ManifestError, read_typed
+
+if TYPE_CHECKING:
+    from .config import PipelineConfig, Runtime
+    from .manifests import AutoencoderManifest, DatasetManifest, Manifest, PriorManifest, ReportManifest
+    from .stages import Outputs
+
+DIRECTORY = "runs"  # {root}/runs/: beside the stages' folders, none of them
+FORMAT = "vqvae2-run/1"
+# Source fields a record leaves out (with the whole storage section): how the source is
+# reached, which says nothing of what it holds and is where credentials would go.
+UNRECORDED_SOURCE = {"storage_options", "credentials_block"}
+
+
+class RunRecord(Record):
+    """What a finished run leaves under the root: which config made which report."""
+
+    format: str = FORMAT
+    key: str  # the report's key: its folder's name under reports/
+    preset: str
+    source: str  # the source's URL, or its kind when it has none (fashion-mnist)
+    num_classes: int  # the model's, as the run took them from the data
+    config: dict[str, Any]  # the artifact-deciding fields of the config the run was given
+    artifacts: dict[str, str]  # stage instance (train-priors[0]) -> its folder, relative to the root
+    report: RootURL  # report.json
+    markdown: RootURL  # report.md
+    metrics: dict[str, float | int]
+
+    @property
+    def sample_fid(self) -> float | None:
+        value = self.metrics.get("sample_fid")
+        return float(value) if value is not None else None
+
+
+def recorded_config(config: PipelineConfig) -> dict[str, Any]:
+    """The part of `config` a record keeps, as JSON data: what decides its artifacts, no root,
+    no storage options, no credentials block name."""
+    from .runtime.exclusive import RUN_ONLY  # here: it loads Prefect, which `vqvae2 ls` does not need
+
+    source = RUN_ONLY.get("source", set())
+    exclude = {**RUN_ONLY, "storage": True,
+               "source": True if source is True else {*source, *UNRECORDED_SOURCE}}
+    return config.model_dump(mode="json", exclude=exclude)
+
+
+def record_url(root: str, key: str) -> str:
+    return join(root, DIRECTORY, f"{key}.json")
+
+
+def record_run(config: PipelineConfig, outputs: Outputs, runtime: Runtime) -> RunRecord:
+    """Record that `config` (as the run was given it) made the report `outputs` hold; written
+    only when it differs from the record already there."""
+    from .stages import STAGES
+
+    report = outputs.get("evaluate")
+    artifacts = {stage.instance(variant): from_root(outputs.get(stage, variant).url, runtime.root)
+                 for stage in STAGES for variant in stage.variants_of(outputs.config)}
+    record = RunRecord(
+        key=report.key, preset=config.preset, source=redact(config.source.url or config.source.resolved_kind),
+        num_classes=outputs.config.model.num_classes, config=recorded_config(config), artifacts=artifacts,
+        report=report.report, markdown=report.markdown, metrics=report.metrics,
+    )
+    url, options = record_url(runtime.root, record.key), runtime.storage_options
+    data = (record.model_dump_json(indent=1, context=located(runtime.root)) + "\n").encode()
+    if not (exists(url, options) and read_bytes(url, options) == data):  # unchanged: not even touched
+        write_bytes(url, data, options)
+    return record
+
+
+@dataclass(frozen=True)
+class FinishedRecord:
+    """A record found under a root, with when its run finished (its modification time)."""
+
+    record: RunRecord
+    url: str
+    finished: datetime.datetime | None
+
+
+def finished_runs(root: str, storage_options: dict[str, Any] | None = None) -> list[FinishedRecord]:
+    """Every run recorded under `root`, newest first; a record that does not read is an error
+    naming its file."""
+    try:
+        files = find(join(root, DIRECTORY), storage_options)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name, info in files.items():
+        if "/" in name or not name.endswith(".json"):
+            continue  # an unfinished write (a temporary name) or anything else left there
+        url = join(root, DIRECTORY, name)
+        record = read_typed(url, RunRecord, storage_options, root)
+        if record is None:  # removed since the listing
+            continue
+        seconds = modified_time(info)
+        when = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc) if seconds is not None else None
+        found.append(FinishedRecord(record, url, when))
+    oldest = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+    return sorted(found, key=lambda f: (f.finished or oldest, f.record.key), reverse=True)
+
+
+def find_run(root: str, storage_options: dict[str, Any] | None = None, key: str | None = None) -> FinishedRecord | None:
+    """The newest run recorded under `root`, or the one whose report key is (or starts with)
+    `key`; None when no run is recorded and no key is asked for."""
+    runs = finished_runs(root, storage_options)
+    if key is None:
+        return runs[0] if runs else None
+    matches = [run for run in runs if run.record.key.startswith(key)]
+    if len(matches) == 1:
+        return matches[0]
+    where = redact(root)
+    if not matches:
+        known = ", ".join(run.record.key for run in runs) or "none"
+        raise FileNotFoundError(f"--key {key}: no finished run with that report key under {where} (recorded: {known}); "
+                                f"`vqvae2 ls --root {where}` lists them")
+    raise ValueError(f"--key {key}: {len(matches)} runs under {where} have keys starting so "
+                     f"({', '.join(run.record.key for run in matches)}): give more of the key")
+
+
+class RecordedRun:
+    """The artifacts of a recorded run, read from the folders its record names (the source is
+    not read, nor are keys computed): what the CLI's commands use on a finished run. `config`
+    is the recorded config as the command completed it (root, storage, run-only settings),
+    with the classes the run took."""
+
+    def __init__(self, record: RunRecord, config: PipelineConfig) -> None:
+        self.record = record
+        taken = record.num_classes
+        self.config = config if config.model.num_classes == taken else config.with_classes(taken)
+
+    @cached_property
+    def runtime(self) -> Runtime:
+        from .config import Runtime
+
+        return Runtime.of(self.config)
+
+    def get(self, instance: str) -> Manifest:
+        """The manifest of one stage instance (`train-priors[0]`) the record names."""
+        from .runtime.artifacts import Artifact
+        from .stages import BY_NAME
+
+        folder = self.record.artifacts.get(instance)
+        if folder is None:
+            raise ManifestError(f"{redact(record_url(self.runtime.root, self.record.key))}: field `artifacts`: "
+                                f"no {instance}")
+        directory, _, key = folder.rstrip("/").rpartition("/")
+        stage = BY_NAME[instance.partition("[")[0]]
+        artifact = Artifact(self.runtime.root, directory, key, dict(self.runtime.storage_options))
+        return artifact.require(stage.output, stage.name)
+
+    @property
+    def dataset(self) -> DatasetManifest:
+        return self.get("ingest")
+
+    @property
+    def autoencoder(self) -> AutoencoderManifest:
+        return self.get("train-autoencoder")
+
+    @property
+    def priors(self) -> list[PriorManifest]:
+        levels = sorted((int(name[len("train-priors["):-1]), name) for name in self.record.artifacts
+                        if name.startswith("train-priors["))
+        return [self.get(name) for _, name in levels]
+
+    @property
+    def report(self) -> ReportManifest:
+        return self.get("evaluate")
