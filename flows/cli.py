@@ -134,8 +134,10 @@ def _print_report_link(report_key: str) -> None:
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
+    from tasks.runtime.rounding import rounded
+
     for name, value in metrics.items():
-        print(f"  {name:32s} {value:.4g}" if isinstance(value, float) else f"  {name:32s} {value}")
+        print(f"  {name:32s} {rounded(value)}")
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
@@ -304,7 +306,9 @@ def _local_time(when: datetime.datetime | None) -> str:
 
 
 def _number(value: float | None) -> str:
-    return f"{value:.4g}" if value is not None else "-"
+    from tasks.runtime.rounding import rounded
+
+    return rounded(value) if value is not None else "-"
 
 
 def cmd_verify(args: argparse.Namespace) -> None:

@@ -147,7 +147,26 @@ def find_run(root: str, storage_options: dict[str, Any] | None = None, key: str 
                      f"({', '.join(run.record.key for run in matches)}): give more of the key")
 
 
-class RecordedRun:
+class RunArtifacts:
+    """A finished run's artifacts by what they are, for a class whose `get(stage name)` finds them."""
+
+    def get(self, stage: str) -> Any:
+        raise NotImplementedError
+
+    @property
+    def dataset(self) -> DatasetManifest:
+        return self.get("ingest")
+
+    @property
+    def autoencoder(self) -> AutoencoderManifest:
+        return self.get("train-autoencoder")
+
+    @property
+    def report(self) -> ReportManifest:
+        return self.get("evaluate")
+
+
+class RecordedRun(RunArtifacts):
     """The artifacts of a recorded run, read from the folders its record names (the source is
     not read, nor are keys computed): what the CLI's commands use on a finished run. `config`
     is the recorded config as the command completed it (root, storage, run-only settings),
@@ -179,19 +198,7 @@ class RecordedRun:
         return artifact.require(stage.output, stage.name)
 
     @property
-    def dataset(self) -> DatasetManifest:
-        return self.get("ingest")
-
-    @property
-    def autoencoder(self) -> AutoencoderManifest:
-        return self.get("train-autoencoder")
-
-    @property
     def priors(self) -> list[PriorManifest]:
         levels = sorted((int(name[len("train-priors["):-1]), name) for name in self.record.artifacts
                         if name.startswith("train-priors["))
         return [self.get(name) for _, name in levels]
-
-    @property
-    def report(self) -> ReportManifest:
-        return self.get("evaluate")

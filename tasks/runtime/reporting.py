@@ -42,6 +42,8 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
 from pydantic import BaseModel
+
+from .rounding import rounded
 from tqdm import tqdm
 
 from storage.fsutil import redact
@@ -246,7 +248,7 @@ def _rounded(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    return " ".join(f"{k}={rounded(v)}" for k, v in metrics.items())
 
 
 # --- images --------------------------------------------------------------------------------

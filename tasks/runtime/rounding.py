@@ -1,6 +1,6 @@
 """Numbers in log lines: floats at 4 significant digits (0.02779, 27.77, 1.235e-05), so that a
 line reads at a glance and says no more than the measurement does; counts stay whole.
-(`reporting.format_metrics` writes metrics the same way.)"""
+(`reporting.format_metrics` and the CLI's figures use it.)"""
 from __future__ import annotations
 
 import numbers

@@ -15,15 +15,12 @@ from prefect.futures import PrefectFuture
 
 from ..config import PipelineConfig, Runtime
 from ..manifests import (
-    AutoencoderManifest,
     ClassifierManifest,
     CodesManifest,
-    DatasetManifest,
-    Manifest,
     PriorManifest,
-    ReportManifest,
     SamplesManifest,
 )
+from ..runs import RunArtifacts
 from ..stage import SOURCE, Needs, Settings, Stage
 from . import encode, evaluate, ingest, sample, train_autoencoder, train_classifier, train_prior
 
@@ -118,7 +115,7 @@ def stage_keys(config: PipelineConfig, source_digest: str) -> dict[str, str]:
     return keys
 
 
-class FinishedRun(Outputs):
+class FinishedRun(Outputs, RunArtifacts):
     """Every artifact of a finished run of `config`, found (never computed) in pipeline
     order, each once; a missing one is an error naming the stage to run. The stages named
     in `make` are run instead (inside a flow: a stage flow runs its own stage this way,
@@ -133,14 +130,6 @@ class FinishedRun(Outputs):
         if stage.name in self._make:
             return stage.run(settings, self.runtime, **inputs)
         return stage.artifact(settings, inputs, self.runtime).require(stage.output, stage.name)
-
-    @property
-    def dataset(self) -> DatasetManifest:
-        return self.get("ingest")
-
-    @property
-    def autoencoder(self) -> AutoencoderManifest:
-        return self.get("train-autoencoder")
 
     @property
     def codes(self) -> CodesManifest:
@@ -161,7 +150,3 @@ class FinishedRun(Outputs):
     @property
     def samples(self) -> SamplesManifest:
         return self.get("sample")
-
-    @property
-    def report(self) -> ReportManifest:
-        return self.get("evaluate")
