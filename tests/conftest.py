@@ -31,6 +31,18 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds waiting, a lot of it on a shared CPU.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 FASHION_MNIST_DIR = Path(os.environ.get("VQVAE2_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 
 

@@ -1,20 +1,21 @@
 """The static-buffer sampler is exact: its steps' logits are the full forward's (and the cached
-step's) at every position, it draws what the cached sampler draws for the same seed, and on
-CUDA the replayed graphs compute what the eager steps compute."""
+step's) at every position, it draws what the cached sampler draws for the same seed (on a CPU
+both are checked against the reference in tests/test_fast_sampling.py), and on CUDA the
+replayed graphs compute what the eager steps compute."""
 import pytest
 import torch
-from test_fast_sampling import ATOL, HIERARCHIES, _small_prior, one_thread  # noqa: F401 (an autouse fixture)
-from test_prior import CASES, _prior_and_inputs
+from prior_cases import ATOL, CASES, prior_and_inputs, small_prior
 
-import vqvae2
 from vqvae2.draw import race_draw, sample_logits, tempered_probs
 from vqvae2.fast_sampling import incremental_logits, sample_level_fast
 from vqvae2.graph_sampling import sample_level_graphed, static_logits
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.mark.parametrize("case", CASES)
 def test_static_logits_equal_the_full_forward_and_the_cached_step_at_every_position(case):
-    prior, codes, cond, labels = _prior_and_inputs(case)
+    prior, codes, cond, labels = prior_and_inputs(case)
     with torch.no_grad():
         full = prior(codes, cond, labels)
     static = static_logits(prior, codes, cond, labels)
@@ -26,7 +27,7 @@ def test_static_logits_equal_the_full_forward_and_the_cached_step_at_every_posit
 @pytest.mark.parametrize("shape", [(1, 1), (1, 6), (6, 1), (3, 5), (5, 2)])
 def test_static_logits_equal_the_full_forward_on_any_grid(shape, kernel_size):
     torch.manual_seed(0)
-    prior = _small_prior(shape, kernel_size)
+    prior = small_prior(shape, kernel_size)
     codes, cond, labels = torch.randint(16, (3, *shape)), [torch.randint(16, (3, 2, 3))], torch.tensor([0, 1, 2])
     with torch.no_grad():
         full = prior(codes, cond, labels)
@@ -34,7 +35,7 @@ def test_static_logits_equal_the_full_forward_on_any_grid(shape, kernel_size):
 
 
 def test_in_float64_the_difference_is_rounding_alone():
-    prior, codes, cond, labels = _prior_and_inputs("bottom-of-three-given-two")
+    prior, codes, cond, labels = prior_and_inputs("bottom-of-three-given-two")
     prior = prior.double()
     with torch.no_grad():
         full = prior(codes, cond, labels)
@@ -53,37 +54,8 @@ def test_the_exponential_race_draws_what_multinomial_draws():
     assert torch.equal(generators[0].get_state(), generators[1].get_state())
 
 
-@pytest.mark.parametrize("case, temperature, top_k", [
-    ("top-attention", 1.0, None),
-    ("top-class-conditional", 0.7, 5),
-    ("bottom-given-top-class-conditional", 1.5, None),
-    ("middle-of-three", 0.9, 3),
-])
-def test_the_same_seed_draws_the_same_codes_as_the_cached_sampler(case, temperature, top_k):
-    prior, _, cond, labels = _prior_and_inputs(case)
-    prior.train()  # both samplers switch dropout off, and restore the mode
-    generators = [torch.Generator().manual_seed(5) for _ in range(2)]
-    cached, graphed = (
-        sampler(prior, 2, cond, labels, temperature, top_k, g)
-        for sampler, g in zip([sample_level_fast, sample_level_graphed], generators)
-    )
-    assert torch.equal(graphed, cached)
-    assert torch.equal(generators[0].get_state(), generators[1].get_state()), "the same draws, in the same order"
-    assert prior.training
-
-
-@pytest.mark.parametrize("hierarchy", HIERARCHIES)
-def test_the_hierarchy_gets_the_same_codes_with_the_graphed_sampler(hierarchy):
-    torch.manual_seed(0)
-    priors = vqvae2.build_priors(vqvae2.preset("smoke", HIERARCHIES[hierarchy]))
-    kwargs = dict(labels=torch.tensor([1, 8]), temperature=0.8, top_k=[None, 6, 4][:len(priors)], seed=3)
-    cached = vqvae2.sample_codes(priors, 2, **kwargs)
-    graphed = vqvae2.sample_codes(priors, 2, sampler=vqvae2.sample_level_graphed, **kwargs)
-    assert all(torch.equal(a, b) for a, b in zip(graphed, cached))
-
-
 def test_a_tiny_temperature_draws_the_argmax_and_top_1_is_the_argmax():
-    prior, codes, cond, labels = _prior_and_inputs("bottom-given-top-class-conditional")
+    prior, codes, cond, labels = prior_and_inputs("bottom-given-top-class-conditional")
     for temperature, top_k in [(1e-4, None), (1.0, 1)]:
         drawn = sample_level_graphed(prior, 2, cond, labels, temperature, top_k, torch.Generator().manual_seed(0))
         # teacher forcing with the drawn codes gives each position's logits given the codes before it
@@ -91,7 +63,7 @@ def test_a_tiny_temperature_draws_the_argmax_and_top_1_is_the_argmax():
 
 
 def test_bf16_samples_from_a_copy_and_its_logits_are_close():
-    prior, codes, cond, labels = _prior_and_inputs("middle-of-three")
+    prior, codes, cond, labels = prior_and_inputs("middle-of-three")
     with torch.no_grad():
         full = prior(codes, cond, labels)
     logits = static_logits(prior, codes, cond, labels, dtype=torch.bfloat16)
@@ -103,7 +75,7 @@ def test_bf16_samples_from_a_copy_and_its_logits_are_close():
 
 
 def test_bad_input_is_a_clear_error():
-    prior, _, cond, labels = _prior_and_inputs("bottom-given-top-class-conditional")
+    prior, _, cond, labels = prior_and_inputs("bottom-given-top-class-conditional")
     with pytest.raises(ValueError, match="cond_codes"):
         sample_level_graphed(prior, 2, None, labels)
     with pytest.raises(ValueError, match="temperature must be > 0"):
@@ -116,7 +88,7 @@ def test_bad_input_is_a_clear_error():
 
 
 def _on_cuda(case):
-    prior, codes, cond, labels = _prior_and_inputs(case)
+    prior, codes, cond, labels = prior_and_inputs(case)
     return (prior.cuda(), codes.cuda(), [c.cuda() for c in cond] if cond else None,
             labels.cuda() if labels is not None else None)
 

@@ -1,46 +1,14 @@
 import pytest
 import torch
+from prior_cases import CASES, prior_and_inputs
 
 import vqvae2
 from vqvae2.prior import PixelCNNPrior
 
-# Several priors of every kind: attention or not, conditioned on 0, 1 or 2 levels above,
-# with and without class labels, kernel 3 and 5.
-THREE_LEVELS = {
-    "autoencoder.strides": [2, 2, 2],
-    "image_size": 32,
-    "priors": [
-        {"channels": 16, "layers": 3, "kernel_size": 3, "attention_layers": 1, "attention_heads": 2, "embed_dim": 8},
-        {"channels": 16, "layers": 2, "kernel_size": 3, "attention_layers": 1, "attention_heads": 2, "embed_dim": 8,
-         "cond_channels": 8, "cond_res_blocks": 1},
-        {"channels": 16, "layers": 3, "kernel_size": 5, "embed_dim": 8, "cond_channels": 8, "cond_res_blocks": 1},
-    ],
-}
-CASES = {
-    "top-attention": ("smoke", {"num_classes": 0}, 0),
-    "top-class-conditional": ("smoke", {}, 0),
-    "bottom-given-top": ("smoke", {"num_classes": 0}, 1),
-    "bottom-given-top-class-conditional": ("smoke", {"priors.1.kernel_size": 5}, 1),
-    "middle-of-three": ("smoke", THREE_LEVELS, 1),
-    "bottom-of-three-given-two": ("smoke", THREE_LEVELS, 2),
-}
-
-
-def _prior_and_inputs(case: str, seed: int = 0):
-    name, overrides, level = CASES[case]
-    config = vqvae2.preset(name, {"priors.0.dropout": 0.1, **overrides} if "priors" not in overrides else overrides)
-    torch.manual_seed(seed)
-    prior = vqvae2.build_prior(config, level).eval()
-    shapes, k = config.latent_shapes(), config.autoencoder.codebook_size
-    codes = torch.randint(k, (2, *shapes[level]))
-    cond = [torch.randint(k, (2, *s)) for s in shapes[:level]] or None
-    labels = torch.tensor([3, 7]) if prior.num_classes else None
-    return prior, codes, cond, labels
-
 
 @pytest.mark.parametrize("case", CASES)
 def test_logits_never_depend_on_the_current_or_later_positions(case):
-    prior, codes, cond, labels = _prior_and_inputs(case)
+    prior, codes, cond, labels = prior_and_inputs(case)
     height, width = prior.shape
     x = prior.embed_codes(codes).detach().requires_grad_()
     last = height * width - 1
@@ -59,25 +27,25 @@ def test_logits_never_depend_on_the_current_or_later_positions(case):
 
 @pytest.mark.parametrize("case", ["bottom-given-top", "bottom-of-three-given-two"])
 def test_the_levels_above_change_a_lower_priors_logits(case):
-    prior, codes, cond, labels = _prior_and_inputs(case)
+    prior, codes, cond, labels = prior_and_inputs(case)
     other = [torch.roll(c, shifts=1, dims=0) for c in cond]  # swap the two samples' conditioning
     with torch.no_grad():
         assert not torch.allclose(prior(codes, cond, labels), prior(codes, other, labels))
 
 
 def test_class_labels_change_the_logits():
-    prior, codes, cond, labels = _prior_and_inputs("top-class-conditional")
+    prior, codes, cond, labels = prior_and_inputs("top-class-conditional")
     with torch.no_grad():
         assert not torch.allclose(prior(codes, cond, labels), prior(codes, cond, labels.flip(0)))
 
 
 def test_missing_or_unexpected_conditioning_is_a_clear_error():
-    prior, codes, cond, labels = _prior_and_inputs("bottom-given-top-class-conditional")
+    prior, codes, cond, labels = prior_and_inputs("bottom-given-top-class-conditional")
     with pytest.raises(ValueError, match="cond_codes"):
         prior(codes, None, labels)
     with pytest.raises(ValueError, match="pass labels"):
         prior(codes, cond, None)
-    top, top_codes, _, _ = _prior_and_inputs("top-attention")
+    top, top_codes, _, _ = prior_and_inputs("top-attention")
     with pytest.raises(ValueError, match="not class-conditional"):
         top(top_codes, None, torch.tensor([1, 2]))
 
@@ -102,7 +70,7 @@ def test_bits_per_code_is_nats_over_ln2():
 
 
 def test_prior_rebuilds_from_a_checkpoint_with_the_same_outputs(tmp_path):
-    prior, codes, cond, labels = _prior_and_inputs("bottom-given-top-class-conditional")
+    prior, codes, cond, labels = prior_and_inputs("bottom-given-top-class-conditional")
     path = tmp_path / "prior.pt"
     torch.save(vqvae2.to_checkpoint(prior), path)
     rebuilt = vqvae2.from_checkpoint(torch.load(path, weights_only=True)).eval()
