@@ -33,11 +33,11 @@ import time
 import traceback
 from typing import Any
 
+from tasks.presets import PRESET_NAMES
+
 # Nothing heavy is imported at the top: `vqvae2 --help`, and a bad option, answer at once;
 # each command imports what it needs (torch, pydantic, Prefect) when it runs.
 
-# `tasks.config.PresetName`, which takes torch to import (tests/test_cli.py checks they agree).
-PRESETS = ("smoke", "fashion-mnist", "fashion-mnist-gpu", "imagenet-256", "ffhq-1024")
 # Errors in what the user gave (the config, the source, a file named): exit code 2, as argparse's own.
 BAD_INPUT: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
@@ -57,7 +57,7 @@ def build_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
     """The pipeline config of the options (over `base`, a recorded run's config); a bad one
     fails naming the option or the field (`--set` key)."""
     from tasks.config import validate_config
-    from tasks.config_keys import SECTIONS, parse_value
+    from tasks.setting_forms import SECTIONS, parse_value
 
     data: dict[str, Any] = json.loads(json.dumps(base or {}))  # a copy: the sections below are changed in place
     if args.config:
@@ -126,15 +126,15 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def _print_report_link(report_key: str) -> None:
     """The report's page in Prefect's UI, when the run was recorded on a server (not ephemeral)."""
-    from tasks.runtime.reporting import latest_artifact_ui_url
-    from tasks.stages.evaluate import report_artifact_key
+    from tasks.machinery.reporting import latest_artifact_ui_url
+    from tasks.stages.evaluate import report_ui_key
 
-    if link := latest_artifact_ui_url(report_artifact_key(report_key)):
+    if link := latest_artifact_ui_url(report_ui_key(report_key)):
         print(f"the report in Prefect's UI: {link}")
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
-    from tasks.runtime.rounding import rounded
+    from tasks.machinery.rounding import rounded
 
     for name, value in metrics.items():
         print(f"  {name:32s} {rounded(value)}")
@@ -206,18 +206,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     import vqvae2
-    from tasks.runtime.devices import resolve_device
-    from tasks.runtime.models import load_model
-    from tasks.runtime.reporting import image_grid, png_bytes
+    from tasks.machinery.devices import resolve_device
+    from tasks.machinery.models import load_model
+    from tasks.machinery.reporting import image_grid, png_bytes
+    from tasks.stages import ingest, train_autoencoder, train_prior
 
-    config, names = finished.config, finished.dataset.class_names
+    config, names = finished.config, finished.get(ingest.STAGE).class_names
     options, device = finished.runtime.storage_options, resolve_device(config.training.device)
     if args.class_ is not None and not config.model.num_classes:
         raise ValueError(f"--class {args.class_}: the priors are unconditional (num_classes=0): leave --class out")
     chosen = _class_index(args.class_, names) if args.class_ is not None else None
     labels = _sample_labels(args.n, chosen, config.model.num_classes)
-    autoencoder = load_model(finished.autoencoder, options, device)
-    priors = [load_model(p, options, device) for p in finished.priors]
+    autoencoder = load_model(finished.get(train_autoencoder.STAGE), options, device)
+    priors = [load_model(p, options, device) for p in finished.every(train_prior.STAGE)]
     images = []
     with tqdm(total=args.n, desc="sampling", unit="image") as bar:
         for first in range(0, args.n, args.batch_size):
@@ -239,19 +240,20 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
     from storage.fsutil import read_bytes
     from storage.imaging import decode_image, prepare
-    from tasks.runtime.datasets import first_images
-    from tasks.runtime.models import load_model, reconstruct
-    from tasks.runtime.reporting import pairs_grid, png_bytes
+    from tasks.machinery.models import load_model, reconstruct
+    from tasks.machinery.reporting import pairs_grid, png_bytes
+    from tasks.stages import ingest, train_autoencoder
 
     config = finished.config
-    model = load_model(finished.autoencoder, finished.runtime.storage_options)
+    model = load_model(finished.get(train_autoencoder.STAGE), finished.runtime.storage_options)
     if args.images:
         mode = "L" if config.model.image_channels == 1 else "RGB"
         arrays = [decode_image(prepare(read_bytes(path), config.model.image_size, mode)[0]) for path in args.images]
         images = torch.from_numpy(np.stack([a.reshape(a.shape[0], a.shape[1], -1) for a in arrays])).permute(0, 3, 1, 2)
         images = images.float() / 255
     else:
-        images, _ = first_images(finished.dataset, "test", args.count, finished.runtime.storage_options)
+        images, _ = ingest.first_images(finished.get(ingest.STAGE), "test", args.count,
+                                        finished.runtime.storage_options)
     recon = reconstruct(model, images)
     mse = torch.nn.functional.mse_loss(recon, images).item()
     print(f"{len(images)} images, reconstruction MSE {mse:.4g}")
@@ -260,18 +262,18 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     finished = finished_run(args)
-    from storage.fsutil import read_json
+    from tasks.stages import evaluate
 
-    manifest = finished.report
-    report = read_json(manifest.report, finished.runtime.storage_options)
+    manifest = finished.get(evaluate.STAGE)
+    report = evaluate.read_report(manifest, finished.runtime.storage_options)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report.model_dump(mode="json"), indent=2))
         return
     recorded = getattr(finished, "record", None)
     key = f" {recorded.key}" if recorded is not None else ""
-    print(f"report of the {report['preset']} run{key} on dataset {report['dataset']['key']}: {manifest.markdown}")
-    _print_metrics(report["metrics"])
-    for row in report["training"]:
+    print(f"report of the {report.preset} run{key} on dataset {report.dataset.key}: {manifest.markdown}")
+    _print_metrics(report.metrics)
+    for row in report.training:
         print(f"  trained {row['stage']:20s} {row['steps']} steps")
 
 
@@ -306,7 +308,7 @@ def _local_time(when: datetime.datetime | None) -> str:
 
 
 def _number(value: float | None) -> str:
-    from tasks.runtime.rounding import rounded
+    from tasks.machinery.rounding import rounded
 
     return rounded(value) if value is not None else "-"
 
@@ -323,7 +325,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
     unrecorded = [c.artifact for c in checked if not c.recorded]
     if unrecorded:
         print(f"  not checked: {len(unrecorded)} made before vqvae2 recorded their files' digests: "
-              + ", ".join(f"{a.stage}/{a.key}" for a in unrecorded))
+              + ", ".join(f"{a.directory}/{a.key}" for a in unrecorded))
     damaged = [(c.artifact, d) for c in checked for d in c.damaged]
     for artifact, problem in damaged:
         print(f"  damaged: {redact(artifact.path(problem.path))}: {problem.what}")
@@ -336,13 +338,13 @@ def cmd_verify(args: argparse.Namespace) -> None:
               "them makes them again")
         raise SystemExit(1)
     removed = repair(checked)
-    artifacts = sorted({f"{a.stage}/{a.key}" for a, _ in damaged})
+    artifacts = sorted({f"{a.directory}/{a.key}" for a, _ in damaged})
     print(f"repaired: dropped {len(removed)} files of {', '.join(artifacts)}; the next run of the config that made "
           "them makes them again (the rest is reused)")
 
 
 def cmd_node(args: argparse.Namespace) -> None:
-    from tasks.runtime.process import serve_node
+    from tasks.machinery.process import serve_node
 
     raise SystemExit(serve_node(args.rdzv_endpoint, args.nnodes, args.node_rank, args.nproc_per_node, args.once))
 
@@ -375,8 +377,8 @@ def parser() -> argparse.ArgumentParser:
     rooted.add_argument("--set", action="append", metavar="KEY=VALUE", help="set a config field, e.g. "
                         "sample.num_samples=64, or override the model preset, e.g. num_classes=0 (repeatable)")
     common = argparse.ArgumentParser(add_help=False, parents=[rooted])
-    common.add_argument("--preset", choices=PRESETS, metavar="NAME",
-                        help=f"model and training preset: {', '.join(PRESETS)} (default: fashion-mnist)")
+    common.add_argument("--preset", choices=PRESET_NAMES, metavar="NAME",
+                        help=f"model and training preset: {', '.join(PRESET_NAMES)} (default: fashion-mnist)")
     common.add_argument("--source", metavar="URL", help="your images: a folder (flat, or a sub-folder per class), a "
                         "CSV/JSONL/Parquet list, or a .tar pattern; local, s3:// or http(s):// (source.url; "
                         "default: Fashion-MNIST)")
@@ -459,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
 def _failed(error: Exception, debug: bool) -> int:
     """Print what failed and what to do in one line (after the traceback with `--debug`);
     return the exit code: 2 for bad input, 1 otherwise."""
-    from tasks.runtime.failures import advice, first_line  # light: no Prefect, no torch
+    from tasks.machinery.failures import advice, first_line  # light: no Prefect, no torch
 
     if debug:
         traceback.print_exception(error)

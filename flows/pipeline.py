@@ -11,7 +11,7 @@ from any machine. A stage flow runs one stage on the artifacts earlier stages le
 under the same storage root.
 
 A run that fails publishes a `vqvae2-failure` artifact naming the stage, the error's
-first line and what to do (`tasks.runtime.failure_report`), then ends Failed with its error.
+first line and what to do (`tasks.machinery.failure_report`), then ends Failed with its error.
 """
 from __future__ import annotations
 
@@ -23,15 +23,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.names import generate_slug
 
 from tasks.config import PipelineConfig, Runtime
-from tasks.manifests import ReportManifest
-from tasks.runtime.exclusive import one_run_at_a_time
 from tasks.runs import record_run
-from tasks.runtime.failure_report import FailedStages, reported_failure
+from tasks.machinery.devices import on_this_machine
+from tasks.machinery.exclusive import one_run_at_a_time
+from tasks.machinery.failure_report import FailedStages, reported_failure
 from tasks.source_watch import announce_new_data
 from tasks.stage import Settings, Stage
-from tasks.stages import BY_NAME, STAGES, FinishedRun, Outputs, Producer
-from tasks.stages.sample import check_classes
-from tasks.stages.train_classifier import check_features_available
+from tasks.stages import FINAL, STAGES, FinishedRun, Outputs, check_before_run
 
 from .parameters import taking_sections
 
@@ -39,58 +37,39 @@ TASK_RUNNER = ThreadPoolTaskRunner(max_workers=4)
 PIPELINE_SUMMARY = "The whole VQ-VAE-2 pipeline: ingest, train, encode, priors, sample, evaluate."
 
 
-def run_pipeline(config: PipelineConfig) -> ReportManifest:
+def run_pipeline(config: PipelineConfig) -> Any:
     failed = FailedStages()
     with reported_failure(failed):
-        if not config.classes_from_data:
-            with failed.within("evaluate"):
-                check_features_available(config)  # not after hours of training, nor after waiting for a turn
+        config = on_this_machine(config)
+        check_before_run(config, failed.within)  # not after hours of training, nor after waiting for a turn
         with one_run_at_a_time(config):  # a second run of this config waits, then reuses
             return _run_pipeline(config, failed)
 
 
-class _NamedOutputs(Outputs):
-    """`Outputs` noting which stage an error comes from: the one whose output was awaited
-    (a failed future raises where it is awaited, maybe while another stage gathers its inputs)."""
-
-    def __init__(self, config: PipelineConfig, produce: Producer, failed: FailedStages) -> None:
-        super().__init__(config, produce)
-        self.failed = failed
-
-    def get(self, stage: Stage | str, variant: Any = None) -> Any:
-        with self.failed.within((BY_NAME[stage] if isinstance(stage, str) else stage).instance(variant)):
-            return super().get(stage, variant)
-
-
-def _run_pipeline(config: PipelineConfig, failed: FailedStages) -> ReportManifest:
+def _run_pipeline(config: PipelineConfig, failed: FailedStages) -> Any:
     runtime = Runtime.of(config)
 
     def produce(stage: Stage, variant: Any, settings: Settings, inputs: dict[str, Any]) -> Any:
-        with failed.within(stage.instance(variant)):
-            return stage.run(settings, runtime, **inputs)
+        return stage.run(settings, runtime, **inputs)
 
-    outputs = _NamedOutputs(config, produce, failed)
-    with failed.within("ingest"):
-        outputs.adopt_classes()  # every later stage waits for the dataset anyway
-    with failed.within("evaluate"):
-        check_features_available(outputs.config)
-    with failed.within("sample"):
-        check_classes(outputs.config, outputs.get("ingest"))  # a class the data lacks: before any training
+    outputs = Outputs(config, produce, within=failed.within)
+    outputs.check()  # e.g. the dataset's classes, a class to sample it lacks: before any training
     for stage in STAGES:
         outputs.start(stage)
-    report = outputs.get("evaluate")
-    with failed.within("evaluate"):
-        BY_NAME["evaluate"].publish(report, runtime.storage_options)  # on every run: a Cached one shows its results
+    result = outputs.get(FINAL)
+    with failed.within(FINAL.name):
+        if FINAL.publish:  # on every run: a Cached one shows its results
+            FINAL.publish(result, runtime.storage_options)
         record_run(config, outputs, runtime)  # which config made which report: `vqvae2 ls`, `vqvae2 report --root`
-    return report
+    return result
 
 
 @flow(name="vqvae2-pipeline-on-dask")
-def _pipeline_on_dask(config: PipelineConfig) -> ReportManifest:
+def _pipeline_on_dask(config: PipelineConfig) -> Any:
     return run_pipeline(config)
 
 
-def _pipeline(config: PipelineConfig) -> ReportManifest:
+def _pipeline(config: PipelineConfig) -> Any:
     if config.runner.dask_address:
         from prefect_dask import DaskTaskRunner
 
@@ -105,13 +84,13 @@ def run_stage(config: PipelineConfig, stage: Stage) -> Any:
     with reported_failure(stage.name):
         finished = FinishedRun(config, make={stage.name, *stage.makes_along})  # ingest runs here
         finished.start(stage)  # every variant at once (the classifiers train side by side)
-        results = finished.get(stage)
+        results = finished.every(stage)
         if stage.publish:
-            for result in results if stage.variants else [results]:
+            for result in results:
                 stage.publish(result, finished.runtime.storage_options)
-        if stage is BY_NAME["evaluate"]:  # a new report: recorded as a pipeline run's is
+        if stage is FINAL:  # a new report: recorded as a pipeline run's is
             record_run(config, finished, finished.runtime)
-        return results
+        return results if stage.variants else results[0]
 
 
 def _named_runs(what: str) -> Callable[[], str]:
@@ -136,8 +115,9 @@ def _stage_flow(stage: Stage) -> Flow:
 
 
 STAGE_FLOWS: dict[str, Flow] = {stage.name: _stage_flow(stage) for stage in STAGES}
-# The entrypoints of the stage deployments in prefect.yaml.
-ingest_flow, sample_flow, evaluate_flow = STAGE_FLOWS["ingest"], STAGE_FLOWS["sample"], STAGE_FLOWS["evaluate"]
+# Each stage flow by name, as prefect.yaml's stage deployments name their entrypoints
+# (flows.pipeline.sample_flow): a new stage's flow can be deployed the same way.
+globals().update({f"{name.replace('-', '_')}_flow": stage_flow for name, stage_flow in STAGE_FLOWS.items()})
 
 WATCH_SUMMARY = ("Emit `vqvae2.source.updated` when the source holds images no dataset under the root has yet "
                  "(a deployment trigger on it starts the pipeline).")

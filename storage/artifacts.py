@@ -1,11 +1,11 @@
-"""The content-addressed artifact store: ``{root}/{stage}/{key}/``, complete once ``manifest.json`` exists.
+"""The content-addressed artifact store: ``{root}/{directory}/{key}/``, complete once ``manifest.json`` exists.
 
-``key`` digests everything that determines a stage's output (the stage name, its
+``key`` digests everything that determines a stage's output (the stage's directory, its
 config section, the keys of its inputs, a code version), so equal work lands in the
 same directory and a finished one is found instead of redone::
 
-    key = artifact_key("train_autoencoder", cfg.autoencoder, [dataset_key], code_version="3")
-    url = artifact_url(root, "train_autoencoder", key)
+    key = artifact_key("autoencoder", settings, {"dataset": dataset_key}, code_version="1")
+    url = artifact_url(root, "autoencoder", key)
     manifest = read_manifest(url)          # None: not there or not finished
     ...                                    # write outputs under url
     write_manifest(url, {"metrics": ...})  # last: marks it complete
@@ -51,9 +51,10 @@ def _plain(obj: Any) -> Any:
     raise ValueError(f"artifact_key: {type(obj).__name__} {obj!r} has no canonical JSON form; pass plain data")
 
 
-def artifact_key(stage: str, config_section: Any, input_keys: Sequence[str] | Mapping[str, str], code_version: str) -> str:
-    """Stable digest of (stage, config section, input keys, code version): the artifact's name."""
-    payload = {"stage": stage, "config": config_section, "inputs": input_keys, "code_version": str(code_version)}
+def artifact_key(directory: str, config_section: Any, input_keys: Sequence[str] | Mapping[str, str],
+                 code_version: str) -> str:
+    """Stable digest of (stage directory, config section, input keys, code version): the artifact's name."""
+    payload = {"stage": directory, "config": config_section, "inputs": input_keys, "code_version": str(code_version)}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:KEY_LENGTH]
 
 

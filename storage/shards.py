@@ -36,6 +36,11 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
+def shard_unit(split: str, index: int) -> str:
+    """How the work on shard ``index`` of ``split`` is named (ingesting it, encoding it): ``shard-train-000042``."""
+    return f"shard-{split}-{index:06d}"
+
+
 def shard_url(dataset_url: str, split: str, index: int) -> str:
     """``{dataset_url}/{split}/shard-NNNNNN.tar``."""
     return join(dataset_url, split, shard_name(index))

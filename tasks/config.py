@@ -9,14 +9,14 @@ from __future__ import annotations
 import importlib.util
 import os
 from functools import cached_property
-from typing import Any, Literal
+import hashlib
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-import torch
-
 import vqvae2
+from storage.artifacts import canonical_json
 from storage.fsutil import holds_userinfo, join
 from storage.ingest import ShardingOptions
 from storage.sources import (
@@ -33,24 +33,26 @@ from storage.sources.image_folder import LABEL_MODES
 from storage.sources.list_file import FORMATS as LIST_FORMATS
 
 from .credentials import block_options, refuse_secrets, refuse_userinfo
+from .presets import PRESET_DEFAULTS, PRESET_NAMES
 
-PresetName = Literal["smoke", "fashion-mnist", "fashion-mnist-gpu", "imagenet-256", "ffhq-1024"]
-
-# Pipeline-level values that follow the preset unless set explicitly.
-PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "smoke": {"max_samples_per_split": 2000, "num_samples": 16, "eval_images": 256, "sample_batch_size": 64},
-    "fashion-mnist": {"max_samples_per_split": None, "num_samples": 500, "eval_images": 2000,
-                      "sample_batch_size": 64},
-    # A GPU's sampler is bound by kernel launches, not arithmetic: a wide batch costs what a narrow one does.
-    "fashion-mnist-gpu": {"max_samples_per_split": None, "num_samples": 500, "eval_images": 2000,
-                          "sample_batch_size": 1000},
-    "imagenet-256": {"max_samples_per_split": None, "num_samples": 5000, "eval_images": 10000,
-                     "sample_batch_size": 128},
-    "ffhq-1024": {"max_samples_per_split": None, "num_samples": 1000, "eval_images": 1000, "sample_batch_size": 64},
-}
+PresetName = Literal[PRESET_NAMES]  # type: ignore[valid-type]
+if set(PRESET_NAMES) != set(vqvae2.PRESETS):
+    raise ImportError(f"tasks.presets names {sorted(PRESET_NAMES)}, vqvae2.PRESETS {sorted(vqvae2.PRESETS)}: one each")
 
 
 AUTO = "auto"
+
+
+class RunOnly:
+    """Marks a config field that decides no artifact: where and how fast work runs, how storage
+    is reached. Such a field is in no key (`config_key`, the stage keys), and the rest of the
+    config is: this mark is the one place that says which is which (`RUN_ONLY`)."""
+
+    def __repr__(self) -> str:
+        return "RunOnly()"
+
+
+ONLY_HOW_IT_RUNS = RunOnly()
 # Frozen, strict, and its errors never echo the input: a refused credential must not reach a log.
 CONFIG = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
@@ -91,10 +93,11 @@ class SourceSection(Section):
         "that is itself remote (s3://, http(s)://) never names a local file: a list is data, maybe someone "
         "else's, and must not pull any file the worker can read into the dataset",
     )
-    timeout_s: float = Field(30.0, gt=0, description="Seconds an http(s) server of the source (a list file and the "
-                             "images it names, tars, folders, the Fashion-MNIST mirror) may take to answer: to "
-                             "connect, and between two pieces of a reply; a large file that keeps coming is not cut "
-                             "off")
+    timeout_s: Annotated[float, ONLY_HOW_IT_RUNS] = Field(
+        30.0, gt=0, description="Seconds an http(s) server of the source (a list file and the images it names, tars, "
+        "folders, the Fashion-MNIST mirror) may take to answer: to connect, and between two pieces of a reply; a "
+        "large file that keeps coming is not cut off",
+    )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the source's URL "
                                             "(no credentials: see credentials_block)")
     credentials_block: str | None = Field(None, description="Name of a Prefect Secret block whose value is the JSON "
@@ -178,12 +181,14 @@ class StorageSection(Section):
     root: str = Field("~/vqvae2-runs", description="Storage root, any fsspec URL: a local path, s3://bucket/prefix, "
                       "memory:// (tests). S3 credentials come from the worker's AWS_* environment variables or "
                       "instance role, or from credentials_block")
-    storage_options: dict[str, Any] = Field(
+    storage_options: Annotated[dict[str, Any], ONLY_HOW_IT_RUNS] = Field(
         default_factory=dict, description="fsspec options for the root, e.g. {'endpoint_url': 'http://minio:9000'} "
-        "(no credentials: see credentials_block)"
+        "(no credentials: see credentials_block)",
     )
-    credentials_block: str | None = Field(None, description="Name of a Prefect Secret block whose value is the JSON "
-                                          "text of the fsspec options with the root's credentials (key, secret, ...)")
+    credentials_block: Annotated[str | None, ONLY_HOW_IT_RUNS] = Field(
+        None, description="Name of a Prefect Secret block whose value is the JSON text of the fsspec options with "
+        "the root's credentials (key, secret, ...)",
+    )
 
     @field_validator("root")
     @classmethod
@@ -204,48 +209,66 @@ class StorageSection(Section):
         return os.path.expanduser(self.root) if self.root.startswith("~") else self.root
 
 
-class TrainingRun(Section):
-    """How trainings run: where, in which process, how often they report and checkpoint.
-    None of it changes what a training computes, so none of it is in a cache key."""
+class TrainingRuntime(Section):
+    """How trainings run: where, in which process, how often they report and checkpoint; what
+    every stage may read (`Runtime.training`). None of it is in a key but `nnodes`, which the
+    launcher needs and which the stages' keys hold through their process count."""
 
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
-    checkpoint_every: int = Field(500, ge=1, description="Save a checkpoint every N steps ...")
-    checkpoint_minutes: float = Field(10.0, gt=0, description="... and at least every M minutes")
-    log_every: int = Field(50, ge=1, description="Log metrics and update progress every N steps")
-    subprocess: bool = Field(True, description="Run each training attempt in a fresh process (isolated RNG and "
-                             "CUDA context); off runs it in the task's thread, for debugging")
-    cpu_threads: int | None = Field(None, ge=1, description="CPU threads of each training process; None: half the "
-                                    "cores, since the pipeline trains two models at a time")
-    decoded_cache_mb: int = Field(
+    device: Annotated[Literal["auto", "cpu", "cuda"], ONLY_HOW_IT_RUNS] = Field(
+        "auto", description="auto: CUDA when available",
+    )
+    checkpoint_every: Annotated[int, ONLY_HOW_IT_RUNS] = Field(
+        500, ge=1, description="Save a checkpoint every N steps ...",
+    )
+    checkpoint_minutes: Annotated[float, ONLY_HOW_IT_RUNS] = Field(
+        10.0, gt=0, description="... and at least every M minutes",
+    )
+    log_every: Annotated[int, ONLY_HOW_IT_RUNS] = Field(
+        50, ge=1, description="Log metrics and update progress every N steps",
+    )
+    subprocess: Annotated[bool, ONLY_HOW_IT_RUNS] = Field(
+        True, description="Run each training attempt in a fresh process (isolated RNG and CUDA context); off runs it "
+        "in the task's thread, for debugging",
+    )
+    cpu_threads: Annotated[int | None, ONLY_HOW_IT_RUNS] = Field(
+        None, ge=1, description="CPU threads of each training process; None: half the cores, since the pipeline "
+        "trains two models at a time",
+    )
+    decoded_cache_mb: Annotated[int, ONLY_HOW_IT_RUNS] = Field(
         2048, ge=0, description="Keep a training's decoded train images in memory across epochs when they fit in "
         "this many MiB (in each training process, with num_workers 0): after the first epoch no shard is read or "
         "decoded again, and the batches are the same; 0: off",
     )
-    gpus: int | None = Field(None, ge=0, description="GPUs of a worker that trainings share: at most one training "
-                             "per GPU at a time, each on its own (Prefect concurrency limits `gpu` and "
-                             "`vqvae2-gpu-<i>`); None: the visible CUDA devices; 0: no limit")
-    tensorboard: bool = Field(False, description="Also write each training's metrics, and a picture per epoch "
-                              "(reconstructions, prior samples), as TensorBoard event files under "
-                              "{root}/tensorboard/<training>-<key>/: `tensorboard --logdir {root}/tensorboard`")
+    gpus: Annotated[int | None, ONLY_HOW_IT_RUNS] = Field(
+        None, ge=0, description="GPUs of a worker that trainings share: at most one training per GPU at a time, each "
+        "on its own (Prefect concurrency limits `gpu` and `vqvae2-gpu-<i>`); None: the visible CUDA devices; 0: no "
+        "limit",
+    )
+    tensorboard: Annotated[bool, ONLY_HOW_IT_RUNS] = Field(
+        False, description="Also write each training's metrics, and a picture per epoch (reconstructions, prior "
+        "samples), as TensorBoard event files under {root}/tensorboard/<training>-<key>/: `tensorboard --logdir "
+        "{root}/tensorboard`",
+    )
 
     nnodes: int = Field(1, ge=1, description="Machines each data-parallel training spans, `training.processes` "
                         "on each: this worker is node 0, and every other machine runs `vqvae2 node --rdzv-endpoint "
                         "HOST:PORT --nnodes N --node-rank K --nproc-per-node P`; all must reach the storage root")
-    rdzv_endpoint: str | None = Field(None, description="host:port of this worker, where the training processes of "
-                                      "several machines meet (torchrun's static rendezvous); needed when nnodes > 1")
+    rdzv_endpoint: Annotated[str | None, ONLY_HOW_IT_RUNS] = Field(
+        None, description="host:port of this worker, where the training processes of several machines meet "
+        "(torchrun's static rendezvous); needed when nnodes > 1",
+    )
 
     # Testing only: kept out of the JSON schema, so the UI's run form never offers it.
-    fail_once_at_step: SkipJsonSchema[dict[str, int]] = Field(
-        default_factory=dict,
-        description="Testing only: make a training stage ('autoencoder', 'prior-top', 'classifier', ...) fail once "
-        "at this step, to exercise retries and resuming",
+    fail_once_at_step: Annotated[SkipJsonSchema[dict[str, int]], ONLY_HOW_IT_RUNS] = Field(
+        default_factory=dict, description="Testing only: make a training stage ('autoencoder', 'prior-top', "
+        "'classifier', ...) fail once at this step, to exercise retries and resuming",
     )
 
     def threads(self) -> int:
         return self.cpu_threads or max(1, (os.cpu_count() or 2) // 2)
 
     @model_validator(mode="after")
-    def _rendezvous(self) -> TrainingRun:
+    def _rendezvous(self) -> TrainingRuntime:
         if self.rdzv_endpoint is not None:
             host, _, port = self.rdzv_endpoint.rpartition(":")
             if not host or not port.isdigit():
@@ -265,7 +288,7 @@ class TrainingRun(Section):
         return on
 
 
-class TrainingSection(TrainingRun):
+class TrainingSection(TrainingRuntime):
     """The `training` section: how trainings run, how many processes train each model, and
     how many read its shards."""
 
@@ -283,14 +306,17 @@ class TrainingSection(TrainingRun):
             raise ValueError(f"training.processes must be >= 1 or 'auto', got {processes}")
         return processes
 
-    def run(self) -> TrainingRun:
+    def runtime(self) -> TrainingRuntime:
         """The part every stage may read; the rest reaches only the stages whose key holds it."""
-        return TrainingRun(**self.model_dump(exclude={"num_workers", "processes"}))
+        return TrainingRuntime(**self.model_dump(include=set(TrainingRuntime.model_fields)))
 
     def world_size(self) -> int:
-        """The training processes per model on all nodes, `auto` resolved on this machine."""
-        per_node = max(1, torch.cuda.device_count()) if self.processes == "auto" else self.processes
-        return per_node * self.nnodes
+        """The training processes per model on all nodes. `auto` must have been resolved on the
+        machine that trains (`tasks.machinery.devices.on_this_machine`): a key never reads the machine."""
+        if self.processes == AUTO:
+            raise ValueError("training.processes is auto: the number of training processes, part of the keys, is "
+                             "this machine's GPUs; resolve it where the run trains (devices.on_this_machine)")
+        return self.processes * self.nnodes
 
 
 class EncodeSection(Section):
@@ -358,7 +384,8 @@ class EvaluateSection(Section):
         "auto", description="Feature space of FID/KID/precision/recall: inception (torch-fidelity's Inception-v3, "
         "from local weights only), domain (a classifier the pipeline trains on the real images' labels), "
         "self-supervised (a network the pipeline trains on the real images without labels, predicting rotations), "
-        "or auto (inception when its weights are here, else domain, or self-supervised for an unconditional model)",
+        "or auto (inception when inception_weights names its file, else domain, or self-supervised for an "
+        "unconditional model: the same choice on every machine)",
     )
     inception_weights: str | None = Field(None, description="Path of the Inception-v3 weights file, if not in "
                                           "torch-fidelity's cache under TORCH_HOME")
@@ -406,12 +433,16 @@ class PipelineConfig(BaseModel):
                                     "WebDataset shards; max_samples_per_split None: the preset's choice")
     training: TrainingSection = Field(default_factory=TrainingSection, description="How the trainings run: device, "
                                       "processes, checkpoints, logging")
-    encode: EncodeSection = Field(default_factory=EncodeSection, description="Encoding the dataset into codes")
+    encode: Annotated[EncodeSection, ONLY_HOW_IT_RUNS] = Field(
+        default_factory=EncodeSection, description="Encoding the dataset into codes",
+    )
     sample: SampleSection = Field(default_factory=SampleSection, description="Sampling from the priors, with "
                                   "classifier-based rejection")
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection, description="The report: feature space, "
                                       "reference images, grids")
-    runner: RunnerSection = Field(default_factory=RunnerSection, description="Where mapped tasks run")
+    runner: Annotated[RunnerSection, ONLY_HOW_IT_RUNS] = Field(
+        default_factory=RunnerSection, description="Where mapped tasks run",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
@@ -486,7 +517,7 @@ class Runtime(BaseModel):
     model_config = CONFIG
 
     storage: StorageSection
-    training: TrainingRun
+    training: TrainingRuntime
     encode: EncodeSection
     # The credentials block's options, read once by the flow. A task's parameters are never
     # stored by Prefect (only the flow's are), so they may travel with the Runtime.
@@ -497,7 +528,7 @@ class Runtime(BaseModel):
         """The runtime of `config`; `credentials=False` leaves the credentials block unread
         (for what needs no storage access, such as computing keys)."""
         block = config.storage.credentials_block if credentials else None
-        return cls(storage=config.storage, training=config.training.run(), encode=config.encode,
+        return cls(storage=config.storage, training=config.training.runtime(), encode=config.encode,
                    credentials=block_options(block, "storage.credentials_block"))
 
     @property
@@ -507,6 +538,41 @@ class Runtime(BaseModel):
     @property
     def storage_options(self) -> dict[str, Any]:
         return {**self.storage.storage_options, **self.credentials}
+
+
+def run_only_fields(model: type[BaseModel]) -> dict[str, Any]:
+    """The fields of `model` marked `ONLY_HOW_IT_RUNS`, as pydantic's `exclude` takes them: a
+    marked section is True, a section with marked fields the set of their names."""
+
+    def marked(info: Any) -> bool:
+        return any(isinstance(item, RunOnly) for item in info.metadata)
+
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        section = info.annotation
+        if marked(info):
+            fields[name] = True
+        elif isinstance(section, type) and issubclass(section, BaseModel):
+            if inner := {field for field, given in section.model_fields.items() if marked(given)}:
+                fields[name] = inner
+    return fields
+
+
+# Every field of the config that decides no artifact: what no key reads.
+RUN_ONLY: dict[str, Any] = run_only_fields(PipelineConfig)
+
+
+def deciding_fields(config: PipelineConfig) -> dict[str, Any]:
+    """The part of `config` that decides its artifacts, as JSON data."""
+    return config.model_dump(mode="json", exclude=RUN_ONLY)
+
+
+def config_key(config: PipelineConfig) -> str:
+    """The config's key: 16 hex digits of its storage root and the fields that decide its
+    artifacts. Runs of one config into one root share it (they take turns under it, and its
+    UI artifacts carry it), whatever they run on or however fast."""
+    identity = canonical_json({"root": config.storage.url, "config": deciding_fields(config)})
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def validate_config(data: Any) -> PipelineConfig:
@@ -535,5 +601,5 @@ def pipeline_config(preset: PresetName = "fashion-mnist", **sections: Any) -> Pi
     return PipelineConfig(preset=preset, **sections)
 
 
-__all__ = ["FASHION_MNIST_DIR", "PRESET_DEFAULTS", "PipelineConfig", "PresetName", "Runtime", "config_errors",
-           "pipeline_config", "validate_config"]
+__all__ = ["FASHION_MNIST_DIR", "PRESET_DEFAULTS", "RUN_ONLY", "PipelineConfig", "PresetName", "Runtime",
+           "config_errors", "config_key", "deciding_fields", "pipeline_config", "validate_config"]

@@ -135,8 +135,8 @@ def _check_inception_weights(path: str) -> None:
 class Extractor:
     """The feature space of one evaluation: what torch-fidelity runs and what the report says."""
 
-    requested: str  # the config's choice: auto | inception | domain
-    kind: str  # what it resolved to: inception | domain
+    requested: str  # the config's choice: auto, inception, domain or self-supervised
+    kind: str  # what it resolved to: inception, domain or self-supervised
     name: str  # torch-fidelity's registry name
     weights: str  # inception: a local file; domain: the features classifier's model.pt URL
     description: str
@@ -172,7 +172,9 @@ def resolve_extractor(choice: str, *, inception_weights: str | None = None, doma
     # back silently would measure in another feature space than the one asked for.
     if not os.path.isfile(weights) and (choice == "inception" or (choice == "auto" and inception_weights)):
         raise missing_inception(choice, inception_weights)
-    if choice == "inception" or (choice == "auto" and os.path.isfile(weights)):
+    # `auto` takes Inception only when the config names its file: whatever a machine's cache
+    # holds, one config measures in one feature space (which also decides its classifiers).
+    if choice == "inception" or (choice == "auto" and inception_weights):
         _check_inception_weights(weights)
         extractor = Extractor(
             choice, "inception", INCEPTION_EXTRACTOR, weights,
@@ -187,7 +189,8 @@ def resolve_extractor(choice: str, *, inception_weights: str | None = None, doma
             raise ValueError(f"features={choice!r}, but the features classifier learned {learned}")
         extractor = _domain_extractor(choice, domain_checkpoint, storage_options, self_supervised)
     if choice == "auto":
-        reason = "its weights are present" if extractor.kind == "inception" else f"no Inception weights at {weights}"
+        reason = ("evaluate.inception_weights names its weights" if extractor.kind == "inception"
+                  else "no Inception weights are named (evaluate.inception_weights)")
         LOG.info(f"features=auto: using the {extractor.kind} extractor ({extractor.name}) because {reason}")
     return extractor
 
@@ -195,14 +198,14 @@ def resolve_extractor(choice: str, *, inception_weights: str | None = None, doma
 def _domain_extractor(choice: str, checkpoint: str | None, storage_options: dict[str, Any] | None,
                       self_supervised: bool) -> Extractor:
     if checkpoint is None:
-        hint = f"no Inception weights at {inception_cache_path()} and " if choice == "auto" else ""
+        hint = "no Inception weights configured (evaluate.inception_weights) and " if choice == "auto" else ""
         raise ValueError(f"features={choice!r}: {hint}no domain_checkpoint given; pass the model.pt URL of the "
                          "pipeline's 'features' classifier (tasks.stages.train_classifier, role 'features')")
     if not exists(checkpoint, storage_options):
         raise FileNotFoundError(f"{redact(checkpoint)}: the features classifier's checkpoint does not exist; "
-                                "train it first (stage train-classifier, role 'features')")
+                                "train it first (stage train-classifiers, role 'features')")
     register_domain_extractor()
-    fallback = f"no Inception weights at {inception_cache_path()}; " if choice == "auto" else ""
+    fallback = "no Inception weights configured (evaluate.inception_weights); " if choice == "auto" else ""
     if self_supervised:
         return Extractor(
             choice, "self-supervised", DOMAIN_EXTRACTOR, checkpoint,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, PlainSerializer, SerializationInfo, ValidationInfo, WrapValidator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PlainSerializer, SerializationInfo, ValidationInfo, WrapValidator
 
 ROOT = "vqvae2-root"  # the validation/serialization context's key of the storage root
 _ARTIFACT_PATH = re.compile(r"[^/]+/[0-9a-f]{16}(/|$)")  # {stage directory}/{key}...: where a root's files lie
@@ -64,68 +64,40 @@ class Record(BaseModel):
     # field or a wrong type is an error.
     model_config = ConfigDict(frozen=True, extra="ignore")
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        RECORD_TYPES[cls.__name__] = cls
+
+
+# Every record type, by class name (each stage module declares its own): how a cache record
+# that names its result's class finds it, also where an older version of the code kept it.
+RECORD_TYPES: dict[str, type[Record]] = {}
+
+
+def record_type(qualified_name: Any) -> type[Record] | None:
+    """The record type a cache record names (`tasks.stages.ingest.DatasetManifest`), found
+    among this package's own record types by its class name, wherever its module was when the
+    record was written; None for any other class, which is never imported."""
+    if not isinstance(qualified_name, str) or not qualified_name.startswith(__package__ + "."):
+        return None
+    return RECORD_TYPES.get(qualified_name.rpartition(".")[2])
+
+
+def qualified_name(model: type[Record]) -> str:
+    return f"{model.__module__}.{model.__qualname__}"
+
 
 class Manifest(Record):
-    stage: str  # the stage's directory under the root: datasets, autoencoder, ...
+    # The stage's directory under the root: datasets, autoencoder, ... (`Stage.directory`;
+    # manifests written before it had this name call it `stage`).
+    directory: str = Field(validation_alias=AliasChoices("directory", "stage"))
     key: str
     url: RootURL
     seconds: float | None = None  # how long the stage took to compute it
     # SHA-256 of the artifact's inventory.json: the size and digest of each of its files, as
     # written (`vqvae2 verify` checks them). None in artifacts made before it was kept.
     inventory: str | None = None
-
-
-# --- ingest ------------------------------------------------------------------------------
-
-
-class Skipped(Record):
-    ref: str
-    reason: str
-
-
-class ShardInfo(Record):
-    name: str
-    num_samples: int
-    offset: int  # rows of the split before this shard
-
-
-class SplitInfo(Record):
-    num_samples: int
-    class_counts: list[int]
-    shards: list[ShardInfo]
-    skipped: list[Skipped]
-
-
-class DatasetManifest(Manifest):
-    format: str
-    source: dict[str, Any]  # the source as its describe() tells it (credentials redacted)
-    source_digest: str
-    config: dict[str, Any]  # the storage.ingest.IngestConfig it was made with
-    image_size: int
-    mode: str
-    channels: int
-    class_names: list[str]
-    num_samples: int
-    num_skipped: int
-    splits: dict[str, SplitInfo]
-    ignored: list[Skipped]
-    carried: int = 0  # images copied in shards of `base`, the dataset the source made before it grew
-    base: RootURL | None = None
-
-    @property
-    def labelled(self) -> bool:
-        return bool(self.class_names)
-
-    def shard_counts(self) -> dict[str, list[int]]:
-        """{split: [samples per shard]}, what storage.codes.create_codes takes."""
-        return {split: [s.num_samples for s in info.shards] for split, info in self.splits.items()}
-
-    def shard_units(self) -> list[tuple[str, int]]:
-        """(split, shard index) of every shard, in a stable order."""
-        return [(split, i) for split, info in sorted(self.splits.items()) for i in range(len(info.shards))]
-
-
-# --- trainings -----------------------------------------------------------------------------
 
 
 class TrainingSummary(Record):
@@ -150,102 +122,3 @@ class TrainedManifest(Manifest, TrainingSummary):
     def display_name(self) -> str:
         """autoencoder, prior-top, classifier-judge, ...: how reports and logs name it."""
         raise NotImplementedError
-
-
-class AutoencoderManifest(TrainedManifest):
-    dataset: str
-    latent_shapes: list[tuple[int, int]]  # code grid of every level, top first
-    codebook_size: int
-
-    @property
-    def display_name(self) -> str:
-        return "autoencoder"
-
-
-class PriorManifest(TrainedManifest):
-    codes: str
-    level: int
-    level_name: str  # prior-top, prior-bottom, ...
-
-    @property
-    def display_name(self) -> str:
-        return self.level_name
-
-
-class ClassifierManifest(TrainedManifest):
-    dataset: str
-    role: str  # judge (rejection sampling) or features (the FID feature network)
-    target: str = "labels"  # what it learned to predict: labels, or rotations (self-supervised)
-
-    @property
-    def display_name(self) -> str:
-        return f"classifier-{self.role}"
-
-
-# --- encode --------------------------------------------------------------------------------
-
-
-class EncodedShard(Record):
-    split: str
-    index: int
-    rows: int
-    offset: int
-    # storage.codes.CodesRecord: chunk object key -> (size, sha256) as write_codes wrote
-    # it; a resumed encoding checks it before reusing the shard. None in markers written
-    # before it was kept: those are trusted as before (their rows cannot be checked, and
-    # encoding every finished shard of an interrupted run again would cost more than the
-    # damage it might find; finish_codes still finds rows never written).
-    chunks: dict[str, tuple[int, str]] | None = None
-
-
-class CodesManifest(Manifest):
-    codes: RootURL  # codes.zarr
-    dataset: str
-    autoencoder: str
-    level_shapes: list[tuple[int, int]]
-    rows: dict[str, int]
-    codebook_size: int
-    class_names: list[str]
-
-
-# --- sample --------------------------------------------------------------------------------
-
-
-class SampleBatch(Record):
-    index: int
-    url: RootURL
-    images: int
-
-
-class RateRow(Record):
-    rate: float
-    candidates: int
-    kept: int
-    judge_confidence_kept: float | None
-    judge_confidence_rejected: float | None
-
-
-class SamplesManifest(Manifest):
-    batches: list[RootURL]
-    candidates: int
-    selections: RootURL  # npz: the kept candidates' indices per acceptance rate
-    rates: list[RateRow]
-    grid: RootURL
-    rejection_grid: RootURL | None
-    judge_mean_confidence: float | None
-    temperature: float
-    top_k: int | None
-    seed: int
-    num_samples: int  # kept per rate
-    classes: list[int] | None = None  # the class indices drawn, in order (None: unconditional)
-
-
-# --- evaluate ------------------------------------------------------------------------------
-
-
-class ReportManifest(Manifest):
-    report: RootURL  # report.json
-    markdown: RootURL  # report.md
-    metrics: dict[str, float | int]
-    fidelity: list[dict[str, float | int | str | None]]  # one row of FID/KID/PR/IS per image set
-    extractor: str  # the feature space of the fidelity rows: inception or domain

@@ -7,7 +7,7 @@ them, and `vqvae2 report | sample | reconstruct --root R [--key K]` read the art
 record names, so they need neither the config again nor its source.
 
 A record holds the part of the config that decides the artifacts (what the run lease
-digests, `exclusive.run_limit`, less the storage section and the source's storage options
+digests, `config.deciding_fields`, less the storage section and the source's storage options
 and credentials block: how storage is reached, never what it holds, and nothing a secret
 could hide in), the number of classes the model took, the folder of each stage's
 artifact, and the report's paths and metrics; every path is relative to the root. So a
@@ -24,17 +24,19 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from storage.fsutil import exists, find, join, modified_time, read_bytes, redact, write_bytes
 
-from .manifests import Record, RootURL, from_root, located
-from .runtime.artifacts import ManifestError, read_typed
+from .manifests import Manifest, Record, RootURL, from_root, located
+from .machinery.artifacts import ManifestError, read_typed
 
 if TYPE_CHECKING:
     from .config import PipelineConfig, Runtime
-    from .manifests import AutoencoderManifest, DatasetManifest, Manifest, PriorManifest, ReportManifest
+    from .stage import Stage
     from .stages import Outputs
+
+M = TypeVar("M", bound=Manifest)
 
 DIRECTORY = "runs"  # {root}/runs/: beside the stages' folders, none of them
 FORMAT = "vqvae2-run/1"
@@ -66,7 +68,7 @@ class RunRecord(Record):
 def recorded_config(config: PipelineConfig) -> dict[str, Any]:
     """The part of `config` a record keeps, as JSON data: what decides its artifacts, no root,
     no storage options, no credentials block name."""
-    from .runtime.exclusive import RUN_ONLY  # here: it loads Prefect, which `vqvae2 ls` does not need
+    from .config import RUN_ONLY
 
     source = RUN_ONLY.get("source", set())
     exclude = {**RUN_ONLY, "storage": True,
@@ -81,9 +83,9 @@ def record_url(root: str, key: str) -> str:
 def record_run(config: PipelineConfig, outputs: Outputs, runtime: Runtime) -> RunRecord:
     """Record that `config` (as the run was given it) made the report `outputs` hold; written
     only when it differs from the record already there."""
-    from .stages import STAGES
+    from .stages import FINAL, STAGES
 
-    report = outputs.get("evaluate")
+    report = outputs.get(FINAL)
     artifacts = {stage.instance(variant): from_root(outputs.get(stage, variant).url, runtime.root)
                  for stage in STAGES for variant in stage.variants_of(outputs.config)}
     record = RunRecord(
@@ -147,30 +149,11 @@ def find_run(root: str, storage_options: dict[str, Any] | None = None, key: str 
                      f"({', '.join(run.record.key for run in matches)}): give more of the key")
 
 
-class RunArtifacts:
-    """A finished run's artifacts by what they are, for a class whose `get(stage name)` finds them."""
-
-    def get(self, stage: str) -> Any:
-        raise NotImplementedError
-
-    @property
-    def dataset(self) -> DatasetManifest:
-        return self.get("ingest")
-
-    @property
-    def autoencoder(self) -> AutoencoderManifest:
-        return self.get("train-autoencoder")
-
-    @property
-    def report(self) -> ReportManifest:
-        return self.get("evaluate")
-
-
-class RecordedRun(RunArtifacts):
+class RecordedRun:
     """The artifacts of a recorded run, read from the folders its record names (the source is
-    not read, nor are keys computed): what the CLI's commands use on a finished run. `config`
-    is the recorded config as the command completed it (root, storage, run-only settings),
-    with the classes the run took."""
+    not read, nor are keys computed): what the CLI's commands use on a finished run, as they
+    would a `FinishedRun`. `config` is the recorded config as the command completed it (root,
+    storage, run-only settings), with the classes the run took."""
 
     def __init__(self, record: RunRecord, config: PipelineConfig) -> None:
         self.record = record
@@ -183,22 +166,23 @@ class RecordedRun(RunArtifacts):
 
         return Runtime.of(self.config)
 
-    def get(self, instance: str) -> Manifest:
-        """The manifest of one stage instance (`train-priors[0]`) the record names."""
-        from .runtime.artifacts import Artifact
-        from .stages import BY_NAME
+    def get(self, stage: Stage[M], variant: Any = None) -> M:
+        """The output of `stage` (of one variant of a stage with variants) the record names."""
+        from .machinery.artifacts import Artifact
 
+        instance = stage.instance(variant)
         folder = self.record.artifacts.get(instance)
         if folder is None:
             raise ManifestError(f"{redact(record_url(self.runtime.root, self.record.key))}: field `artifacts`: "
                                 f"no {instance}")
         directory, _, key = folder.rstrip("/").rpartition("/")
-        stage = BY_NAME[instance.partition("[")[0]]
         artifact = Artifact(self.runtime.root, directory, key, dict(self.runtime.storage_options))
         return artifact.require(stage.output, stage.name)
 
-    @property
-    def priors(self) -> list[PriorManifest]:
-        levels = sorted((int(name[len("train-priors["):-1]), name) for name in self.record.artifacts
-                        if name.startswith("train-priors["))
-        return [self.get(name) for _, name in levels]
+    def every(self, stage: Stage[M]) -> list[M]:
+        """The outputs of every variant of `stage` the record names, in its order (the run's)."""
+        if stage.variants is None:
+            return [self.get(stage)]
+        prefix = f"{stage.name}["
+        named = [name[len(prefix):-1] for name in self.record.artifacts if name.startswith(prefix)]
+        return [self.get(stage, int(variant) if variant.isdigit() else variant) for variant in named]

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from prefect.events import emit_event
 from prefect.variables import Variable
 
-from .config import PipelineConfig, Runtime
-from .runtime.exclusive import run_limit
-from .runtime.reporting import logger
-from .stages import BY_NAME
+from .config import PipelineConfig, Runtime, config_key
+from .machinery.reporting import logger
+from .stages import ingest
 
 EVENT = "vqvae2.source.updated"
 
@@ -40,11 +39,11 @@ class SourceState:
 
 def source_state(config: PipelineConfig) -> SourceState:
     """What the source holds now, and whether it is ingested (one listing of the source)."""
-    ingest = BY_NAME["ingest"]
     source = config.build_source()
     digest, described = source.digest(), source.describe()
-    dataset = ingest.artifact(ingest.settings_for(config), {"source": digest}, Runtime.of(config))
-    return SourceState(config_key=run_limit(config).rsplit("-", 1)[1], source=described.get("url") or described["kind"],
+    stage = ingest.STAGE
+    dataset = stage.artifact(stage.settings_for(config), {"source": digest}, Runtime.of(config))
+    return SourceState(config_key=config_key(config), source=described.get("url") or described["kind"],
                        digest=digest, ingested=dataset.is_complete())
 
 

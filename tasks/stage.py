@@ -1,6 +1,7 @@
-"""A stage is declared once (ARCHITECTURE.md, "Contracts"): its name, the directory of
-its artifacts, a code version, the typed slice of the pipeline config it reads, the
-outputs of other stages it takes, and the type of its own output.
+"""A stage is declared once, in its own module (`tasks/stages/<stage>.py`), with everything
+about it: its name, the directory of its artifacts, a code version, the typed slice of the
+pipeline config it reads, the outputs of other stages it takes, the type of its own output
+(and the readers of that output), what it checks before a run, and what it publishes.
 
     STAGE = Stage(name="encode", directory="codes", code_version="1", settings=EncodeSettings,
                   inputs={"dataset": Needs("ingest"), "autoencoder": Needs("train-autoencoder")},
@@ -8,10 +9,12 @@ outputs of other stages it takes, and the type of its own output.
 
 The slice, its inputs' keys and the code version *are* the cache key: a stage's code
 receives its slice (`Settings`), never the whole config, so it cannot read a field
-the key misses. Besides its slice, a stage may read only the `Runtime` (where artifacts
-live, how work runs), which by construction never changes an output. The pipeline
-flow, the stage flows, the CLI's stage list, `FinishedRun` and the keys of a config
-(`tasks.stages.stage_keys`) are all derived from these declarations.
+the key misses, and a slice reads the config alone, never the machine, so one config has
+the same keys everywhere. Besides its slice, a stage may read only the `Runtime` (where
+artifacts live, how work runs), which by construction never changes an output. The
+pipeline flow, the stage flows, the CLI's stage list, `FinishedRun` and the keys of a
+config (`tasks.stages.stage_keys`) are all derived from the list of declarations
+(`tasks.stages.STAGES`): adding a stage is its module and one line there.
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ from storage.integrity import FileRecord
 
 from .config import PipelineConfig, Runtime
 from .manifests import Manifest
-from .runtime.artifacts import Artifact
-from .runtime.cached import cached_unit
+from .machinery.artifacts import Artifact
+from .machinery.cached import cached_unit
 
 M = TypeVar("M", bound=Manifest)
 
@@ -75,6 +78,13 @@ class Stage(Generic[M]):
     # Earlier stages its stage flow runs rather than requires (re-evaluating at other
     # acceptance rates needs samples at those rates); every other input must exist.
     makes_along: tuple[str, ...] = ()
+    # check(config, outputs) -> the config, completed by what the outputs show, or None for
+    # the config as it is; raises on a config this stage cannot run, naming what to change.
+    # Every run calls it twice: with outputs None before it takes its turn (what the config
+    # alone shows), then in stage order once the run's outputs can be had
+    # (`tasks.stages.Outputs`: `outputs.get(stage)` finds or makes the output of an earlier
+    # stage; `outputs.makes(STAGE)` says whether this stage will run at all).
+    check: Callable[[PipelineConfig, Any], PipelineConfig | None] | None = None
 
     def variants_of(self, config: PipelineConfig) -> list[Any]:
         return self.variants(config) if self.variants else [None]

@@ -27,7 +27,7 @@ from storage.fsutil import exists, find, join, read_bytes, redact, remove
 from storage.integrity import Damage, DamagedArtifact, damage
 
 from .manifests import Manifest
-from .runtime.artifacts import INVENTORY, RECORDS, Artifact, ManifestError
+from .machinery.artifacts import INVENTORY, RECORDS, Artifact, ManifestError
 from .stages import STAGES
 
 

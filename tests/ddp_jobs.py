@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 import vqvae2
-from tasks.config import TrainingRun
-from tasks.runtime.artifacts import Artifact
-from tasks.runtime.trainer import TrainingJob, rank_and_world, rank_batch_size
+from tasks.config import TrainingRuntime
+from tasks.machinery.artifacts import Artifact
+from tasks.machinery.trainer import TrainingJob, rank_and_world, rank_batch_size
 
 GLOBAL_BATCH = 8
 BATCHES_PER_EPOCH = 6
@@ -26,7 +26,7 @@ def global_batch(epoch: int, index: int) -> torch.Tensor:
     return torch.rand(GLOBAL_BATCH, 1, 16, 16, generator=torch.Generator().manual_seed(1000 * epoch + index))
 
 
-def autoencoder_job(root: str, steps: int, options: TrainingRun) -> TrainingJob:
+def autoencoder_job(root: str, steps: int, options: TrainingRuntime) -> TrainingJob:
     vqvae2.seed_everything(0)
     rank, world = rank_and_world()
     share = rank_batch_size(GLOBAL_BATCH)

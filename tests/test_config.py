@@ -166,14 +166,16 @@ def test_test_only_fields_are_not_in_the_run_form_but_still_apply():
 
 
 def test_the_cli_knows_the_presets_and_sections_without_importing_the_config():
-    """The CLI's parser and `tasks.config_keys` name them without torch or pydantic: the same ones."""
+    """The CLI's parser and `tasks.setting_forms` name them without torch or pydantic: the same ones."""
     import typing
 
-    from flows.cli import PRESETS
+    import vqvae2
+    from flows.cli import parser
     from tasks.config import PipelineConfig, PresetName
-    from tasks.config_keys import SECTIONS
+    from tasks.setting_forms import SECTIONS
 
-    assert PRESETS == typing.get_args(PresetName)
+    preset = next(a for a in parser()._subparsers._group_actions[0].choices["run"]._actions if a.dest == "preset")
+    assert tuple(preset.choices) == typing.get_args(PresetName) and set(preset.choices) == set(vqvae2.PRESETS)
     assert SECTIONS == tuple(name for name in PipelineConfig.model_fields if name not in ("preset", "overrides"))
 
 
@@ -202,7 +204,7 @@ def test_the_number_of_classes_follows_the_data_unless_it_is_a_number(overrides,
 ])
 def test_a_setting_is_named_as_the_cli_and_a_deployment_take_it(key, value, cli, parameters):
     from tasks.config import validate_config
-    from tasks.config_keys import Setting, parse_value
+    from tasks.setting_forms import Setting, parse_value
 
     setting = Setting(key, value)
     assert (setting.shown("cli"), setting.shown("parameters")) == (cli, parameters)

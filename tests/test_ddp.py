@@ -15,12 +15,13 @@ import torch
 
 from flows.parameters import sections_of
 from storage.checkpoints import load_checkpoint
-from tasks.config import TrainingRun
-from tasks.runtime.process import TrainingFailed, train
+from tasks.config import TrainingRuntime
+from tasks.machinery.process import TrainingFailed, train
+from tasks.stages import train_autoencoder
 from ddp_jobs import autoencoder_job
 
 TESTS = Path(__file__).resolve().parent
-OPTIONS = TrainingRun(device="cpu", log_every=1, checkpoint_every=4, cpu_threads=1)
+OPTIONS = TrainingRuntime(device="cpu", log_every=1, checkpoint_every=4, cpu_threads=1)
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +30,7 @@ def importable_jobs(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
 
 
-def _train(root: Path, processes: int, steps: int = 10, options: TrainingRun = OPTIONS):
+def _train(root: Path, processes: int, steps: int = 10, options: TrainingRuntime = OPTIONS):
     root.mkdir(parents=True, exist_ok=True)
     return train(autoencoder_job, str(root), steps, options, title="tiny", options=options, processes=processes)
 
@@ -98,9 +99,9 @@ def test_two_machines_train_like_one_process(tmp_path):
 
 def test_a_run_on_several_machines_needs_a_rendezvous_endpoint():
     with pytest.raises(ValueError, match="set training.rdzv_endpoint"):
-        TrainingRun(nnodes=2)
+        TrainingRuntime(nnodes=2)
     with pytest.raises(ValueError, match="must be host:port"):
-        TrainingRun(nnodes=2, rdzv_endpoint="node0")
+        TrainingRuntime(nnodes=2, rdzv_endpoint="node0")
 
 
 def test_a_global_batch_the_ranks_cannot_share_is_refused(tmp_path):
@@ -118,6 +119,6 @@ def test_the_pipeline_trains_the_autoencoder_on_two_ranks(smoke_run):
     config = smoke_config(str(root), training={"processes": 2})
     trained = STAGE_FLOWS["train-autoencoder"](**sections_of(config))
     assert trained.processes == 2 and trained.steps == 40
-    one_process = FinishedRun(single).autoencoder
+    one_process = FinishedRun(single).get(train_autoencoder.STAGE)
     assert one_process.processes == 1 and trained.key != one_process.key  # the ranks split the data: another artifact
     assert 0 < trained.metrics["val_mse"] < 0.1

@@ -19,9 +19,9 @@ from PIL import Image
 
 from flows.parameters import config_of
 from storage.fsutil import read_bytes
-from tasks.runtime.exclusive import run_limit
-from tasks.runtime.reporting import display_scale, image_grid
-from tasks.stages import FinishedRun
+from tasks.config import config_key
+from tasks.machinery.reporting import display_scale, image_grid
+from tasks.stages import FinishedRun, sample
 from browser import render, render_page
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,12 +152,12 @@ def test_deployments_from_prefect_yaml_pipeline_stage_runs_and_the_new_data_trig
         assert sampled["parameters"]["storage"]["root"] == str(root)
         assert sampled["parameters"]["sample"]["num_samples"] == 16
         config = config_of({k: v for k, v in sampled["parameters"].items()})
-        samples = FinishedRun(config).samples  # found under the deployment's root, of its dataset
+        samples = FinishedRun(config).get(sample.STAGE)  # found under the deployment's root, of its dataset
         assert samples.num_samples == 16 and len(list(root.glob("datasets/*/manifest.json"))) == 1
         size = config.model.image_size
         cells = image_grid(torch.zeros(16, 1, size, size)).shape[::-1]  # 4 x 4
         assert Image.open(io.BytesIO(read_bytes(samples.grid))).size == tuple(display_scale(size) * d for d in cells)
-        grid_artifact = _artifacts(api, sampled["id"])[f"vqvae2-samples-{run_limit(config).rsplit('-', 1)[1]}"]
+        grid_artifact = _artifacts(api, sampled["id"])[f"vqvae2-samples-{config_key(config)}"]
         assert grid_artifact["type"] == "markdown" and "data:image/png;base64," in grid_artifact["data"]
 
         pages = _screenshots(api, tmp_path / "screenshots", first, sampled, report_key,

@@ -7,8 +7,8 @@ import pytest
 from flows.parameters import sections_of
 from flows.pipeline import STAGE_FLOWS, vqvae2_pipeline
 from storage.shards import ShardError
-from tasks.runtime.cached import RETRIES
-from tasks.runtime.failure_report import KEY, FailedStages, failure_markdown
+from tasks.machinery.cached import RETRIES
+from tasks.machinery.failure_report import KEY, FailedStages, failure_markdown
 from image_files import truncated_tars
 from pipeline_helpers import artifacts, smoke_config
 
@@ -75,7 +75,7 @@ def test_too_many_bad_images_advise_the_share_that_passes_in_the_form_of_where_i
         tmp_path, fashion_mnist_test_split, monkeypatch, capsys):
     from flows.cli import main
     from tasks.config import PipelineConfig
-    from tasks.runtime.failures import advice
+    from tasks.machinery.failures import advice
 
     error = _too_many_bad_images(tmp_path, fashion_mnist_test_split[0])
     assert "--set ingest.max_bad_fraction=0.05" in advice(error, form="cli")  # 1 <= 0.05 * 21: it would pass
@@ -99,8 +99,8 @@ def test_too_many_bad_images_advise_the_share_that_passes_in_the_form_of_where_i
 def test_a_setting_error_names_its_fix_per_form_and_survives_pickling():
     import pickle
 
-    from tasks.config_keys import Setting
-    from tasks.runtime.failures import SettingError, advice, first_line
+    from tasks.setting_forms import Setting
+    from tasks.machinery.failures import SettingError, advice, first_line
 
     error = SettingError("the dataset has 3 classes (a, b, c) but the model has num_classes=10", Setting("num_classes", 3))
     again = pickle.loads(pickle.dumps(error))  # as a task's error travels
@@ -120,7 +120,7 @@ def test_a_setting_error_names_its_fix_per_form_and_survives_pickling():
      "more than ingest.max_bad_fraction=0.01;"),  # a value it had, not one to set: as it is
 ])
 def test_an_instruction_to_set_a_field_is_shown_in_the_form_of_where_it_is_read(message, cli, parameters):
-    from tasks.runtime.failures import first_line
+    from tasks.machinery.failures import first_line
 
     assert cli in first_line(ValueError(message), form="cli")
     assert parameters in first_line(ValueError(message), form="parameters")

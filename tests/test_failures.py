@@ -11,11 +11,11 @@ from flows.pipeline import STAGE_FLOWS
 from storage.fsutil import storage_errors
 from storage.ingest import TooManyBadImages
 from storage.shards import ShardError
-from tasks.manifests import EncodedShard
-from tasks.runtime.artifacts import Artifact
-from tasks.runtime.cached import cached_unit
-from tasks.runtime.failures import is_permanent
-from tasks.runtime.process import TrainingFailed
+from tasks.stages.encode import EncodedShard
+from tasks.machinery.artifacts import Artifact
+from tasks.machinery.cached import cached_unit
+from tasks.machinery.failures import is_permanent
+from tasks.machinery.process import TrainingFailed
 from image_files import truncated_tars
 from pipeline_helpers import smoke_config, task_runs
 

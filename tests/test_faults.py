@@ -125,8 +125,8 @@ def _kill_during(run: subprocess.Popen, root: Path, kill: Kill, clock: Milestone
 def test_a_run_killed_in_every_stage_ends_as_an_undisturbed_run(prefect_api, tmp_path):
     """Besides the kills mid-stage, the whole process group is SIGKILLed right after the
     ingest finished (nothing released its turn). Every re-run starts at once and takes the
-    dead run's turn without waiting (`tasks.runtime.exclusive`)."""
-    from tasks.runtime.exclusive import LEASE_S
+    dead run's turn without waiting (`tasks.machinery.exclusive`)."""
+    from tasks.machinery.exclusive import LEASE_S
 
     reference_root, root = tmp_path / "reference" / "root", tmp_path / "faults" / "root"
     reference_clock, clock = Milestones(reference_root), Milestones(root)

@@ -165,13 +165,16 @@ def test_auto_without_inception_weights_picks_domain_and_says_so(features_checkp
     assert extractor.report()["features"] == "auto"
 
 
-def test_auto_prefers_local_inception_weights_and_refuses_a_broken_file(features_checkpoint):
+def test_auto_takes_inception_only_where_the_config_names_its_weights(features_checkpoint):
     path = inception_cache_path()
     os.makedirs(os.path.dirname(path))
     torch.save({"fc.weight": torch.zeros(1008, 2048)}, path)  # stands in for the real file: only its keys are read
-    extractor = resolve_extractor("auto", domain_checkpoint=features_checkpoint)
+    # Weights in this machine's cache do not change what `auto` measures with: one config, one feature space.
+    assert resolve_extractor("auto", domain_checkpoint=features_checkpoint).kind == "domain"
+    extractor = resolve_extractor("auto", inception_weights=path, domain_checkpoint=features_checkpoint)
     assert (extractor.kind, extractor.name, extractor.weights) == ("inception", "inception-v3-compat", path)
     assert extractor.feature_layers["fid"] == "2048" and extractor.feature_layers["isc"] == "logits_unbiased"
+    assert resolve_extractor("inception").kind == "inception"  # asked for by name, the cache's file is used
     with open(path, "wb") as f:
         f.write(b"<html>rate limited</html>")
     with pytest.raises(ValueError, match="not a loadable checkpoint"):

@@ -317,7 +317,7 @@ def _full(self) -> None:
 
 
 def _training_failed():
-    from tasks.runtime.process import TrainingFailed
+    from tasks.machinery.process import TrainingFailed
 
     trace = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: the batch is empty'
     return TrainingFailed(f"autoencoder: ValueError in the training process of rank 0:\n{trace}", permanent=True)

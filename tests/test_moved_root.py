@@ -10,10 +10,12 @@ import pytest
 
 from flows.parameters import sections_of
 from storage.fsutil import filesystem, read_bytes
-from tasks.manifests import PriorManifest, SampleBatch, located
-from tasks.runtime.artifacts import Artifact
-from tasks.runtime.cached import CacheRecords
-from tasks.stages import FinishedRun
+from tasks.manifests import located
+from tasks.stages.sample import SampleBatch
+from tasks.stages.train_prior import PriorManifest
+from tasks.machinery.artifacts import Artifact
+from tasks.machinery.cached import CacheRecords
+from tasks.stages import FinishedRun, encode, sample, train_autoencoder
 from pipeline_helpers import smoke_config, snapshot, state_names
 
 
@@ -55,8 +57,8 @@ def test_a_root_copied_then_moved_is_all_cached_where_it_lands_and_reads_only_it
     assert snapshot(moved) == before  # nothing rewritten
     assert report.markdown == f"{moved}/reports/{report.key}/report.md" and report.metrics == first.result().metrics
     assert f"{moved}/reports/{report.key}/report.md" in capsys.readouterr().out
-    assert finished.autoencoder.model.startswith(f"{moved}/autoencoder/") and finished.codes.codes.startswith(str(moved))
-    assert all(url.startswith(f"{moved}/samples/") for url in finished.samples.batches)
+    assert finished.get(train_autoencoder.STAGE).model.startswith(f"{moved}/autoencoder/") and finished.get(encode.STAGE).codes.startswith(str(moved))
+    assert all(url.startswith(f"{moved}/samples/") for url in finished.get(sample.STAGE).batches)
     assert not [p for p in moved.rglob("*") if p.is_file() and p.suffix in (".json", ".md")
                 and str(smoke_root).encode() in p.read_bytes()]
 

@@ -12,7 +12,7 @@ import pytest
 from flows.parameters import sections_of
 from flows.pipeline import vqvae2_pipeline
 from storage.fsutil import read_bytes, read_json, write_bytes
-from tasks.stages import FinishedRun
+from tasks.stages import FinishedRun, ingest, train_classifier
 from image_files import img2dataset_tar, write_folder
 from pipeline_helpers import smoke_config, state_names
 
@@ -35,14 +35,14 @@ def test_a_flat_folder_of_mixed_formats_without_labels_runs_to_a_report(prefect_
     report, markdown = _report(state)
 
     finished = FinishedRun(config)
-    dataset = finished.dataset
+    dataset = finished.get(ingest.STAGE)
     assert finished.config.model.num_classes == 0  # auto: no labels, unconditional priors
     assert dataset.class_names == [] and dataset.source["kind"] == "image_folder"
     assert dataset.num_samples == 400 and dataset.num_skipped == 1
     skipped = [s for split in dataset.splits.values() for s in split.skipped]
     assert (skipped[0].ref, skipped[0].reason) == ("broken.png", "not an image: no format Pillow reads recognises the file")
     # No labels: no judge, rejection off and said so; features learned without labels, named as such.
-    assert [c.role for c in finished.classifiers] == ["features"] and finished.classifiers[0].target == "rotations"
+    assert [c.role for c in finished.every(train_classifier.STAGE)] == ["features"] and finished.every(train_classifier.STAGE)[0].target == "rotations"
     assert report["samples"]["rejection"].startswith("off: the dataset has no labels")
     extractor = report["fidelity"]["extractor"]
     assert extractor["kind"] == "self-supervised" and "never to Inception or domain FIDs" in extractor["description"]
@@ -66,7 +66,7 @@ def test_img2dataset_shards_on_s3_with_labels_in_their_json_run_to_a_report(pref
                           source={"url": f"{shards}/{{00000..00003}}.tar", "labels": "json:label"})
     report, markdown = _report(vqvae2_pipeline(**sections_of(config), return_state=True))
 
-    dataset = FinishedRun(config).dataset
+    dataset = FinishedRun(config).get(ingest.STAGE)
     assert dataset.source["kind"] == "tar" and dataset.class_names == ["0", "1", "2"]
     assert dataset.num_samples == 400 and dataset.splits["test"].num_samples == 100  # one whole tar held out
     assert sum(dataset.splits["train"].class_counts) == 300
@@ -91,7 +91,7 @@ def test_a_csv_of_paths_with_label_names_runs_to_a_report(prefect_api, tmp_path,
     report, markdown = _report(vqvae2_pipeline(**sections_of(config), return_state=True))
 
     finished = FinishedRun(config)
-    dataset = finished.dataset
+    dataset = finished.get(ingest.STAGE)
     assert finished.config.model.num_classes == 3
     assert dataset.source["kind"] == "list" and dataset.class_names == sorted(names)
     assert dataset.num_samples == 360 and dataset.num_skipped == 1

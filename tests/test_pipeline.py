@@ -13,8 +13,8 @@ from flows.pipeline import STAGE_FLOWS, vqvae2_pipeline
 from storage.checkpoints import load_checkpoint
 from storage.fsutil import exists, filesystem, read_json
 from tasks.fidelity import InceptionWeightsMissing
-from tasks.runtime.exclusive import run_limit
-from tasks.stages import FinishedRun
+from tasks.config import config_key
+from tasks.stages import FinishedRun, evaluate, sample, train_prior
 from tasks.stages.ingest import adopt_classes
 from pipeline_helpers import artifacts, smoke_config, snapshot, state_names, task_runs
 
@@ -60,7 +60,7 @@ def test_the_full_pipeline_writes_every_artifact_and_a_finite_report(smoke_run):
 
 def test_rejection_keeps_the_same_number_per_rate_and_the_judges_favourites(smoke_run):
     config, _, state = smoke_run
-    samples = FinishedRun(config).samples
+    samples = FinishedRun(config).get(sample.STAGE)
     kept = {row.rate: row for row in samples.rates}
     assert sorted(kept) == [0.1, 0.25, 0.5, 1.0]
     # 16 requested over 10 classes: exactly 16 at every rate (2 for each of the first 6 classes,
@@ -82,7 +82,7 @@ def test_the_ui_gets_progress_tables_and_a_report_with_images(smoke_run):
     assert all(float(a.data) == 100.0 for a in by_type["progress"])
     # Keys carry the config's short key (the one its runs take turns on): its own history in the UI;
     # the report's, the key of its folder under the root.
-    short, report_key = run_limit(config).rsplit("-", 1)[1], state.result().key
+    short, report_key = config_key(config), state.result().key
     tables = {a.key: a for a in by_type["table"]}
     assert set(tables) == {f"trainings-{short}", f"dataset-{short}", f"vqvae2-fidelity-{report_key}"}
     # Every training's epochs in one table, updated in place: one card, whatever the epochs.
@@ -121,8 +121,8 @@ def test_a_second_run_is_all_cached_and_rewrites_nothing(smoke_run, monkeypatch)
 def test_a_finished_run_is_found_again_from_its_config(smoke_run):
     config, root, state = smoke_run
     finished = FinishedRun(config)
-    assert finished.report.key == state.result().key
-    assert [p.level for p in finished.priors] == [0, 1]
+    assert finished.get(evaluate.STAGE).key == state.result().key
+    assert [p.level for p in finished.every(train_prior.STAGE)] == [0, 1]
 
 
 def test_a_training_that_fails_midway_is_retried_and_resumes_from_its_checkpoint(prefect_api, tmp_path):

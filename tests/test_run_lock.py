@@ -216,14 +216,14 @@ def test_a_frozen_holder_is_taken_over_after_the_bound_and_notices_when_it_wakes
     lease.release()
 
 
-# --- the Prefect side (tasks/runtime/exclusive.py): is the holder's flow run finished? -------
+# --- the Prefect side (tasks/machinery/exclusive.py): is the holder's flow run finished? -------
 
 
 def test_a_holder_whose_flow_run_finished_is_known_gone_and_an_unreachable_api_never_holds_up(prefect_api):
     from prefect import flow
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.runtime.exclusive import API_TIMEOUT_S, api_identity, flow_run_finished
+    from tasks.machinery.exclusive import API_TIMEOUT_S, api_identity, flow_run_finished
 
     @flow
     def finishes() -> None:

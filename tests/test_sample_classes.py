@@ -10,11 +10,10 @@ from pydantic import ValidationError
 from flows.parameters import sections_of
 from storage.sources import IdxSource
 from tasks.config import pipeline_config
-from tasks.manifests import DatasetManifest
-from tasks.runtime.arrays import load_npz
-from tasks.runtime.samples import load_samples, rate_key
+from tasks.stages.ingest import DatasetManifest
+from tasks.machinery.arrays import load_npz
 from tasks.stages import BY_NAME, FinishedRun, stage_keys
-from tasks.stages.sample import SampleSettings, SamplingPlan, check_classes, resolve_classes
+from tasks.stages.sample import STAGE as SAMPLE, SampleSettings, SamplingPlan, check_classes, load_samples, rate_key, resolve_classes
 from pipeline_helpers import smoke_config
 
 FASHION_CLASSES = list(IdxSource.__dataclass_fields__["class_names"].default)  # the real dataset's names
@@ -177,7 +176,7 @@ def _kept_labels(samples) -> dict[float, np.ndarray]:
 @slow
 def test_the_pipeline_keeps_sixteen_over_ten_classes_at_every_rate(smoke_run):
     config, _, _ = smoke_run
-    samples = FinishedRun(config).samples
+    samples = FinishedRun(config).get(SAMPLE)
     assert samples.num_samples == 16 and samples.classes == list(range(10)) and samples.candidates == 160
     kept = _kept_labels(samples)
     assert sorted(kept) == [0.1, 0.25, 0.5, 1.0]
@@ -200,7 +199,7 @@ def test_the_sample_flow_draws_sixteen_sneakers(smoke_run):
     assert all(row.kept == 16 for row in samples.rates)
     assert all(labels.tolist() == [SNEAKER] * 16 for labels in _kept_labels(samples).values())
     assert samples.rejection_grid is not None and samples.judge_mean_confidence is not None
-    assert FinishedRun(config).samples.key == samples.key != FinishedRun(smoke_config(str(root))).samples.key
+    assert FinishedRun(config).get(SAMPLE).key == samples.key != FinishedRun(smoke_config(str(root))).get(SAMPLE).key
 
 
 @slow

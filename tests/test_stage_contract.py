@@ -14,9 +14,12 @@ import pytest
 
 from flows.parameters import sections_of
 from storage.fsutil import exists, join, read_json, write_bytes, write_json
-from tasks.manifests import EncodedShard, PriorManifest, SamplesManifest
-from tasks.runtime.artifacts import Artifact, ManifestError
-from tasks.runtime.cached import cached_unit, with_records
+from tasks.stages import sample, train_prior
+from tasks.stages.encode import EncodedShard
+from tasks.stages.sample import SamplesManifest
+from tasks.stages.train_prior import PriorManifest
+from tasks.machinery.artifacts import Artifact, ManifestError
+from tasks.machinery.cached import cached_unit, with_records
 from tasks.stages import FinishedRun
 from pipeline_helpers import log_lines, smoke_config, snapshot, state_names
 
@@ -41,7 +44,7 @@ def test_a_manifest_reads_back_typed_with_its_identity(artifact):
     write_json(artifact.path("manifest.json"), GOOD_PRIOR)
     manifest = artifact.read(PriorManifest)
     assert isinstance(manifest, PriorManifest) and manifest.level == 0 and manifest.metrics == {"loss": 1.5}
-    assert (manifest.stage, manifest.key, manifest.url) == ("priors", artifact.key, artifact.url)
+    assert (manifest.directory, manifest.key, manifest.url) == ("priors", artifact.key, artifact.url)
 
 
 def test_a_missing_manifest_is_an_incomplete_artifact(artifact):
@@ -168,14 +171,14 @@ def test_a_damaged_manifest_is_named_and_its_stage_recomputes(smoke_run, tmp_pat
     shutil.copytree(smoke_root, root)
     config = smoke_config(str(root))
     finished = FinishedRun(config)
-    prior = Path(finished.priors[1].url) / "manifest.json"
-    samples = Path(finished.samples.url) / "manifest.json"
+    prior = Path(finished.get(train_prior.STAGE, 1).url) / "manifest.json"
+    samples = Path(finished.get(sample.STAGE).url) / "manifest.json"
     samples.write_text(samples.read_text()[:-20])
     with pytest.raises(ManifestError, match=rf"^{samples}: not valid JSON"):
-        _ = FinishedRun(config).samples
+        _ = FinishedRun(config).get(sample.STAGE)
     prior.write_text(json.dumps({k: v for k, v in json.loads(prior.read_text()).items() if k != "steps"}))
     with pytest.raises(ManifestError, match=rf"^{prior}: field `steps`: Field required"):
-        _ = FinishedRun(config).priors
+        _ = FinishedRun(config).every(train_prior.STAGE)
 
     from flows.pipeline import vqvae2_pipeline
 
@@ -191,5 +194,5 @@ def test_a_damaged_manifest_is_named_and_its_stage_recomputes(smoke_run, tmp_pat
     assert any(f"{prior}: field `steps`: Field required" in line for line in warned), warned
     assert any(f"{samples}: not valid JSON" in line for line in warned), warned
     repaired = FinishedRun(config)
-    assert repaired.priors[1].steps == 40 and isinstance(repaired.samples, SamplesManifest)
+    assert repaired.get(train_prior.STAGE, 1).steps == 40 and isinstance(repaired.get(sample.STAGE), SamplesManifest)
     assert state.result().metrics == smoke_run[2].result().metrics  # the report's inputs kept their keys

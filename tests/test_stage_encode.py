@@ -9,7 +9,8 @@ import pytest
 from flows.parameters import sections_of
 from flows.pipeline import STAGE_FLOWS
 from storage.codes import CodeDataset
-from tasks.manifests import EncodedShard
+from tasks.stages import encode
+from tasks.stages.encode import EncodedShard
 from tasks.stages import FinishedRun
 from pipeline_helpers import log_lines, smoke_config, state_names
 
@@ -20,7 +21,7 @@ def test_a_resumed_encoding_encodes_again_only_the_shard_whose_chunks_were_damag
     root = tmp_path / "root"
     shutil.copytree(smoke_run[1], root)  # the session's smoke run, in a root of this test's own
     config = smoke_config(str(root))
-    codes = FinishedRun(config).codes
+    codes = FinishedRun(config).get(encode.STAGE)
     artifact = Path(codes.url)
     markers = sorted((artifact / "units").glob("shard-train-*.json"))
     assert len(markers) > 1

@@ -52,6 +52,9 @@ READERS: dict[str, set[str]] = {
     "evaluate": {"evaluate"},
     "evaluate.grid_size": {"sample", "evaluate"},  # the samples' grid.png and the report's grids
     "evaluate.features": {"evaluate", "train-classifiers[features]"},  # whether a features classifier is trained
+    # Under features auto, naming Inception's file means no features classifier: the config
+    # decides it, never which files a machine holds.
+    "evaluate.inception_weights": {"evaluate", "train-classifiers[features]"},
     "runner": set(),
     # The model preset, field by field (set through `overrides`).
     "model.name": {"evaluate"},  # the report records the model config it describes
@@ -228,14 +231,14 @@ KEYS_BEFORE_AUTO_CLASSES = {
 
 
 def _dataset(class_names: list[str]):
-    from tasks.manifests import DatasetManifest
+    from tasks.stages.ingest import DatasetManifest
 
     return DatasetManifest.model_construct(class_names=class_names, source={"kind": "image_folder"})
 
 
 @pytest.mark.parametrize("preset", sorted(KEYS_BEFORE_AUTO_CLASSES))
 def test_a_default_config_on_fashion_mnist_keeps_its_keys_and_its_run_lease(preset):
-    from tasks.runtime.exclusive import run_limit
+    from tasks.machinery.exclusive import run_limit
     from tasks.stages.ingest import adopt_classes
 
     keys, lease = KEYS_BEFORE_AUTO_CLASSES[preset]

@@ -1,4 +1,4 @@
-"""TensorBoard event files of the trainings (`training.tensorboard`, tasks.runtime.tensorboard).
+"""TensorBoard event files of the trainings (`training.tensorboard`, tasks.machinery.tensorboard).
 
 What a user relies on: `tensorboard --logdir {root}/tensorboard` shows each training's
 history.json, step for step and value for value, with a picture per epoch; a resumed or
@@ -22,11 +22,11 @@ from PIL import Image
 import vqvae2
 from ddp_jobs import BATCHES_PER_EPOCH, GLOBAL_BATCH, global_batch, tiny_autoencoder
 from storage.fsutil import find, join, read_bytes, read_json
-from tasks.config import TrainingRun
-from tasks.runtime.artifacts import Artifact
-from tasks.runtime.reporting import image_grid
-from tasks.runtime.tensorboard import EPOCH, IMAGES, STEP, event_files, run_url
-from tasks.runtime.trainer import InjectedFault, Trainer, TrainingJob
+from tasks.config import TrainingRuntime
+from tasks.machinery.artifacts import Artifact
+from tasks.machinery.reporting import image_grid
+from tasks.machinery.tensorboard import EPOCH, IMAGES, STEP, event_files, run_url
+from tasks.machinery.trainer import InjectedFault, Trainer, TrainingJob
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing import event_file_loader  # noqa: E402
@@ -71,7 +71,7 @@ def _reconstructions(model: vqvae2.VQVAE2) -> dict[str, np.ndarray]:
 def _run(root: str, steps: int = 9, storage_options: dict | None = None, loss_fn=vqvae2.autoencoder_loss, **options):
     """A tiny autoencoder trained in this process (6 batches an epoch, a checkpoint every 3 steps)."""
     vqvae2.seed_everything(0)
-    run = TrainingRun(device="cpu", subprocess=False, **{"log_every": 1, "checkpoint_every": 3, "tensorboard": True,
+    run = TrainingRuntime(device="cpu", subprocess=False, **{"log_every": 1, "checkpoint_every": 3, "tensorboard": True,
                                                          **options})
     job = TrainingJob(name="tiny", model=tiny_autoencoder(), loss_fn=loss_fn,
                       artifact=Artifact(root, "tiny", "k", storage_options or {}),
@@ -194,7 +194,7 @@ def test_the_events_reach_an_s3_root_whole(s3_bucket):
 
 def test_the_flag_is_no_part_of_any_key():
     from tasks.config import pipeline_config
-    from tasks.runtime.exclusive import run_limit
+    from tasks.machinery.exclusive import run_limit
     from tasks.stages import stage_keys
 
     off, on = (pipeline_config("smoke", storage={"root": "/r"}, training={"tensorboard": flag}) for flag in (False, True))
@@ -210,10 +210,10 @@ import sys
 sys.path.insert(0, {str(REPO / 'tests')!r})
 import flows.cli
 from ddp_jobs import autoencoder_job
-from tasks.config import TrainingRun
-from tasks.runtime.process import SilentReporter
-from tasks.runtime.trainer import Trainer
-options = TrainingRun(device="cpu", subprocess=False, log_every=1, tensorboard=False)
+from tasks.config import TrainingRuntime
+from tasks.machinery.process import SilentReporter
+from tasks.machinery.trainer import Trainer
+options = TrainingRuntime(device="cpu", subprocess=False, log_every=1, tensorboard=False)
 Trainer(autoencoder_job({str(tmp_path)!r}, 2, options), SilentReporter()).run()
 assert "tensorboard" not in sys.modules, "tensorboard imported with training.tensorboard off"
 """
@@ -227,7 +227,7 @@ def test_the_stages_show_reconstructions_and_prior_samples(smoke_run, tmp_path):
     """The stages' own jobs, two steps each, on the smoke run's data and codes."""
     from pipeline_helpers import smoke_config
     from tasks.config import Runtime
-    from tasks.stages import FinishedRun
+    from tasks.stages import FinishedRun, encode, ingest
     from tasks.stages.train_autoencoder import AutoencoderSettings, autoencoder_job
     from tasks.stages.train_prior import PICTURES, PriorSettings, prior_job
 
@@ -243,7 +243,7 @@ def test_the_stages_show_reconstructions_and_prior_samples(smoke_run, tmp_path):
 
     settings = AutoencoderSettings.of(config)
     settings = settings.model_copy(update={"train": vqvae2.apply_overrides(settings.train, {"steps": 2})})
-    job, summary = train(settings, autoencoder_job, finished.dataset, True, "autoencoder")
+    job, summary = train(settings, autoencoder_job, finished.get(ingest.STAGE), True, "autoencoder")
     images = EventAccumulator(run_url(str(tmp_path / "autoencoder"), "autoencoder", "k")).Reload().Images(
         f"{IMAGES}reconstructions")
     size = config.model.image_size
@@ -252,12 +252,12 @@ def test_the_stages_show_reconstructions_and_prior_samples(smoke_run, tmp_path):
     level = config.model.levels - 1  # conditioned on the level above
     prior = PriorSettings.of(config, level)
     prior = prior.model_copy(update={"train": vqvae2.apply_overrides(prior.train, {"steps": 2})})
-    job, on = train(prior, prior_job, finished.codes, True, "prior-on")
+    job, on = train(prior, prior_job, finished.get(encode.STAGE), True, "prior-on")
     url = run_url(str(tmp_path / "prior-on"), job.name, "k")
     images = EventAccumulator(url).Reload().Images(f"{IMAGES}samples")
-    height, width = finished.codes.level_shapes[level]
+    height, width = finished.get(encode.STAGE).level_shapes[level]
     assert [(i.step, i.width, i.height) for i in images] == [(2, PICTURES * (width + 1) + 1, 2 * (height + 1) + 1)]
     # Sampling draws from a generator of its own: the same training without TensorBoard.
-    _, off = train(prior, prior_job, finished.codes, False, "prior-off")
+    _, off = train(prior, prior_job, finished.get(encode.STAGE), False, "prior-off")
     on_weights, off_weights = (torch.load(s.model, weights_only=True)["state_dict"] for s in (on, off))
     assert all(torch.equal(on_weights[name], off_weights[name]) for name in on_weights)

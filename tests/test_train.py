@@ -1,5 +1,5 @@
 """Gradient accumulation over micro-batches and activation checkpointing (vqvae2.train),
-and the trainer's recovery from a divergence or a damaged checkpoint (tasks.runtime.trainer).
+and the trainer's recovery from a divergence or a damaged checkpoint (tasks.machinery.trainer).
 
 Accumulation must give the whole batch's step; checkpointing must give the same loss
 and gradients, dropout included, while keeping fewer bytes for backward. A training that
@@ -12,9 +12,9 @@ import torch
 import vqvae2
 from ddp_jobs import BATCHES_PER_EPOCH, GLOBAL_BATCH, global_batch, tiny_autoencoder
 from storage.checkpoints import checkpoint_url, list_checkpoints, load_checkpoint
-from tasks.config import TrainingRun
-from tasks.runtime.artifacts import Artifact
-from tasks.runtime.trainer import DIVERGED_LR_FACTOR, InjectedFault, Trainer, TrainingJob
+from tasks.config import TrainingRuntime
+from tasks.machinery.artifacts import Artifact
+from tasks.machinery.trainer import DIVERGED_LR_FACTOR, InjectedFault, Trainer, TrainingJob
 from vqvae2.train import SavedTensorBytes, split_batch
 
 # fp32 on a CPU: summing a batch's gradient in 3 pieces instead of 1 rounds differently,
@@ -249,7 +249,7 @@ def test_fit_applies_micro_batches_and_checkpointing_from_the_train_config():
     assert "forward" in vars(configured.layers[0]) and "forward" not in vars(plain.layers[0])
 
 
-# --- divergence and damaged checkpoints (tasks.runtime.trainer) ------------------------------
+# --- divergence and damaged checkpoints (tasks.machinery.trainer) ------------------------------
 
 LR = 3e-3
 
@@ -289,7 +289,7 @@ def _whole_batches(epoch: int, start: int):
 def _run(root, steps: int = 8, loss_fn=vqvae2.autoencoder_loss, lr: float = LR, **options):
     """A tiny autoencoder trained in this process: (summary, trainer, log lines)."""
     vqvae2.seed_everything(0)
-    run = TrainingRun(device="cpu", subprocess=False, **{"log_every": 1, "checkpoint_every": 3, **options})
+    run = TrainingRuntime(device="cpu", subprocess=False, **{"log_every": 1, "checkpoint_every": 3, **options})
     job = TrainingJob(name="tiny", model=tiny_autoencoder(), loss_fn=loss_fn, artifact=Artifact(str(root), "tiny", "k"),
                       train=vqvae2.TrainConfig(steps=steps, batch_size=GLOBAL_BATCH, lr=lr, warmup_steps=2),
                       batches=_whole_batches, batches_per_epoch=BATCHES_PER_EPOCH, options=run)

@@ -15,9 +15,9 @@ from prefect.client.schemas.filters import ArtifactCollectionFilter
 
 from flows.parameters import sections_of
 from flows.pipeline import STAGE_FLOWS
-from tasks.runtime.exclusive import run_limit
-from tasks.runtime.report_markdown import render_markdown
-from tasks.runtime.reporting import config_artifact_key, link_url, markdown_image, png_bytes, thumbnail_png
+from tasks.config import config_key
+from tasks.stages.evaluate import Report, render_markdown
+from tasks.machinery.reporting import config_ui_key, link_url, markdown_image, png_bytes, thumbnail_png
 from pipeline_helpers import artifacts, smoke_config, state_names
 
 
@@ -57,16 +57,17 @@ def test_an_inline_image_is_a_thumbnail_linking_to_the_full_file(tmp_path):
     assert len(text) < 0.5 * 4096 * 2048  # the full grid's pixels are not in the artifact
 
 
-def _report() -> dict[str, Any]:
+def _report() -> Report:
     row = {"set": "samples, no rejection", "fid": 1.0, "kid_mean": 0.1, "precision": 0.5, "recall": 0.5}
-    return {
-        "preset": "smoke", "dataset": {"key": "d", "images": 10, "source": {"kind": "idx", "url": "/data"}},
+    return Report.model_validate({
+        "preset": "smoke", "overrides": {}, "model": {}, "seeds": {},
+        "dataset": {"key": "d", "images": 10, "source": {"kind": "idx", "url": "/data"}},
         "samples": {"temperature": 1.0, "top_k": 0, "seed": 0, "candidates": 20, "kept_per_rate": 20},
         "fidelity": {"extractor": {"kind": "domain", "description": "Not comparable"}, "reference": "10 images",
                      "rows": [row]},
         "metrics": {"recon_mse": 0.01}, "training": [{"stage": "autoencoder", "steps": 10}],
         "artifacts": {"ingest": "/root/datasets/d"},
-    }
+    })
 
 
 def test_the_report_links_each_ui_thumbnail_to_its_full_image_and_report_md_shows_the_files():
@@ -85,17 +86,17 @@ def test_the_report_links_each_ui_thumbnail_to_its_full_image_and_report_md_show
 
 
 def test_outside_a_prefect_run_a_key_stays_plain():
-    assert config_artifact_key("vqvae2-report") == "vqvae2-report"
+    assert config_ui_key("vqvae2-report") == "vqvae2-report"
 
 
 @task
 def _key_in_a_task(key: str) -> str:
-    return config_artifact_key(key)
+    return config_ui_key(key)
 
 
 @flow
 def _one_config(config: Any) -> list[str]:
-    return [config_artifact_key("vqvae2-report"), _key_in_a_task.submit("Dataset").result()]
+    return [config_ui_key("vqvae2-report"), _key_in_a_task.submit("Dataset").result()]
 
 
 @flow
@@ -105,7 +106,7 @@ def _config_sections(preset: str, storage: dict[str, Any], overrides: dict[str, 
 
 def test_the_key_is_the_configs_in_the_flow_and_its_tasks_whatever_the_parameters_look_like(prefect_api, tmp_path):
     config = smoke_config(str(tmp_path / "root"))
-    short = run_limit(config).rsplit("-", 1)[1]
+    short = config_key(config)
     assert _one_config(config) == [f"vqvae2-report-{short}", f"dataset-{short}"]
     assert _one_config(config.model_dump(mode="json")) == [f"vqvae2-report-{short}", f"dataset-{short}"]
     # a flow whose parameters are the config's sections (each its own form in the UI)
@@ -125,7 +126,7 @@ def test_two_configs_keep_their_own_dataset_tables_and_a_rerun_its_key(prefect_a
     first, other = smoke_config(str(root)), smoke_config(str(root), ingest={"holdout_fraction": 0.2})
     keys = _dataset_keys(ingest(**sections_of(first), return_state=True))
     other_keys = _dataset_keys(ingest(**sections_of(other), return_state=True))
-    assert keys == [f"dataset-{run_limit(first).rsplit('-', 1)[1]}"]
+    assert keys == [f"dataset-{config_key(first)}"]
     assert len(other_keys) == 1 and other_keys != keys and other_keys[0].startswith("dataset-")
     # The same config again (its datasets removed, so ingest runs rather than being cached),
     # with a field that decides no artifact changed: the same key, a new version of it.
@@ -166,5 +167,5 @@ def test_two_configs_each_keep_their_report_and_a_stage_flow_shows_what_it_made(
     assert sampled.is_completed(), sampled.message
     assert sampled.result().num_samples == 7
     grid = [a for a in artifacts(sampled.state_details.flow_run_id)
-            if a.key == f"vqvae2-samples-{run_limit(asked).rsplit('-', 1)[1]}"]
+            if a.key == f"vqvae2-samples-{config_key(asked)}"]
     assert len(grid) == 1 and "data:image/png;base64," in grid[0].data and "grid.png" in grid[0].data

@@ -17,7 +17,7 @@ from storage.codes import CodeDataset
 from storage.fsutil import join, remove, write_bytes
 from storage.integrity import DamagedArtifact, damage, inventory
 from storage.loader import iter_shard_batches
-from tasks.stages import FinishedRun
+from tasks.stages import FinishedRun, ingest
 from pipeline_helpers import differences, smoke_config, state_names, task_runs
 
 
@@ -108,7 +108,7 @@ def test_a_damaged_chunk_read_by_a_training_fails_it_once_naming_the_chunk(smoke
 
 def test_reading_a_damaged_shard_names_it_and_points_at_verify(smoke_run, tmp_path):
     config, smoke_root, _ = smoke_run
-    dataset = FinishedRun(config).dataset
+    dataset = FinishedRun(config).get(ingest.STAGE)
     root = tmp_path / "root"
     shutil.copytree(smoke_root, root)
     shard = root / "datasets" / dataset.key / "test" / "shard-000000.tar"

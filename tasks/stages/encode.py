@@ -11,18 +11,45 @@ from typing import Any
 
 import torch
 from prefect import unmapped
+from torch.utils.data import DataLoader
 
-from storage.codes import codes_damage, create_codes, finish_codes, write_codes
+from storage.codes import CodeDataset, codes_damage, create_codes, finish_codes, write_codes
 from storage.loader import iter_shard_batches
+from storage.shards import shard_unit
 
 from ..config import PipelineConfig, Runtime
-from ..manifests import AutoencoderManifest, CodesManifest, DatasetManifest, EncodedShard
-from ..runtime.artifacts import Artifact, Marker
-from ..runtime.cached import cached_unit, with_records
-from ..runtime.devices import resolve_device
-from ..runtime.models import load_model
-from ..runtime.reporting import logger, track
+from ..manifests import Manifest, Record, RootURL
+from ..machinery.artifacts import Artifact, Marker
+from ..machinery.cached import cached_unit, with_records
+from ..machinery.devices import resolve_device
+from ..machinery.models import load_model
+from ..machinery.reporting import logger, track
 from ..stage import Needs, Settings, Stage, stage_task
+from .ingest import DatasetManifest
+from .train_autoencoder import AutoencoderManifest
+
+
+class EncodedShard(Record):
+    split: str
+    index: int
+    rows: int
+    offset: int
+    # storage.codes.CodesRecord: chunk object key -> (size, sha256) as write_codes wrote
+    # it; a resumed encoding checks it before reusing the shard. None in markers written
+    # before it was kept: those are trusted as before (their rows cannot be checked, and
+    # encoding every finished shard of an interrupted run again would cost more than the
+    # damage it might find; finish_codes still finds rows never written).
+    chunks: dict[str, tuple[int, str]] | None = None
+
+
+class CodesManifest(Manifest):
+    codes: RootURL  # codes.zarr
+    dataset: str
+    autoencoder: str
+    level_shapes: list[tuple[int, int]]
+    rows: dict[str, int]
+    codebook_size: int
+    class_names: list[str]
 
 
 class EncodeSettings(Settings):
@@ -89,7 +116,7 @@ def _shard_marker(unit: tuple[str, int], settings: EncodeSettings, runtime: Runt
                   autoencoder: AutoencoderManifest) -> Marker[EncodedShard]:
     split, index = unit
     codes = _codes(settings, runtime, dataset, autoencoder)
-    marker = codes.unit_marker(f"shard-{split}-{index:06d}", EncodedShard)
+    marker = codes.unit_marker(shard_unit(split, index), EncodedShard)
     read = functools.partial(_intact_shard, marker, codes)
     # Complete codes are trusted whole (the manifest is written last): reading every chunk
     # back to check its digest is for resuming an unfinished encoding, never for a cached re-run.
@@ -153,3 +180,13 @@ def finalize_codes(settings: EncodeSettings, runtime: Runtime, dataset: DatasetM
         level_shapes=info["level_shapes"], rows=rows, codebook_size=autoencoder.codebook_size,
         class_names=dataset.class_names,
     )
+
+
+# --- reading the codes --------------------------------------------------------------------------
+
+
+def validation_batches(codes: CodesManifest, storage_options: dict[str, Any] | None, rows: int, batch_size: int):
+    """The first `rows` rows of the test split, in order, as CodeDataset batches."""
+    dataset = CodeDataset(codes.codes, "test", storage_options=storage_options)
+    indices = range(min(rows, len(dataset)))
+    return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size)

@@ -16,6 +16,7 @@ plot visible as a thumbnail linking to its full PNG, which the flows publish on 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -24,48 +25,96 @@ import torch.nn.functional as F
 
 import vqvae2
 from storage.codes import CodeDataset
-from storage.fsutil import find, join, read_bytes, read_json, write_bytes, write_json
+from storage.fsutil import find, join, read_bytes, redact, write_bytes, write_json
 from vqvae2.config import config_to_dict
 
 from ..config import PipelineConfig, Runtime
 from ..fidelity import Extractor, fidelity_table, resolve_extractor
-from ..manifests import (
-    AutoencoderManifest,
-    ClassifierManifest,
-    CodesManifest,
-    DatasetManifest,
-    PriorManifest,
-    ReportManifest,
-    SamplesManifest,
-    TrainedManifest,
-    from_root,
-)
-from ..runtime.artifacts import Artifact
-from ..runtime.cached import with_records
-from ..runtime.codes import held_out_bits_per_code, validation_batches
-from ..runtime.datasets import first_images
-from ..runtime.devices import resolve_device
-from ..runtime.models import load_model, reconstruct
-from ..runtime.report_markdown import render_markdown
-from ..runtime.reporting import (
+from ..manifests import Manifest, Record, RootURL, TrainedManifest, from_root
+from ..machinery.artifacts import Artifact, read_typed
+from ..machinery.cached import with_records
+from ..machinery.devices import resolve_device
+from ..machinery.models import load_model, reconstruct
+from ..machinery.reporting import (
     Panel,
     artifact_ui_url,
     display_scale,
     image_grid,
     logger,
+    markdown_image,
+    markdown_table,
     pairs_grid,
     plot_png,
     png_bytes,
     publish_leading_markdown,
     publish_table,
 )
-from ..runtime.rounding import rounded
-from ..runtime.samples import kept_images
+from ..machinery.rounding import rounded
 from ..stage import Needs, Settings, Stage, stage_task
+from .encode import CodesManifest, validation_batches
+from .ingest import DatasetManifest, first_images
+from .sample import SamplesManifest, kept_images
+from .train_autoencoder import AutoencoderManifest
+from .train_classifier import ClassifierManifest, check_features_available
+from .train_prior import PriorManifest, held_out_bits_per_code
+
+
+class ReportManifest(Manifest):
+    report: RootURL  # report.json: a `Report`
+    markdown: RootURL  # report.md
+    metrics: dict[str, float | int]
+    fidelity: list[dict[str, float | int | str | None]]  # one row of FID/KID/PR/IS per image set
+    extractor: str  # the feature space of the fidelity rows: inception, domain or self-supervised
+
+
+class ReportedDataset(Record):
+    key: str
+    images: int
+    source: dict[str, Any]  # as the dataset describes it (credentials redacted)
+
+
+class ReportedFidelity(Record):
+    extractor: dict[str, Any]  # `tasks.fidelity.Extractor.report`: kind, name, description, ...
+    reference: str  # the real images every row is measured against
+    rows: list[dict[str, Any]]  # one per image set: set, rate, fid, kid_mean, precision, recall, ...
+
+
+class ReportedSamples(Record):
+    candidates: int
+    kept_per_rate: int
+    temperature: float
+    top_k: int | None
+    seed: int
+    rejection: str = "classifier-based"  # how candidates were rejected (reports before it was kept: the judge)
+
+
+class Report(Record):
+    """`report.json`: what a run measured, and of what."""
+
+    preset: str
+    overrides: dict[str, Any]
+    model: dict[str, Any]  # the whole model config
+    dataset: ReportedDataset
+    metrics: dict[str, float | int]
+    fidelity: ReportedFidelity
+    training: list[dict[str, Any]]  # a row per trained model: stage, steps, seconds, losses
+    samples: ReportedSamples
+    seeds: dict[str, int]
+    artifacts: dict[str, str]  # what made the report -> its folder, from the storage root
+    images: list[str] | None = None  # PNGs beside report.json, in the report's order (None: before it was kept)
+
+
+def read_report(manifest: ReportManifest, storage_options: dict[str, Any] | None) -> Report:
+    """The report a report manifest names; one that does not read is an error naming the file and the field."""
+    report = read_typed(manifest.report, Report, storage_options, "")
+    if report is None:
+        raise FileNotFoundError(f"{redact(manifest.report)}: the report is gone; `vqvae2 verify --repair` and run "
+                                "the evaluate stage again")
+    return report
 
 
 class EvaluateSettings(Settings):
-    features: str  # auto, inception or domain
+    features: str  # auto, inception, domain or self-supervised
     inception_weights: str | None
     grid_size: int
     eval_images: int  # real images per reference set
@@ -91,25 +140,31 @@ def run(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManifest, 
 def publish_report(manifest: ReportManifest, storage_options: dict[str, Any] | None) -> None:
     """The report's UI artifacts, from its files: the flow publishes them on every run, so a
     run whose stages were all `Cached` still shows its results on its own Artifacts tab."""
-    report = read_json(manifest.report, storage_options)
+    report = read_report(manifest, storage_options)
     folder = manifest.report.rsplit("/", 1)[0]
-    names = report.get("images") or sorted(n[: -len(".png")] for n in find(folder, storage_options) if n.endswith(".png"))
+    names = report.images or sorted(n[: -len(".png")] for n in find(folder, storage_options) if n.endswith(".png"))
     full = {name: join(folder, f"{name}.png") for name in names}  # (reports before "images" was kept: every PNG)
     images = {name: read_bytes(url, storage_options) for name, url in full.items()}
     # The UI gets thumbnails (Prefect keeps the artifact in its database), each a link to its
     # full file. Keyed by the report's own key, as its folder under the root is.
-    publish_table(f"vqvae2-fidelity-{manifest.key}", [_fidelity_cells(row) for row in report["fidelity"]["rows"]],
+    publish_table(f"vqvae2-fidelity-{manifest.key}", [_fidelity_cells(row) for row in report.fidelity.rows],
                   f"FID/KID/precision/recall/IS per image set ({manifest.extractor} features)", per_config=False)
     # Last, and listed first: the card an operator opens a finished run for.
-    published = publish_leading_markdown(report_artifact_key(manifest.key), render_markdown(report, images, links=full),
-                                         f"vqvae2 report ({report['preset']}, dataset {report['dataset']['key']})")
+    published = publish_leading_markdown(report_ui_key(manifest.key), render_markdown(report, images, links=full),
+                                         f"vqvae2 report ({report.preset}, dataset {report.dataset.key})")
     if link := artifact_ui_url(published):
         logger().info(f"the report in Prefect's UI: {link}")
 
 
-def report_artifact_key(report_key: str) -> str:
+def report_ui_key(report_key: str) -> str:
     """The report's UI artifact: `vqvae2-report-<key>`, the key of its folder `{root}/reports/<key>/`."""
     return f"vqvae2-report-{report_key}"
+
+
+def check(config: PipelineConfig, outputs: Any) -> None:
+    """Evaluation must be possible before anything trains, even before a run waits for its turn."""
+    if outputs is None or outputs.makes(STAGE):
+        check_features_available(config, classes_known=outputs is not None or config.classes_fixed)
 
 
 STAGE = Stage(
@@ -117,6 +172,7 @@ STAGE = Stage(
     inputs={"dataset": Needs("ingest"), "autoencoder": Needs("train-autoencoder"), "codes": Needs("encode"),
             "priors": Needs("train-priors"), "classifiers": Needs("train-classifiers"), "samples": Needs("sample")},
     run=run, summary="Measure a finished run and write its report.", publish=publish_report, makes_along=("sample",),
+    check=check,
 )
 
 
@@ -228,26 +284,26 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
         write_bytes(artifact.path(f"{name}.png"), png, options)
 
     model = settings.model
-    report = {
-        "preset": settings.preset,
-        "overrides": settings.overrides,
-        "model": model,
-        "dataset": {"key": dataset.key, "images": dataset.num_samples, "source": dataset.source},
-        "metrics": metrics,
-        "fidelity": {"extractor": extractor.report(runtime.root), "reference": f"{len(test_images)} held-out test images",
-                     "rows": rows},
-        "training": [training_row(m) for m in trained],
-        "samples": {"candidates": samples.candidates, "kept_per_rate": samples.num_samples,
-                    "temperature": samples.temperature, "top_k": samples.top_k, "seed": samples.seed,
-                    "rejection": _rejection(samples, dataset)},
-        "seeds": {"sample": samples.seed, **{name: model[name]["seed"] for name in
-                                             ("train_autoencoder", "train_prior", "train_classifier")}},
+    report = Report(
+        preset=settings.preset,
+        overrides=settings.overrides,
+        model=model,
+        dataset=ReportedDataset(key=dataset.key, images=dataset.num_samples, source=dataset.source),
+        metrics=metrics,
+        fidelity=ReportedFidelity(extractor=extractor.report(runtime.root),
+                                  reference=f"{len(test_images)} held-out test images", rows=rows),
+        training=[training_row(m) for m in trained],
+        samples=ReportedSamples(candidates=samples.candidates, kept_per_rate=samples.num_samples,
+                                temperature=samples.temperature, top_k=samples.top_k, seed=samples.seed,
+                                rejection=_rejection(samples, dataset)),
+        seeds={"sample": samples.seed, **{name: model[name]["seed"] for name in
+                                          ("train_autoencoder", "train_prior", "train_classifier")}},
         # Each artifact's folder from the storage root: the report holds wherever the root moves.
-        "artifacts": {m.stage: from_root(m.url, runtime.root) for m in [dataset, autoencoder, codes, samples]}
+        artifacts={m.directory: from_root(m.url, runtime.root) for m in [dataset, autoencoder, codes, samples]}
         | {m.display_name: from_root(m.url, runtime.root) for m in trained},
-        "images": list(images),  # PNGs beside report.json, in the report's order
-    }
-    write_json(artifact.path("report.json"), report, options)
+        images=list(images),
+    )
+    write_json(artifact.path("report.json"), report.model_dump(mode="json"), options)
     write_bytes(artifact.path("report.md"), render_markdown(report, {n: f"{n}.png" for n in images}).encode(), options)
     logger().info(f"report: {artifact.path('report.md')}")
     return ReportManifest(**artifact.identity(), report=artifact.path("report.json"),
@@ -265,3 +321,51 @@ def _rejection(samples: SamplesManifest, dataset: DatasetManifest) -> str:
 def _fidelity_cells(row: dict[str, Any]) -> dict[str, Any]:
     keys = ("set", "rate", "fid", "kid_mean", "precision", "recall", "isc_mean", "num_generated", "judge_confidence")
     return {k: row.get(k) for k in keys}
+
+
+# --- the report as markdown ---------------------------------------------------------------------
+
+
+def _source(source: dict[str, Any]) -> str:
+    where = source.get("url") or source.get("urls")
+    return f"{source.get('kind', 'source')} at `{where}`"
+
+
+def render_markdown(report: Report, images: Mapping[str, str | bytes],
+                    links: Mapping[str, str] | None = None) -> str:
+    """`images` maps a name to a file name (report.md) or PNG bytes (inlined as a bounded
+    thumbnail, linking to `links[name]`, the URL of the full image, where given)."""
+    links = links or {}
+
+    def image(name: str) -> str:
+        value = images[name]
+        return markdown_image(value, name, links.get(name)) if isinstance(value, bytes) else f"![{name}]({value})"
+
+    fidelity, samples, dataset = report.fidelity, report.samples, report.dataset
+    keys = ("set", "fid", "kid_mean", "precision", "recall", "isc_mean", "num_generated", "judge_confidence")
+    parts = [
+        f"# vqvae2 report: `{report.preset}`",
+        f"Dataset `{dataset.key}`: {dataset.images} images, "
+        f"{_source(dataset.source)}.",
+        "## Samples",
+        f"Temperature {samples.temperature}, top-k {samples.top_k}, seed {samples.seed}; "
+        f"{samples.candidates} candidates, {samples.kept_per_rate} kept per acceptance rate. "
+        f"Rejection sampling: {samples.rejection}. Without rejection:",
+        image("samples"),
+    ]
+    if "rejection" in images:
+        parts += ["Classifier-based rejection: per class (rows), the candidates the judge likes most (left) "
+                  "and least (right):", image("rejection")]
+    parts += [
+        "## Sample quality",
+        f"Feature space: **{fidelity.extractor['kind']}**. {fidelity.extractor['description']}. "
+        f"Reference: {fidelity.reference}.",
+        markdown_table([{k: row.get(k) for k in keys} for row in fidelity.rows]),
+        image("rejection-tradeoff"),
+        "## Reconstructions", "Held-out images (left) and their reconstructions (right):", image("reconstructions"),
+        "## Metrics", markdown_table([{"metric": k, "value": v} for k, v in report.metrics.items()]),
+        "## Training", markdown_table(report.training),
+        "## Loss curves", "\n".join(image(name) for name in images if name.startswith("loss-")),
+        "## Artifacts", markdown_table([{"artifact": k, "url": v} for k, v in report.artifacts.items()]),
+    ]
+    return "\n\n".join(parts)

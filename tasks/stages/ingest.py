@@ -13,25 +13,73 @@ import functools
 from functools import cached_property
 from typing import Any
 
+import torch
 from prefect import unmapped
 
 from storage.artifacts import artifact_key, artifact_url
 from storage.fsutil import exists, join, read_json, write_json
 from storage.ingest import IngestConfig, IngestPlan, ShardResult, ShardTask, finalize_dataset, finished_shard, plan_ingest
 from storage.ingest import write_shard as write_shard_files
-from storage.shards import shard_name
+from storage.loader import ShardDataset, iter_shard_batches, shard_loader
+from storage.shards import shard_name, shard_unit
 from storage.sources import Source
 
 from ..config import PipelineConfig, Runtime
-from ..config_keys import Setting
-from ..manifests import DatasetManifest
-from ..runtime.artifacts import Artifact, Marker
-from ..runtime.cached import cached_unit, with_records
-from ..runtime.failures import SettingError
-from ..runtime.reporting import logger, publish_table, track
+from ..setting_forms import Setting
+from ..manifests import Manifest, Record, RootURL
+from ..machinery.artifacts import Artifact, Marker
+from ..machinery.cached import cached_unit, with_records
+from ..machinery.failures import SettingError
+from ..machinery.reporting import logger, publish_table, track
+from ..machinery.trainer import BatchSource, private_generator
 from ..stage import SOURCE, Settings, Stage, stage_task
 
 
+class Skipped(Record):
+    ref: str
+    reason: str
+
+
+class ShardInfo(Record):
+    name: str
+    num_samples: int
+    offset: int  # rows of the split before this shard
+
+
+class SplitInfo(Record):
+    num_samples: int
+    class_counts: list[int]
+    shards: list[ShardInfo]
+    skipped: list[Skipped]
+
+
+class DatasetManifest(Manifest):
+    format: str
+    source: dict[str, Any]  # the source as its describe() tells it (credentials redacted)
+    source_digest: str
+    config: dict[str, Any]  # the storage.ingest.IngestConfig it was made with
+    image_size: int
+    mode: str
+    channels: int
+    class_names: list[str]
+    num_samples: int
+    num_skipped: int
+    splits: dict[str, SplitInfo]
+    ignored: list[Skipped]
+    carried: int = 0  # images copied in shards of `base`, the dataset the source made before it grew
+    base: RootURL | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.class_names)
+
+    def shard_counts(self) -> dict[str, list[int]]:
+        """{split: [samples per shard]}, what storage.codes.create_codes takes."""
+        return {split: [s.num_samples for s in info.shards] for split, info in self.splits.items()}
+
+    def shard_units(self) -> list[tuple[str, int]]:
+        """(split, shard index) of every shard, in a stable order."""
+        return [(split, i) for split, info in sorted(self.splits.items()) for i in range(len(info.shards))]
 
 
 class IngestSettings(Settings):
@@ -56,9 +104,16 @@ def run(settings: IngestSettings, runtime: Runtime, source: Source) -> DatasetMa
     return with_records(finalize, *records)(settings, runtime, plan.source_digest, plan, shards)
 
 
+def check(config: PipelineConfig, outputs: Any) -> PipelineConfig | None:
+    """Once the dataset exists, the config takes its classes (`adopt_classes`): every later
+    stage waits for the dataset anyway."""
+    return None if outputs is None else adopt_classes(outputs.get(STAGE), config)
+
+
 STAGE = Stage(
     name="ingest", directory="datasets", code_version="1", settings=IngestSettings, output=DatasetManifest,
-    inputs={"source": SOURCE}, run=run, summary="Shard the source into WebDataset tars (mapped per shard).",
+    inputs={"source": SOURCE}, run=run, check=check,
+    summary="Shard the source into WebDataset tars (mapped per shard).",
 )
 
 
@@ -140,7 +195,7 @@ def _shard_marker(shard: ShardTask, digest: str, source: Source, settings: Inges
     read = functools.partial(finished_shard, shard, dataset.url, runtime.storage_options)
     # A complete dataset is trusted whole (its manifest is written last): reading every shard
     # back to check its digest is for resuming an unfinished one, never for a cached re-run.
-    return Marker(url=dataset.path(shard.name), record=dataset.record(f"shard-{shard.split}-{shard.index:06d}"),
+    return Marker(url=dataset.path(shard.name), record=dataset.record(shard_unit(shard.split, shard.index)),
                   read=read, done=lambda: dataset.is_complete() or read() is not None)
 
 
@@ -224,3 +279,37 @@ def _check_fixed_classes(dataset: DatasetManifest, config: PipelineConfig) -> No
             f"or use a source with {expected} classes",
             Setting("num_classes", found),
         )
+
+
+# --- reading the dataset ----------------------------------------------------------------------
+
+
+def first_images(dataset: DatasetManifest, split: str, count: int,
+                 storage_options: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` images (floats in [0, 1]) and labels of `split`, in file order:
+    the same images every time, for validation and evaluation."""
+    images, labels, have = [], [], 0
+    for index in range(len(dataset.splits[split].shards)):
+        for batch_images, batch_labels, _ in iter_shard_batches(dataset.url, split, index, 256, storage_options):
+            images.append(batch_images)
+            labels.append(batch_labels)
+            have += len(batch_images)
+            if have >= count:
+                return torch.cat(images)[:count], torch.cat(labels)[:count]
+    return torch.cat(images), torch.cat(labels)
+
+
+def train_batches(dataset: DatasetManifest, batch_size: int, seed: int, num_workers: int,
+                  runtime: Runtime) -> tuple[BatchSource, int]:
+    """(batch source for a `TrainingJob`, batches per epoch) over the train split's shards.
+    `num_workers` changes the batch order (the shard readers interleave); the decoded-image
+    cache (`training.decoded_cache_mb`) does not."""
+    shards = ShardDataset(dataset.url, "train", batch_size=batch_size, seed=seed,
+                          storage_options=runtime.storage_options,
+                          decoded_cache_bytes=runtime.training.decoded_cache_mb * 2**20)
+
+    def batches(epoch: int, start: int):
+        shards.set_epoch(epoch, start)
+        return shard_loader(shards, num_workers=num_workers, generator=private_generator(seed, epoch))
+
+    return batches, len(shards)

@@ -31,25 +31,58 @@ import vqvae2
 from storage.fsutil import exists, read_bytes, redact, write_bytes
 
 from ..config import PipelineConfig, Runtime
-from ..manifests import (
-    AutoencoderManifest,
-    ClassifierManifest,
-    DatasetManifest,
-    PriorManifest,
-    RateRow,
-    SampleBatch,
-    SamplesManifest,
+from ..manifests import Manifest, Record, RootURL
+from ..machinery.arrays import load_npz, save_npz
+from ..machinery.artifacts import Artifact, Marker
+from ..machinery.cached import cached_unit, with_records
+from ..machinery.devices import resolve_device
+from ..machinery.models import load_model
+from ..machinery.reporting import (
+    display_scale,
+    image_grid,
+    logger,
+    markdown_image,
+    markdown_table,
+    png_bytes,
+    publish_markdown,
+    track,
 )
-from ..runtime.arrays import save_npz
-from ..runtime.artifacts import Artifact, Marker
-from ..runtime.cached import cached_unit, with_records
-from ..runtime.devices import resolve_device
-from ..runtime.models import load_model
-from ..runtime.report_markdown import table
-from ..runtime.reporting import display_scale, image_grid, logger, markdown_image, png_bytes, publish_markdown, track
-from ..runtime.rounding import rounded
-from ..runtime.samples import load_samples, rate_key
+from ..machinery.rounding import rounded
 from ..stage import Needs, Settings, Stage, stage_task
+from . import ingest
+from .ingest import DatasetManifest
+from .train_autoencoder import AutoencoderManifest
+from .train_classifier import ClassifierManifest
+from .train_prior import PriorManifest
+
+
+class SampleBatch(Record):
+    index: int
+    url: RootURL
+    images: int
+
+
+class RateRow(Record):
+    rate: float
+    candidates: int
+    kept: int
+    judge_confidence_kept: float | None
+    judge_confidence_rejected: float | None
+
+
+class SamplesManifest(Manifest):
+    batches: list[RootURL]
+    candidates: int
+    selections: RootURL  # npz: the kept candidates' indices per acceptance rate
+    rates: list[RateRow]
+    grid: RootURL
+    rejection_grid: RootURL | None
+    judge_mean_confidence: float | None
+    temperature: float
+    top_k: int | None
+    seed: int
+    num_samples: int  # kept per rate
+    classes: list[int] | None = None  # the class indices drawn, in order (None: unconditional)
 
 
 class SampleSettings(Settings):
@@ -102,8 +135,14 @@ def publish_samples(samples: SamplesManifest, storage_options: dict[str, Any] | 
     text = (f"# vqvae2 samples\n\n{samples.num_samples} images kept at each acceptance rate, from "
             f"{samples.candidates} candidates ({drawn}). The grid shows the images kept without rejection; "
             f"all of them are under `{redact(samples.url)}`.\n\n{markdown_image(grid, 'samples', samples.grid)}\n\n"
-            f"{table(rows)}\n")
+            f"{markdown_table(rows)}\n")
     publish_markdown("vqvae2-samples", text, f"{samples.num_samples} samples ({drawn})")
+
+
+def check(config: PipelineConfig, outputs: Any) -> None:
+    """A `sample.classes` the dataset lacks fails once the dataset is known, before any training."""
+    if outputs is not None and outputs.makes(STAGE):
+        check_classes(config, outputs.get(ingest.STAGE))
 
 
 STAGE = Stage(
@@ -112,7 +151,7 @@ STAGE = Stage(
     inputs={"dataset": Needs("ingest"), "autoencoder": Needs("train-autoencoder"), "priors": Needs("train-priors"),
             "judge": Needs("train-classifiers", variant="judge", optional=True)},
     run=run, summary="Sample images from the trained priors (mapped per batch), with classifier-based rejection.",
-    publish=publish_samples,
+    publish=publish_samples, check=check,
 )
 
 
@@ -252,11 +291,16 @@ def _samples(settings: SampleSettings, runtime: Runtime, dataset: DatasetManifes
     return STAGE.artifact(settings, inputs, runtime)
 
 
+def batch_name(index: int) -> str:
+    """Batch `index`: its unit marker's name, and its file's under batches/."""
+    return f"batch-{index:05d}"
+
+
 def _batch_marker(index: int, settings: SampleSettings, runtime: Runtime, dataset: DatasetManifest,
                   autoencoder: AutoencoderManifest, priors: list[PriorManifest],
                   judge: ClassifierManifest | None) -> Marker[SampleBatch]:
     samples = _samples(settings, runtime, dataset, autoencoder, priors, judge)
-    marker = samples.unit_marker(f"batch-{index:05d}", SampleBatch)
+    marker = samples.unit_marker(batch_name(index), SampleBatch)
 
     def read() -> SampleBatch | None:  # a batch whose file is gone (`vqvae2 verify --repair`) is drawn again
         batch = marker.read()
@@ -292,7 +336,7 @@ def sample_batch(index: int, settings: SampleSettings, runtime: Runtime, dataset
         temperature=settings.temperature, top_k=settings.top_k, seed=settings.seed + index,
         dtype=torch.bfloat16 if settings.dtype == "bf16" else None,
     )
-    url = samples.path("batches", f"batch-{index:05d}.npz")
+    url = samples.path("batches", f"{batch_name(index)}.npz")
     save_npz(
         url, options,
         images=(images * 255).round().to(torch.uint8).cpu().numpy(),
@@ -355,3 +399,24 @@ def rejection_grid(images: np.ndarray, scores: np.ndarray, labels: np.ndarray, p
         rows.append(images[np.concatenate([order[:side], order[::-1][:side][::-1]])])
     grid = torch.from_numpy(np.concatenate(rows)).float() / 255
     return image_grid(grid, columns=2 * side)
+
+
+# --- reading the samples ------------------------------------------------------------------------
+
+
+def rate_key(rate: float) -> str:
+    """The name of an acceptance rate's selection in `selections.npz`."""
+    return f"rate_{rate:g}"
+
+
+def load_samples(batch_urls: list[str], storage_options: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """All sample batches, concatenated: images, labels, judge_scores, codes per level."""
+    parts = [load_npz(url, storage_options) for url in batch_urls]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def kept_images(samples: SamplesManifest, storage_options: dict[str, Any] | None = None) -> dict[float, np.ndarray]:
+    """{acceptance rate: the uint8 images rejection at that rate kept}."""
+    images = load_samples(samples.batches, storage_options)["images"]
+    selections = load_npz(samples.selections, storage_options)
+    return {row.rate: images[selections[rate_key(row.rate)]] for row in samples.rates}

@@ -10,17 +10,27 @@ import torch.nn.functional as F
 import vqvae2
 
 from ..config import PipelineConfig, Runtime
-from ..manifests import AutoencoderManifest, DatasetManifest
-from ..runtime.artifacts import Artifact
-from ..runtime.devices import training_task
-from ..runtime.datasets import first_images, train_batches
-from ..runtime.process import train
-from ..runtime.reporting import image_grid
-from ..runtime.trainer import TrainingJob, rank_batch_size
+from ..manifests import TrainedManifest
+from ..machinery.artifacts import Artifact
+from ..machinery.devices import training_task
+from ..machinery.process import train_model
+from ..machinery.reporting import image_grid
+from ..machinery.trainer import TrainingJob, rank_batch_size
 from ..stage import Needs, Settings, Stage, stage_task
+from .ingest import DatasetManifest, first_images, train_batches
 
 VALIDATION_IMAGES = 256
 PICTURES = 8  # held-out images shown with their reconstructions at each epoch's end (training.tensorboard)
+
+
+class AutoencoderManifest(TrainedManifest):
+    dataset: str
+    latent_shapes: list[tuple[int, int]]  # code grid of every level, top first
+    codebook_size: int
+
+    @property
+    def display_name(self) -> str:
+        return "autoencoder"
 
 
 class AutoencoderSettings(Settings):
@@ -87,8 +97,7 @@ def autoencoder_job(settings: AutoencoderSettings, runtime: Runtime, dataset: Da
 @stage_task(STAGE)
 def train_autoencoder(settings: AutoencoderSettings, runtime: Runtime, dataset: DatasetManifest,
                       artifact: Artifact) -> AutoencoderManifest:
-    summary = train(autoencoder_job, settings, runtime, dataset, artifact, title="autoencoder: training",
-                    options=runtime.training, processes=settings.processes)
-    return AutoencoderManifest(**artifact.identity(), **summary.model_dump(), dataset=dataset.key,
+    return AutoencoderManifest(**train_model(autoencoder_job, settings, runtime, dataset, artifact, "autoencoder"),
+                               dataset=dataset.key,
                                latent_shapes=settings.autoencoder.latent_shapes(settings.image_size),
                                codebook_size=settings.autoencoder.codebook_size)

@@ -1,5 +1,5 @@
 """Stage 4b: train image classifiers on the real train split. The `judge` scores samples
-for classifier-based rejection (Razavi et al. 2019, Sec. 4.1); without Inception weights a
+for classifier-based rejection (Razavi et al. 2019, Sec. 4.1); unless the evaluation uses Inception, a
 second one, `features`, trained independently with another seed, is the feature network
 of FID/KID/precision/recall, so the metric never grades with the judge's eyes.
 
@@ -18,33 +18,45 @@ import vqvae2
 
 from ..config import PipelineConfig, Runtime
 from ..fidelity import inception_cache_path, missing_inception
-from ..manifests import ClassifierManifest, DatasetManifest
-from ..runtime.artifacts import Artifact
-from ..runtime.devices import training_task
-from ..runtime.datasets import first_images, train_batches
-from ..runtime.process import train
-from ..runtime.trainer import TrainingJob, rank_batch_size
+from ..manifests import TrainedManifest
+from ..machinery.artifacts import Artifact
+from ..machinery.devices import training_task
+from ..machinery.process import train_model
+from ..machinery.trainer import TrainingJob, rank_batch_size
 from ..stage import Needs, Settings, Stage, stage_task
+from .ingest import DatasetManifest, first_images, train_batches
 
 VALIDATION_IMAGES = 1000
 ROLE_SEEDS = {"judge": 0, "features": 1000}
 
 
+class ClassifierManifest(TrainedManifest):
+    dataset: str
+    role: str  # judge (rejection sampling) or features (the FID feature network)
+    target: str = "labels"  # what it learned to predict: labels, or rotations (self-supervised)
+
+    @property
+    def display_name(self) -> str:
+        return f"classifier-{self.role}"
+
+
 def feature_space(config: PipelineConfig) -> str:
     """The feature space the evaluation will use: inception, domain (a classifier of the
-    labels) or self-supervised (a rotation predictor, for an unconditional model)."""
+    labels) or self-supervised (a rotation predictor, for an unconditional model). Read from
+    the config alone, as `tasks.fidelity.resolve_extractor` decides `auto`: it decides which
+    classifiers train, so their keys."""
     choice, labelled = config.evaluate.features, bool(config.model.num_classes)
     if choice == "auto":
-        have = os.path.isfile(config.evaluate.inception_weights or inception_cache_path())
-        return "inception" if have else "domain" if labelled else "self-supervised"
+        return "inception" if config.evaluate.inception_weights else "domain" if labelled else "self-supervised"
     return choice
 
 
-def check_features_available(config: PipelineConfig) -> None:
+def check_features_available(config: PipelineConfig, classes_known: bool = True) -> None:
     """Evaluation must be possible before anything trains: Inception's weights on this
-    machine when the feature space is inception, labels when it is domain."""
+    machine when the feature space is inception, labels when it is domain (once the model's
+    classes are known: `classes_known`)."""
     evaluate = config.evaluate
-    if feature_space(config) == "domain" and not config.model.num_classes:
+    if classes_known and feature_space(config) == "domain" and not config.model.num_classes:
         raise ValueError("evaluate.features is 'domain', but the model is unconditional (num_classes=0): the domain "
                          "features are a classifier of the labels; choose 'self-supervised', 'inception' or 'auto'")
     # As resolve_extractor decides at evaluation: a configured file is wanted even under auto.
@@ -95,7 +107,7 @@ def run(settings: ClassifierSettings, runtime: Runtime, dataset: DatasetManifest
 STAGE = Stage(
     name="train-classifiers", directory="classifiers", code_version="1", settings=ClassifierSettings,
     output=ClassifierManifest, inputs={"dataset": Needs("ingest")}, run=run, variants=classifier_roles,
-    summary="Train the judge for rejection sampling (and, without Inception weights, the FID feature network).",
+    summary="Train the judge for rejection sampling (and, unless the evaluation uses Inception, the FID feature network).",
 )
 
 
@@ -126,7 +138,5 @@ def classifier_job(settings: ClassifierSettings, runtime: Runtime, dataset: Data
 @stage_task(STAGE, name="train-classifier", task_run_name="train-classifier-{settings.role}")
 def train_classifier(settings: ClassifierSettings, runtime: Runtime, dataset: DatasetManifest,
                      artifact: Artifact) -> ClassifierManifest:
-    summary = train(classifier_job, settings, runtime, dataset, artifact, title=f"classifier-{settings.role}: training",
-                    options=runtime.training, processes=settings.processes)
-    return ClassifierManifest(**artifact.identity(), **summary.model_dump(), dataset=dataset.key, role=settings.role,
-                              target=settings.target)
+    trained = train_model(classifier_job, settings, runtime, dataset, artifact, f"classifier-{settings.role}")
+    return ClassifierManifest(**trained, dataset=dataset.key, role=settings.role, target=settings.target)

@@ -3,6 +3,7 @@ prior p(z_level | levels above), conditioned on the true codes above (teacher fo
 The priors of different levels train concurrently."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -14,17 +15,27 @@ import vqvae2
 from storage.codes import ChunkShuffleSampler, CodeDataset
 
 from ..config import PipelineConfig, Runtime
-from ..manifests import CodesManifest, PriorManifest
-from ..runtime.artifacts import Artifact
-from ..runtime.devices import training_task
-from ..runtime.codes import held_out_bits_per_code, level_batch, validation_batches
-from ..runtime.process import train
-from ..runtime.tensorboard import code_maps
-from ..runtime.trainer import TrainingJob, private_generator, rank_batch_size
+from ..manifests import TrainedManifest
+from ..machinery.artifacts import Artifact
+from ..machinery.devices import training_task
+from ..machinery.process import train_model
+from ..machinery.tensorboard import code_maps
+from ..machinery.trainer import TrainingJob, private_generator, rank_batch_size
 from ..stage import Needs, Settings, Stage, stage_task
+from .encode import CodesManifest, validation_batches
 
 VALIDATION_ROWS = 1024
 PICTURES = 8  # held-out code grids shown with the prior's samples at each epoch's end (training.tensorboard)
+
+
+class PriorManifest(TrainedManifest):
+    codes: str
+    level: int
+    level_name: str  # prior-top, prior-bottom, ...
+
+    @property
+    def display_name(self) -> str:
+        return self.level_name
 
 
 class PriorSettings(Settings):
@@ -116,7 +127,23 @@ def _first_rows(codes: CodesManifest, storage_options: dict[str, Any] | None, n:
 @stage_task(STAGE, name="train-prior", task_run_name="train-prior-{settings.level}")
 def train_prior(settings: PriorSettings, runtime: Runtime, codes: CodesManifest, artifact: Artifact) -> PriorManifest:
     name = settings.name(len(codes.level_shapes))
-    summary = train(prior_job, settings, runtime, codes, artifact, title=f"{name}: training", options=runtime.training,
-                    processes=settings.processes)
-    return PriorManifest(**artifact.identity(), **summary.model_dump(), codes=codes.key, level=settings.level,
-                         level_name=name)
+    return PriorManifest(**train_model(prior_job, settings, runtime, codes, artifact, name), codes=codes.key,
+                         level=settings.level, level_name=name)
+
+
+def level_batch(batch: Any, level: int, prior: vqvae2.PixelCNNPrior) -> tuple:
+    """A CodeDataset batch (codes per level, labels) -> what `prior_loss` takes for `level`."""
+    levels, labels = batch
+    return levels[level], (list(levels[:level]) if prior.conditional else None), (labels if prior.num_classes else None)
+
+
+@torch.no_grad()
+def held_out_bits_per_code(prior: vqvae2.PixelCNNPrior, level: int, batches: Iterable[Any]) -> float:
+    """The prior's mean negative log-likelihood of held-out codes, in bits per code."""
+    device = next(prior.parameters()).device
+    total, count = 0.0, 0
+    for batch in batches:
+        target, cond, labels = vqvae2.train.move_batch(level_batch(batch, level, prior), device)
+        total += prior.loss(target, cond, labels).item() * target.numel()
+        count += target.numel()
+    return vqvae2.bits_per_code(total / max(count, 1))

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from storage.fsutil import redact
 
-from ..config import PipelineConfig
+from ..config import PipelineConfig, config_key
 
 THUMBNAIL_PX = 1024  # the long side of an image embedded in a UI artifact (it lives in Prefect's database)
 
@@ -65,22 +65,22 @@ def logger() -> logging.Logger | logging.LoggerAdapter:
     return get_run_logger() if in_prefect_run() else logging.getLogger("vqvae2")
 
 
-def artifact_key(text: str) -> str:
+def ui_key(text: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes."""
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
 
 
-def config_artifact_key(key: str) -> str:
+def config_ui_key(key: str) -> str:
     """`key` of the running flow's config: `vqvae2-report-<config key>`, so each config has its
-    own artifact history in the UI (a smoke run no longer replaces fashion-mnist's "latest")."""
-    short = config_key(flow_run.get_id())
-    return artifact_key(f"{key}-{short}" if short else key)
+    own artifact history in the UI (a smoke run does not replace fashion-mnist's "latest")."""
+    short = flow_run_config_key(flow_run.get_id())
+    return ui_key(f"{key}-{short}" if short else key)
 
 
 @lru_cache(maxsize=64)
-def config_key(flow_run_id: str | None) -> str | None:
-    """The short key of the config a flow run runs: the hash in the name of its run lease
-    (`exclusive.run_limit`: the storage root and the fields that decide the artifacts).
+def flow_run_config_key(flow_run_id: str | None) -> str | None:
+    """The key of the config a flow run runs (`config.config_key`: the storage root and the
+    fields that decide the artifacts; the name of its run lease holds it too).
     So every run of one config into one root shares it, whichever flow (the pipeline or a
     stage flow), and two configs that would write different artifacts do not; fields that
     decide nothing (devices, log intervals, the runner) leave it alone. A stage's own
@@ -97,9 +97,8 @@ def config_key(flow_run_id: str | None) -> str | None:
         return None
     parameters = flow_run.get_parameters()
     # The config itself, or its sections as the flow's parameters (a flow whose UI form
-    # shows each section): either way the fields run_limit reads.
+    # shows each section): either way the fields config_key reads.
     config = parameters.get("config", parameters)
-    from .exclusive import run_limit  # here: exclusive imports this module
 
     try:
         if not isinstance(config, PipelineConfig):
@@ -111,7 +110,7 @@ def config_key(flow_run_id: str | None) -> str | None:
     except (TypeError, ValueError) as err:  # never fail a run over an artifact's name: use the plain key
         logger().warning(f"artifacts of flow run {flow_run_id} use plain keys: its parameters are no config ({err})")
         return None
-    return run_limit(config).rsplit("-", 1)[1]
+    return config_key(config)
 
 
 class Progress:
@@ -155,7 +154,7 @@ def publish_table(key: str, rows: Sequence[Mapping[str, Any]], description: str,
     """A table artifact (a new version of `key` of this config each call: the UI shows the latest);
     `per_config=False`: of `key` itself, which names what the table shows."""
     if in_prefect_run() and rows:
-        create_table_artifact(key=config_artifact_key(key) if per_config else artifact_key(key),
+        create_table_artifact(key=config_ui_key(key) if per_config else ui_key(key),
                               table=[_rounded(r) for r in rows], description=description)
 
 
@@ -172,7 +171,7 @@ class _RunTable:
             self.parts[part] = [{"part": part, **_rounded(row)} for row in rows]
             table = [row for name in sorted(self.parts) for row in self.parts[name]]
             if self.id is None:
-                self.id = create_table_artifact(key=config_artifact_key(self.key), table=table, description=description)
+                self.id = create_table_artifact(key=config_ui_key(self.key), table=table, description=description)
                 return
             with get_client(sync_client=True) as client:
                 client.update_artifact(self.id, ArtifactUpdate(data=TableArtifact(table=table).format(),
@@ -199,7 +198,7 @@ def publish_part(key: str, part: str, rows: Sequence[Mapping[str, Any]], descrip
 def publish_markdown(key: str, markdown: str, description: str) -> None:
     """A markdown artifact, a new version of `key` of this config."""
     if in_prefect_run():
-        create_markdown_artifact(key=config_artifact_key(key), markdown=markdown, description=description)
+        create_markdown_artifact(key=config_ui_key(key), markdown=markdown, description=description)
 
 
 MAX_TRIES_TO_LEAD = 64  # P(not first) after n tries is ((k-1)/k)^n: for 12 artifacts, 0.4% after 64
@@ -219,11 +218,11 @@ def publish_leading_markdown(key: str, markdown: str, description: str) -> UUID 
         others = [a.id for a in client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))) if a.type != "result"]
         for _ in range(MAX_TRIES_TO_LEAD):
-            made = create_markdown_artifact(key=artifact_key(key), markdown=markdown, description=description)
+            made = create_markdown_artifact(key=ui_key(key), markdown=markdown, description=description)
             if all(str(made) > str(other) for other in others):
                 return made
             client.delete_artifact(made)
-    return create_markdown_artifact(key=artifact_key(key), markdown=markdown, description=description)
+    return create_markdown_artifact(key=ui_key(key), markdown=markdown, description=description)
 
 
 def artifact_ui_url(artifact_id: UUID | str | None) -> str | None:
@@ -239,7 +238,7 @@ def latest_artifact_ui_url(key: str) -> str | None:
         return None
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(limit=1, sort=ArtifactSort.UPDATED_DESC,
-                                      artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(key)])))
+                                      artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ui_key(key)])))
     return artifact_ui_url(found[0].id) if found else None
 
 
@@ -380,3 +379,16 @@ def loss_curve_png(history: Sequence[Mapping[str, float]], title: str, keys: Seq
     """The training loss (and other `keys`) against the step."""
     series = {key: [(row["step"], row[key]) for row in history if key in row] for key in keys}
     return plot_png([Panel(title, "step", series)])
+
+
+def _markdown_cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_markdown_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Each training attempt in fresh processes: `train()` starts `python -m tasks.runtime.process`,
+"""Each training attempt in fresh processes: `train()` starts `python -m tasks.machinery.process`,
 or, for data-parallel training, `torchrun` with one such process per rank (on several
 machines: `serve_node` on each of the others).
 
@@ -33,19 +33,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import TrainingRun
+from ..config import Runtime, TrainingRuntime
 from ..manifests import TrainingSummary
+from .artifacts import Artifact
 from .devices import claimed_gpus, one_multi_node_training
 from .failures import is_permanent
 from .trainer import Trainer, TrainingJob, UIReporter
 
 CHANNEL, CHANNEL_KEY = "VQVAE2_TRAINING_CHANNEL", "VQVAE2_TRAINING_CHANNEL_KEY"
-WORKER = ["-m", "tasks.runtime.process"]
+WORKER = ["-m", "tasks.machinery.process"]
 
 
 class TrainingFailed(RuntimeError):
     """A training process failed; the message holds its traceback. `permanent`: whether its
-    error would recur on a retry (`tasks.runtime.failures`); None when the process died."""
+    error would recur on a retry (`tasks.machinery.failures`); None when the process died."""
 
     def __init__(self, message: str, permanent: bool | None = None) -> None:
         super().__init__(message)
@@ -76,7 +77,18 @@ class SilentReporter:
     def table(self, key: str, rows: list[dict[str, Any]], description: str) -> None: ...
 
 
-def train(make_job: Callable[..., TrainingJob], *args: Any, title: str, options: TrainingRun,
+def train_model(make_job: Callable[..., TrainingJob], settings: Any, runtime: Runtime, data: Any, artifact: Artifact,
+                name: str) -> dict[str, Any]:
+    """What the three training stages share: train the model `make_job(settings, runtime, data,
+    artifact)` describes, `settings.processes` data-parallel ranks, as `runtime.training` says
+    (`train`), and give back the fields its manifest (a `TrainedManifest`) takes from that: the
+    artifact's identity and the training's summary. `name` is how logs and progress name it."""
+    summary = train(make_job, settings, runtime, data, artifact, title=f"{name}: training", options=runtime.training,
+                    processes=settings.processes)
+    return {**artifact.identity(), **summary.model_dump()}
+
+
+def train(make_job: Callable[..., TrainingJob], *args: Any, title: str, options: TrainingRuntime,
           processes: int = 1) -> TrainingSummary:
     """Build the job with `make_job(*args)` and run it in fresh processes (`processes`
     data-parallel ranks through torchrun), unless `options.subprocess` is off, relaying the

@@ -4,18 +4,18 @@ A retry re-runs the same code on the same inputs: it helps only when the world c
 between (a network blip, an S3 5xx or timeout, a killed worker or training process). Bad
 input (an invalid config, too many unreadable images, a truncated shard, a missing source
 or weights file, refused credentials, a full or read-only storage) and a training that
-diverged again after its one recovery at a lower learning rate (`tasks.runtime.trainer`)
+diverged again after its one recovery at a lower learning rate (`tasks.machinery.trainer`)
 fail the same way every time: those end the task at once, their message in its state,
 instead of after two waits.
-Anything else is retried, with backoff and jitter (`tasks.runtime.cached`).
+Anything else is retried, with backoff and jitter (`tasks.machinery.cached`).
 
 botocore's own errors are mostly of the first kind (no or partial credentials, an invalid
 bucket name or endpoint, an unknown region): those are permanent too, while its connection,
 timeout and transfer errors (an endpoint that is down for a moment) are retried.
 
 What to do about a failure, one line each for the run's failure report
-(`tasks.runtime.failure_report`) and the CLI, is here as well: both say the same, each in
-the form of where it is read (`tasks.config_keys`): a field to set is `--set KEY=VALUE` on
+(`tasks.machinery.failure_report`) and the CLI, is here as well: both say the same, each in
+the form of where it is read (`tasks.setting_forms`): a field to set is `--set KEY=VALUE` on
 the command line and a deployment's run parameters (`{"ingest": {...}}`) in the UI.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 from storage.fsutil import StorageFull, redact
 
-from ..config_keys import Form, Setting, in_form
+from ..setting_forms import Form, Setting, in_form
 
 # Bad input and deterministic failures. ValueError covers pydantic's ValidationError,
 # TooManyBadImages, ShardError and ManifestError; FileNotFoundError the missing

@@ -7,7 +7,7 @@ in which stage it failed, why (the first line of the error, and its type) and wh
 
 A field to set is named as a deployment's run parameters (`{"ingest": {"max_bad_fraction":
 0.05}}`), the form a run started from the UI or `prefect deployment run --params` takes;
-the CLI names it `--set ingest.max_bad_fraction=0.05` (`tasks.config_keys`).
+the CLI names it `--set ingest.max_bad_fraction=0.05` (`tasks.setting_forms`).
 
 No traceback (Prefect's logs have it) and nothing of the config: errors that name a
 storage URL already have its credentials removed, and `storage.fsutil.redact` removes a
@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from ..config_keys import Form
+from ..setting_forms import Form
 from .cached import RETRIES
 from .failures import first_line
 from .failures import advice as advice_after
@@ -32,7 +32,7 @@ FORM: Form = "parameters"  # how the UI's reader sets a field: a run's parameter
 
 
 def advice(error: BaseException) -> str:
-    """What to do about an error that ended a stage, after its retries (`tasks.runtime.failures.advice`)."""
+    """What to do about an error that ended a stage, after its retries (`tasks.machinery.failures.advice`)."""
     return advice_after(error, RETRIES, form=FORM)
 
 

@@ -27,11 +27,10 @@ from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings, temporary_settings
 
-from storage.artifacts import canonical_json
 from storage.fsutil import join, redact
 from storage.lease import Holder, Lease
 
-from ..config import PipelineConfig, Runtime
+from ..config import PipelineConfig, Runtime, config_key
 from .reporting import logger
 
 LEASE_S = 60.0  # a holder whose heartbeat has not changed this long is gone
@@ -39,19 +38,9 @@ RENEW_EVERY_S = 15.0
 WAIT_POLL_S = 2.0
 API_TIMEOUT_S = 5.0  # asking the API whether a holder's flow run finished: never longer than this
 
-# Fields no artifact depends on: where and how fast work runs, and how storage is reached.
-RUN_ONLY = {"runner": True, "encode": True, "storage": {"storage_options", "credentials_block"},
-            "source": {"timeout_s"},
-            "training": {"device", "checkpoint_every", "checkpoint_minutes", "log_every", "subprocess",
-                         "cpu_threads", "decoded_cache_mb", "gpus", "rdzv_endpoint", "fail_once_at_step",
-                         "tensorboard"}}
-
-
 def run_limit(config: PipelineConfig) -> str:
-    """The name under which runs of `config` into its storage root take turns (its digest also
-    keys the config's UI artifacts)."""
-    identity = canonical_json({"root": config.storage.url, "config": config.model_dump(mode="json", exclude=RUN_ONLY)})
-    return "vqvae2-run-" + hashlib.sha256(identity.encode()).hexdigest()[:16]
+    """The name under which runs of `config` into its storage root take turns."""
+    return "vqvae2-run-" + config_key(config)
 
 
 def lease_url(config: PipelineConfig) -> str:

@@ -10,7 +10,7 @@ from prefect import Task
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
-from ..config import Runtime, TrainingRun
+from ..config import AUTO, PipelineConfig, Runtime, TrainingRuntime
 from .cached import with_records
 from .reporting import in_prefect_run
 
@@ -22,6 +22,17 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
+
+
+def on_this_machine(config: PipelineConfig) -> PipelineConfig:
+    """`config` with what it leaves to the machine decided: `training.processes: auto` becomes
+    one training process per visible GPU (one without a GPU). Done once, where the run
+    starts: the keys read the config that comes out, never the machine."""
+    training = config.training
+    if training.processes != AUTO:
+        return config
+    processes = max(1, torch.cuda.device_count())
+    return PipelineConfig.model_validate(config.model_dump() | {"training": training.model_dump() | {"processes": processes}})
 
 
 # --- sharing GPUs between concurrent trainings ------------------------------------------------
@@ -40,7 +51,7 @@ def gpu_limit_name(index: int) -> str:
     return f"vqvae2-gpu-{index}"
 
 
-def gpu_count(training: TrainingRun) -> int:
+def gpu_count(training: TrainingRuntime) -> int:
     """The GPUs trainings share on a worker: `training.gpus`, else the visible CUDA devices."""
     if training.device == "cpu":
         return 0
@@ -69,7 +80,7 @@ def training_task(unit: Task, runtime: Runtime) -> Task:
 
 
 @contextmanager
-def claimed_gpus(training: TrainingRun, count: int = 1, poll_seconds: float = 1.0) -> Iterator[list[int]]:
+def claimed_gpus(training: TrainingRuntime, count: int = 1, poll_seconds: float = 1.0) -> Iterator[list[int]]:
     """Inside a training task: the indices of `count` GPUs (one per data-parallel rank) no
     other training holds, held until the block ends ([] without GPUs or outside a Prefect
     run). They are claimed all at once, so two trainings never wait on each other's half."""
@@ -86,7 +97,7 @@ def claimed_gpus(training: TrainingRun, count: int = 1, poll_seconds: float = 1.
 
 
 @contextmanager
-def one_multi_node_training(training: TrainingRun) -> Iterator[None]:
+def one_multi_node_training(training: TrainingRuntime) -> Iterator[None]:
     """Inside a training task on several machines: the other machines serve one training at
     a time (`vqvae2 node`, at one rendezvous endpoint), so such trainings take turns (the
     limit NODES_LIMIT); a training on one machine goes straight on."""

@@ -1,9 +1,9 @@
-"""Where stage outputs live and how a finished one is recognised (ARCHITECTURE.md, "Contracts").
+"""Where stage outputs live and how a finished one is recognised.
 
 An `Artifact` is `{root}/{stage}/{key}/`, complete once its typed `manifest.json` exists.
 A `Marker` says, for any cached unit (a whole stage, one shard, one sample batch),
 where "done" is written and how to read the unit's result back; the cached-unit
-decorator (`tasks.runtime.cached`) asks nothing else.
+decorator (`tasks.machinery.cached`) asks nothing else.
 """
 from __future__ import annotations
 
@@ -106,23 +106,23 @@ class Artifact:
     """Where one stage output lives; everything a task needs to read or write it."""
 
     root: str
-    stage: str  # the stage's directory under the root
+    directory: str  # the stage's directory under the root (`Stage.directory`)
     key: str
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def url(self) -> str:
-        return artifact_url(self.root, self.stage, self.key)
+        return artifact_url(self.root, self.directory, self.key)
 
     def path(self, *parts: str) -> str:
         return join(self.url, *parts)
 
     def identity(self) -> dict[str, str]:
-        return {"stage": self.stage, "key": self.key, "url": self.url}
+        return {"directory": self.directory, "key": self.key, "url": self.url}
 
     def record(self, unit: str) -> str:
         """Prefect's cache record of one unit of this artifact, relative to the root."""
-        return f"{self.stage}/{self.key}/{RECORDS}/{unit}.json"
+        return f"{self.directory}/{self.key}/{RECORDS}/{unit}.json"
 
     def read(self, model: type[M]) -> M | None:
         """The complete artifact's manifest, None while it is incomplete; `ManifestError` if damaged."""
@@ -137,7 +137,7 @@ class Artifact:
         manifest = self.read(model)
         if manifest is None:
             raise FileNotFoundError(
-                f"no complete {self.stage} artifact for this config at {redact(self.url)}: run the `{producer}` "
+                f"no complete {self.directory} artifact for this config at {redact(self.url)}: run the `{producer}` "
                 "stage (or the whole pipeline) with the same config and storage root first"
             )
         return manifest
@@ -174,11 +174,11 @@ class Artifact:
         (no manifest, untouched for a day: a failed run of a config since changed; a run of
         this key resumes into its own, so it is kept whatever its age) and the temporaries
         that killed writers left anywhere under the stage."""
-        stage_url = join(self.root, self.stage)
-        abandoned = clean_incomplete(self.root, self.stage, min_age_s=ABANDONED_AFTER_S,
+        stage_url = join(self.root, self.directory)
+        abandoned = clean_incomplete(self.root, self.directory, min_age_s=ABANDONED_AFTER_S,
                                      storage_options=self.storage_options, keep=[self.key])
         if abandoned:
-            logger().info(f"removed {len(abandoned)} incomplete {self.stage} folders untouched for a day: {abandoned}")
+            logger().info(f"removed {len(abandoned)} incomplete {self.directory} folders untouched for a day: {abandoned}")
         swept = sweep_temporaries(stage_url, self.storage_options)
         if swept:
             logger().info(f"removed {len(swept)} unfinished writes of killed processes: {swept}")

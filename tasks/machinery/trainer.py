@@ -15,7 +15,7 @@ It reports to the UI as it goes: a progress bar, a metrics table per epoch, log 
 at the end it writes `model.pt` (a `vqvae2.to_checkpoint` dict), `history.json` and a
 loss-curve PNG next to the checkpoints.
 
-`tasks.runtime.process.train` runs each attempt in a fresh process.
+`tasks.machinery.process.train` runs each attempt in a fresh process.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from storage.fsutil import exists, redact, remove, write_bytes, write_json
 from vqvae2.config import TrainConfig
 from vqvae2.train import LossFn, Metrics
 
-from ..config import TrainingRun
+from ..config import TrainingRuntime
 from ..manifests import TrainingSummary
 from .artifacts import Artifact
 from .devices import resolve_device
@@ -149,7 +149,7 @@ class TrainingJob:
     batches: BatchSource
     batches_per_epoch: int
     artifact: Artifact
-    options: TrainingRun
+    options: TrainingRuntime
     evaluate: Evaluator | None = None  # held-out metrics at each epoch's end and at the last step
     pictures: Pictures | None = None  # shown per epoch in TensorBoard (training.tensorboard), drawn on rank 0 only
 

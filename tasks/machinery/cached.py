@@ -37,13 +37,12 @@ from pydantic import Field
 from storage.artifacts import canonical_json
 from storage.fsutil import exists, join, read_bytes, redact, remove, write_bytes
 
-from .. import manifests
-from ..manifests import Record, located
+from ..manifests import Record, located, qualified_name, record_type
 from .artifacts import RECORDS, ManifestError, UnitMarker
 from .failures import retry_unless_permanent
 from .reporting import logger
 
-RETRIES = 2  # of an error a retry can cure (`tasks.runtime.failures`); others fail at once
+RETRIES = 2  # of an error a retry can cure (`tasks.machinery.failures`); others fail at once
 RETRY_DELAYS = [5, 60]
 RETRY_JITTER = 0.5  # each wait up to 50% longer at random: retries of many mapped units do not move in step
 
@@ -123,17 +122,12 @@ def _each_manifest(value: Any, convert: Callable[[type[Record], Any], Any]) -> A
         return [_each_manifest(v, convert) for v in value]
     if not isinstance(value, dict):
         return value
-    model = _manifest_type(value.get("__class__"))
+    model = record_type(value.get("__class__"))
     if model is not None and "data" in value:
-        return {**value, "data": convert(model, value["data"])}
+        # Named where the class is now: a record written before a manifest type moved to
+        # another module still deserializes.
+        return {**value, "__class__": qualified_name(model), "data": convert(model, value["data"])}
     return {k: _each_manifest(v, convert) for k, v in value.items()}
-
-
-def _manifest_type(name: Any) -> type[Record] | None:
-    if not isinstance(name, str) or name.rpartition(".")[0] != manifests.__name__:
-        return None
-    found = getattr(manifests, name.rpartition(".")[2], None)
-    return found if isinstance(found, type) and issubclass(found, Record) else None
 
 
 @functools.lru_cache(maxsize=16)
