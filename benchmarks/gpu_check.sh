@@ -134,7 +134,7 @@ for path in sorted(glob.glob(f"{root}/*/*/manifest.json")):
     m = json.load(open(path))
     if "device" in m:
         which = m.get("role") or (f"level {m['level']}" if "level" in m else "")
-        print(f"  trained {m['stage']:<12} {which:<9} {m['seconds']:7.1f} s on {m['device']}, {m['steps']} steps")
+        print(f"  trained {m.get('directory', m.get('stage')):<12} {which:<9} {m['seconds']:7.1f} s on {m['device']}, {m['steps']} steps")
 for path in glob.glob(f"{root}/reports/*/manifest.json"):
     report = os.path.dirname(path)
     metrics = json.load(open(path))["metrics"]

@@ -297,6 +297,7 @@ def test_a_flat_folder_runs_to_a_report_with_no_set_and_is_listed_under_its_root
         (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[link.group(1)[-36:]])))
     assert flow_run.state.is_completed()
     assert (artifact.key, artifact.flow_run_id) == (f"vqvae2-report-{key}", flow_run.id)
+    _an_unlabelled_folders_run(root, key, flow_run.id)
 
     main(["ls", "--root", str(root), "--json"])
     (run,) = json.loads(capsys.readouterr().out)
@@ -308,3 +309,30 @@ def test_a_flat_folder_runs_to_a_report_with_no_set_and_is_listed_under_its_root
     assert capsys.readouterr().out.startswith(f"report of the smoke run {key} on dataset ")
     main(["sample", "--root", str(root), "-n", "4", "--out", str(tmp_path / "mine.png")])  # unconditional: no class
     assert f"wrote {tmp_path / 'mine.png'}" in capsys.readouterr().out
+
+
+def _an_unlabelled_folders_run(root, key: str, flow_run_id) -> None:
+    """What a folder of mixed formats without labels makes: an unconditional model, no judge,
+    rejection off and said so, features learned without labels and named as such."""
+    from pipeline_helpers import smoke_config, state_names
+    from tasks.stages import FinishedRun, ingest, train_classifier
+
+    finished = FinishedRun(smoke_config(str(root), source={"url": str(root.parent / "my-images")}))
+    dataset = finished.get(ingest.STAGE)
+    assert finished.config.model.num_classes == 0
+    assert dataset.class_names == [] and dataset.source["kind"] == "image_folder"
+    assert dataset.num_samples == 200 and dataset.num_skipped == 1
+    skipped = [s for split in dataset.splits.values() for s in split.skipped]
+    assert (skipped[0].ref, skipped[0].reason) == ("broken.png", "not an image: no format Pillow reads recognises the file")
+    classifiers = finished.every(train_classifier.STAGE)
+    assert [(c.role, c.target) for c in classifiers] == [("features", "rotations")]
+    report = json.loads((root / "reports" / key / "report.json").read_text())
+    assert report["samples"]["rejection"].startswith("off: the dataset has no labels")
+    extractor = report["fidelity"]["extractor"]
+    assert extractor["kind"] == "self-supervised" and "never to Inception or domain FIDs" in extractor["description"]
+    assert [row["set"] for row in report["fidelity"]["rows"]] == [
+        "real train images (floor)", "reconstructions", "samples, no rejection"]
+    assert all("isc_mean" not in row for row in report["fidelity"]["rows"])  # no IS without class logits
+    text = (root / "reports" / key / "report.md").read_text()
+    assert "Feature space: **self-supervised**" in text and "Rejection sampling: off" in text
+    assert "train-classifier-features" in state_names(flow_run_id)

@@ -1,5 +1,6 @@
-"""Users' own images through to a report: a flat folder of mixed formats with no labels, an
-img2dataset tar set on S3 with labels in its json, a CSV of paths with label names. Real
+"""Users' own images through to a report: an img2dataset tar set on S3 with labels in its
+json, a CSV of paths with label names (a flat folder of mixed formats with no labels:
+tests/test_cli.py, as the command runs it). Real
 files written by Pillow, a real S3 API, a real Prefect API, smoke-sized models."""
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 from flows.parameters import sections_of
 from flows.pipeline import vqvae2_pipeline
 from storage.fsutil import read_bytes, read_json, write_bytes
-from tasks.stages import FinishedRun, ingest, train_classifier
+from tasks.stages import FinishedRun, ingest
 from image_files import img2dataset_tar, write_folder
-from pipeline_helpers import smoke_config, state_names
+from pipeline_helpers import smoke_config
 
 pytestmark = pytest.mark.slow
 
@@ -23,35 +24,6 @@ def _report(state) -> tuple[dict, str]:
     assert state.is_completed(), state.message
     manifest = state.result()
     return read_json(manifest.report), manifest.markdown
-
-
-def test_a_flat_folder_of_mixed_formats_without_labels_runs_to_a_report(prefect_api, tmp_path,
-                                                                         fashion_mnist_test_split):
-    images, _ = fashion_mnist_test_split
-    folder = tmp_path / "my-images"
-    write_folder(folder, images[:400])
-    config = smoke_config(str(tmp_path / "root"), source={"url": str(folder)}, overrides={"num_classes": "auto"})
-    state = vqvae2_pipeline(**sections_of(config), return_state=True)
-    report, markdown = _report(state)
-
-    finished = FinishedRun(config)
-    dataset = finished.get(ingest.STAGE)
-    assert finished.config.model.num_classes == 0  # auto: no labels, unconditional priors
-    assert dataset.class_names == [] and dataset.source["kind"] == "image_folder"
-    assert dataset.num_samples == 400 and dataset.num_skipped == 1
-    skipped = [s for split in dataset.splits.values() for s in split.skipped]
-    assert (skipped[0].ref, skipped[0].reason) == ("broken.png", "not an image: no format Pillow reads recognises the file")
-    # No labels: no judge, rejection off and said so; features learned without labels, named as such.
-    assert [c.role for c in finished.every(train_classifier.STAGE)] == ["features"] and finished.every(train_classifier.STAGE)[0].target == "rotations"
-    assert report["samples"]["rejection"].startswith("off: the dataset has no labels")
-    extractor = report["fidelity"]["extractor"]
-    assert extractor["kind"] == "self-supervised" and "never to Inception or domain FIDs" in extractor["description"]
-    assert [row["set"] for row in report["fidelity"]["rows"]] == [
-        "real train images (floor)", "reconstructions", "samples, no rejection"]
-    assert all("isc_mean" not in row for row in report["fidelity"]["rows"])  # no IS without class logits
-    text = Path(markdown).read_text()
-    assert "Feature space: **self-supervised**" in text and "Rejection sampling: off" in text
-    assert {"train-classifier-features"} <= set(state_names(state.state_details.flow_run_id))
 
 
 def test_img2dataset_shards_on_s3_with_labels_in_their_json_run_to_a_report(prefect_api, s3_bucket,
