@@ -23,10 +23,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.names import generate_slug
 
 from tasks.config import PipelineConfig, Runtime
-from tasks.runs import record_run
 from tasks.machinery.devices import on_this_machine
 from tasks.machinery.exclusive import one_run_at_a_time
 from tasks.machinery.failure_report import FailedStages, reported_failure
+from tasks.runs import record_run
 from tasks.source_watch import announce_new_data
 from tasks.stage import Settings, Stage
 from tasks.stages import FINAL, STAGES, FinishedRun, Outputs, check_before_run
