@@ -1,13 +1,12 @@
 """The stage contract: typed manifests that fail naming the file and the field, one cached-unit
 decorator whose "already done" is Prefect's own `Cached`, with its records under the
-storage root (so another machine, or a fresh PREFECT_HOME, sees the same cache)."""
+storage root (so another machine, or a fresh PREFECT_HOME, sees the same cache:
+tests/test_stage_declarations.py runs the pipeline so)."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from tasks.stages.train_prior import PriorManifest
 from tasks.machinery.artifacts import Artifact, ManifestError
 from tasks.machinery.cached import cached_unit, with_records
 from tasks.stages import FinishedRun
-from pipeline_helpers import log_lines, smoke_config, snapshot, state_names
+from pipeline_helpers import log_lines, smoke_config, state_names
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -131,38 +130,6 @@ def test_a_finished_unit_without_a_record_does_no_work(prefect_api, tmp_path):
 # --- the whole pipeline ----------------------------------------------------------------------
 
 pipeline = pytest.mark.slow
-
-FRESH_RUN = """
-import json, sys
-sys.path.insert(0, {tests!r})
-from flows.parameters import sections_of
-from flows.pipeline import vqvae2_pipeline
-from pipeline_helpers import smoke_config, state_names
-state = vqvae2_pipeline(**sections_of(smoke_config(sys.argv[1])), return_state=True)
-print("STATES " + json.dumps({{"flow": state.name, "tasks": state_names(state.state_details.flow_run_id)}}))
-"""
-
-
-@pipeline
-def test_a_fresh_prefect_home_finds_every_task_cached_under_the_root(smoke_run, tmp_path):
-    _, root, _ = smoke_run
-    before = snapshot(root)
-    home = tmp_path / "another-machine"
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH")}
-    env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    done = subprocess.run([sys.executable, "-c", FRESH_RUN.format(tests=str(TESTS)), str(root)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    states = json.loads(done.stdout.split("STATES ", 1)[1])
-    assert states["flow"] == "Completed"
-    # Planning an ingest is done again: its result is a pickle, which the worker keeps in its
-    # own result storage, never under the root (a root's writer must not choose what unpickles).
-    planned = {name: state for name, state in states["tasks"].items() if name.startswith("plan-dataset")}
-    assert list(planned.values()) == ["Completed"]
-    others = {name: state for name, state in states["tasks"].items() if name not in planned}
-    assert len(others) > 20 and set(others.values()) == {"Cached"}, states["tasks"]
-    assert snapshot(root) == before  # nothing written
-
 
 @pipeline
 def test_a_damaged_manifest_is_named_and_its_stage_recomputes(smoke_run, tmp_path):

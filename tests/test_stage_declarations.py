@@ -204,8 +204,11 @@ TOY_CHECK = '''
 
 
 def test_a_stage_added_is_its_module_and_one_line(smoke_run, tmp_path):
-    """A copy of the project with a toy stage: its module, and its name in the stage list."""
-    from prefect.settings import PREFECT_API_URL
+    """A copy of the project with a toy stage: its module, and its name in the stage list. It
+    runs on another machine, as it were (a fresh PREFECT_HOME and its own Prefect server), on a
+    copy of the smoke run's root: every task there is found Cached under the root, and nothing
+    but the new stage's folder is written."""
+    from pipeline_helpers import snapshot
 
     config, root, _ = smoke_run
     copy = tmp_path / "project"
@@ -223,18 +226,29 @@ def test_a_stage_added_is_its_module_and_one_line(smoke_run, tmp_path):
 
     moved = tmp_path / "root"
     shutil.copytree(root, moved)
-    env = {**os.environ, "PYTHONPATH": f"{copy}{os.pathsep}{REPO / 'tests'}", "PREFECT_API_URL": PREFECT_API_URL.value()}
+    before = snapshot(moved)
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH")}
+    env |= {"PYTHONPATH": f"{copy}{os.pathsep}{REPO / 'tests'}", "PREFECT_HOME": str(tmp_path / "another-machine"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(TOY_CHECK), str(moved)], cwd=copy, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
 
     assert seen["state"] == "COMPLETED"
-    # The pipeline ran it, and nothing else: every other stage was there already (planning the
-    # dataset is kept by the worker, this process here, not under the root: it plans again).
+    # The pipeline ran it, and nothing else: every other stage was there already. Planning an
+    # ingest is done again: its result is a pickle, which the worker keeps in its own result
+    # storage, never under the root (a root's writer must not choose what unpickles).
     assert [s for name, s in seen["tasks"].items() if name.startswith("count-images")] == ["Completed"]
     again = {name: s for name, s in seen["tasks"].items() if s != "Cached" and not name.startswith("count-images")}
     assert [name.rpartition("-")[0] for name in again] == ["plan-dataset"], again
+    assert len(seen["tasks"]) > 20
+    after = snapshot(moved)
+    ours = ("counts/", "runs/")  # the new stage's folder, and the run's record, which now names it
+    unchanged = {name: v for name, v in before.items() if not name.startswith(ours)}
+    assert {name: v for name, v in after.items() if not name.startswith(ours)} == unchanged  # nothing else written
+    (record,) = [json.loads((moved / name).read_text()) for name in after if name.startswith("runs/")]
+    assert record["artifacts"]["count-images"] == seen["url"].removeprefix(f"{moved}/")
     assert sum(seen["counts"]) == 2000 and seen["url"].startswith(f"{moved}/counts/")
     assert json.loads((Path(seen["url"]) / "counts.json").read_text()) == seen["counts"]
     assert seen["again"]  # its stage flow finds it
