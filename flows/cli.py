@@ -252,8 +252,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
         images = torch.from_numpy(np.stack([a.reshape(a.shape[0], a.shape[1], -1) for a in arrays])).permute(0, 3, 1, 2)
         images = images.float() / 255
     else:
-        images, _ = ingest.first_images(finished.get(ingest.STAGE), "test", args.count,
-                                        finished.runtime.storage_options)
+        images, _ = finished.get(ingest.STAGE).first_images("test", args.count, finished.runtime.storage_options)
     recon = reconstruct(model, images)
     mse = torch.nn.functional.mse_loss(recon, images).item()
     print(f"{len(images)} images, reconstruction MSE {mse:.4g}")

@@ -34,7 +34,7 @@ import pickle
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -51,6 +51,9 @@ from storage.checkpoints import load_checkpoint
 from storage.fsutil import exists, redact
 
 from .manifests import from_root
+
+if TYPE_CHECKING:
+    from .config import PipelineConfig
 
 
 FEATURES = ("auto", "inception", "domain", "self-supervised")
@@ -400,3 +403,32 @@ def fidelity_table(sets: Mapping[str, FidelityImages | Tensor | np.ndarray],
     with tempfile.TemporaryDirectory(prefix="vqvae2-fidelity-reference-") as cache:
         return {name: fidelity_metrics(images, reference, extractor, reference_cache=cache, **options)
                 for name, images in sets.items()}
+
+
+# --- the feature space a config measures in -----------------------------------------------------
+
+
+def feature_space(config: PipelineConfig) -> str:
+    """The feature space the evaluation will use: inception, domain (a classifier of the
+    labels) or self-supervised (a rotation predictor, for an unconditional model). Read from
+    the config alone, as `tasks.fidelity.resolve_extractor` decides `auto`: it decides which
+    classifiers train, so their keys."""
+    choice, labelled = config.evaluate.features, bool(config.model.num_classes)
+    if choice == "auto":
+        return "inception" if config.evaluate.inception_weights else "domain" if labelled else "self-supervised"
+    return choice
+
+
+def check_features_available(config: PipelineConfig, classes_known: bool = True) -> None:
+    """Evaluation must be possible before anything trains: Inception's weights on this
+    machine when the feature space is inception, labels when it is domain (once the model's
+    classes are known: `classes_known`)."""
+    evaluate = config.evaluate
+    if classes_known and feature_space(config) == "domain" and not config.model.num_classes:
+        raise ValueError("evaluate.features is 'domain', but the model is unconditional (num_classes=0): the domain "
+                         "features are a classifier of the labels; choose 'self-supervised', 'inception' or 'auto'")
+    # As resolve_extractor decides at evaluation: a configured file is wanted even under auto.
+    wanted = evaluate.features == "inception" or (evaluate.features == "auto" and evaluate.inception_weights)
+    if wanted and not os.path.isfile(evaluate.inception_weights or inception_cache_path()):
+        instead = "domain" if config.model.num_classes else "self-supervised"
+        raise missing_inception(evaluate.features, evaluate.inception_weights, instead)

@@ -1,7 +1,9 @@
 """A stage is declared once, in its own module (`tasks/stages/<stage>.py`), with everything
 about it: its name, the directory of its artifacts, a code version, the typed slice of the
 pipeline config it reads, the outputs of other stages it takes, the type of its own output
-(and the readers of that output), what it checks before a run, and what it publishes.
+(with the readers of that output as its methods: a stage never imports another, it reads
+what it takes through the manifest it is handed), what it checks before a run, and what it
+publishes.
 
     STAGE = Stage(name="encode", directory="codes", code_version="1", settings=EncodeSettings,
                   inputs={"dataset": Needs("ingest"), "autoencoder": Needs("train-autoencoder")},

@@ -111,6 +111,11 @@ class Outputs:
     def inputs(self, stage: Stage) -> dict[str, Any]:
         return {name: self._input(needs) for name, needs in stage.inputs.items()}
 
+    def input(self, stage: Stage, name: str) -> Any:
+        """One input of `stage` (its `name` in the stage's inputs), found or made alone: how a
+        stage's check reads another stage's output without importing that stage."""
+        return self._input(stage.inputs[name])
+
     def _get(self, stage: Stage, variant: Any) -> Any:
         started = self._start(stage, variant)
         with self._within(stage.instance(variant)):  # a failed future raises here

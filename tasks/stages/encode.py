@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from prefect import unmapped
@@ -25,8 +25,10 @@ from ..machinery.devices import resolve_device
 from ..machinery.models import load_model
 from ..machinery.reporting import logger, track
 from ..stage import Needs, Settings, Stage, stage_task
-from .ingest import DatasetManifest
-from .train_autoencoder import AutoencoderManifest
+
+if TYPE_CHECKING:  # what it takes, for annotations only: a stage never imports another
+    from .ingest import DatasetManifest
+    from .train_autoencoder import AutoencoderManifest
 
 
 class EncodedShard(Record):
@@ -50,6 +52,13 @@ class CodesManifest(Manifest):
     rows: dict[str, int]
     codebook_size: int
     class_names: list[str]
+
+    def validation_batches(self, storage_options: dict[str, Any] | None, rows: int, batch_size: int) -> DataLoader:
+        """The first `rows` rows of the test split, in order, as CodeDataset batches: what the
+        priors are measured on, while they train and in the report."""
+        dataset = CodeDataset(self.codes, "test", storage_options=storage_options)
+        indices = range(min(rows, len(dataset)))
+        return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size)
 
 
 class EncodeSettings(Settings):
@@ -180,13 +189,3 @@ def finalize_codes(settings: EncodeSettings, runtime: Runtime, dataset: DatasetM
         level_shapes=info["level_shapes"], rows=rows, codebook_size=autoencoder.codebook_size,
         class_names=dataset.class_names,
     )
-
-
-# --- reading the codes --------------------------------------------------------------------------
-
-
-def validation_batches(codes: CodesManifest, storage_options: dict[str, Any] | None, rows: int, batch_size: int):
-    """The first `rows` rows of the test split, in order, as CodeDataset batches."""
-    dataset = CodeDataset(codes.codes, "test", storage_options=storage_options)
-    indices = range(min(rows, len(dataset)))
-    return DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from storage.fsutil import find, join, read_bytes, redact, write_bytes, write_js
 from vqvae2.config import config_to_dict
 
 from ..config import PipelineConfig, Runtime
-from ..fidelity import Extractor, fidelity_table, resolve_extractor
+from ..fidelity import Extractor, check_features_available, fidelity_table, resolve_extractor
 from ..manifests import Manifest, Record, RootURL, TrainedManifest, from_root
 from ..machinery.artifacts import Artifact, read_typed
 from ..machinery.cached import with_records
@@ -51,12 +51,14 @@ from ..machinery.reporting import (
 )
 from ..machinery.rounding import rounded
 from ..stage import Needs, Settings, Stage, stage_task
-from .encode import CodesManifest, validation_batches
-from .ingest import DatasetManifest, first_images
-from .sample import SamplesManifest, kept_images
-from .train_autoencoder import AutoencoderManifest
-from .train_classifier import ClassifierManifest, check_features_available
-from .train_prior import PriorManifest, held_out_bits_per_code
+
+if TYPE_CHECKING:  # what it takes, for annotations only: a stage never imports another
+    from .encode import CodesManifest
+    from .ingest import DatasetManifest
+    from .sample import SamplesManifest
+    from .train_autoencoder import AutoencoderManifest
+    from .train_classifier import ClassifierManifest
+    from .train_prior import PriorManifest
 
 
 class ReportManifest(Manifest):
@@ -233,17 +235,16 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
              samples: SamplesManifest, artifact: Artifact) -> ReportManifest:
     options = artifact.storage_options
     names = vqvae2.level_names(len(codes.level_shapes))
-    test_images, _ = first_images(dataset, "test", settings.eval_images, options)
-    train_images, _ = first_images(dataset, "train", settings.eval_images, options)
+    test_images, _ = dataset.first_images("test", settings.eval_images, options)
+    train_images, _ = dataset.first_images("train", settings.eval_images, options)
     device = resolve_device(runtime.training.device)
     recon = reconstruct(load_model(autoencoder, options, device), test_images.to(device)).cpu()
     mse = F.mse_loss(recon, test_images).item()
     metrics: dict[str, Any] = {"recon_mse": mse, "recon_psnr_db": 10 * math.log10(1 / max(mse, 1e-12))}
     metrics.update(codebook_metrics(codes, options, names))
     for prior in priors:
-        held_out = validation_batches(codes, options, settings.eval_images, 128)
-        metrics[f"nll_bits_per_code_{names[prior.level]}"] = held_out_bits_per_code(
-            load_model(prior, options, device), prior.level, held_out)
+        metrics[f"nll_bits_per_code_{names[prior.level]}"] = prior.bits_per_code(codes, options, settings.eval_images,
+                                                                                  device)
 
     # Sample quality, every row in the same feature space and against the same real images.
     features = next((c for c in classifiers if c.role == "features"), None)
@@ -251,7 +252,7 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
                                   domain_checkpoint=features.model if features else None, storage_options=options,
                                   self_supervised=features is not None and features.target == "rotations")
     logger().info(f"fidelity features: {extractor.kind} ({extractor.name})")
-    kept = kept_images(samples, options)
+    kept = samples.kept_images(options)
     sets = {"real train images (floor)": as_uint8(train_images), "reconstructions": as_uint8(recon)}
     rates: dict[str, float | None] = {}
     for rate, images in kept.items():

@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,11 +49,12 @@ from ..machinery.reporting import (
 )
 from ..machinery.rounding import rounded
 from ..stage import Needs, Settings, Stage, stage_task
-from . import ingest
-from .ingest import DatasetManifest
-from .train_autoencoder import AutoencoderManifest
-from .train_classifier import ClassifierManifest
-from .train_prior import PriorManifest
+
+if TYPE_CHECKING:  # what it takes, for annotations only: a stage never imports another
+    from .ingest import DatasetManifest
+    from .train_autoencoder import AutoencoderManifest
+    from .train_classifier import ClassifierManifest
+    from .train_prior import PriorManifest
 
 
 class SampleBatch(Record):
@@ -83,6 +84,12 @@ class SamplesManifest(Manifest):
     seed: int
     num_samples: int  # kept per rate
     classes: list[int] | None = None  # the class indices drawn, in order (None: unconditional)
+
+    def kept_images(self, storage_options: dict[str, Any] | None = None) -> dict[float, np.ndarray]:
+        """{acceptance rate: the uint8 images rejection at that rate kept}."""
+        images = load_samples(self.batches, storage_options)["images"]
+        selections = load_npz(self.selections, storage_options)
+        return {row.rate: images[selections[rate_key(row.rate)]] for row in self.rates}
 
 
 class SampleSettings(Settings):
@@ -142,7 +149,7 @@ def publish_samples(samples: SamplesManifest, storage_options: dict[str, Any] | 
 def check(config: PipelineConfig, outputs: Any) -> None:
     """A `sample.classes` the dataset lacks fails once the dataset is known, before any training."""
     if outputs is not None and outputs.makes(STAGE):
-        check_classes(config, outputs.get(ingest.STAGE))
+        check_classes(config, outputs.input(STAGE, "dataset"))
 
 
 STAGE = Stage(
@@ -413,10 +420,3 @@ def load_samples(batch_urls: list[str], storage_options: dict[str, Any] | None =
     """All sample batches, concatenated: images, labels, judge_scores, codes per level."""
     parts = [load_npz(url, storage_options) for url in batch_urls]
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-
-
-def kept_images(samples: SamplesManifest, storage_options: dict[str, Any] | None = None) -> dict[float, np.ndarray]:
-    """{acceptance rate: the uint8 images rejection at that rate kept}."""
-    images = load_samples(samples.batches, storage_options)["images"]
-    selections = load_npz(samples.selections, storage_options)
-    return {row.rate: images[selections[rate_key(row.rate)]] for row in samples.rates}

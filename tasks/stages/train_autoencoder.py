@@ -1,7 +1,7 @@
 """Stage 2: train the hierarchical VQ-VAE on the dataset's train split."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,7 +17,9 @@ from ..machinery.process import train_model
 from ..machinery.reporting import image_grid
 from ..machinery.trainer import TrainingJob, rank_batch_size
 from ..stage import Needs, Settings, Stage, stage_task
-from .ingest import DatasetManifest, first_images, train_batches
+
+if TYPE_CHECKING:  # what it takes, for annotations only: a stage never imports another
+    from .ingest import DatasetManifest
 
 VALIDATION_IMAGES = 256
 PICTURES = 8  # held-out images shown with their reconstructions at each epoch's end (training.tensorboard)
@@ -67,7 +69,7 @@ def autoencoder_job(settings: AutoencoderSettings, runtime: Runtime, dataset: Da
                     artifact: Artifact) -> TrainingJob:
     vqvae2.seed_everything(settings.train.seed)
     model = settings.model()
-    validation, _ = first_images(dataset, "test", VALIDATION_IMAGES, runtime.storage_options)
+    validation, _ = dataset.first_images("test", VALIDATION_IMAGES, runtime.storage_options)
 
     def evaluate(model: vqvae2.VQVAE2) -> dict[str, float]:
         device = next(model.parameters()).device
@@ -85,7 +87,7 @@ def autoencoder_job(settings: AutoencoderSettings, runtime: Runtime, dataset: Da
         # A row of held-out images, their reconstructions below.
         return {"reconstructions": image_grid(torch.cat([shown, reconstructions]), columns=len(shown))}
 
-    batches, per_epoch = train_batches(dataset, rank_batch_size(settings.train.batch_size), settings.train.seed,
+    batches, per_epoch = dataset.train_batches(rank_batch_size(settings.train.batch_size), settings.train.seed,
                                        settings.num_workers, runtime)
     return TrainingJob(
         name="autoencoder", model=model, loss_fn=vqvae2.autoencoder_loss, train=settings.train, batches=batches,

@@ -8,8 +8,7 @@ without labels, by predicting which quarter turn each image was given
 (`vqvae2.rotation_loss`): the `self-supervised` feature space."""
 from __future__ import annotations
 
-import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from prefect.futures import PrefectFuture
@@ -17,14 +16,16 @@ from prefect.futures import PrefectFuture
 import vqvae2
 
 from ..config import PipelineConfig, Runtime
-from ..fidelity import inception_cache_path, missing_inception
+from ..fidelity import feature_space
 from ..manifests import TrainedManifest
 from ..machinery.artifacts import Artifact
 from ..machinery.devices import training_task
 from ..machinery.process import train_model
 from ..machinery.trainer import TrainingJob, rank_batch_size
 from ..stage import Needs, Settings, Stage, stage_task
-from .ingest import DatasetManifest, first_images, train_batches
+
+if TYPE_CHECKING:  # what it takes, for annotations only: a stage never imports another
+    from .ingest import DatasetManifest
 
 VALIDATION_IMAGES = 1000
 ROLE_SEEDS = {"judge": 0, "features": 1000}
@@ -38,32 +39,6 @@ class ClassifierManifest(TrainedManifest):
     @property
     def display_name(self) -> str:
         return f"classifier-{self.role}"
-
-
-def feature_space(config: PipelineConfig) -> str:
-    """The feature space the evaluation will use: inception, domain (a classifier of the
-    labels) or self-supervised (a rotation predictor, for an unconditional model). Read from
-    the config alone, as `tasks.fidelity.resolve_extractor` decides `auto`: it decides which
-    classifiers train, so their keys."""
-    choice, labelled = config.evaluate.features, bool(config.model.num_classes)
-    if choice == "auto":
-        return "inception" if config.evaluate.inception_weights else "domain" if labelled else "self-supervised"
-    return choice
-
-
-def check_features_available(config: PipelineConfig, classes_known: bool = True) -> None:
-    """Evaluation must be possible before anything trains: Inception's weights on this
-    machine when the feature space is inception, labels when it is domain (once the model's
-    classes are known: `classes_known`)."""
-    evaluate = config.evaluate
-    if classes_known and feature_space(config) == "domain" and not config.model.num_classes:
-        raise ValueError("evaluate.features is 'domain', but the model is unconditional (num_classes=0): the domain "
-                         "features are a classifier of the labels; choose 'self-supervised', 'inception' or 'auto'")
-    # As resolve_extractor decides at evaluation: a configured file is wanted even under auto.
-    wanted = evaluate.features == "inception" or (evaluate.features == "auto" and evaluate.inception_weights)
-    if wanted and not os.path.isfile(evaluate.inception_weights or inception_cache_path()):
-        instead = "domain" if config.model.num_classes else "self-supervised"
-        raise missing_inception(evaluate.features, evaluate.inception_weights, instead)
 
 
 def classifier_roles(config: PipelineConfig) -> list[str]:
@@ -115,7 +90,7 @@ def classifier_job(settings: ClassifierSettings, runtime: Runtime, dataset: Data
                    artifact: Artifact) -> TrainingJob:
     vqvae2.seed_everything(settings.train.seed)
     model = settings.model()
-    images, labels = first_images(dataset, "test", VALIDATION_IMAGES, runtime.storage_options)
+    images, labels = dataset.first_images("test", VALIDATION_IMAGES, runtime.storage_options)
     loss_fn = vqvae2.classifier_loss
     if settings.target == "rotations":
         images, labels = vqvae2.rotated(images)
@@ -127,7 +102,7 @@ def classifier_job(settings: ClassifierSettings, runtime: Runtime, dataset: Data
             predictions = torch.cat([model(chunk.to(device)).argmax(1).cpu() for chunk in images.split(256)])
         return {"accuracy": (predictions == labels).float().mean().item()}
 
-    batches, per_epoch = train_batches(dataset, rank_batch_size(settings.train.batch_size), settings.train.seed,
+    batches, per_epoch = dataset.train_batches(rank_batch_size(settings.train.batch_size), settings.train.seed,
                                        settings.num_workers, runtime)
     return TrainingJob(
         name=f"classifier-{settings.role}", model=model, loss_fn=loss_fn, train=settings.train,

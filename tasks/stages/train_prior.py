@@ -4,7 +4,7 @@ The priors of different levels train concurrently."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,11 +18,14 @@ from ..config import PipelineConfig, Runtime
 from ..manifests import TrainedManifest
 from ..machinery.artifacts import Artifact
 from ..machinery.devices import training_task
+from ..machinery.models import load_model
 from ..machinery.process import train_model
 from ..machinery.tensorboard import code_maps
 from ..machinery.trainer import TrainingJob, private_generator, rank_batch_size
 from ..stage import Needs, Settings, Stage, stage_task
-from .encode import CodesManifest, validation_batches
+
+if TYPE_CHECKING:  # what it takes, for annotations only: a stage never imports another
+    from .encode import CodesManifest
 
 VALIDATION_ROWS = 1024
 PICTURES = 8  # held-out code grids shown with the prior's samples at each epoch's end (training.tensorboard)
@@ -36,6 +39,12 @@ class PriorManifest(TrainedManifest):
     @property
     def display_name(self) -> str:
         return self.level_name
+
+    def bits_per_code(self, codes: CodesManifest, storage_options: dict[str, Any] | None, rows: int,
+                      device: torch.device) -> float:
+        """This prior's held-out NLL on the first `rows` test rows of `codes`, in bits per code."""
+        prior = load_model(self, storage_options, device)
+        return held_out_bits_per_code(prior, self.level, codes.validation_batches(storage_options, rows, 128))
 
 
 class PriorSettings(Settings):
@@ -93,7 +102,7 @@ def prior_job(settings: PriorSettings, runtime: Runtime, codes: CodesManifest, a
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                           generator=private_generator(train_config.seed + level, epoch))
 
-    held_out = validation_batches(codes, options, VALIDATION_ROWS, batch_size)
+    held_out = codes.validation_batches(options, VALIDATION_ROWS, batch_size)
 
     def evaluate(model: vqvae2.PixelCNNPrior) -> dict[str, float]:
         return {"bits_per_code": held_out_bits_per_code(model, level, held_out)}
