@@ -276,8 +276,20 @@ def finish_codes(url: str, storage_options: StorageOptions = None) -> dict[str, 
                     f"{redact(url)}: split {split!r} row {row} (shard {shard}) was never written; "
                     "run write_codes for that shard, then finish_codes again"
                 )
+    _remove_unrenamed_chunks(url, storage_options)
     group.attrs["complete"] = True
     return dict(group.attrs)
+
+
+def _remove_unrenamed_chunks(url: str, storage_options: StorageOptions) -> None:
+    """Zarr's local store writes a chunk to ``<chunk>.<uuid>.partial`` and renames it; a writer
+    killed in between leaves that file, which nothing reads and a later write of the chunk
+    does not replace. Object stores write each object whole, so only a local group has them."""
+    fs, root = filesystem(url, storage_options)
+    if "file" not in fs.protocol:
+        return
+    for leftover in fs.glob(join(root, "**", "*.partial")):
+        fs.rm_file(leftover)
 
 
 def read_codes_info(url: str, storage_options: StorageOptions = None) -> dict[str, Any]:

@@ -130,6 +130,22 @@ def test_missing_shard_keeps_the_codes_incomplete(tmp_path):
     assert finish_codes(url)["complete"] is True
 
 
+def test_a_chunk_write_killed_before_its_rename_leaves_no_file_in_the_finished_codes(tmp_path):
+    """Zarr writes a local chunk to a temporary `.partial` file, then renames it: a writer
+    killed in between leaves that file, and the shard's next write does not replace it."""
+    url = str(tmp_path / "codes.zarr")
+    create_codes(url, {"train": SHARDS["train"]}, LEVELS)
+    for shard in range(len(SHARDS["train"])):
+        _write_shard(url, "train", shard)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    killed = tmp_path / "codes.zarr/train/level1/c/3/0/0.843d01227c58485284c51fd729fac30e.partial"
+    killed.write_bytes(b"half a chunk")
+    _write_shard(url, "train", 3)  # the retry of the killed writer
+    assert finish_codes(url)["complete"] is True
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == before
+    assert [len(level) for level in CodeDataset(url)[339][0]] == [h for h, _ in LEVELS]
+
+
 @pytest.mark.parametrize("damage, key", [
     ("truncate", "train/level1/c/3/0/0"),
     ("overwrite", "train/labels/c/2"),  # same size, one byte changed
