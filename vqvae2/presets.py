@@ -96,13 +96,15 @@ def fashion_mnist_gpu() -> ModelConfig:
                         cond_channels=128, cond_res_blocks=4),
         ),
         classifier=ClassifierConfig(widths=(64, 128, 256), blocks_per_stage=2, dropout=0.1),
-        # About 6.4 epochs of the 60,000 training images for the autoencoder, 10.7 for each
-        # prior, 4.3 for each classifier. Precision and layout as measured fastest on an H100
-        # (benchmarks/bench_precision.py): the autoencoder in bf16 and channels_last (1.18x
-        # fp32), the priors in fp32 (bf16 0.85x for the top one at this width: more kernels).
-        train_autoencoder=TrainConfig(steps=3000, batch_size=128, lr=1e-3, warmup_steps=200, channels_last=True),
-        train_prior=TrainConfig(steps=5000, batch_size=128, lr=1e-3, warmup_steps=200, amp="off"),
-        train_classifier=TrainConfig(steps=2000, batch_size=128, lr=1e-3, warmup_steps=100),
+        # About 3.2 epochs of the 60,000 training images for the autoencoder, 4.3 for each
+        # prior, 2.1 for each classifier (`fashion-mnist` trains each model for 1 to 1.6): so
+        # the whole pipeline takes about 8 minutes on one H100 (benchmarks/gpu_estimate.py).
+        # Precision and layout as measured fastest on an H100 (benchmarks/bench_precision.py):
+        # the autoencoder in bf16 and channels_last (1.18x fp32), the priors in fp32 (bf16
+        # 0.85x for the top one at this width: more kernels).
+        train_autoencoder=TrainConfig(steps=1500, batch_size=128, lr=1e-3, warmup_steps=200, channels_last=True),
+        train_prior=TrainConfig(steps=2000, batch_size=128, lr=1e-3, warmup_steps=200, amp="off"),
+        train_classifier=TrainConfig(steps=1000, batch_size=128, lr=1e-3, warmup_steps=100),
     )
 
 
