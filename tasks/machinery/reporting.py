@@ -201,8 +201,8 @@ def publish_markdown(key: str, markdown: str, description: str) -> None:
         create_markdown_artifact(key=config_ui_key(key), markdown=markdown, description=description)
 
 
-# P(not first) after n tries is ((k-1)/k)^n for k artifacts: for 12, 0.4% after 64 tries (seen
-# in CI) and 1e-15 after 400. A try is one create and one delete; about k tries are taken.
+# P(not first) after n tries is ((k-1)/k)^n for k artifacts: for 12, 0.4% after 64 tries and
+# 1e-15 after 400. A try is one create and one delete; about k tries are taken.
 MAX_TRIES_TO_LEAD = 400
 
 
