@@ -71,9 +71,9 @@ def _pipeline_on_dask(config: PipelineConfig) -> Any:
 
 def _pipeline(config: PipelineConfig) -> Any:
     if config.runner.dask_address:
-        from prefect_dask import DaskTaskRunner
+        from tasks.machinery.dask import ByReferenceDaskTaskRunner
 
-        runner = DaskTaskRunner(address=config.runner.dask_address)
+        runner = ByReferenceDaskTaskRunner(address=config.runner.dask_address)
         return _pipeline_on_dask.with_options(task_runner=runner)(config)
     return run_pipeline(config)
 

@@ -141,8 +141,14 @@ def _without_volatile(value):
     return value
 
 
-def differences(ours: Path, theirs: Path) -> dict[str, list[str]]:
-    """What differs between two roots: files only one has, and files whose content differs."""
+def differences(ours: Path, theirs: Path, within: list[str] | None = None) -> dict[str, list[str]]:
+    """What differs between two roots: files only one has, and files whose content differs;
+    only the files and folders `within` names (paths relative to the roots), if given."""
     mine, other = root_contents(ours), root_contents(theirs)
+    if within is not None:
+        def inside(rel: str) -> bool:
+            return any(rel == path or rel.startswith(f"{path}/") for path in within)
+
+        mine, other = ({rel: v for rel, v in found.items() if inside(rel)} for found in (mine, other))
     return {"only here": sorted(set(mine) - set(other)), "missing": sorted(set(other) - set(mine)),
             "differ": sorted(rel for rel in mine.keys() & other.keys() if mine[rel] != other[rel])}

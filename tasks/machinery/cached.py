@@ -156,6 +156,63 @@ def _is_done(marker: UnitMarker) -> bool:
         return False
 
 
+class UnitFunction:
+    """What a cached unit's task runs: `fn(**params)`, unless its marker (`locate(**params)`)
+    says the work is done, then what the marker holds; its marker written after `fn`.
+
+    Sent to a Dask worker by reference, never by value: pickle names it as the `fn` of the
+    module-level task it belongs to (`tasks.stages.sample.sample_batch.fn`), which the worker
+    imports. By value it would drag its module's globals along, and some of torch's do not
+    pickle. A unit defined anywhere but at a module's top level cannot leave its process."""
+
+    # Its own state in slots: Prefect copies a task function's `__dict__` (its name, module,
+    # signature) onto the task, which travels by value.
+    __slots__ = ("_fn", "_locate", "_pickled", "_signature", "__dict__")
+
+    def __init__(self, fn: Callable[..., Any], locate: Callable[..., UnitMarker], pickled: bool) -> None:
+        functools.update_wrapper(self, fn)
+        self._fn, self._locate, self._pickled = fn, locate, pickled
+        self._signature = inspect.signature(fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        marker = self._locate(**self._signature.bind(*args, **kwargs).arguments)
+        try:
+            done = marker.read()
+        except ManifestError as err:
+            logger().warning(f"{err}: recomputing it")
+            done = None
+        if done is not None:
+            logger().info(f"{redact(marker.url)} is complete: nothing to do")
+            return done
+        result = self._fn(*args, **kwargs)
+        marker.write(result)
+        return result
+
+    def cache_key(self, context: Any, parameters: dict[str, Any]) -> str | None:
+        """The unit's Prefect cache key: the path of its record under the root."""
+        if self._pickled:
+            # Kept in the worker's own result storage, never under the root: whoever can
+            # write a root must not get to unpickle objects into the flow. Named after the
+            # marker's whole URL, since that storage serves every root.
+            return "vqvae2-pickled/" + hashlib.sha256(self._locate(**parameters).url.encode()).hexdigest()[:32]
+        storage = context.result_store.result_storage if context and context.result_store else None
+        if not isinstance(storage, CacheRecords):
+            return None  # called without `with_records`: the marker alone decides
+        marker = self._locate(**parameters)
+        try:
+            if not _is_done(marker):
+                storage.drop(marker.record)
+        except Exception as err:  # noqa: BLE001 - the unit's own run meets the error, and reports it
+            # The storage cannot be reached now (a network error of any client library):
+            # the unit itself meets the error and is retried. Without a key Prefect would
+            # keep no record of its result.
+            logger().warning(f"could not check {redact(marker.url)} ({type(err).__name__}): the unit will tell")
+        return marker.record
+
+    def __reduce__(self) -> str:
+        return f"{self.__qualname__}.fn"
+
+
 def cached_unit(
     *,
     locate: Callable[..., UnitMarker],
@@ -166,52 +223,17 @@ def cached_unit(
     pickled: bool = False,
     **task_options: Any,
 ):
-    """Decorate `fn(**params) -> result` into a cached Prefect task; `locate(**params)` is its marker.
+    """Decorate `fn(**params) -> result` into a cached Prefect task; `locate(**params)` is its
+    marker. Bind the task to `fn`'s own name at a module's top level: that is how it is
+    found on a Dask worker (`UnitFunction`).
 
     Results are kept as JSON under the root (`with_records`); a `pickled` one (a result
     JSON cannot hold) is kept in the worker's own Prefect result storage instead."""
 
     def decorate(fn: Callable[..., Any]) -> Task:
-        signature = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            params = signature.bind(*args, **kwargs).arguments
-            marker = locate(**params)
-            try:
-                done = marker.read()
-            except ManifestError as err:
-                logger().warning(f"{err}: recomputing it")
-                done = None
-            if done is not None:
-                logger().info(f"{redact(marker.url)} is complete: nothing to do")
-                return done
-            result = fn(*args, **kwargs)
-            marker.write(result)
-            return result
-
-        def cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
-            if pickled:
-                # Kept in the worker's own result storage, never under the root: whoever can
-                # write a root must not get to unpickle objects into the flow. Named after the
-                # marker's whole URL, since that storage serves every root.
-                return "vqvae2-pickled/" + hashlib.sha256(locate(**parameters).url.encode()).hexdigest()[:32]
-            storage = context.result_store.result_storage if context and context.result_store else None
-            if not isinstance(storage, CacheRecords):
-                return None  # called without `with_records`: the marker alone decides
-            marker = locate(**parameters)
-            try:
-                if not _is_done(marker):
-                    storage.drop(marker.record)
-            except Exception as err:  # noqa: BLE001 - the unit's own run meets the error, and reports it
-                # The storage cannot be reached now (a network error of any client library):
-                # the unit itself meets the error and is retried. Without a key Prefect would
-                # keep no record of its result.
-                logger().warning(f"could not check {redact(marker.url)} ({type(err).__name__}): the unit will tell")
-            return marker.record
-
+        unit = UnitFunction(fn, locate, pickled)
         return task(
-            run, name=name, task_run_name=task_run_name, cache_key_fn=cache_key, persist_result=True,
+            unit, name=name, task_run_name=task_run_name, cache_key_fn=unit.cache_key, persist_result=True,
             result_serializer="pickle" if pickled else "json", retries=retries, retry_delay_seconds=retry_delay_seconds,
             retry_jitter_factor=RETRY_JITTER, retry_condition_fn=retry_unless_permanent, **task_options,
         )
