@@ -89,9 +89,13 @@ def build_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
 
 
 def checked_config(args: argparse.Namespace):
-    """The config, with its source checked (`PipelineConfig.check_source`): a missing one, or a
-    server that does not answer, fails here in seconds, before Prefect starts."""
+    """The config, with its source checked (`PipelineConfig.check_source`): a missing one, a
+    server that does not answer, or a Dask runner without a Prefect server fails here in
+    seconds, before Prefect starts."""
+    from tasks.machinery.dask import check_dask_runner
+
     config = build_config(args)
+    check_dask_runner(config.runner.dask_address)
     config.check_source()
     return config
 

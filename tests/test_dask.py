@@ -77,6 +77,17 @@ def test_a_task_that_cannot_be_sent_is_refused_naming_it_and_the_object():
         assert "\n" not in message and ("local_count" in message or "lambda" in message), message
 
 
+def test_a_dask_run_without_a_prefect_server_is_refused_before_anything_starts(tmp_path):
+    """In ephemeral mode every worker process would start a temporary Prefect server of its own."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--root",
+                           str(tmp_path / "root"), "--set", "runner.dask_address=tcp://127.0.0.1:8786"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "runner.dask_address is tcp://127.0.0.1:8786, but Prefect runs without a server" in done.stderr
+    assert "PREFECT_API_URL" in done.stderr and not (tmp_path / "root").exists()
+
+
 @pytest.fixture(scope="module")
 def dask_cluster(tmp_path_factory):
     """(scheduler address, the workers' pids, their log): a scheduler and two single-threaded

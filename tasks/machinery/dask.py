@@ -7,6 +7,10 @@ the pipeline sends is meant to pickle by reference (tasks are module-level objec
 arguments typed configs and manifests), so this runner checks each submission with plain
 `pickle` first and refuses what would not pickle in one line, naming the task and the
 object, instead of Dask's "Could not serialize object of type LLGExpr".
+
+The workers record their task runs through the flow's Prefect API, so a run on Dask needs
+a Prefect server they reach (`PREFECT_API_URL`): in Prefect's ephemeral mode every worker
+process would start a temporary server of its own, and leave it running if killed.
 """
 from __future__ import annotations
 
@@ -14,8 +18,19 @@ import pickle
 from typing import Any
 
 from prefect.futures import PrefectFuture
+from prefect.settings import get_current_settings
 from prefect.utilities.collections import visit_collection
 from prefect_dask import DaskTaskRunner
+
+
+def check_dask_runner(dask_address: str | None) -> None:
+    """Refuse a Dask run without a Prefect server, before anything starts."""
+    if dask_address and not get_current_settings().api.url:
+        raise ValueError(
+            f"runner.dask_address is {dask_address}, but Prefect runs without a server here (no PREFECT_API_URL): "
+            "each Dask worker process would start a temporary Prefect server of its own. Start one the workers "
+            "reach (`prefect server start --host 0.0.0.0`) and set PREFECT_API_URL=http://HOST:4200/api for this "
+            "run, or leave runner.dask_address unset to run on this machine's thread pool")
 
 
 class NotSendable(TypeError):

@@ -18,6 +18,7 @@ from prefect.futures import PrefectFuture
 
 from ..config import PipelineConfig, Runtime
 from ..manifests import Manifest
+from ..machinery.dask import check_dask_runner
 from ..machinery.devices import on_this_machine
 from ..stage import SOURCE, Needs, Settings, Stage
 # The stage modules (`tasks/stages/<name>.py`, each declaring its `STAGE`), in the order a
@@ -49,6 +50,7 @@ def _anywhere(instance: str) -> ContextManager[None]:
 def check_before_run(config: PipelineConfig, within: Within = _anywhere) -> None:
     """Every stage's check on what `config` alone shows: before a run waits for its turn or
     starts anything."""
+    check_dask_runner(config.runner.dask_address)
     for stage in STAGES:
         if stage.check is not None:
             with within(stage.name):
