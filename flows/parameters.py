@@ -61,15 +61,16 @@ def sections_of(config: PipelineConfig) -> dict[str, Any]:
     return {name: getattr(config, name) for name in SECTIONS}
 
 
-def taking_sections(run: Callable[[PipelineConfig], T], name: str, summary: str) -> Callable[..., T]:
-    """A function with a parameter per config section that runs `run` on their config."""
+def taking_sections(run: Callable[[PipelineConfig], T]) -> Callable[..., T]:
+    """`run(config)` as a function with a parameter per config section, as a flow takes them:
+    its name, and its docstring with each section's description added."""
 
     def from_sections(*args: Any, **sections: Any) -> T:
         bound = SIGNATURE.bind(*args, **sections)
         return run(config_of(bound.arguments))
 
     from_sections.__signature__ = SIGNATURE  # what Prefect's form, and its validation, read
-    from_sections.__name__ = from_sections.__qualname__ = name
+    from_sections.__name__, from_sections.__qualname__ = run.__name__, run.__qualname__
     from_sections.__module__ = run.__module__
-    from_sections.__doc__ = f"{summary}\n\n{_args_doc()}"
+    from_sections.__doc__ = f"{inspect.getdoc(run) or ''}\n\n{_args_doc()}"
     return from_sections

@@ -461,7 +461,7 @@ class PipelineConfig(BaseModel):
         overrides = {k: v for k, v in self.overrides.items() if not (k == "num_classes" and v == AUTO)}
         return vqvae2.preset(self.preset, overrides)
 
-    # The number of classes, three ways (`tasks.stages.ingest.adopt_classes` applies them):
+    # The number of classes, three ways (`tasks.stages.ingest.with_dataset_classes` applies them):
     # - not set (the default): the preset's number when the dataset has that many classes, so
     #   Fashion-MNIST's configs keep their keys; otherwise the dataset's, as if set by hand;
     # - `auto`: always the dataset's, written into the config as if set by hand;

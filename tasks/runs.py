@@ -34,7 +34,6 @@ from .machinery.artifacts import ManifestError, read_typed
 if TYPE_CHECKING:
     from .config import PipelineConfig, Runtime
     from .stage import Stage
-    from .stages import Outputs
 
 M = TypeVar("M", bound=Manifest)
 
@@ -53,7 +52,7 @@ class RunRecord(Record):
     preset: str
     source: str  # the source's URL, or its kind when it has none (fashion-mnist)
     num_classes: int  # the model's, as the run took them from the data
-    config: dict[str, Any]  # the artifact-deciding fields of the config the run was given
+    config: dict[str, Any]  # the artifact-deciding fields of the config the run ran with (its classes taken)
     artifacts: dict[str, str]  # stage instance (train-priors[0]) -> its folder, relative to the root
     report: RootURL  # report.json
     markdown: RootURL  # report.md
@@ -80,17 +79,21 @@ def record_url(root: str, key: str) -> str:
     return join(root, DIRECTORY, f"{key}.json")
 
 
-def record_run(config: PipelineConfig, outputs: Outputs, runtime: Runtime) -> RunRecord:
-    """Record that `config` (as the run was given it) made the report `outputs` hold; written
-    only when it differs from the record already there."""
-    from .stages import FINAL, STAGES
+def record_run(config: PipelineConfig, runtime: Runtime, report: Manifest, source_digest: str) -> RunRecord:
+    """Record that `config` (resolved: the classes it took from the data) made `report` from
+    a source of content digest `source_digest`; written only when it differs from the record
+    already there. Each stage's folder is named from the config's keys, which a run's own
+    report must match."""
+    from .stages import FINAL, stage_keys
 
-    report = outputs.get(FINAL)
-    artifacts = {stage.instance(variant): from_root(outputs.get(stage, variant).url, runtime.root)
-                 for stage in STAGES for variant in stage.variants_of(outputs.config)}
+    keys = stage_keys(config, source_digest)
+    if keys[FINAL.name] != report.key:
+        raise AssertionError(f"the report {report.key} is not the one this config's keys name ({keys[FINAL.name]})")
+    directories = {stage.name: stage.directory for stage in _stages()}
+    artifacts = {instance: f"{directories[instance.partition('[')[0]]}/{key}" for instance, key in keys.items()}
     record = RunRecord(
         key=report.key, preset=config.preset, source=redact(config.source.url or config.source.resolved_kind),
-        num_classes=outputs.config.model.num_classes, config=recorded_config(config), artifacts=artifacts,
+        num_classes=config.model.num_classes, config=recorded_config(config), artifacts=artifacts,
         report=report.report, markdown=report.markdown, metrics=report.metrics,
     )
     url, options = record_url(runtime.root, record.key), runtime.storage_options
@@ -98,6 +101,12 @@ def record_run(config: PipelineConfig, outputs: Outputs, runtime: Runtime) -> Ru
     if not (exists(url, options) and read_bytes(url, options) == data):  # unchanged: not even touched
         write_bytes(url, data, options)
     return record
+
+
+def _stages() -> tuple[Stage, ...]:
+    from .stages import STAGES
+
+    return STAGES
 
 
 @dataclass(frozen=True)

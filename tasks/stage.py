@@ -13,10 +13,14 @@ The slice, its inputs' keys and the code version *are* the cache key: a stage's 
 receives its slice (`Settings`), never the whole config, so it cannot read a field
 the key misses, and a slice reads the config alone, never the machine, so one config has
 the same keys everywhere. Besides its slice, a stage may read only the `Runtime` (where
-artifacts live, how work runs), which by construction never changes an output. The
-pipeline flow, the stage flows, the CLI's stage list, `FinishedRun` and the keys of a
-config (`tasks.stages.stage_keys`) are all derived from the list of declarations
-(`tasks.stages.STAGES`): adding a stage is its module and one line there.
+artifacts live, how work runs), which by construction never changes an output.
+
+A flow calls a stage with the config and the outputs it takes, by name:
+`codes = ENCODE(config, runtime, dataset=dataset, autoencoder=autoencoder)`; `start`
+returns at once where the stage's work runs as a future (the trainings), `result()` waits.
+The pipeline flow (`flows.pipeline`) is those calls, written out; the list of declarations
+(`tasks.stages.STAGES`) gives the stage flows, the CLI's stage list, a finished run's
+artifacts and a config's keys.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from prefect.futures import PrefectFuture
 from pydantic import BaseModel, ConfigDict
 
 from storage.artifacts import artifact_key
@@ -36,6 +41,7 @@ from .config import PipelineConfig, Runtime
 from .manifests import Manifest
 from .machinery.artifacts import Artifact
 from .machinery.cached import cached_unit
+from .machinery.failure_report import failing_in
 
 M = TypeVar("M", bound=Manifest)
 
@@ -80,13 +86,22 @@ class Stage(Generic[M]):
     # Earlier stages its stage flow runs rather than requires (re-evaluating at other
     # acceptance rates needs samples at those rates); every other input must exist.
     makes_along: tuple[str, ...] = ()
-    # check(config, outputs) -> the config, completed by what the outputs show, or None for
-    # the config as it is; raises on a config this stage cannot run, naming what to change.
-    # Every run calls it twice: with outputs None before it takes its turn (what the config
-    # alone shows), then in stage order once the run's outputs can be had
-    # (`tasks.stages.Outputs`: `outputs.get(stage)` finds or makes the output of an earlier
-    # stage; `outputs.makes(STAGE)` says whether this stage will run at all).
-    check: Callable[[PipelineConfig, Any], PipelineConfig | None] | None = None
+    # check(config, dataset): raises on a config this stage cannot run, naming what to
+    # change; reads only what it is given, and writes nothing. Every run calls it twice:
+    # with dataset None before anything starts (what the config alone shows), then with
+    # the dataset's manifest once the ingest made it, before any training.
+    check: Callable[[PipelineConfig, Any], None] | None = None
+
+    def __call__(self, config: PipelineConfig, runtime: Runtime, variant: Any = None, **inputs: Any) -> M:
+        """This stage's output for `config` (one `variant` of a stage with variants), made
+        from `inputs` inside a flow (or found: Cached), once it is there."""
+        return self.start(config, runtime, variant, **inputs).result()
+
+    def start(self, config: PipelineConfig, runtime: Runtime, variant: Any = None, **inputs: Any) -> Started[M]:
+        """Start this stage: a training runs as a future beside what the flow does next."""
+        instance = self.instance(variant)
+        with failing_in(instance):
+            return Started(instance, self.run(self.settings_for(config, variant), runtime, **inputs))
 
     def variants_of(self, config: PipelineConfig) -> list[Any]:
         return self.variants(config) if self.variants else [None]
@@ -106,6 +121,18 @@ class Stage(Generic[M]):
     def artifact(self, settings: Settings, inputs: Mapping[str, Any], runtime: Runtime) -> Artifact:
         keys = {name: key_of(inputs[name]) for name in self.inputs}
         return Artifact(runtime.root, self.directory, self.key(settings, keys), dict(runtime.storage_options))
+
+
+@dataclass(frozen=True)
+class Started(Generic[M]):
+    """A stage's output, or a future of it; `result()` waits, an error naming the stage."""
+
+    instance: str
+    output: Any
+
+    def result(self) -> M:
+        with failing_in(self.instance):
+            return self.output.result() if isinstance(self.output, PrefectFuture) else self.output
 
 
 def key_of(value: Any) -> str:

@@ -5,7 +5,6 @@ the workers' processes, and the root ends as a thread-pool run's. What a worker 
 (every task, and the arguments a run hands them) pickles by reference, with plain pickle."""
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 import re
@@ -21,7 +20,7 @@ from pipeline_helpers import differences, smoke_config
 from tasks.config import Runtime
 from tasks.machinery.cached import cached_unit, with_records
 from tasks.machinery.dask import NotSendable, check_sendable
-from tasks.stages import STAGE_MODULES, STAGES
+from tasks.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 # Each task run's log line names the process it ran in.
@@ -31,8 +30,9 @@ MAPPED_UNIT = re.compile(r"pid (\d+) \| Task run '((?:ingest|encode)-(?:train|te
 
 
 def _stage_tasks() -> list[Task]:
-    modules = [importlib.import_module(f"tasks.stages.{name}") for name in STAGE_MODULES]
-    return [value for module in modules for value in vars(module).values() if isinstance(value, Task)]
+    modules = {sys.modules[stage.run.__module__] for stage in STAGES}
+    return sorted((value for module in modules for value in vars(module).values() if isinstance(value, Task)),
+                  key=lambda unit: unit.name)
 
 
 @pytest.mark.parametrize("unit", _stage_tasks(), ids=lambda unit: unit.name)

@@ -8,7 +8,7 @@ from flows.parameters import sections_of
 from flows.pipeline import STAGE_FLOWS, vqvae2_pipeline
 from storage.shards import ShardError
 from tasks.machinery.cached import RETRIES
-from tasks.machinery.failure_report import KEY, FailedStages, failure_markdown
+from tasks.machinery.failure_report import KEY, failed_stage, failing_in, failure_markdown
 from image_files import truncated_tars
 from pipeline_helpers import artifacts, smoke_config
 
@@ -47,12 +47,12 @@ def test_a_transient_error_is_reported_with_its_retries_and_without_credentials(
 
 def test_an_error_is_named_after_the_innermost_stage_it_left():
     """A stage awaiting another's output re-raises that one's error: it names the other."""
-    stages = FailedStages()
     error = ValueError("bad shard")
-    with pytest.raises(ValueError), stages.within("sample"), stages.within("train-priors[0]"):
+    with pytest.raises(ValueError), failing_in("sample"), failing_in("train-priors[0]"):
         raise error
-    assert stages.stage_of(error) == "train-priors[0]"
-    assert stages.stage_of(ValueError("bad shard")) is None  # by identity: an equal error is another
+    assert failed_stage(error) == "train-priors[0]"
+    assert error.__notes__ == ["in vqvae2 stage: train-priors[0]"]  # a traceback says so too
+    assert str(error) == "bad shard" and failed_stage(ValueError("bad shard")) is None
 
 
 # --- a field to set, named where the user reads it ------------------------------------------

@@ -106,6 +106,11 @@ def _installed(argv: list[str], home: Path, cwd: Path, timeout: float = 600,
     return done, time.monotonic() - started
 
 
+def _prefect_started(home: Path) -> bool:
+    """Whether Prefect started in the home a command ran with: its temporary server makes a database there."""
+    return any(home.glob("*.db"))
+
+
 def _files_holding(folder: Path, text: str) -> list[str]:
     """Every file under `folder` whose name or bytes hold `text`."""
     found = []
@@ -130,7 +135,7 @@ def test_a_secret_in_a_url_is_refused_at_once_and_kept_nowhere(tmp_path, args, f
     home, root = tmp_path / "prefect-home", tmp_path / "root"
     argv = ["run", "--preset", "smoke", *(["--root", str(root)] if "--root" not in args else []), *args]
     done, seconds = _installed(argv, home, cwd=tmp_path)
-    assert done.returncode == 2 and seconds < 5, (done.returncode, seconds, done.stderr)
+    assert done.returncode == 2 and not _prefect_started(home), (done.returncode, seconds, done.stderr)
     assert done.stderr.count("\n") == 1 and f"vqvae2: invalid configuration: {field} holds a user name or password" \
         in done.stderr, done.stderr
     assert SECRET not in done.stdout + done.stderr
@@ -270,12 +275,11 @@ def test_labels_counted_from_one_name_the_empty_class_zero(tmp_path):
 
 def test_a_missing_source_fails_at_once_naming_it(tmp_path, capsys):
     missing = tmp_path / "no" / "such" / "dir"
-    started = time.monotonic()
     err = _refused(capsys, ["run", "--preset", "smoke", "--root", str(tmp_path / "root"), "--source", str(missing)])
-    assert time.monotonic() - started < 3 and f"vqvae2: {missing}: not found (no such folder)" in err
+    assert f"vqvae2: {missing}: not found (no such folder)" in err
     done, seconds = _installed(["run", "--preset", "smoke", "--root", str(tmp_path / "root"), "--source",
                                 str(missing)], tmp_path / "home", cwd=tmp_path)
-    assert done.returncode == 2 and seconds < 5 and done.stderr == err, (seconds, done.stderr)
+    assert done.returncode == 2 and done.stderr == err and not _prefect_started(tmp_path / "home"), done.stderr
     assert not (tmp_path / "root").exists()  # before anything ran
 
 

@@ -14,7 +14,7 @@ from storage.checkpoints import load_checkpoint
 from tasks.fidelity import InceptionWeightsMissing
 from tasks.config import config_key
 from tasks.stages import FinishedRun, evaluate, sample, train_prior
-from tasks.stages.ingest import adopt_classes
+from tasks.stages.ingest import with_dataset_classes
 from pipeline_helpers import artifacts, smoke_config, snapshot, state_names, task_runs
 
 pytestmark = pytest.mark.slow
@@ -223,7 +223,7 @@ def test_a_dataset_of_other_classes_than_the_model_fails_after_ingest_before_any
     # default: the dataset's classes, as the smoke preset has another number).
     for overrides in ({"num_classes": 3}, {"num_classes": "auto"}, {}):
         fixed = smoke_config(str(root), source=source, overrides=overrides)
-        assert adopt_classes(ingest_flow(**sections_of(fixed)), fixed).model.num_classes == 3
+        assert with_dataset_classes(fixed, ingest_flow(**sections_of(fixed))).model.num_classes == 3
 
 
 @pytest.mark.parametrize("overrides, evaluate, error, message", [

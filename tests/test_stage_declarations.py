@@ -99,11 +99,27 @@ def test_a_stage_imports_no_other_stage():
     assert {stage: sorted(graph[stage] & stages) for stage in stages if graph[stage] & stages} == {}
 
 
-def test_the_pipeline_flow_names_no_stage_module():
-    imported = _imports(REPO / "flows" / "pipeline.py")
-    stage_modules = {_module_name(p) for p in (REPO / "tasks" / "stages").glob("*.py") if p.name != "__init__.py"}
-    assert not imported & stage_modules, sorted(imported & stage_modules)
-    assert "tasks.stages" in imported  # the stage list, and what is derived from it
+def test_the_pipeline_flow_names_every_stage_and_every_flow_is_found_by_its_name():
+    """The pipeline reads as the pipeline: each stage a named call in `run_stages`; each flow
+    prefect.yaml names is a module-level assignment or def; nothing is named at run time."""
+    import yaml
+
+    from tasks.stages import STAGES
+
+    tree = ast.parse((REPO / "flows" / "pipeline.py").read_text())
+    run_stages = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "run_stages")
+    called = {ast.unparse(node.func).split(".")[0] for node in ast.walk(run_stages) if isinstance(node, ast.Call)}
+    constants = {stage.name: stage.name.upper().replace("-", "_") for stage in STAGES}
+    assert set(constants.values()) <= called, sorted(set(constants.values()) - called)
+    defined = {target.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+               for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+               if isinstance(target, ast.Name)} | {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    entrypoints = {d["entrypoint"] for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    assert {entry.removeprefix("flows.pipeline.") for entry in entrypoints} <= defined
+    assert {f"{name.replace('-', '_')}_flow" for name in constants} <= defined
+    made_at_run_time = subprocess.run(["grep", "-rn", r"globals()\|import_module", "flows", "tasks"], cwd=REPO,
+                                      capture_output=True, text=True).stdout
+    assert made_at_run_time == ""
 
 
 # --- keys -----------------------------------------------------------------------------------
@@ -155,7 +171,7 @@ TOY_STAGE = '''
     """A toy stage: the train split's images per class, from the dataset's manifest."""
     from __future__ import annotations
 
-    from typing import Any
+    from typing import TYPE_CHECKING, Any
 
     from storage.fsutil import write_json
 
@@ -164,7 +180,9 @@ TOY_STAGE = '''
     from ..machinery.cached import with_records
     from ..manifests import Manifest
     from ..stage import Needs, Settings, Stage, stage_task
-    from .ingest import DatasetManifest
+
+    if TYPE_CHECKING:  # what it takes, for annotations only: a stage never imports another
+        from .ingest import DatasetManifest
 
 
     class CountsManifest(Manifest):
@@ -196,15 +214,14 @@ TOY_STAGE = '''
 TOY_CHECK = '''
     import json, subprocess, sys
     from flows.parameters import sections_of
-    from flows.pipeline import STAGE_FLOWS, vqvae2_pipeline
+    from flows.pipeline import count_images_flow, vqvae2_pipeline
     from pipeline_helpers import smoke_config, state_names
-    from tasks.stages import FinishedRun, stage_keys
-    from tasks.stages import count_images
+    from tasks.stages import COUNT_IMAGES, FinishedRun, stage_keys
 
     config = smoke_config(sys.argv[1])
     state = vqvae2_pipeline(**sections_of(config), return_state=True)
-    counts = FinishedRun(config).get(count_images.STAGE)
-    again = STAGE_FLOWS["count-images"](**sections_of(config))
+    counts = FinishedRun(config).get(COUNT_IMAGES)
+    again = count_images_flow(**sections_of(config))
     cli = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "--help"], capture_output=True, text=True)
     print(json.dumps({"state": state.type.value, "tasks": state_names(state.state_details.flow_run_id),
                       "counts": counts.counts, "url": counts.url, "again": again.key == counts.key,
@@ -212,11 +229,31 @@ TOY_CHECK = '''
 '''
 
 
-def test_a_stage_added_is_its_module_and_one_line(smoke_run, tmp_path):
-    """A copy of the project with a toy stage: its module, and its name in the stage list. It
-    runs on another machine, as it were (a fresh PREFECT_HOME and its own Prefect server), on a
-    copy of the smoke run's root: every task there is found Cached under the root, and nothing
-    but the new stage's folder is written."""
+# A stage added: its place in the stage list, its call in the pipeline, its flow.
+TOY_EDITS = {
+    "tasks/stages/__init__.py": [
+        ("from .ingest import DatasetManifest, with_dataset_classes\n",
+         "from .ingest import DatasetManifest, with_dataset_classes\nfrom .count_images import STAGE as COUNT_IMAGES\n"),
+        ("STAGES: tuple[Stage, ...] = (INGEST, ", "STAGES: tuple[Stage, ...] = (INGEST, COUNT_IMAGES, "),
+    ],
+    "flows/pipeline.py": [
+        ("from tasks.stages import (\n", "from tasks.stages import (\n    COUNT_IMAGES,\n"),
+        ("    config = with_dataset_classes(config, dataset)  # the config the run records\n",
+         "    config = with_dataset_classes(config, dataset)  # the config the run records\n"
+         "    COUNT_IMAGES(config, runtime, dataset=dataset)\n"),
+        ("ingest_flow = STAGE_FLOWS[INGEST.name]\n",
+         "ingest_flow = STAGE_FLOWS[INGEST.name]\ncount_images_flow = STAGE_FLOWS[COUNT_IMAGES.name]\n"),
+    ],
+}
+
+
+@pytest.mark.slow
+def test_a_stage_added_is_its_module_its_place_in_the_list_and_its_call_in_the_flow(smoke_run, tmp_path):
+    """A copy of the project with a toy stage: its module, its place in the stage list, its
+    call in the pipeline flow and its stage flow's name (four lines added, two changed). It runs on another machine, as
+    it were (a fresh PREFECT_HOME and its own Prefect server), on a copy of the smoke run's
+    root: every task there is found Cached under the root, and nothing but the new stage's
+    folder is written."""
     from pipeline_helpers import snapshot
 
     config, root, _ = smoke_run
@@ -228,10 +265,15 @@ def test_a_stage_added_is_its_module_and_one_line(smoke_run, tmp_path):
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, copy / name)
     (copy / "tasks" / "stages" / "count_images.py").write_text(textwrap.dedent(TOY_STAGE))
-    listing = copy / "tasks" / "stages" / "__init__.py"
-    before = listing.read_text()
-    listing.write_text(before.replace('    "ingest",\n', '    "ingest",\n    "count_images",\n', 1))
-    assert len(set(listing.read_text().splitlines()) - set(before.splitlines())) == 1  # one line added, nothing else
+    added = 0
+    for name, edits in TOY_EDITS.items():
+        before = text = (copy / name).read_text()
+        for old, new in edits:
+            assert text.count(old) == 1, (name, old)
+            text = text.replace(old, new)
+        (copy / name).write_text(text)
+        added += len(text.splitlines()) - len(before.splitlines())
+    assert added <= 4  # and two lines changed
 
     moved = tmp_path / "root"
     shutil.copytree(root, moved)

@@ -239,22 +239,22 @@ def _dataset(class_names: list[str]):
 @pytest.mark.parametrize("preset", sorted(KEYS_BEFORE_AUTO_CLASSES))
 def test_a_default_config_on_fashion_mnist_keeps_its_keys_and_its_run_lease(preset):
     from tasks.machinery.exclusive import run_limit
-    from tasks.stages.ingest import adopt_classes
+    from tasks.stages.ingest import with_dataset_classes
 
     keys, lease = KEYS_BEFORE_AUTO_CLASSES[preset]
     config = pipeline_config(preset, storage={"root": "/tmp/vqvae2-keys"})
     assert "num_classes" not in config.overrides and not config.classes_from_data and not config.classes_fixed
     assert stage_keys(config) == keys and run_limit(config) == lease
     fashion_mnist = _dataset([str(i) for i in range(10)])  # the preset's 10 classes: the config stays itself
-    assert adopt_classes(fashion_mnist, config) is config
+    assert with_dataset_classes(config, fashion_mnist) is config
 
 
 @pytest.mark.parametrize("names, taken", [(["cat", "dog", "emu"], 3), ([], 0), (["only"], 0)])
 def test_a_default_config_takes_other_classes_from_the_data_with_the_keys_of_that_number_set_by_hand(names, taken):
-    from tasks.stages.ingest import adopt_classes
+    from tasks.stages.ingest import with_dataset_classes
 
     config = pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"})
-    adopted = adopt_classes(_dataset(names), config)
+    adopted = with_dataset_classes(config, _dataset(names))
     assert adopted.model.num_classes == taken
     by_hand = pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"}, overrides={"num_classes": taken})
     assert stage_keys(adopted) == stage_keys(by_hand)
@@ -262,10 +262,10 @@ def test_a_default_config_takes_other_classes_from_the_data_with_the_keys_of_tha
 
 @pytest.mark.parametrize("fixed, names", [(10, ["cat", "dog", "emu"]), (10, []), (3, [str(i) for i in range(10)])])
 def test_a_number_of_classes_set_by_hand_is_checked_against_the_data(fixed, names):
-    from tasks.stages.ingest import adopt_classes
+    from tasks.stages.ingest import with_dataset_classes
 
     config = pipeline_config("smoke", overrides={"num_classes": fixed})
     with pytest.raises(ValueError, match=rf"but the model has num_classes={fixed} "):
-        adopt_classes(_dataset(names), config)
+        with_dataset_classes(config, _dataset(names))
     unconditional = pipeline_config("smoke", overrides={"num_classes": 0})  # 0 forces unconditional priors
-    assert adopt_classes(_dataset(names), unconditional) is unconditional
+    assert with_dataset_classes(unconditional, _dataset(names)) is unconditional

@@ -63,34 +63,34 @@ def publish_failure(error: BaseException, stage: str | None) -> None:
         logger().warning(f"could not publish the failure report: {type(err).__name__}: {first_line(err)}")
 
 
-class FailedStages:
-    """Which stage each error raised in a run came from: the innermost stage it passed
-    through first (a stage waiting on the output of another re-raises that one's error)."""
-
-    def __init__(self) -> None:
-        self._seen: list[tuple[BaseException, str]] = []  # identity, not equality: errors may compare equal
-
-    def stage_of(self, error: BaseException) -> str | None:
-        return next((stage for seen, stage in self._seen if seen is error), None)
-
-    @contextlib.contextmanager
-    def within(self, stage: str) -> Iterator[None]:
-        """Errors leaving this block come from `stage`, unless an inner block named theirs."""
-        try:
-            yield
-        except Exception as error:
-            if self.stage_of(error) is None:
-                self._seen.append((error, stage))
-            raise
+STAGE_NOTE = "in vqvae2 stage: "  # the note `failing_in` adds to an error; a traceback shows it too
 
 
 @contextlib.contextmanager
-def reported_failure(stages: FailedStages | str | None = None) -> Iterator[None]:
-    """Publish the failure artifact of an error leaving this block, then re-raise it unchanged:
-    the run still ends Failed with its own error. `stages` names the stage (or tracks them)."""
+def failing_in(stage: str) -> Iterator[None]:
+    """Errors leaving this block come from `stage` (noted on the error, PEP 678), unless an
+    inner block named theirs: a stage waiting on another's output re-raises that one's error."""
     try:
         yield
     except Exception as error:
-        stage = stages.stage_of(error) if isinstance(stages, FailedStages) else stages
-        publish_failure(error, stage)
+        if failed_stage(error) is None:
+            error.add_note(f"{STAGE_NOTE}{stage}")
+        raise
+
+
+def failed_stage(error: BaseException) -> str | None:
+    """The stage `error` came from, if a `failing_in` block named it."""
+    notes = getattr(error, "__notes__", ())
+    return next((note.removeprefix(STAGE_NOTE) for note in notes if note.startswith(STAGE_NOTE)), None)
+
+
+@contextlib.contextmanager
+def reported_failure(stage: str | None = None) -> Iterator[None]:
+    """Publish the failure artifact of an error leaving this block, then re-raise it unchanged:
+    the run still ends Failed with its own error. It names the stage a `failing_in` block
+    noted, else `stage`."""
+    try:
+        yield
+    except Exception as error:
+        publish_failure(error, failed_stage(error) or stage)
         raise

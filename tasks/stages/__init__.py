@@ -1,139 +1,126 @@
-"""The stages of the pipeline, in the order a run starts them, and what is derived from
-their declarations: the keys of a config's artifacts (`stage_keys`), and `Outputs`, the
-outputs of one config's stages, found (`FinishedRun`) or produced (the flows).
+"""The stages of the pipeline, in the order a run starts them, and what follows from their
+declarations: their checks (`check_stages`), the keys of a config's artifacts
+(`stage_keys`), and the artifacts of a finished run (`FinishedRun`).
 
-The order lets work overlap: the classifiers need only images, so they start (as
-futures) before the autoencoder trains; the priors of all levels start together. The last
-stage's output is the run's result: its report (`FINAL`).
+The pipeline flow (`flows.pipeline`) calls the stages by these names. The order lets work
+overlap: the classifiers need only images, so they start (as futures) before the
+autoencoder trains; the priors of all levels start together. The last stage's output is
+the run's result: its report (`FINAL`). A new stage is its module, its line here, and its
+call in the flow.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection
 from functools import cached_property
-from typing import Any, ContextManager, TypeVar
-
-from prefect.futures import PrefectFuture
+from typing import Any, TypeVar
 
 from ..config import PipelineConfig, Runtime
-from ..manifests import Manifest
-from ..machinery.dask import check_dask_runner
 from ..machinery.devices import on_this_machine
-from ..stage import SOURCE, Needs, Settings, Stage
-# The stage modules (`tasks/stages/<name>.py`, each declaring its `STAGE`), in the order a
-# run starts them: a new stage is its module and one line here.
-STAGE_MODULES = (
-    "ingest",
-    "train_classifier",
-    "train_autoencoder",
-    "encode",
-    "train_prior",
-    "sample",
-    "evaluate",
-)
-STAGES: tuple[Stage, ...] = tuple(importlib.import_module(f"{__name__}.{name}").STAGE for name in STAGE_MODULES)
+from ..machinery.failure_report import failing_in
+from ..manifests import Manifest
+from ..stage import SOURCE, Needs, Stage, Started
+from . import encode, evaluate, ingest, sample, train_autoencoder, train_classifier, train_prior
+from .ingest import DatasetManifest, with_dataset_classes
+
+INGEST = ingest.STAGE
+TRAIN_CLASSIFIERS = train_classifier.STAGE
+TRAIN_AUTOENCODER = train_autoencoder.STAGE
+ENCODE = encode.STAGE
+TRAIN_PRIORS = train_prior.STAGE
+SAMPLE = sample.STAGE
+EVALUATE = evaluate.STAGE
+STAGES: tuple[Stage, ...] = (INGEST, TRAIN_CLASSIFIERS, TRAIN_AUTOENCODER, ENCODE, TRAIN_PRIORS, SAMPLE, EVALUATE)
 BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
 FINAL: Stage = STAGES[-1]  # what a pipeline run ends with and returns
 
 M = TypeVar("M", bound=Manifest)
-# (stage, variant, its settings, its inputs) -> its output, or a future of it
-Producer = Callable[[Stage, Any, Settings, dict[str, Any]], Any]
-# A stage instance's name (train-priors[0]) -> the context its work and waits run in
-Within = Callable[[str], ContextManager[Any]]
+
+__all__ = ["BY_NAME", "ENCODE", "EVALUATE", "FINAL", "INGEST", "SAMPLE", "STAGES", "TRAIN_AUTOENCODER",
+           "TRAIN_CLASSIFIERS", "TRAIN_PRIORS", "FinishedRun", "check_stages", "stage_keys", "with_dataset_classes"]
 
 
-def _anywhere(instance: str) -> ContextManager[None]:
-    return contextlib.nullcontext()
-
-
-def check_before_run(config: PipelineConfig, within: Within = _anywhere) -> None:
-    """Every stage's check on what `config` alone shows: before a run waits for its turn or
-    starts anything."""
-    check_dask_runner(config.runner.dask_address)
-    for stage in STAGES:
+def check_stages(config: PipelineConfig, dataset: DatasetManifest | None = None,
+                 stages: Collection[Stage] = STAGES) -> None:
+    """The checks of `stages` on `config`: before anything runs (`dataset` None: what the
+    config alone shows), then with the dataset, before any training. They only read."""
+    for stage in stages:
         if stage.check is not None:
-            with within(stage.name):
-                stage.check(config, None)
+            with failing_in(stage.name):
+                stage.check(config, dataset)
 
 
-class Outputs:
-    """The outputs of one config's stages, by stage and variant, each obtained once through
-    `produce` (find it, or run it) after the outputs it takes. `within(instance)` wraps the
-    production and the wait of each (the flows name the failing stage with it); `makes`
-    names the stages `produce` runs rather than finds (None: all of them)."""
+def stage_keys(config: PipelineConfig, source_digest: str) -> dict[str, str]:
+    """The artifact key of every stage (and variant) a run of `config` makes from a source
+    with content digest `source_digest`, from the declarations alone: an input's key is all
+    a stage's key takes from it."""
+    if config.classes_from_data:
+        raise ValueError("num_classes is auto: the keys depend on the dataset's classes; pass config.with_classes(n)")
+    keys: dict[str, str] = {}
 
-    def __init__(self, config: PipelineConfig, produce: Producer, source: Any = None, within: Within = _anywhere,
-                 makes: Collection[str] | None = None) -> None:
-        self.config, self._produce, self._within = config, produce, within
-        self._source = source
-        self._makes = None if makes is None else frozenset(makes)
-        self._outputs: dict[tuple[str, Any], Any] = {}
+    def key_of(needs: Needs) -> str:
+        if needs == SOURCE:
+            return source_digest
+        producer = BY_NAME[needs.stage]
+        if needs.variant is None:
+            return ",".join(keys[producer.instance(v)] for v in producer.variants_of(config))
+        return keys.get(producer.instance(needs.variant), "")  # an optional variant this config does not make
+
+    for stage in STAGES:
+        for variant in stage.variants_of(config):
+            inputs = {name: key_of(needs) for name, needs in stage.inputs.items()}
+            keys[stage.instance(variant)] = stage.key(stage.settings_for(config, variant), inputs)
+    return keys
+
+
+class FinishedRun:
+    """Every artifact of a finished run of `config`, found (never computed) from the config's
+    keys, each once, in pipeline order; a missing one is an error naming the stage to run.
+    The stages named in `make` are run instead (inside a flow: a stage flow runs its own
+    stage this way, Cached when its artifact exists), after their checks. The config takes
+    the dataset's classes, as the run did."""
+
+    def __init__(self, config: PipelineConfig, make: Collection[str] = ()) -> None:
+        self.make = frozenset(make)
+        self.config = on_this_machine(config)
+        self._outputs: dict[str, Any] = {}
+        dataset = self.get(INGEST)
+        self.config = with_dataset_classes(self.config, dataset)
+        check_stages(self.config, dataset, [stage for stage in STAGES if stage.name in self.make])
 
     @cached_property
     def runtime(self) -> Runtime:
         """Where the artifacts are, with the credentials to read them (read when first needed)."""
         return Runtime.of(self.config)
 
-    @cached_property
-    def source(self) -> Any:
-        """The data source (its content digest is the dataset's key input)."""
-        return self._source if self._source is not None else self.config.build_source()
-
-    def makes(self, stage: Stage) -> bool:
-        return self._makes is None or stage.name in self._makes
-
-    def check(self) -> None:
-        """Every stage's check, in stage order, on the config and the outputs it reads. A check
-        that completes the config (the dataset's classes) replaces it: outputs already had
-        whose settings or inputs differ under the new config are dropped, to be had again."""
-        for stage in STAGES:
-            if stage.check is None:
-                continue
-            with self._within(stage.name):
-                config = stage.check(self.config, self)
-            if config is not None and config != self.config:
-                self._replace_config(config)
-
-    def start(self, stage: Stage) -> None:
-        """Produce every variant of `stage`, not waiting for those that return futures."""
-        for variant in stage.variants_of(self.config):
-            self._start(stage, variant)
-
     def get(self, stage: Stage[M], variant: Any = None) -> M:
-        """The output of `stage` (of one variant of a stage with variants), waiting for it if needed."""
+        """The output of `stage` (of one variant of a stage with variants)."""
         if stage.variants is not None and variant is None:
             raise TypeError(f"{stage.name} has variants: ask for one, or for every(stage)")
-        return self._get(stage, variant)
+        return self._started(stage, variant).result()
 
     def every(self, stage: Stage[M]) -> list[M]:
-        """The outputs of every variant of `stage` (the one output of a stage without variants)."""
-        return [self._get(stage, variant) for variant in stage.variants_of(self.config)]
+        """The outputs of every variant of `stage` (made side by side), or its one output."""
+        started = [self._started(stage, variant) for variant in stage.variants_of(self.config)]
+        return [output.result() for output in started]
 
     def inputs(self, stage: Stage) -> dict[str, Any]:
+        """What `stage` takes, by the names of its declaration."""
         return {name: self._input(needs) for name, needs in stage.inputs.items()}
 
-    def input(self, stage: Stage, name: str) -> Any:
-        """One input of `stage` (its `name` in the stage's inputs), found or made alone: how a
-        stage's check reads another stage's output without importing that stage."""
-        return self._input(stage.inputs[name])
-
-    def _get(self, stage: Stage, variant: Any) -> Any:
-        started = self._start(stage, variant)
-        with self._within(stage.instance(variant)):  # a failed future raises here
-            return resolved(started)
-
-    def _start(self, stage: Stage, variant: Any) -> Any:
-        if (stage.name, variant) not in self._outputs:
-            settings = stage.settings_for(self.config, variant)
+    def _started(self, stage: Stage, variant: Any) -> Started:
+        instance = stage.instance(variant)
+        if instance not in self._outputs:
             inputs = self.inputs(stage)
-            with self._within(stage.instance(variant)):
-                self._outputs[stage.name, variant] = self._produce(stage, variant, settings, inputs)
-        return self._outputs[stage.name, variant]
+            if stage.name in self.make:
+                self._outputs[instance] = stage.start(self.config, self.runtime, variant, **inputs)
+            else:
+                artifact = stage.artifact(stage.settings_for(self.config, variant), inputs, self.runtime)
+                self._outputs[instance] = Started(instance, artifact.require(stage.output, stage.name))
+        return self._outputs[instance]
 
     def _input(self, needs: Needs) -> Any:
         if needs == SOURCE:
-            return self.source
+            return self.config.build_source()
         producer = BY_NAME[needs.stage]
         if needs.variant is None:
             return self.every(producer) if producer.variants is not None else self.get(producer)
@@ -142,64 +129,3 @@ class Outputs:
                 return None
             raise ValueError(f"this config makes no {producer.instance(needs.variant)}")
         return self.get(producer, needs.variant)
-
-    def _replace_config(self, config: PipelineConfig) -> None:
-        old, self.config = self.config, config
-        kept: dict[tuple[str, Any], Any] = {}
-        for stage in STAGES:  # in order: a stage's inputs are decided before it
-            for variant in stage.variants_of(config):
-                if (stage.name, variant) in self._outputs and all(key in kept for key in _needed(stage, config)) \
-                        and stage.settings_for(old, variant) == stage.settings_for(config, variant):
-                    kept[stage.name, variant] = self._outputs[stage.name, variant]
-        self._outputs = kept
-
-
-def _needed(stage: Stage, config: PipelineConfig) -> Iterator[tuple[str, Any]]:
-    """The (stage, variant) outputs `stage` takes under `config`."""
-    for needs in stage.inputs.values():
-        if needs == SOURCE:
-            continue
-        producer = BY_NAME[needs.stage]
-        variants = producer.variants_of(config) if needs.variant is None else [needs.variant]
-        yield from ((producer.name, v) for v in variants if v in producer.variants_of(config))
-
-
-def resolved(output: Any) -> Any:
-    """A stage output, waiting for it if it is a future."""
-    return output.result() if isinstance(output, PrefectFuture) else output
-
-
-def stage_keys(config: PipelineConfig, source_digest: str) -> dict[str, str]:
-    """The artifact key of every stage (and variant) a run of `config` makes from a source
-    with content digest `source_digest`, computed from the declarations alone."""
-    if config.classes_from_data:
-        raise ValueError("num_classes is auto: the keys depend on the dataset's classes; pass config.with_classes(n)")
-    keys: dict[str, str] = {}
-    runtime = Runtime.of(config, credentials=False)  # a key names an artifact; finding it is another matter
-
-    def key_only(stage: Stage, variant: Any, settings: Settings, inputs: dict[str, Any]) -> str:
-        # An input's key is all a stage key takes from it: the key stands in for the manifest.
-        keys[stage.instance(variant)] = stage.artifact(settings, inputs, runtime).key
-        return keys[stage.instance(variant)]
-
-    outputs = Outputs(config, key_only, source=source_digest)
-    for stage in STAGES:
-        outputs.start(stage)
-    return keys
-
-
-class FinishedRun(Outputs):
-    """Every artifact of a finished run of `config`, found (never computed) in pipeline
-    order, each once; a missing one is an error naming the stage to run. The stages named
-    in `make` are run instead (inside a flow: a stage flow runs its own stage this way,
-    Cached when its artifact exists). The stages' checks complete the config as the run did
-    (the dataset's classes), and refuse what the stages in `make` cannot run."""
-
-    def __init__(self, config: PipelineConfig, make: Collection[str] = ()) -> None:
-        super().__init__(on_this_machine(config), self._find, makes=make)
-        self.check()
-
-    def _find(self, stage: Stage, variant: Any, settings: Settings, inputs: dict[str, Any]) -> Any:
-        if self.makes(stage):
-            return stage.run(settings, self.runtime, **inputs)
-        return stage.artifact(settings, inputs, self.runtime).require(stage.output, stage.name)

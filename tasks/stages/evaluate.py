@@ -163,10 +163,9 @@ def report_ui_key(report_key: str) -> str:
     return f"vqvae2-report-{report_key}"
 
 
-def check(config: PipelineConfig, outputs: Any) -> None:
+def check(config: PipelineConfig, dataset: DatasetManifest | None) -> None:
     """Evaluation must be possible before anything trains, even before a run waits for its turn."""
-    if outputs is None or outputs.makes(STAGE):
-        check_features_available(config, classes_known=outputs is not None or config.classes_fixed)
+    check_features_available(config, classes_known=dataset is not None or config.classes_fixed)
 
 
 STAGE = Stage(

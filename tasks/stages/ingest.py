@@ -134,16 +134,9 @@ def run(settings: IngestSettings, runtime: Runtime, source: Source) -> DatasetMa
     return with_records(finalize, *records)(settings, runtime, plan.source_digest, plan, shards)
 
 
-def check(config: PipelineConfig, outputs: Any) -> PipelineConfig | None:
-    """Once the dataset exists, the config takes its classes (`adopt_classes`): every later
-    stage waits for the dataset anyway."""
-    return None if outputs is None else adopt_classes(outputs.get(STAGE), config)
-
-
 STAGE = Stage(
     name="ingest", directory="datasets", code_version="1", settings=IngestSettings, output=DatasetManifest,
-    inputs={"source": SOURCE}, run=run, check=check,
-    summary="Shard the source into WebDataset tars (mapped per shard).",
+    inputs={"source": SOURCE}, run=run, summary="Shard the source into WebDataset tars (mapped per shard).",
 )
 
 
@@ -266,25 +259,27 @@ def finalize(settings: IngestSettings, runtime: Runtime, source: str, plan: Inge
     return manifest
 
 
-def adopt_classes(dataset: DatasetManifest, config: PipelineConfig) -> PipelineConfig:
+def with_dataset_classes(config: PipelineConfig, dataset: DatasetManifest) -> PipelineConfig:
     """The config whose model has the dataset's classes (0, an unconditional model, for
-    unlabelled data or a single class). Unless num_classes is a number, the model takes them:
-    left unset, the config stays as it is when the preset has that number (Fashion-MNIST's
-    runs keep their keys) and takes the dataset's otherwise; `auto` always writes it in. A
-    number of classes the dataset does not have fails here, after ingest and before any
-    training, rather than mid-training (a label out of range) or, worse, by sampling classes
-    that do not exist."""
+    unlabelled data or a single class), and one log line saying which. Unless num_classes
+    is a number, the model takes them: left unset, the config stays as it is when the
+    preset has that number (Fashion-MNIST's runs keep their keys) and takes the dataset's
+    otherwise; `auto` always writes it in. A number of classes the dataset does not have
+    fails here, after ingest and before any training, rather than mid-training (a label out
+    of range) or, worse, by sampling classes that do not exist."""
     found = len(dataset.class_names)
     adopted = found if found >= 2 else 0
+    labels = f"the dataset has {found} class{'es' if found > 1 else ''}" if found else "the dataset has no labels"
     if config.classes_fixed:
         _check_fixed_classes(dataset, config)
+        logger().info(f"num_classes: {config.model.num_classes}, as set ({labels})")
         return config
-    labels = f"the dataset has {found} class{'es' if found > 1 else ''}" if found else "the dataset has no labels"
     if config.classes_from_data:
         logger().info(f"num_classes auto: {adopted} ({labels})")
         return config.with_classes(adopted)
     preset = config.model.num_classes
     if adopted == preset:
+        logger().info(f"num_classes: {adopted}, the dataset's and the preset's ({labels})")
         return config
     logger().info(f"num_classes: {adopted}, the dataset's ({labels}; the preset {config.preset!r} has {preset})")
     return config.with_classes(adopted)

@@ -146,10 +146,10 @@ def publish_samples(samples: SamplesManifest, storage_options: dict[str, Any] | 
     publish_markdown("vqvae2-samples", text, f"{samples.num_samples} samples ({drawn})")
 
 
-def check(config: PipelineConfig, outputs: Any) -> None:
+def check(config: PipelineConfig, dataset: DatasetManifest | None) -> None:
     """A `sample.classes` the dataset lacks fails once the dataset is known, before any training."""
-    if outputs is not None and outputs.makes(STAGE):
-        check_classes(config, outputs.input(STAGE, "dataset"))
+    if dataset is not None:
+        check_classes(config, dataset)
 
 
 STAGE = Stage(
@@ -211,7 +211,7 @@ def resolve_classes(chosen: Sequence[str | int] | None, class_names: Sequence[st
 
 def check_classes(config: PipelineConfig, dataset: DatasetManifest) -> None:
     """A bad `sample.classes` fails here, as it would when the stage starts: what a flow calls
-    once the dataset is known (after `adopt_classes`), so the error comes before any training."""
+    once the dataset is known (after `with_dataset_classes`), so the error comes before any training."""
     SamplingPlan.of(SampleSettings.of(config), dataset)
 
 
