@@ -98,7 +98,7 @@ def main() -> None:
         per_unit = f"{sum(counts) / count:.1f} per {name}" if count else "-"
         print(f"| {folder} | {f'{count} {name}s' if count else '-'} | " + " | ".join(map(str, counts))
               + f" | {sum(counts)} | {per_unit} |")
-    print(f"| all | | " + " | ".join(str(sum(counter.counts[f, m] for f in folders)) for m in methods)
+    print("| all | | " + " | ".join(str(sum(counter.counts[f, m] for f in folders)) for m in methods)
           + f" | {sum(counter.counts.values())} | |")
 
 

@@ -21,6 +21,7 @@ import io
 import json
 import time
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -32,16 +33,59 @@ MANIFEST = "manifest.json"
 KEY_LENGTH = 16  # hex digits of SHA-256 kept: 64 bits, no collision among any realistic number of runs
 
 
+# A setting added after keys were first made enters a key only when it differs from its
+# default, so that adding it leaves every existing key (and the artifacts it names) as it was:
+#     pydantic:    top_p: Annotated[float | None, IN_KEY_WHEN_SET] = None
+#     dataclasses: ema_decay: float = field(default=0.0, metadata=IN_KEY_WHEN_SET)
+# (vqvae2's dataclasses, which import nothing of storage, spell it {"in_key": "when set"}).
+IN_KEY_WHEN_SET = MappingProxyType({"in_key": "when set"})
+
+
 def canonical_json(obj: Any) -> str:
-    """One spelling per value: sorted keys, no spaces; dataclasses and pydantic models become dicts."""
+    """One spelling per value: sorted keys, no spaces; dataclasses and pydantic models become
+    dicts, without their `IN_KEY_WHEN_SET` fields that hold their defaults."""
     return json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def without_unset_additions(obj: Any, data: Any) -> Any:
+    """`data`, the plain form of `obj` (a dataclass or pydantic model, or a list of them),
+    without the `IN_KEY_WHEN_SET` fields, at any depth, whose values are their defaults."""
+    if isinstance(obj, (list, tuple)) and isinstance(data, (list, tuple)):
+        return [without_unset_additions(o, d) for o, d in zip(obj, data)]
+    fields = _fields(obj)
+    if fields is None or not isinstance(data, dict):
+        return data
+    kept = {}
+    for name, value in data.items():
+        field = fields.get(name)
+        if field is not None:
+            marks, default = field
+            if any(_marks_addition(m) for m in marks) and getattr(obj, name) == default:
+                continue
+            value = without_unset_additions(getattr(obj, name), value)
+        kept[name] = value
+    return kept
+
+
+def _fields(obj: Any) -> dict[str, tuple[list[Any], Any]] | None:
+    """{field: (its marks, its default)} of a dataclass or pydantic model instance, else None."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: ([f.metadata], f.default) for f in dataclasses.fields(obj)}
+    model_fields = getattr(type(obj), "model_fields", None)  # pydantic, without importing it
+    if isinstance(model_fields, dict) and hasattr(obj, "model_dump"):
+        return {name: (list(info.metadata), info.default) for name, info in model_fields.items()}
+    return None
+
+
+def _marks_addition(mark: Any) -> bool:
+    return isinstance(mark, Mapping) and mark.get("in_key") == "when set"
 
 
 def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _plain(dataclasses.asdict(obj))
+        return _plain(without_unset_additions(obj, dataclasses.asdict(obj)))
     if hasattr(obj, "model_dump"):  # pydantic, without importing it
-        return _plain(obj.model_dump(mode="json"))
+        return _plain(without_unset_additions(obj, obj.model_dump(mode="json")))
     if isinstance(obj, Mapping):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -59,7 +103,7 @@ def artifact_key(directory: str, config_section: Any, input_keys: Sequence[str] 
 
 
 def artifact_url(root: str, stage: str, key: str) -> str:
-    """``{root}/{stage}/{key}``."""
+    """``{root}/{stage}/{key}``: the stage's directory and the artifact key."""
     return join(root, stage, key)
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from storage.fsutil import exists, find, join, modified_time, read_bytes, redact, write_bytes
 
-from .manifests import Manifest, Record, RootURL, from_root, located
+from .manifests import Manifest, Record, RootURL, located
 from .machinery.artifacts import ManifestError, read_typed
 
 if TYPE_CHECKING:
@@ -67,10 +67,10 @@ class RunRecord(Record):
 def recorded_config(config: PipelineConfig) -> dict[str, Any]:
     """The part of `config` a record keeps, as JSON data: what decides its artifacts, no root,
     no storage options, no credentials block name."""
-    from .config import RUN_ONLY
+    from .config import RUN_ONLY_FIELDS
 
-    source = RUN_ONLY.get("source", set())
-    exclude = {**RUN_ONLY, "storage": True,
+    source = RUN_ONLY_FIELDS.get("source", set())
+    exclude = {**RUN_ONLY_FIELDS, "storage": True,
                "source": True if source is True else {*source, *UNRECORDED_SOURCE}}
     return config.model_dump(mode="json", exclude=exclude)
 

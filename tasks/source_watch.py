@@ -23,7 +23,7 @@ EVENT = "vqvae2.source.updated"
 
 @dataclass(frozen=True)
 class SourceState:
-    config_key: str  # the short key of the config (as in its artifact keys)
+    config_key: str  # the config key (`tasks.config.config_key`), as the UI cards of its runs carry it
     source: str  # where the source is, credentials removed
     digest: str  # the source's content digest: the dataset key's input
     ingested: bool  # a complete dataset of this digest exists under the root

@@ -21,14 +21,17 @@ import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` are skipped on a machine without CUDA (`pytest -m cuda` selects them on a GPU)."""
+    """Tests marked `cuda` are skipped on a machine without CUDA (`pytest -m cuda` selects them
+    on a GPU); a test that takes the smoke run is `slow`, as every test that runs a pipeline
+    is: `pytest -m "not slow"` is the quick loop."""
     import torch
 
-    if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs CUDA")
-        for item in items:
-            if item.get_closest_marker("cuda"):
-                item.add_marker(skip)
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if skip is not None and item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+        if "smoke_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +75,7 @@ def fashion_mnist_test_split(fashion_mnist_dir) -> tuple[np.ndarray, np.ndarray]
 # they would to AWS; credentials are dummies set only for the test that asks for a bucket.
 import dataclasses  # noqa: E402
 import logging  # noqa: E402
-import socket  # noqa: E402
 import uuid  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +94,9 @@ def moto_endpoint():
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
-    port = _free_port()
+    from local_servers import free_port
+
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -162,44 +160,15 @@ def smoke_run(prefect_api, tmp_path_factory):
 
 
 # --- a real `prefect server` (the deployment and UI tests) ---------------------------------
-import subprocess  # noqa: E402
-import time  # noqa: E402
-
-import httpx  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME; yields the env to talk to it."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
-        "PREFECT_API_URL": api,
-        "PREFECT_UI_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    with open(home / "server.log", "w") as log:
-        server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 240
-            while True:
-                try:
-                    if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-            yield env
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+    from local_servers import serve_prefect, stop
+
+    server, env = serve_prefect(tmp_path_factory.mktemp("prefect-server"))
+    try:
+        yield env
+    finally:
+        stop(server)

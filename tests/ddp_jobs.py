@@ -8,7 +8,8 @@ import torch
 import vqvae2
 from tasks.config import TrainingRuntime
 from tasks.machinery.artifacts import Artifact
-from tasks.machinery.trainer import TrainingJob, rank_and_world, rank_batch_size
+from tasks.machinery.ranks import rank_and_world, rank_batch_size
+from tasks.machinery.trainer import TrainingJob
 
 GLOBAL_BATCH = 8
 BATCHES_PER_EPOCH = 6
@@ -45,3 +46,10 @@ def autoencoder_job(root: str, steps: int, options: TrainingRuntime) -> Training
                        batches=batches, batches_per_epoch=BATCHES_PER_EPOCH, artifact=Artifact(root, "tiny", "k"),
                        options=options, evaluate=codebooks)
 
+
+
+def empty_job(root: str, steps: int, options: TrainingRuntime) -> TrainingJob:
+    """A job whose data yields nothing: its training process fails, as a real one would."""
+    return TrainingJob(name="empty", model=tiny_autoencoder(), loss_fn=vqvae2.autoencoder_loss,
+                       train=vqvae2.TrainConfig(steps=steps, batch_size=GLOBAL_BATCH), batches=lambda epoch, start: [],
+                       batches_per_epoch=0, artifact=Artifact(root, "empty", "k"), options=options)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import time
@@ -49,3 +50,27 @@ def running(argv: list[str], log: Path, env: dict[str, str], cwd: Path | None = 
         yield process
     finally:
         stop(process)
+
+
+def serve_prefect(home: Path, port: int | None = None) -> tuple[subprocess.Popen, dict[str, str]]:
+    """`prefect server start` on 127.0.0.1 (`port`, or a free one) with its database in `home`,
+    once it answers: (the server, in its own process group; the environment that talks to it)."""
+    import httpx
+
+    port = port or free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
+           "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    log = home / "server.log"
+    with log.open("ab") as out:
+        server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                  env={k: v for k, v in env.items() if k != "PREFECT_API_URL"}, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy() -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{api}/health", timeout=2).status_code == 200
+        return False
+
+    wait_until(healthy, server, log, "prefect server")
+    return server, env

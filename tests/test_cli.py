@@ -1,6 +1,7 @@
 """The `vqvae2` command, as a user types it."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 from flows.cli import main
+from flows.parameters import sections_of
 from storage.loader import iter_shard_batches
 
 pytestmark = pytest.mark.slow
@@ -30,20 +32,47 @@ def _refused(capsys, argv: list[str]) -> str:
     return err
 
 
-def test_sample_writes_a_grid_of_the_requested_class(smoke_run, tmp_path, capsys):
-    out = tmp_path / "sneakers.png"
-    _cli(smoke_run, "sample", "--class", "Sneaker", "-n", "6", "--out", str(out), "--scale", "2")
-    grid = np.asarray(Image.open(out))
-    # 6 images of 16x16 in 2 rows of 3 with 1-pixel gaps, enlarged twice
-    assert grid.shape == (2 * (2 * 17 + 1), 2 * (3 * 17 + 1))
-    assert f"wrote {out}" in capsys.readouterr().out
+def _stage_grid(root, **sample) -> np.ndarray:
+    """The sample stage's first batch (its own seed, the settings given) as `vqvae2 sample
+    --scale 1` lays it out; and the batch's labels, the codes' conditioning."""
+    import torch
+
+    from flows.pipeline import sample_flow
+    from pipeline_helpers import smoke_config
+    from tasks.machinery.arrays import load_npz
+    from tasks.machinery.reporting import image_grid, png_bytes
+
+    samples = sample_flow(**sections_of(smoke_config(str(root), sample=sample)))
+    batch = load_npz(samples.batches[0])
+    grid = png_bytes(image_grid(torch.from_numpy(batch["images"]).float() / 255), scale=1)
+    return np.asarray(Image.open(io.BytesIO(grid))), batch["labels"]
+
+
+def _cli_grid(root, key: str, out, *flags: str) -> np.ndarray:
+    main(["sample", "--root", str(root), "--key", key, "--out", str(out), "--scale", "1", *flags])
+    return np.asarray(Image.open(out))
+
+
+def test_sample_names_a_class_as_the_sample_stage_does_and_draws_its_images(smoke_run, tmp_path, capsys):
+    """`--class 7`, `--class sneaker` and `--class Sneaker` draw what the sample deployment
+    draws for `classes: ["Sneaker"]` with the same seed and batch: images conditioned on 7."""
+    _, root, state = smoke_run
+    stage, labels = _stage_grid(root, num_samples=16, classes=["Sneaker"], batch_size=16)
+    assert labels.tolist() == [7] * 16  # the stage conditioned its codes on Sneaker, class 7
+    key = state.result().key
+    for name in ("7", "sneaker", "Sneaker"):
+        drawn = _cli_grid(root, key, tmp_path / f"{name}.png", "--class", name, "-n", "16", "--batch-size", "16")
+        assert np.array_equal(drawn, stage), name
+    assert "16 images of class: Sneaker" in capsys.readouterr().out
+    other = _cli_grid(root, key, tmp_path / "t-shirts.png", "--class", "0", "-n", "16", "--batch-size", "16")
+    assert other.shape == stage.shape and not np.array_equal(other, stage)
 
 
 def test_sample_refuses_an_unknown_class(smoke_run, tmp_path, capsys):
     _, root, _ = smoke_run
     err = _refused(capsys, ["sample", "--class", "Giraffe", "--out", str(tmp_path / "x.png"), "--preset", "smoke",
                             "--root", str(root)])
-    assert "unknown class 'Giraffe'; the dataset has: T-shirt/top, Trouser" in err
+    assert "'Giraffe' is no class of the dataset; the dataset's classes are 0 'T-shirt/top', 1 'Trouser'" in err
 
 
 def test_reconstruct_given_images_and_held_out_ones(smoke_run, tmp_path, fashion_mnist_test_split, capsys):
@@ -155,7 +184,8 @@ def test_the_installed_command_runs_a_stage_with_ephemeral_prefect(tmp_path):
     ("s3://bucket/laion/{00000..00099}.tar", "tars"), (None, "fashion-mnist"),
 ])
 def test_source_takes_its_kind_from_the_url(source, kind):
-    from flows.cli import build_config, parser
+    from flows.cli import parser
+    from flows.command_config import build_config
 
     args = parser().parse_args(["run", "--preset", "smoke", *(["--source", source] if source else []),
                                 "--set", "num_classes=auto"])
@@ -257,13 +287,13 @@ def test_report_names_a_key_no_run_under_the_root_has(smoke_run, capsys):
         capsys, ["report", "--root", str(root), "--key", "0000000"])
 
 
-def test_sample_without_a_class_draws_every_class_in_turn(smoke_run, tmp_path, capsys):
-    config, root, state = smoke_run
-    out = tmp_path / "every-class.png"
-    main(["sample", "--root", str(root), "--key", state.result().key, "-n", "12", "--out", str(out), "--scale", "1"])
-    printed = capsys.readouterr().out
-    assert "12 images of every class (10), in class order: T-shirt/top, Trouser, " in printed
-    assert np.asarray(Image.open(out)).shape == (3 * 17 + 1, 4 * 17 + 1)  # 12 images of 16x16: 3 rows of 4
+def test_sample_without_a_class_draws_every_class_in_turn_as_the_sample_stage_does(smoke_run, tmp_path, capsys):
+    _, root, state = smoke_run
+    stage, labels = _stage_grid(root, num_samples=12, acceptance_rates=[1.0], batch_size=12)
+    assert labels.tolist() == [*range(10), 0, 1]  # one of each class in turn
+    drawn = _cli_grid(root, state.result().key, tmp_path / "every-class.png", "-n", "12", "--batch-size", "12")
+    assert np.array_equal(drawn, stage) and drawn.shape == (3 * 17 + 1, 4 * 17 + 1)  # 3 rows of 4 at 16x16
+    assert "12 images of every class, in turn: T-shirt/top, Trouser, " in capsys.readouterr().out
 
 
 # --- your own images, without a flag ----------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +19,7 @@ from tasks.config import TrainingRuntime
 from tasks.machinery.process import TrainingFailed, train
 from tasks.stages import train_autoencoder
 from ddp_jobs import autoencoder_job
+from local_servers import free_port
 
 TESTS = Path(__file__).resolve().parent
 OPTIONS = TrainingRuntime(device="cpu", log_every=1, checkpoint_every=4, cpu_threads=1)
@@ -40,6 +41,7 @@ def _losses(root: Path) -> list[float]:
     return [row["loss"] for row in history["steps"]]
 
 
+@pytest.mark.slow  # trains in torchrun processes
 def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path):
     one, two = _train(tmp_path / "one", 1), _train(tmp_path / "two", 2)
     assert (one.steps, two.steps, one.processes, two.processes) == (10, 10, 1, 2)
@@ -56,6 +58,7 @@ def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path):
         assert torch.equal(rank0[name], rank1[name]), name
 
 
+@pytest.mark.slow  # trains in torchrun processes
 def test_a_run_whose_rank_was_killed_resumes_exactly(tmp_path):
     faulty = OPTIONS.model_copy(update={"fail_once_at_step": {"tiny-autoencoder": 6}})
     with pytest.raises(TrainingFailed, match=r"(?s)rank 1:.*fault injected at step 6"):
@@ -69,16 +72,11 @@ def test_a_run_whose_rank_was_killed_resumes_exactly(tmp_path):
     assert _losses(tmp_path / "faulty") == _losses(tmp_path / "clean")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
+@pytest.mark.slow  # trains in torchrun processes
 def test_two_machines_train_like_one_process(tmp_path):
     # Two nodes of one process each, both on this machine: node 0 is the task's, node 1 is
     # what `vqvae2 node` runs on another machine. The job reaches node 1 through rank 0.
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     nodes = OPTIONS.model_copy(update={"nnodes": 2, "rdzv_endpoint": endpoint})
     other = subprocess.Popen([sys.executable, "-m", "flows.cli", "node", "--rdzv-endpoint", endpoint, "--nnodes", "2",
                               "--node-rank", "1", "--once"], cwd=TESTS.parent, stdout=subprocess.PIPE,
@@ -89,7 +87,7 @@ def test_two_machines_train_like_one_process(tmp_path):
     finally:
         other.kill()
     one = _train(tmp_path / "one", 1)
-    assert (two.steps, two.processes) == (10, 2)
+    assert (two.steps, two.processes, one.steps, one.processes) == (10, 2, 10, 1)
     assert _losses(tmp_path / "nodes") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4, abs=1e-6)
     rank0 = torch.load(tmp_path / "nodes" / "buffers-rank0-of-2.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "nodes" / "buffers-rank1-of-2.pt", weights_only=True)
@@ -104,6 +102,7 @@ def test_a_run_on_several_machines_needs_a_rendezvous_endpoint():
         TrainingRuntime(nnodes=2, rdzv_endpoint="node0")
 
 
+@pytest.mark.slow  # trains in torchrun processes
 def test_a_global_batch_the_ranks_cannot_share_is_refused(tmp_path):
     with pytest.raises(TrainingFailed, match="batch_size 8 cannot be shared equally by 3 training processes"):
         _train(tmp_path / "three", 3)

@@ -130,6 +130,7 @@ def test_a_permission_error_hints_at_what_the_storage_needs(url, hint):
     assert ("AWS" in str(error.value)) == url.startswith("s3://")
 
 
+@pytest.mark.slow  # two smoke pipelines
 def test_two_runs_of_one_config_at_once_leave_the_artifacts_of_one(prefect_api, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -55,8 +55,9 @@ def test_the_same_seed_draws_the_same_codes_as_the_reference(sampler, case, temp
     prior, _, cond, labels = prior_and_inputs(case)
     prior.train()  # both samplers switch dropout off, and restore the mode
     generators = [torch.Generator().manual_seed(5) for _ in range(2)]
-    reference = sample_level_reference(prior, 2, cond, labels, temperature, top_k, generators[0])
-    drawn = sampler(prior, 2, cond, labels, temperature, top_k, generators[1])
+    options = vqvae2.SamplingOptions(temperature, top_k)
+    reference = sample_level_reference(prior, 2, cond, labels, options, generators[0])
+    drawn = sampler(prior, 2, cond, labels, options, generators[1])
     assert torch.equal(drawn, reference)
     assert torch.equal(generators[0].get_state(), generators[1].get_state()), "the same draws, in the same order"
     assert prior.training
@@ -67,7 +68,8 @@ def test_the_same_seed_draws_the_same_codes_as_the_reference(sampler, case, temp
 def test_the_hierarchy_gets_the_same_codes_with_either_sampler(hierarchy, sampler):
     torch.manual_seed(0)
     priors = vqvae2.build_priors(vqvae2.preset("smoke", HIERARCHIES[hierarchy]))
-    kwargs = dict(labels=torch.tensor([1, 8]), temperature=0.8, top_k=[None, 6, 4][:len(priors)], seed=3)
+    options = [vqvae2.SamplingOptions(0.8, top_k) for top_k in [None, 6, 4][:len(priors)]]
+    kwargs = dict(labels=torch.tensor([1, 8]), options=options, seed=3)
     reference = vqvae2.sample_codes(priors, 2, sampler=sample_level_reference, **kwargs)
     # named, not the default: on a CPU the default is always the cached one, whatever the id says
     drawn = vqvae2.sample_codes(priors, 2, sampler=sampler, **kwargs)
@@ -92,14 +94,12 @@ def test_the_default_sampler_is_the_fastest_for_the_device(monkeypatch):
         vqvae2.sample_codes(priors, 2, labels=torch.tensor([0, 1]), sampler=sample_level_fast, dtype=torch.bfloat16)
 
 
-def test_bad_conditioning_and_temperature_are_clear_errors():
+def test_bad_conditioning_is_a_clear_error():
     prior, _, cond, labels = prior_and_inputs("bottom-given-top-class-conditional")
     with pytest.raises(ValueError, match="cond_codes"):
         sample_level_fast(prior, 2, None, labels)
     with pytest.raises(ValueError, match="pass labels"):
         sample_level_fast(prior, 2, cond, None)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        sample_level_fast(prior, 2, cond, labels, temperature=0.0)
 
 
 @pytest.mark.cuda

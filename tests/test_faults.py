@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from flows.parameters import sections_of
+from disks import small_disk
 from pipeline_helpers import differences
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -163,37 +164,22 @@ def test_a_run_killed_in_every_stage_ends_as_an_undisturbed_run(prefect_api, tmp
     assert any("resuming from step" in line for line in log_lines)  # the trainings resumed, not restarted
 
     found = differences(root, reference_root)
-    stray = found["only here"]
     assert found == {"only here": [], "missing": [], "differ": []}, "not as an undisturbed run leaves it"
 
     # What each kill cost: the delay it added to when its stage finished, over the reference.
+    # (What the killed writes left is gone by the end: the root equals the reference.)
     delays = [clock.seen[m] - reference_clock.seen[m] for m in MILESTONES[:-1]]
-    stray_bytes = sum((root / rel).stat().st_size for rel in stray)
-    table = ["| fault | stage | outcome | time lost (s) | bytes of unfinished writes: after the kill / at the end |",
+    table = ["| fault | stage | outcome | time lost (s) | bytes of unfinished writes after the kill |",
              "|---|---|---|---|---|"]
     for i, row in enumerate(rows):
         lost = delays[i] - (delays[i - 1] if i else 0.0)
         table.append(f"| SIGKILL of the flow process at {row['killed_at_s']} s | {row['stage']} | resumed | "
-                     f"{lost:.1f} | {row['left_by_kill']} / {stray_bytes} |")
+                     f"{lost:.1f} | {row['left_by_kill']} |")
     print("\n" + "\n".join(table))
     print(f"each re-run took the killed run's turn {max(took_turn):.1f} s after starting at most")
 
 
 # --- a full or read-only disk, an S3 endpoint that goes away ---------------------------------
-
-
-@contextlib.contextmanager
-def _small_disk(path: Path, size: str, *options: str):
-    """A tmpfs of `size` mounted at `path` (root can mount; elsewhere the test is skipped)."""
-    path.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)],
-                             capture_output=True, text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a small disk here: {mounted.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def _ingest(root: str, **sections):
@@ -211,7 +197,7 @@ def test_a_full_disk_fails_the_ingest_at_once_and_leaves_nothing_half_written(pr
     from pipeline_helpers import task_runs
     from storage.shards import iter_samples
 
-    with _small_disk(tmp_path / "disk", "2m") as disk:  # the smoke dataset's shards take about 6 MB
+    with small_disk(tmp_path / "disk", "2m") as disk:  # the smoke dataset's shards take about 6 MB
         root = disk / "root"
         started = time.monotonic()
         state = _ingest(str(root))
@@ -235,7 +221,7 @@ def test_a_full_disk_fails_the_ingest_at_once_and_leaves_nothing_half_written(pr
 
 
 def test_a_read_only_root_is_a_clear_error(prefect_api, tmp_path):
-    with _small_disk(tmp_path / "disk", "1m", "ro") as disk:
+    with small_disk(tmp_path / "disk", "1m", "ro") as disk:
         state = _ingest(str(disk / "root"))
         assert state.is_failed()
         assert "the storage is read-only" in state.message and "choose a writable storage root" in state.message
@@ -257,17 +243,15 @@ def moto_backend_keys(bucket: str):
 def test_an_s3_endpoint_that_goes_away_mid_ingest_is_survived(prefect_api, tmp_path, monkeypatch):
     """The S3 server is stopped while shards are being written and restarted a few seconds
     later: the failed writes are retried, and no partial object is ever visible."""
-    import socket
-
     import boto3
     import s3fs
     from moto.server import ThreadedMotoServer
 
     from pipeline_helpers import task_runs
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from local_servers import free_port
+
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ACCESS_KEY_ID": "fault-key", "AWS_SECRET_ACCESS_KEY": "fault-secret", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL_S3": endpoint}
@@ -330,7 +314,10 @@ def test_an_s3_endpoint_that_goes_away_mid_ingest_is_survived(prefect_api, tmp_p
         # shards were uploaded after it came back (retried by s3fs, botocore or the task).
         assert not outage["manifest_before"] and puts_after, "the outage did not interrupt the ingest"
         runs = task_runs(state.state_details.flow_run_id)
+        assert all(run.state.is_completed() for run in runs.values()), {n: r.state_name for n, r in runs.items()}
+        # A retry, where the outage outlasted s3fs's and botocore's own, is a shard's: never a stage's.
         retried = sorted(name for name, run in runs.items() if run.run_count > 1)
+        assert all(name.startswith("ingest-") for name in retried), retried
         # Equal to an undisturbed ingest of the same config on a local disk, shard by shard.
         reference = tmp_path / "reference"
         assert _ingest(str(reference), ingest=sections["ingest"]).is_completed()
@@ -424,22 +411,9 @@ def test_two_runs_with_their_own_prefect_homes_take_turns_on_one_root(taken_in_t
 
 
 def _serve_prefect(home: Path, port: int) -> subprocess.Popen:
-    """`prefect server start` on 127.0.0.1:`port` with its database in `home`, once it answers."""
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    with (home / "server.log").open("ab") as log:
-        server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    import httpx
+    from local_servers import serve_prefect
 
-    deadline = time.monotonic() + 240
-    while True:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                return server
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+    return serve_prefect(home, port)[0]
 
 
 def _stop(server: subprocess.Popen) -> None:
@@ -449,11 +423,9 @@ def _stop(server: subprocess.Popen) -> None:
 
 
 def test_a_run_outlives_a_restart_of_its_prefect_server_and_the_next_run_takes_its_turn(tmp_path, taken_in_turns):
-    import socket
+    from local_servers import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     home, root = tmp_path / "prefect-home", tmp_path / "root"
     home.mkdir()
     api = f"http://127.0.0.1:{port}/api"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from prior_cases import ATOL, CASES, prior_and_inputs, small_prior
 
-from vqvae2.draw import race_draw, sample_logits, tempered_probs
+from vqvae2.draw import SamplingOptions, race_draw, sample_logits
 from vqvae2.fast_sampling import incremental_logits, sample_level_fast
 from vqvae2.graph_sampling import sample_level_graphed, static_logits
 
@@ -47,17 +47,17 @@ def test_the_exponential_race_draws_what_multinomial_draws():
     logits = torch.randn(4, 33) * 3
     generators = [torch.Generator().manual_seed(11) for _ in range(2)]
     noise = torch.empty(4, 33)
-    for temperature, top_k in [(1.0, None), (0.5, 4), (2.0, 1)]:
+    for options in [SamplingOptions(), SamplingOptions(0.5, 4), SamplingOptions(2.0, 1)]:
         for _ in range(20):
-            drawn = race_draw(tempered_probs(logits, temperature, top_k), noise, generators[1])
-            assert torch.equal(drawn, sample_logits(logits, temperature, top_k, generators[0]))
+            drawn = race_draw(options.probs(logits), noise, generators[1])
+            assert torch.equal(drawn, sample_logits(logits, options, generators[0]))
     assert torch.equal(generators[0].get_state(), generators[1].get_state())
 
 
 def test_a_tiny_temperature_draws_the_argmax_and_top_1_is_the_argmax():
     prior, codes, cond, labels = prior_and_inputs("bottom-given-top-class-conditional")
-    for temperature, top_k in [(1e-4, None), (1.0, 1)]:
-        drawn = sample_level_graphed(prior, 2, cond, labels, temperature, top_k, torch.Generator().manual_seed(0))
+    for options in [SamplingOptions(temperature=1e-4), SamplingOptions(top_k=1)]:
+        drawn = sample_level_graphed(prior, 2, cond, labels, options, torch.Generator().manual_seed(0))
         # teacher forcing with the drawn codes gives each position's logits given the codes before it
         assert torch.equal(static_logits(prior, drawn, cond, labels).argmax(dim=1), drawn)
 
@@ -78,10 +78,6 @@ def test_bad_input_is_a_clear_error():
     prior, _, cond, labels = prior_and_inputs("bottom-given-top-class-conditional")
     with pytest.raises(ValueError, match="cond_codes"):
         sample_level_graphed(prior, 2, None, labels)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        sample_level_graphed(prior, 2, cond, labels, temperature=0.0)
-    with pytest.raises(ValueError, match="top_k must be >= 1"):
-        sample_level_graphed(prior, 2, cond, labels, top_k=0)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             sample_level_graphed(prior, 2, cond, labels, capture=True)
@@ -113,7 +109,8 @@ def test_the_captured_sampler_samples_and_a_seed_repeats_it(dtype):
 
     def sample(capture):
         generator = torch.Generator(device="cuda").manual_seed(5)
-        return sample_level_graphed(prior, 2, cond, labels, 0.9, 3, generator, dtype=dtype, capture=capture)
+        return sample_level_graphed(prior, 2, cond, labels, SamplingOptions(0.9, 3), generator, dtype=dtype,
+                                    capture=capture)
 
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         first, again, eager = sample(True), sample(True), sample(False)
@@ -127,6 +124,6 @@ def test_the_captured_sampler_samples_and_a_seed_repeats_it(dtype):
 def test_on_cuda_the_graphed_sampler_draws_the_cached_samplers_codes():
     prior, _, cond, labels = _on_cuda("bottom-given-top-class-conditional")
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        cached, graphed = (sampler(prior, 2, cond, labels, 1.0, None, torch.Generator(device="cuda").manual_seed(7))
+        cached, graphed = (sampler(prior, 2, cond, labels, SamplingOptions(), torch.Generator(device="cuda").manual_seed(7))
                            for sampler in (sample_level_fast, sample_level_graphed))
     assert torch.equal(graphed, cached)

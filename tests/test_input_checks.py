@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import functools
 import http.server
 import json
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 
 from flows.cli import main
-from storage.fsutil import storage_errors, write_bytes
+from storage.fsutil import write_bytes
 from storage.ingest import IngestConfig, ingest
 from storage.sources import ListSource, TarSource
 from image_files import encoded, tar_bytes
@@ -303,51 +302,58 @@ def test_an_image_of_a_list_whose_server_never_answers_is_a_named_skip(silent_se
         {"ref": f"{silent_server}/late.png", "reason": "unreadable: no answer within 1 s (source.timeout_s)"}]
 
 
-def _raise(error: BaseException):
-    def check_source(self) -> None:
-        raise error
-
-    return check_source
+# Real failures, each met where the code meets it: a write to a read-only and to a full
+# disk, a training whose process fails, a server nobody answers for, a missing file.
+# Each is raised where the CLI checks the source, as a failure of the command would be.
 
 
-def _read_only(self) -> None:
-    with storage_errors("/srv/runs"):
-        raise OSError(errno.EROFS, "Read-only file system")
+def _write_to(folder: Path, size: int):
+    return lambda: write_bytes(str(folder / "probe.bin"), b"x" * size)
 
 
-def _full(self) -> None:
-    with storage_errors("/srv/runs"):
-        raise OSError(errno.ENOSPC, "No space left on device")
+def _failing_training(root: Path):
+    from ddp_jobs import empty_job
+    from tasks.config import TrainingRuntime
+    from tasks.machinery.process import train
+
+    options = TrainingRuntime(device="cpu", cpu_threads=1)
+    return lambda: train(empty_job, str(root), 2, options, title="empty", options=options)
 
 
-def _training_failed():
-    from tasks.machinery.process import TrainingFailed
-
-    trace = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: the batch is empty'
-    return TrainingFailed(f"autoencoder: ValueError in the training process of rank 0:\n{trace}", permanent=True)
-
-
-@pytest.mark.parametrize("failure, code, line", [
-    (_read_only, 1, "vqvae2: ReadOnlyStorage: /srv/runs: the storage is read-only (Read-only file system); "
-                        "choose a writable storage root; what to do: fix the cause named above"),
-    (_full, 1, "vqvae2: StorageFull: /srv/runs: no space left on the storage (No space left on device)"),
-    (_raise(_training_failed()), 1, "vqvae2: TrainingFailed: autoencoder: ValueError in the training process of rank "
-                                    "0: ValueError: the batch is empty; what to do: fix the cause named above"),
-    (_raise(ConnectionResetError("connection reset by peer")), 1, "vqvae2: ConnectionResetError: connection reset "
-                                                                   "by peer; what to do: check the storage and the network"),
-    (_raise(KeyError("num_classes")), 1, "vqvae2: KeyError: 'num_classes'; what to do: fix the cause named above"),
-    (_raise(FileNotFoundError("/srv/weights.pt: not found")), 2, "vqvae2: /srv/weights.pt: not found; what to do"),
-])
-def test_every_failure_is_one_line_and_debug_adds_the_traceback(monkeypatch, capsys, tmp_path, failure, code, line):
+def test_every_failure_is_one_line_and_debug_adds_the_traceback(monkeypatch, capsys, tmp_path):
+    from disks import small_disk
+    from local_servers import free_port
+    from storage.fsutil import read_bytes
     from tasks.config import PipelineConfig
 
-    monkeypatch.setattr(PipelineConfig, "check_source", failure)
-    argv = ["report", "--preset", "smoke", "--root", str(tmp_path / "root"), "--source", str(tmp_path)]
-    assert _refused(capsys, argv, code).startswith(line)
-    with pytest.raises(SystemExit) as exit_info:
-        main([*argv, "--debug"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == code and err.startswith("Traceback") and err.splitlines()[-1].startswith(line)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    nobody = free_port()  # nothing listens there
+    with small_disk(tmp_path / "read-only", "1m", "ro") as read_only, small_disk(tmp_path / "full", "1m") as full:
+        failures = [
+            (_write_to(read_only, 1), 1, f"vqvae2: ReadOnlyStorage: {read_only}/probe.bin: the storage is read-only "
+                                         "(Read-only file system); choose a writable storage root; what to do: fix "
+                                         "the cause named above"),
+            (_write_to(full, 2 * 2**20), 1, f"vqvae2: StorageFull: {full}/probe.bin: no space left on the storage"),
+            (_failing_training(tmp_path / "training"), 1, "vqvae2: TrainingFailed: empty: ValueError in the training "
+                                                          "process"),
+            (lambda: read_bytes(f"http://127.0.0.1:{nobody}/list.csv"), 1, "vqvae2: ClientConnectorError: Cannot "
+                                                                        f"connect to host 127.0.0.1:{nobody} "),
+            (lambda: read_bytes(str(tmp_path / "weights.pt")), 2, f"vqvae2: {tmp_path / 'weights.pt'}: not found"),
+        ]
+        printed = []
+        for failure, code, line in failures:
+            monkeypatch.setattr(PipelineConfig, "check_source", lambda self, failure=failure: failure())
+            argv = ["report", "--preset", "smoke", "--root", str(tmp_path / "root"), "--source", str(tmp_path)]
+            err = _refused(capsys, argv, code)
+            printed.append(err)
+            assert err.startswith(line), err
+            with pytest.raises(SystemExit) as exit_info:
+                main([*argv, "--debug"])
+            debugged = capsys.readouterr().err
+            assert exit_info.value.code == code and debugged.startswith("Traceback")
+            assert debugged.splitlines()[-1] == err.rstrip("\n").removesuffix(" (--debug shows the traceback)")
+    assert "ValueError: the training data yields no batches; what to do" in printed[2]  # the process's own why
+    assert "check the storage and the network and run again: it resumes where it stopped" in printed[3]
 
 
 @pytest.mark.slow

@@ -19,10 +19,21 @@ def _name(page: Path) -> str:
     return page.relative_to(REPO).as_posix()
 
 
+STATED = re.compile(r"^\s*print\(.*\)\s*# prints: (.*)$", re.M)  # a print states what it prints
+
+
 @pytest.mark.parametrize("page,index,code", EXAMPLES, ids=[f"{_name(p)}-example{i}" for p, i, _ in EXAMPLES])
-def test_python_example_runs(page, index, code, tmp_path, monkeypatch):
+def test_python_example_runs_and_prints_what_it_says(page, index, code, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
     exec(compile(code, f"{page}:example{index}", "exec"), {"__name__": "readme_example"})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == STATED.findall(code), "every print of an example says what it prints: `# prints: ...`"
+
+
+def test_the_stated_outputs_are_found():
+    stated = [line for _, _, code in EXAMPLES for line in STATED.findall(code)]
+    assert "40 1 []" in stated and len(stated) >= 3
 
 
 def _prose(text: str) -> str:

@@ -13,7 +13,8 @@ from tasks.config import pipeline_config
 from tasks.stages.ingest import DatasetManifest
 from tasks.machinery.arrays import load_npz
 from tasks.stages import BY_NAME, FinishedRun, stage_keys
-from tasks.stages.sample import STAGE as SAMPLE, SampleSettings, SamplingPlan, check_classes, load_samples, rate_key, resolve_classes
+from tasks.machinery.sampling_plan import SamplingPlan, resolve_classes
+from tasks.stages.sample import STAGE as SAMPLE, SampleSettings, check_classes, load_samples, rate_key
 from pipeline_helpers import smoke_config
 
 FASHION_CLASSES = list(IdxSource.__dataclass_fields__["class_names"].default)  # the real dataset's names
@@ -28,7 +29,7 @@ def _dataset(class_names: list[str] = FASHION_CLASSES) -> DatasetManifest:
 def _plan(dataset: DatasetManifest | None = None, **sample) -> SamplingPlan:
     overrides = sample.pop("overrides", {})
     settings = SampleSettings.of(pipeline_config("smoke", sample=sample, overrides=overrides))
-    return SamplingPlan.of(settings, dataset or _dataset())
+    return settings.plan(dataset or _dataset())
 
 
 def _selections(plan: SamplingPlan, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict[float, np.ndarray]]:
@@ -187,11 +188,11 @@ def test_the_pipeline_keeps_sixteen_over_ten_classes_at_every_rate(smoke_run):
 
 @slow
 def test_the_sample_flow_draws_sixteen_sneakers(smoke_run):
-    from flows.pipeline import STAGE_FLOWS
+    from flows.pipeline import sample_flow
 
     _, root, _ = smoke_run
     config = smoke_config(str(root), sample={"num_samples": 16, "classes": ["Sneaker"]})
-    state = STAGE_FLOWS["sample"](**sections_of(config), return_state=True)
+    state = sample_flow(**sections_of(config), return_state=True)
     assert state.is_completed(), state.message
     samples = state.result()
     assert samples.num_samples == 16 and samples.classes == [SNEAKER] and samples.candidates == 160
@@ -204,12 +205,12 @@ def test_the_sample_flow_draws_sixteen_sneakers(smoke_run):
 
 @slow
 def test_the_sample_flow_refuses_an_unknown_class_before_drawing(smoke_run):
-    from flows.pipeline import STAGE_FLOWS
+    from flows.pipeline import sample_flow
 
     _, root, _ = smoke_run
     before = sorted(p.name for p in (root / "samples").iterdir())
     config = smoke_config(str(root), sample={"classes": ["Giraffe"]})
-    state = STAGE_FLOWS["sample"](**sections_of(config), return_state=True)
+    state = sample_flow(**sections_of(config), return_state=True)
     assert state.is_failed()
     with pytest.raises(ValueError, match=r"^sample.classes: 'Giraffe' is no class of the dataset; " + LISTED):
         state.result()

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import vqvae2
+from vqvae2 import SamplingOptions
 from vqvae2.sampling import sample_logits
 
 
@@ -71,7 +72,7 @@ def test_three_level_hierarchy_samples_each_level_given_all_above():
         prior, above = priors[level], codes[:level]
 
         def draw(cond_codes):
-            return vqvae2.sample_level_fast(prior, 2, cond_codes, temperature=0.1,
+            return vqvae2.sample_level_fast(prior, 2, cond_codes, options=vqvae2.SamplingOptions(temperature=0.1),
                                             generator=torch.Generator().manual_seed(5))
 
         drawn = draw(above)
@@ -88,18 +89,20 @@ def test_three_level_hierarchy_samples_each_level_given_all_above():
 def test_top_k_one_is_greedy_and_temperature_sharpens():
     logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]]).repeat(2000, 1)
     generator = torch.Generator().manual_seed(0)
-    assert torch.all(sample_logits(logits, top_k=1, generator=generator) == 1)
-    assert set(sample_logits(logits, top_k=2, generator=generator).tolist()) == {1, 2}
-    hot = (sample_logits(logits, temperature=2.0, generator=generator) == 1).float().mean()
-    cold = (sample_logits(logits, temperature=0.25, generator=generator) == 1).float().mean()
+    assert torch.all(sample_logits(logits, SamplingOptions(top_k=1), generator) == 1)
+    assert set(sample_logits(logits, SamplingOptions(top_k=2), generator).tolist()) == {1, 2}
+    hot = (sample_logits(logits, SamplingOptions(temperature=2.0), generator) == 1).float().mean()
+    cold = (sample_logits(logits, SamplingOptions(temperature=0.25), generator) == 1).float().mean()
     assert cold > 0.95 > hot
 
 
 def test_sampling_arguments_are_validated(smoke_models):
     _, _, priors = smoke_models
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        vqvae2.sample_codes(priors, 1, labels=torch.tensor([0]), temperature=0.0)
-    with pytest.raises(ValueError, match="temperature has 3 entries"):
-        vqvae2.sample_codes(priors, 1, labels=torch.tensor([0]), temperature=[1.0, 1.0, 1.0])
+        vqvae2.sample_codes(priors, 1, labels=torch.tensor([0]), options=SamplingOptions(temperature=0.0))
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        SamplingOptions(top_k=0)
+    with pytest.raises(ValueError, match="options has 3 entries"):
+        vqvae2.sample_codes(priors, 1, labels=torch.tensor([0]), options=[SamplingOptions()] * 3)
     with pytest.raises(ValueError, match="pass labels"):
         vqvae2.sample_codes(priors, 1)

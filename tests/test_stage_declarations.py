@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import RUN_ONLY, PipelineConfig, TrainingRuntime, config_key, pipeline_config
+from tasks.config import RUN_ONLY_FIELDS, PipelineConfig, TrainingRuntime, config_key, pipeline_config
 
 REPO = Path(__file__).resolve().parent.parent
 DIGEST = "sha256:" + "0" * 64
@@ -161,8 +161,8 @@ def test_what_decides_no_artifact_is_declared_once_on_the_fields():
         assert config_key(PipelineConfig.model_validate(changed)) == config_key(smoke), f"{section}.{field}"
     assert config_key(pipeline_config("smoke", storage={"root": "/tmp/r"}, sample={"seed": 1})) != config_key(smoke)
     # What every stage may read of `training` is what decides nothing, and the launcher's node count.
-    assert set(TrainingRuntime.model_fields) - {"nnodes"} == RUN_ONLY["training"]
-    assert RUN_ONLY["runner"] is True and RUN_ONLY["encode"] is True
+    assert set(TrainingRuntime.model_fields) - {"nnodes"} == RUN_ONLY_FIELDS["training"]
+    assert RUN_ONLY_FIELDS["runner"] is True and RUN_ONLY_FIELDS["encode"] is True
 
 
 # --- a stage added ----------------------------------------------------------------------------

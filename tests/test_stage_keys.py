@@ -221,6 +221,13 @@ KEYS_BEFORE_AUTO_CLASSES = {
         "encode": "e0692b6c70feed8f", "train-priors[0]": "703805d9db168da6", "train-priors[1]": "62cd0054d7191578",
         "sample": "8485b937f41d62d2", "evaluate": "51393587c58fb51c",
     }, "vqvae2-run-bb5d015a073bdaf0"),
+    # Derived from fashion-mnist's since (vqvae2.presets): the same keys as when written out by hand.
+    "fashion-mnist-gpu": ({
+        "ingest": "c76da303a4e2dec6", "train-classifiers[judge]": "9b22cf13a0c208ff",
+        "train-classifiers[features]": "1128a05a3c6356d1", "train-autoencoder": "d0278d74d9894ef8",
+        "encode": "bdcd8abf1cfd08c0", "train-priors[0]": "0c0b86f19fabed1e", "train-priors[1]": "a22a23c2763a0d1a",
+        "sample": "bcf74f585a5a6f2a", "evaluate": "78bd48e268975b83",
+    }, "vqvae2-run-b0c025e25eaa6454"),
     "smoke": ({
         "ingest": "d6537bad74137705", "train-classifiers[judge]": "9afbb3f950276150",
         "train-classifiers[features]": "1394d397718e5332", "train-autoencoder": "5a314ff518d59784",

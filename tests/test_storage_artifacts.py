@@ -29,6 +29,47 @@ class _Section:
     channels: int = 128
 
 
+@dataclasses.dataclass
+class _SectionGrown:
+    """`_Section` after a release added a setting, marked as added."""
+
+    lr: float = 3e-4
+    channels: int = 128
+    ema_decay: float = dataclasses.field(default=0.0, metadata={"in_key": "when set"})
+
+
+@dataclasses.dataclass
+class _Model:
+    sections: tuple
+
+
+def test_a_setting_added_at_its_default_leaves_every_key_as_it_was():
+    from typing import Annotated
+
+    from pydantic import BaseModel
+
+    from storage.artifacts import IN_KEY_WHEN_SET
+
+    class Before(BaseModel):
+        section: _Section
+        seed: int = 0
+
+    class After(BaseModel):
+        section: _SectionGrown
+        seed: int = 0
+        top_p: Annotated[float | None, IN_KEY_WHEN_SET] = None
+
+    def key(settings) -> str:
+        return artifact_key("samples", settings, {"priors": "p"}, "2")
+
+    before = key(Before(section=_Section()))
+    assert key(After(section=_SectionGrown())) == before  # upgraded: the artifact made before is found
+    assert key(After(section=_SectionGrown(), top_p=0.9)) != before  # set: another artifact
+    assert key(After(section=_SectionGrown(ema_decay=0.999))) != before  # set deep inside: another too
+    assert key(_Model((_SectionGrown(), _SectionGrown(ema_decay=0.5)))) != key(_Model((_Section(), _Section())))
+    assert key(_Model((_SectionGrown(), _SectionGrown()))) == key(_Model((_Section(), _Section())))
+
+
 def test_artifact_key_is_stable_and_changes_with_every_input():
     key = artifact_key("train_prior", {"b": 1, "a": [1, 2]}, ["ds1", "ae1"], "3")
     assert key == artifact_key("train_prior", {"a": [1, 2], "b": 1}, ["ds1", "ae1"], "3")  # key order is irrelevant

@@ -26,7 +26,8 @@ from tasks.config import TrainingRuntime
 from tasks.machinery.artifacts import Artifact
 from tasks.machinery.reporting import image_grid
 from tasks.machinery.tensorboard import EPOCH, IMAGES, STEP, event_files, run_url
-from tasks.machinery.trainer import InjectedFault, Trainer, TrainingJob
+from tasks.machinery.faults import InjectedFault
+from tasks.machinery.trainer import Trainer, TrainingJob
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing import event_file_loader  # noqa: E402
@@ -233,7 +234,6 @@ def test_the_stages_show_reconstructions_and_prior_samples(smoke_run, tmp_path):
 
     config, root, _ = smoke_run
     finished = FinishedRun(config)
-    two_steps = {"train": {"steps": 2}}
 
     def train(settings, make_job, manifest, flag: bool, name: str):
         runtime = Runtime.of(smoke_config(str(root), training={"tensorboard": flag, "device": "cpu"}))

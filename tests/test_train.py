@@ -14,7 +14,8 @@ from ddp_jobs import BATCHES_PER_EPOCH, GLOBAL_BATCH, global_batch, tiny_autoenc
 from storage.checkpoints import checkpoint_url, list_checkpoints, load_checkpoint
 from tasks.config import TrainingRuntime
 from tasks.machinery.artifacts import Artifact
-from tasks.machinery.trainer import DIVERGED_LR_FACTOR, InjectedFault, Trainer, TrainingJob
+from tasks.machinery.faults import InjectedFault
+from tasks.machinery.trainer import DIVERGED_LR_FACTOR, Trainer, TrainingJob
 from vqvae2.train import SavedTensorBytes, split_batch
 
 # fp32 on a CPU: summing a batch's gradient in 3 pieces instead of 1 rounds differently,

@@ -11,6 +11,7 @@ Pure PyTorch, no I/O: import it in a notebook, or let the pipeline's tasks call 
 from .autoencoder import AutoencoderOutput, VQVAE2
 from .build import build_autoencoder, build_classifier, build_prior, build_priors, from_checkpoint, to_checkpoint
 from .classifier import ResNetClassifier
+from .draw import SamplingOptions
 from .config import (
     AutoencoderConfig,
     ClassifierConfig,
@@ -51,6 +52,7 @@ from .train import (
 
 __all__ = [
     "AutoencoderConfig", "AutoencoderOutput", "ClassifierConfig", "ModelConfig", "PRESETS", "PixelCNNPrior",
+    "SamplingOptions",
     "PriorConfig", "QuantizerOutput", "ResNetClassifier", "TrainConfig", "VQVAE2", "VectorQuantizer",
     "apply_overrides", "autoencoder_loss", "autoencoder_step", "bits_per_code", "build_autoencoder",
     "ROTATIONS", "build_classifier", "build_prior", "build_priors", "classifier_loss", "rotated", "rotation_loss", "classifier_step", "config_from_dict",

@@ -1,10 +1,12 @@
 """The per-position draw every sampler shares (vqvae2.sampling, vqvae2.fast_sampling,
-vqvae2.graph_sampling): temperature and top-k over a row of logits, and eval mode for the
-duration of a sample. One copy, so that samplers given the same generator make the same draws."""
+vqvae2.graph_sampling): how a code is drawn from a row of logits (`SamplingOptions`:
+temperature and top-k), and eval mode for the duration of a sample. One copy, so that
+samplers given the same generator make the same draws, and a new option is added once."""
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -23,30 +25,39 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
-def check_draw(temperature: float, top_k: int | None) -> None:
-    """Fail fast on a draw that cannot be made, before any sampling work."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How every sampler draws a code from a prior's logits at each position: the softmax
+    `temperature` (lower: safer, less varied) and `top_k` (draw from the k likeliest codes
+    only; None: all). A draw that cannot be made fails here, before any sampling work."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+    def probs(self, logits: Tensor) -> Tensor:
+        """Probabilities (B, K) in fp32 of logits (B, K) under these options. No host sync:
+        the graph-captured sampler calls it inside its step."""
+        logits = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.softmax(logits, dim=-1)
+
+    def described(self) -> str:
+        """The options in words, as reports show them: `temperature 1, top-k off`."""
+        return f"temperature {self.temperature:g}, top-k {self.top_k or 'off'}"
 
 
-def tempered_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None = None) -> Tensor:
-    """Probabilities (B, K) in fp32 after temperature and top-k truncation of logits (B, K).
-    No check, no host sync: the graph-captured sampler calls it inside its step."""
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.softmax(logits, dim=-1)
-
-
-def sample_logits(
-    logits: Tensor, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None
-) -> Tensor:
-    """Draw one index per row of logits (B, K) after temperature and top-k truncation."""
-    check_draw(temperature, top_k)
-    return torch.multinomial(tempered_probs(logits, temperature, top_k), 1, generator=generator).squeeze(-1)
+def sample_logits(logits: Tensor, options: SamplingOptions = SamplingOptions(),
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Draw one index per row of logits (B, K) under `options`."""
+    return torch.multinomial(options.probs(logits), 1, generator=generator).squeeze(-1)
 
 
 def race_draw(probs: Tensor, noise: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .draw import evaluating, sample_logits
+from .draw import SamplingOptions, evaluating, sample_logits
 from .pixelcnn import conv_at
 from .prior import PixelCNNPrior
 
@@ -151,8 +151,7 @@ def sample_level_fast(
     n: int,
     cond_codes: Sequence[Tensor] | None = None,
     labels: Tensor | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
+    options: SamplingOptions = SamplingOptions(),
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """n code grids (n, H, W) from one prior, one cached step per position: a `LevelSampler`
@@ -160,7 +159,7 @@ def sample_level_fast(
     codes = torch.zeros(n, *prior.shape, dtype=torch.long, device=prior.embed.weight.device)
 
     def draw(logits: Tensor, r: int, c: int) -> Tensor:
-        codes[:, r, c] = sample_logits(logits, temperature, top_k, generator)
+        codes[:, r, c] = sample_logits(logits, options, generator)
         return codes[:, r, c]
 
     _run_raster(prior, n, cond_codes, labels, draw)

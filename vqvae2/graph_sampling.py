@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .draw import check_draw, evaluating, race_draw, tempered_probs
+from .draw import SamplingOptions, evaluating, race_draw
 from .fast_sampling import _push_row
 from .pixelcnn import CausalSelfAttention, conv_at
 from .prior import PixelCNNPrior
@@ -57,7 +57,7 @@ def _attend(attention: CausalSelfAttention, h: Tensor, keys: Tensor, values: Ten
 class StaticPrior:
     """One prior's sampling state over a batch of n, in buffers allocated once, advanced by two
     steps whose shapes and kernels never change: for each row, `start_row()`, then `step()` once
-    per column. Either samples (`codes`, drawn with temperature, top_k and generator) or, given
+    per column. Either samples (`codes`, drawn by `options` from `generator`) or, given
     codes (n, H, W), follows them and records the logits of every position (`logits`), the
     teacher forcing the tests compare with the full forward."""
 
@@ -68,14 +68,12 @@ class StaticPrior:
         cond_codes: Sequence[Tensor] | None,
         labels: Tensor | None,
         *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
+        options: SamplingOptions = SamplingOptions(),
         generator: torch.Generator | None = None,
         given: Tensor | None = None,
     ) -> None:
         prior.check_inputs(n, cond_codes, labels)
-        check_draw(temperature, top_k)
-        self.prior, self.temperature, self.top_k, self.generator = prior, temperature, top_k, generator
+        self.prior, self.options, self.generator = prior, options, generator
         height, width = prior.shape
         self.width = width
         config, weight = prior.config, prior.embed.weight
@@ -154,7 +152,7 @@ class StaticPrior:
                 h = _attend(prior.attention[str(i)], h, *self.kv[i], t, visible)
         logits = prior.head(h).float()  # (n, K): the draw is in fp32 whatever the weights
         if self.given is None:
-            codes = race_draw(tempered_probs(logits, self.temperature, self.top_k), self.noise, self.generator)
+            codes = race_draw(self.options.probs(logits), self.noise, self.generator)
         else:
             codes = self.given.index_select(1, t)[:, 0]
             self.logits.index_copy_(2, t, logits[:, :, None])
@@ -221,8 +219,7 @@ def sample_level_graphed(
     n: int,
     cond_codes: Sequence[Tensor] | None = None,
     labels: Tensor | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
+    options: SamplingOptions = SamplingOptions(),
     generator: torch.Generator | None = None,
     *,
     dtype: torch.dtype | None = None,
@@ -235,7 +232,7 @@ def sample_level_graphed(
     capture = _capture_default(prior, capture)
     model = _at_dtype(prior, dtype)
     with evaluating(model):
-        static = StaticPrior(model, n, cond_codes, labels, temperature=temperature, top_k=top_k, generator=generator)
+        static = StaticPrior(model, n, cond_codes, labels, options=options, generator=generator)
         _run(static, capture)
     return static.codes.view(n, *prior.shape).clone()
 

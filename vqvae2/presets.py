@@ -79,33 +79,23 @@ def fashion_mnist() -> ModelConfig:
 def fashion_mnist_gpu() -> ModelConfig:
     # `fashion-mnist` at a GPU's width: twice the channels, deeper priors with a wider
     # conditioning stack, and about ten epochs of training where the CPU preset affords one
-    # or two; still minutes on one GPU (docs/gpus.md).
-    return ModelConfig(
-        name="fashion-mnist-gpu",
-        image_size=32,
-        image_channels=1,
-        num_classes=10,
-        autoencoder=AutoencoderConfig(
-            channels=128, res_channels=64, res_blocks=2, strides=(2, 2),
-            codebook_size=512, embed_dim=64, dead_code_steps=100, kmeans_init=True,
-        ),
-        priors=(
-            PriorConfig(channels=128, layers=12, kernel_size=5, attention_layers=2, attention_heads=4,
-                        dropout=0.1, embed_dim=64),
-            PriorConfig(channels=128, layers=10, kernel_size=5, dropout=0.1, embed_dim=64,
-                        cond_channels=128, cond_res_blocks=4),
-        ),
-        classifier=ClassifierConfig(widths=(64, 128, 256), blocks_per_stage=2, dropout=0.1),
-        # About 3.2 epochs of the 60,000 training images for the autoencoder, 4.3 for each
-        # prior, 2.1 for each classifier (`fashion-mnist` trains each model for 1 to 1.6): so
-        # the whole pipeline takes about 8 minutes on one H100 (benchmarks/gpu_estimate.py).
-        # Precision and layout as measured fastest on an H100 (benchmarks/bench_precision.py):
-        # the autoencoder in bf16 and channels_last (1.18x fp32), the priors in fp32 (bf16
-        # 0.85x for the top one at this width: more kernels).
-        train_autoencoder=TrainConfig(steps=1500, batch_size=128, lr=1e-3, warmup_steps=200, channels_last=True),
-        train_prior=TrainConfig(steps=2000, batch_size=128, lr=1e-3, warmup_steps=200, amp="off"),
-        train_classifier=TrainConfig(steps=1000, batch_size=128, lr=1e-3, warmup_steps=100),
-    )
+    # or two; still minutes on one GPU (docs/gpus.md). About 3.2 epochs of the 60,000
+    # training images for the autoencoder, 4.3 for each prior, 2.1 for each classifier, so
+    # the whole pipeline takes about 8 minutes on one H100 (benchmarks/gpu_estimate.py).
+    # Precision and layout as measured fastest on an H100 (benchmarks/bench_precision.py):
+    # the autoencoder in bf16 and channels_last (1.18x fp32), the priors in fp32 (bf16
+    # 0.85x for the top one at this width: more kernels).
+    return apply_overrides(fashion_mnist(), {
+        "name": "fashion-mnist-gpu",
+        "autoencoder": {"channels": 128, "res_channels": 64},
+        "priors.0": {"channels": 128, "layers": 12, "embed_dim": 64},
+        "priors.1": {"channels": 128, "layers": 10, "kernel_size": 5, "embed_dim": 64, "cond_channels": 128,
+                     "cond_res_blocks": 4},
+        "classifier": {"widths": [64, 128, 256], "blocks_per_stage": 2},
+        "train_autoencoder": {"batch_size": 128, "warmup_steps": 200, "channels_last": True},
+        "train_prior": {"steps": 2000, "batch_size": 128, "warmup_steps": 200, "amp": "off"},
+        "train_classifier": {"batch_size": 128, "warmup_steps": 100},
+    })
 
 
 def imagenet_256() -> ModelConfig:

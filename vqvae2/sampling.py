@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .autoencoder import VQVAE2
-from .draw import evaluating, sample_logits
+from .draw import SamplingOptions, evaluating, sample_logits
 from .fast_sampling import sample_level_fast
 from .graph_sampling import sample_level_graphed
 from .prior import PixelCNNPrior
@@ -34,8 +34,7 @@ class LevelSampler(Protocol):
         n: int,
         cond_codes: Sequence[Tensor] | None,
         labels: Tensor | None,
-        temperature: float,
-        top_k: int | None,
+        options: SamplingOptions,
         generator: torch.Generator | None,
     ) -> Tensor: ...
 
@@ -46,8 +45,7 @@ def sample_level_reference(
     n: int,
     cond_codes: Sequence[Tensor] | None = None,
     labels: Tensor | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
+    options: SamplingOptions = SamplingOptions(),
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """n code grids (n, H, W) from one prior, one full forward pass per position."""
@@ -58,12 +56,12 @@ def sample_level_reference(
         for r in range(height):
             for c in range(width):
                 logits = prior(codes, cond_codes, labels)[:, :, r, c]
-                codes[:, r, c] = sample_logits(logits, temperature, top_k, generator)
+                codes[:, r, c] = sample_logits(logits, options, generator)
     return codes
 
 
 def _per_level(value, levels: int, name: str) -> list:
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple)):  # one per level
         if len(value) != levels:
             raise ValueError(f"{name} has {len(value)} entries, the hierarchy has {levels} levels")
         return list(value)
@@ -76,15 +74,14 @@ def sample_codes(
     n: int,
     *,
     labels: Tensor | None = None,
-    temperature: float | Sequence[float] = 1.0,
-    top_k: int | None | Sequence[int | None] = None,
+    options: SamplingOptions | Sequence[SamplingOptions] = SamplingOptions(),
     seed: int | None = None,
     sampler: LevelSampler | None = None,
     dtype: torch.dtype | None = None,
 ) -> list[Tensor]:
     """Code grids for n samples, top first: each level given all the levels above it.
 
-    `temperature` and `top_k` may be given per level (top first). The same seed gives
+    `options` (temperature, top-k) may be given per level (top first). The same seed gives
     the same codes on the same device, whichever sampler (`sample_level_reference` is the
     slow yardstick); None picks the fastest for the priors' device. `dtype` (say
     torch.bfloat16) samples with copies of the priors in that precision, through the
@@ -101,15 +98,14 @@ def sample_codes(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    temperatures = _per_level(temperature, len(priors), "temperature")
-    top_ks = _per_level(top_k, len(priors), "top_k")
+    per_level = _per_level(options, len(priors), "options")
     if labels is not None:
         labels = labels.to(device)
     codes: list[Tensor] = []
-    for prior, t, k in zip(priors, temperatures, top_ks):
+    for prior, level_options in zip(priors, per_level):
         level_labels = labels if prior.num_classes else None
         cond = list(codes) if prior.conditional else None
-        codes.append(sampler(prior, n, cond, level_labels, t, k, generator))
+        codes.append(sampler(prior, n, cond, level_labels, level_options, generator))
     return codes
 
 

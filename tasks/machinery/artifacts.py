@@ -1,6 +1,6 @@
 """Where stage outputs live and how a finished one is recognised.
 
-An `Artifact` is `{root}/{stage}/{key}/`, complete once its typed `manifest.json` exists.
+An `Artifact` is `{root}/{directory}/{artifact key}/`, complete once its typed `manifest.json` exists.
 A `Marker` says, for any cached unit (a whole stage, one shard, one sample batch),
 where "done" is written and how to read the unit's result back; the cached-unit
 decorator (`tasks.machinery.cached`) asks nothing else.

@@ -71,15 +71,16 @@ def ui_key(text: str) -> str:
 
 
 def config_ui_key(key: str) -> str:
-    """`key` of the running flow's config: `vqvae2-report-<config key>`, so each config has its
-    own artifact history in the UI (a smoke run does not replace fashion-mnist's "latest")."""
+    """`key` with the config key of the running flow's config (`trainings-<config key>`), so
+    each config has its own artifact history in the UI (a smoke run does not replace
+    fashion-mnist's "latest")."""
     short = flow_run_config_key(flow_run.get_id())
     return ui_key(f"{key}-{short}" if short else key)
 
 
 @lru_cache(maxsize=64)
 def flow_run_config_key(flow_run_id: str | None) -> str | None:
-    """The key of the config a flow run runs (`config.config_key`: the storage root and the
+    """The config key of the config a flow run runs (`config.config_key`: the storage root and the
     fields that decide the artifacts; the name of its run lease holds it too).
     So every run of one config into one root shares it, whichever flow (the pipeline or a
     stage flow), and two configs that would write different artifacts do not; fields that

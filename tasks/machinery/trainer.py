@@ -22,16 +22,14 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import chain
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -45,34 +43,18 @@ from ..config import TrainingRuntime
 from ..manifests import TrainingSummary
 from .artifacts import Artifact
 from .devices import resolve_device
+from .faults import fail_once_at
+from .ranks import gather, mean_over_ranks, rank0_says, rank_and_world
 from .reporting import Progress, format_metrics, logger, loss_curve_png, publish_part
 from .tensorboard import Logged, TensorBoardRun, run_url
+from .training_state import BatchSource, EpochStream, Recovery, RunningMeans, rng_state, set_rng_state
 
-# (epoch, batches of it already consumed) -> the rest of that epoch's batches
-BatchSource = Callable[[int, int], Iterable[Any]]
 Evaluator = Callable[[nn.Module], dict[str, float]]
 Pictures = Callable[[nn.Module], dict[str, np.ndarray]]  # name -> a uint8 picture, H x W (x 3)
 
 # A loss spike that made the weights non-finite often passes at a lower rate; the same
 # rate, RNG and batches would diverge at the same step again (why a retry cannot help).
 DIVERGED_LR_FACTOR = 0.5
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's data-parallel rank and the number of ranks (0, 1 without torchrun)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def rank_batch_size(global_batch: int) -> int:
-    """This rank's share of a global batch: the ranks' gradients are averaged, so equal
-    shares make a step equal to one process's step on the whole batch."""
-    _, world = rank_and_world()
-    if global_batch % world:
-        raise ValueError(f"train.batch_size {global_batch} cannot be shared equally by {world} training processes: "
-                         "make it a multiple of training.processes")
-    return global_batch // world
 
 
 class _WithLoss(nn.Module):
@@ -91,55 +73,6 @@ def _forward(module: nn.Module, batch: Any) -> tuple[torch.Tensor, Metrics]:
     return module(batch)
 
 
-def _gather(value: Any, world: int) -> list[Any]:
-    """`value` of every rank, in rank order (a collective: every rank calls it)."""
-    if world == 1:
-        return [value]
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-def _mean_over_ranks(means: dict[str, float], world: int) -> dict[str, float]:
-    if world == 1 or not means:
-        return means
-    keys = sorted(means)
-    values = torch.tensor([means[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
-    return {k: float(v) / world for k, v in zip(keys, values.tolist())}
-
-
-def _rank0_says(flag: bool, world: int) -> bool:
-    """Rank 0's decision, on every rank (a decision taken on a clock must be the same everywhere)."""
-    if world == 1:
-        return flag
-    decided = [flag]
-    dist.broadcast_object_list(decided, src=0)
-    return bool(decided[0])
-
-
-@dataclass(frozen=True)
-class Recovery:
-    """A divergence gone past: where it was seen, the step training went on from, and the
-    factor the learning rate was multiplied by. Kept in checkpoints (as a dict) so a resumed
-    attempt knows the one recovery is used."""
-
-    diverged_at: int
-    resumed_from: int
-    lr_factor: float
-
-
-class InjectedFault(RuntimeError):
-    """Raised by `TrainingSection.fail_once_at_step`, to test retries and resuming."""
-
-
-def private_generator(seed: int, epoch: int) -> torch.Generator:
-    """For a DataLoader: without one, each new iterator draws its seed from torch's global
-    RNG, so a run resumed mid-epoch would shift the model's random stream (dropout,
-    dead-code restarts) against an uninterrupted run."""
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
-
-
 @dataclass
 class TrainingJob:
     name: str  # "autoencoder", "prior-top", "classifier-judge": also the fault-injection name
@@ -152,71 +85,6 @@ class TrainingJob:
     options: TrainingRuntime
     evaluate: Evaluator | None = None  # held-out metrics at each epoch's end and at the last step
     pictures: Pictures | None = None  # shown per epoch in TensorBoard (training.tensorboard), drawn on rank 0 only
-
-
-class _EpochStream:
-    """Batches across epochs, tracking how many of the current epoch were handed out."""
-
-    def __init__(self, batches: BatchSource, epoch: int, consumed: int, on_epoch_end: Callable[[int], None]):
-        self.batches, self.epoch, self.consumed, self.on_epoch_end = batches, epoch, consumed, on_epoch_end
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            yielded = False
-            for batch in self.batches(self.epoch, self.consumed):
-                self.consumed += 1  # before the step runs: a checkpoint after it counts this batch
-                yielded = True
-                yield batch
-            if not yielded and self.consumed == 0:
-                raise ValueError("the training data yields no batches")
-            self.on_epoch_end(self.epoch)
-            self.epoch, self.consumed = self.epoch + 1, 0
-
-
-def _rng_state() -> dict[str, Any]:
-    numpy_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-class _Averages:
-    """Running sums of step metrics (tensors, so no device sync per step)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def add(self, metrics: Metrics) -> None:
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0) + v.float()
-        self.count += 1
-
-    def pop(self) -> dict[str, float]:
-        means = {k: (v / self.count).item() for k, v in self.sums.items()} if self.count else {}
-        self.sums, self.count = {}, 0
-        return means
-
-    # In checkpoints: a resumed run logs the same means as an uninterrupted one, though
-    # the interval they average began before the checkpoint.
-    def state_dict(self) -> dict[str, Any]:
-        return {"sums": {k: v.detach().cpu() for k, v in self.sums.items()}, "count": self.count}
-
-    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        self.sums, self.count = {k: v.to(device) for k, v in state["sums"].items()}, state["count"]
 
 
 class Reporter(Protocol):
@@ -266,8 +134,8 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []  # logged step metrics
         self.epochs: list[dict[str, Any]] = []  # metrics per (finished or final partial) epoch
-        self.stream = _EpochStream(job.batches, 0, 0, self._close_epoch)
-        self.interval, self.epoch_window = _Averages(), _Averages()
+        self.stream = EpochStream(job.batches, 0, 0, self._close_epoch)
+        self.interval, self.epoch_window = RunningMeans(), RunningMeans()
         self.last_save = time.monotonic()
         self.recoveries: list[Recovery] = []
         self.damaged: list[str] = []  # checkpoints that did not load, removed before the next save
@@ -279,7 +147,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """The state to resume from; a collective under DDP (every rank's RNG state is in it)."""
-        rngs = _gather(_rng_state(), self.world)
+        rngs = gather(rng_state(), self.world)
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": rngs[0], "rng_ranks": rngs, "step": self.step,
@@ -293,11 +161,11 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ranks = state.get("rng_ranks", [state["rng"]])
-        _set_rng_state(ranks[self.rank] if len(ranks) == self.world else state["rng"])
+        set_rng_state(ranks[self.rank] if len(ranks) == self.world else state["rng"])
         self.step, self.stream.epoch, self.stream.consumed = state["step"], state["epoch"], state["consumed"]
         self.history, self.epochs = list(state["history"]), list(state["epochs"])
         self.recoveries = [Recovery(**r) for r in state.get("recoveries", [])]
-        self.interval, self.epoch_window = _Averages(), _Averages()  # none of what came after the checkpoint
+        self.interval, self.epoch_window = RunningMeans(), RunningMeans()  # none of what came after the checkpoint
         for name in ("interval", "epoch_window"):
             if name in state:  # checkpoints written before they were kept start these afresh
                 getattr(self, name).load_state_dict(state[name], self.device)
@@ -356,7 +224,7 @@ class Trainer:
                  if t.is_floating_point()]
         finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist() if named else []
         first = next((name for (name, _), ok in zip(named, finite) if not ok), None)
-        found = [name for name in _gather(first, self.world) if name is not None]
+        found = [name for name in gather(first, self.world) if name is not None]
         if found:
             raise FloatingPointError(f"{found[0]} is not finite at step {self.step}: training diverged")
 
@@ -367,7 +235,7 @@ class Trainer:
         self.step = step
         if step % self.job.options.log_every:
             return
-        bad = [loss for loss in _gather(metrics["loss"].item(), self.world) if not math.isfinite(loss)]
+        bad = [loss for loss in gather(metrics["loss"].item(), self.world) if not math.isfinite(loss)]
         if bad:
             raise FloatingPointError(f"the loss is {bad[0]} at step {step}: training diverged")
 
@@ -404,7 +272,7 @@ class Trainer:
             f"rate, {before:.4g} -> {self.scheduler.base_lrs[0]:.4g} (once: a second divergence fails the training)")
 
     def _close_epoch(self, finished: int, partial: bool = False) -> None:
-        train = _mean_over_ranks(self.epoch_window.pop(), self.world)
+        train = mean_over_ranks(self.epoch_window.pop(), self.world)
         row = {"epoch": finished, "step": self.step, **{f"train_{k}": v for k, v in train.items()}}
         if self.job.evaluate is not None:
             self.model.eval()
@@ -424,21 +292,16 @@ class Trainer:
         self.epoch_window.add(metrics)
         logged = step % opts.log_every == 0 or step == steps
         if logged:
-            means = _mean_over_ranks(self.interval.pop(), self.world)
+            means = mean_over_ranks(self.interval.pop(), self.world)
             self.history.append({"step": step, "epoch": self.stream.epoch, **means})
             if self.tensorboard is not None:
                 self.tensorboard.log_step(self.history[-1])
             self.reporter.progress(step, steps, f"step {step}/{steps}, loss {means.get('loss', float('nan')):.4g}")
             self.reporter.log(f"{job.name} step {step}/{steps}: {format_metrics(means)}")
         # The clock is looked at when metrics are logged, and rank 0's reading decides for all ranks.
-        overdue = logged and _rank0_says(time.monotonic() - self.last_save > 60 * opts.checkpoint_minutes, self.world)
+        overdue = logged and rank0_says(time.monotonic() - self.last_save > 60 * opts.checkpoint_minutes, self.world)
         if step % opts.checkpoint_every == 0 or overdue:
             self.save()
-        fault = job.artifact.path("fault-injected")
-        failing = self.rank == self.world - 1  # under DDP a rank other than 0: the one that writes checkpoints lives
-        if failing and opts.fail_once_at_step.get(job.name) == step and not exists(fault, job.artifact.storage_options):
-            write_bytes(fault, b"", job.artifact.storage_options)
-            raise InjectedFault(f"{job.name}: fault injected at step {step} (training.fail_once_at_step)")
 
     def run(self) -> TrainingSummary:
         try:
@@ -483,7 +346,8 @@ class Trainer:
     def _train(self) -> None:
         job = self.job
         # The loss check runs first: a diverged model is never checkpointed.
-        hooks = [self._check_loss, self._on_step]
+        fault = fail_once_at(job.name, job.options.fail_once_at_step.get(job.name), job.artifact, self.rank, self.world)
+        hooks = [self._check_loss, self._on_step, *fault]
         self.step = vqvae2.fit(self.stepped, self.optimizer, self.stream, self.loss_fn, job.train,
                                scheduler=self.scheduler, start_step=self.step, hooks=hooks)
         if self.epoch_window.count:

@@ -9,7 +9,7 @@
   rejection at each acceptance rate: the paper's trade-off curve (Sec. 4.1, Fig. 5).
 
 The report is `report.json` + `report.md` (with PNGs) in the artifact directory, and a
-markdown artifact in the Prefect UI (key `vqvae2-report-<config key>`) with every grid and
+markdown artifact in the Prefect UI (key `vqvae2-report-<report key>`) with every grid and
 plot visible as a thumbnail linking to its full PNG, which the flows publish on every run
 (`publish_report`), a run whose stages were all `Cached` included.
 """
@@ -88,6 +88,7 @@ class ReportedSamples(Record):
     top_k: int | None
     seed: int
     rejection: str = "classifier-based"  # how candidates were rejected (reports before it was kept: the judge)
+    drawn: str | None = None  # every sampling option in words (reports before it was kept: temperature and top-k)
 
 
 class Report(Record):
@@ -295,6 +296,7 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
         training=[training_row(m) for m in trained],
         samples=ReportedSamples(candidates=samples.candidates, kept_per_rate=samples.num_samples,
                                 temperature=samples.temperature, top_k=samples.top_k, seed=samples.seed,
+                                drawn=samples.drawn,
                                 rejection=_rejection(samples, dataset)),
         seeds={"sample": samples.seed, **{name: model[name]["seed"] for name in
                                           ("train_autoencoder", "train_prior", "train_classifier")}},
@@ -348,7 +350,8 @@ def render_markdown(report: Report, images: Mapping[str, str | bytes],
         f"Dataset `{dataset.key}`: {dataset.images} images, "
         f"{_source(dataset.source)}.",
         "## Samples",
-        f"Temperature {samples.temperature}, top-k {samples.top_k}, seed {samples.seed}; "
+        f"{(samples.drawn or f'temperature {samples.temperature}, top-k {samples.top_k}').capitalize()}, "
+        f"seed {samples.seed}; "
         f"{samples.candidates} candidates, {samples.kept_per_rate} kept per acceptance rate. "
         f"Rejection sampling: {samples.rejection}. Without rejection:",
         image("samples"),

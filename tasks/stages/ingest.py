@@ -31,7 +31,7 @@ from ..machinery.artifacts import Artifact, Marker
 from ..machinery.cached import cached_unit, with_records
 from ..machinery.failures import SettingError
 from ..machinery.reporting import logger, publish_table, track
-from ..machinery.trainer import BatchSource, private_generator
+from ..machinery.training_state import BatchSource, private_generator
 from ..stage import SOURCE, Settings, Stage, stage_task
 
 

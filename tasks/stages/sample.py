@@ -18,9 +18,6 @@ whichever worker draws them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,6 +45,7 @@ from ..machinery.reporting import (
     track,
 )
 from ..machinery.rounding import rounded
+from ..machinery.sampling_plan import SamplingPlan, class_listing
 from ..stage import Needs, Settings, Stage, stage_task
 
 if TYPE_CHECKING:  # what it takes, for annotations only: a stage never imports another
@@ -84,6 +82,7 @@ class SamplesManifest(Manifest):
     seed: int
     num_samples: int  # kept per rate
     classes: list[int] | None = None  # the class indices drawn, in order (None: unconditional)
+    drawn: str | None = None  # the sampling options in words (`vqvae2.SamplingOptions.described`)
 
     def kept_images(self, storage_options: dict[str, Any] | None = None) -> dict[float, np.ndarray]:
         """{acceptance rate: the uint8 images rejection at that rate kept}."""
@@ -114,13 +113,22 @@ class SampleSettings(Settings):
                    seed=sample.seed, num_classes=config.model.num_classes, classes=sample.classes,
                    grid_size=config.evaluate.grid_size, image_size=config.model.image_size)
 
+    def options(self) -> vqvae2.SamplingOptions:
+        """How each code is drawn."""
+        return vqvae2.SamplingOptions(temperature=self.temperature, top_k=self.top_k)
+
+    def plan(self, dataset: DatasetManifest) -> SamplingPlan:
+        """Which candidates to draw from `dataset`'s classes; a bad `sample.classes` fails here."""
+        return SamplingPlan.of(self.classes, dataset.class_names, self.num_classes, self.num_samples,
+                               self.acceptance_rates)
+
 
 def run(settings: SampleSettings, runtime: Runtime, dataset: DatasetManifest, autoencoder: AutoencoderManifest,
         priors: list[PriorManifest], judge: ClassifierManifest | None) -> SamplesManifest:
-    plan = SamplingPlan.of(settings, dataset)  # a bad sample.classes fails here, before anything is drawn
+    plan = settings.plan(dataset)  # a bad sample.classes fails here, before anything is drawn
     if plan.classes:
         logger().info(f"sampling {plan.num_samples} images per acceptance rate of "
-                      f"{_class_listing(dataset.class_names, plan.classes)}; {plan.candidates} candidates")
+                      f"{class_listing(dataset.class_names, plan.classes)}; {plan.candidates} candidates")
     records = runtime.root, runtime.storage_options
     batches = with_records(sample_batch, *records).map(
         range(len(batch_sizes(settings, dataset))), unmapped(settings), unmapped(runtime), unmapped(dataset),
@@ -136,7 +144,7 @@ def publish_samples(samples: SamplesManifest, storage_options: dict[str, Any] | 
     grid = read_bytes(samples.grid, storage_options)
     rows = [{"acceptance rate": r.rate, "candidates": r.candidates, "kept": r.kept,
              "judge confidence, kept": r.judge_confidence_kept} for r in samples.rates]
-    drawn = f"temperature {samples.temperature}, top-k {samples.top_k or 'off'}, seed {samples.seed}"
+    drawn = f"{samples.drawn or _options_of_old(samples)}, seed {samples.seed}"
     if samples.classes:
         drawn = f"classes {', '.join(map(str, samples.classes))}; {drawn}"
     text = (f"# vqvae2 samples\n\n{samples.num_samples} images kept at each acceptance rate, from "
@@ -144,6 +152,11 @@ def publish_samples(samples: SamplesManifest, storage_options: dict[str, Any] | 
             f"all of them are under `{redact(samples.url)}`.\n\n{markdown_image(grid, 'samples', samples.grid)}\n\n"
             f"{markdown_table(rows)}\n")
     publish_markdown("vqvae2-samples", text, f"{samples.num_samples} samples ({drawn})")
+
+
+def _options_of_old(samples: SamplesManifest) -> str:
+    """How samples made before the manifest said so in words were drawn."""
+    return vqvae2.SamplingOptions(samples.temperature, samples.top_k).described()
 
 
 def check(config: PipelineConfig, dataset: DatasetManifest | None) -> None:
@@ -162,133 +175,14 @@ STAGE = Stage(
 )
 
 
-def _class_listing(class_names: Sequence[str], indices: Sequence[int] | None = None, limit: int = 30) -> str:
-    """Classes as `7 'Sneaker'`, comma-separated (the first `limit` of them)."""
-    indices = range(len(class_names)) if indices is None else indices
-    shown = ", ".join(f"{i} {class_names[i]!r}" for i in list(indices)[:limit])
-    return shown + (f", ... ({len(indices)} classes)" if len(indices) > limit else "")
-
-
-def resolve_classes(chosen: Sequence[str | int] | None, class_names: Sequence[str],
-                    num_classes: int) -> tuple[int, ...]:
-    """The indices of the classes to draw, in the order given: `chosen` (`sample.classes`) by
-    name (exact, else case-insensitive, else a string of digits as an index) or by index;
-    every class for None; () for unconditional priors. A ValueError naming sample.classes,
-    the bad value and the dataset's classes for a class the dataset does not have, a class
-    named twice, or classes asked of an unlabelled dataset or of unconditional priors."""
-    if chosen is None:
-        return tuple(range(num_classes))
-    if not class_names:
-        raise ValueError(f"sample.classes={list(chosen)!r}, but the dataset has no class labels, so its priors are "
-                         "unconditional: leave sample.classes unset (None)")
-    listing = f"the dataset's classes are {_class_listing(class_names)}"
-    if not num_classes:
-        raise ValueError(f"sample.classes={list(chosen)!r}, but the priors are unconditional (num_classes=0) and "
-                         f"cannot draw chosen classes ({listing}): leave sample.classes unset, or train "
-                         "class-conditional priors (num_classes auto)")
-    folded = [name.casefold() for name in class_names]
-    resolved: dict[int, str | int] = {}
-    for value in chosen:
-        if isinstance(value, str) and value in class_names:
-            index = class_names.index(value)
-        elif isinstance(value, str) and folded.count(value.casefold()) == 1:
-            index = folded.index(value.casefold())
-        elif isinstance(value, str) and value.strip().isdigit():
-            index = int(value)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            index = value
-        else:
-            raise ValueError(f"sample.classes: {value!r} is no class of the dataset; {listing}")
-        if not 0 <= index < len(class_names):
-            raise ValueError(f"sample.classes: {value!r} is no class index of the dataset (0 to "
-                             f"{len(class_names) - 1}); {listing}")
-        if index in resolved:
-            raise ValueError(f"sample.classes: {resolved[index]!r} and {value!r} are both class {index} "
-                             f"{class_names[index]!r}: name each class once; {listing}")
-        resolved[index] = value
-    return tuple(resolved)
-
-
 def check_classes(config: PipelineConfig, dataset: DatasetManifest) -> None:
     """A bad `sample.classes` fails here, as it would when the stage starts: what a flow calls
     once the dataset is known (after `with_dataset_classes`), so the error comes before any training."""
-    SamplingPlan.of(SampleSettings.of(config), dataset)
-
-
-@dataclass(frozen=True)
-class SamplingPlan:
-    """How many candidates to draw, of which class, and which of them each acceptance rate keeps."""
-
-    classes: tuple[int, ...]  # the classes drawn, in order; (): unconditional, no labels, no rejection
-    num_samples: int  # kept at every rate
-    rates: tuple[float, ...]
-
-    @classmethod
-    def of(cls, settings: SampleSettings, dataset: DatasetManifest) -> SamplingPlan:
-        classes = resolve_classes(settings.classes, dataset.class_names, settings.num_classes)
-        return cls(classes, settings.num_samples, tuple(settings.acceptance_rates) if classes else (1.0,))
-
-    @cached_property
-    def keep(self) -> np.ndarray:
-        """Kept per class (in the order of `classes`), at every rate: even, the first ones one more."""
-        base, extra = divmod(self.num_samples, len(self.classes))
-        return base + (np.arange(len(self.classes)) < extra)
-
-    def needed(self, rate: float) -> np.ndarray:
-        """Candidates each class needs for rejection at `rate` to keep its share."""
-        return np.array([vqvae2.candidates_needed(int(k), rate) for k in self.keep], dtype=np.int64)
-
-    @cached_property
-    def _layout(self) -> tuple[np.ndarray, np.ndarray]:
-        """(position in `classes`, rank within its class) of every candidate: round-robin over
-        the classes, each round over those that need more candidates than rounds so far."""
-        needed = self.needed(min(self.rates))
-        drawn = needed[None, :] > np.arange(needed.max())[:, None]  # (round, class): drawn?
-        positions = np.broadcast_to(np.arange(len(needed))[None, :], drawn.shape)[drawn]
-        ranks = np.broadcast_to(np.arange(len(drawn))[:, None], drawn.shape)[drawn]
-        return positions, ranks
-
-    @property
-    def candidates(self) -> int:
-        return len(self._layout[0]) if self.classes else self.num_samples
-
-    def labels(self, first: int, count: int) -> np.ndarray:
-        """Intended classes of candidates first..first+count (-1 without classes)."""
-        if not self.classes:
-            return np.full(count, -1)
-        return np.asarray(self.classes, dtype=np.int64)[self._layout[0][first:first + count]]
-
-    def pool(self, rate: float) -> np.ndarray:
-        """Indices of the candidates rejection at `rate` chooses from: the first ones of each class."""
-        if not self.classes:
-            return np.arange(self.candidates)
-        positions, ranks = self._layout
-        return np.flatnonzero(ranks < self.needed(rate)[positions])
-
-    def kept(self, scores: np.ndarray, labels: np.ndarray, rate: float) -> np.ndarray:
-        """Indices of the candidates rejection at `rate` keeps, `keep` per class, the classes
-        interleaved: the first kept (by candidate order) of every class, then the second, ..."""
-        pool = self.pool(rate)
-        if not self.classes:
-            return pool
-        chosen = pool[vqvae2.accept_mask(torch.from_numpy(scores[pool]), torch.from_numpy(labels[pool]), rate).numpy()]
-        positions = self._layout[0][chosen]
-        return chosen[np.lexsort((positions, _occurrence(positions)))]
-
-
-def _occurrence(values: np.ndarray) -> np.ndarray:
-    """How many times each value occurred before, in order: [3, 5, 3, 3] -> [0, 0, 1, 2]."""
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(values) else np.zeros(0, dtype=int)
-    counts = np.diff(np.r_[starts, len(values)])
-    occurrence = np.empty(len(values), dtype=np.int64)
-    occurrence[order] = np.arange(len(values)) - np.repeat(starts, counts)
-    return occurrence
+    SampleSettings.of(config).plan(dataset)
 
 
 def batch_sizes(settings: SampleSettings, dataset: DatasetManifest) -> list[int]:
-    full, rest = divmod(SamplingPlan.of(settings, dataset).candidates, settings.batch_size)
+    full, rest = divmod(settings.plan(dataset).candidates, settings.batch_size)
     return [settings.batch_size] * full + ([rest] if rest else [])
 
 
@@ -326,23 +220,31 @@ def judge_scores(judge: vqvae2.ResNetClassifier | None, images: torch.Tensor, la
     return probs.gather(1, labels.unsqueeze(1)).squeeze(1).cpu().numpy()
 
 
+def draw_batch(settings: SampleSettings, plan: SamplingPlan, index: int, size: int, autoencoder: vqvae2.VQVAE2,
+               priors: list[vqvae2.PixelCNNPrior]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Batch `index` of the candidates `plan` lays out, `size` of them, drawn with its own seed
+    (`sample.seed + index`): (images, codes per level, labels). The sample stage's batches and
+    `vqvae2 sample` draw through here, so the same settings draw the same images."""
+    device = next(autoencoder.parameters()).device
+    labels = torch.from_numpy(plan.labels(index * settings.batch_size, size)).to(device)
+    images, codes = vqvae2.sample_images(
+        autoencoder, priors, size, labels=labels if plan.classes else None, options=settings.options(),
+        seed=settings.seed + index, dtype=torch.bfloat16 if settings.dtype == "bf16" else None,
+    )
+    return images, codes, labels
+
+
 @cached_unit(locate=_batch_marker, name="sample-batch", task_run_name="sample-batch-{index}")
 def sample_batch(index: int, settings: SampleSettings, runtime: Runtime, dataset: DatasetManifest,
                  autoencoder: AutoencoderManifest, priors: list[PriorManifest],
                  judge: ClassifierManifest | None) -> SampleBatch:
-    """Draw batch `index` of the candidates with its own seed, and let the judge score them."""
-    samples, plan = _samples(settings, runtime, dataset, autoencoder, priors, judge), SamplingPlan.of(settings, dataset)
+    """Draw batch `index` of the candidates, and let the judge score them."""
+    samples = _samples(settings, runtime, dataset, autoencoder, priors, judge)
     options, device = runtime.storage_options, resolve_device(runtime.training.device)
-    model = load_model(autoencoder, options, device)
-    prior_models = [load_model(p, options, device) for p in priors]
     judge_model = load_model(judge, options, device) if judge else None
-    size = batch_sizes(settings, dataset)[index]
-    labels = torch.from_numpy(plan.labels(index * settings.batch_size, size)).to(device)
-    images, codes = vqvae2.sample_images(
-        model, prior_models, size, labels=labels if plan.classes else None,
-        temperature=settings.temperature, top_k=settings.top_k, seed=settings.seed + index,
-        dtype=torch.bfloat16 if settings.dtype == "bf16" else None,
-    )
+    images, codes, labels = draw_batch(settings, settings.plan(dataset), index, batch_sizes(settings, dataset)[index],
+                                       load_model(autoencoder, options, device),
+                                       [load_model(p, options, device) for p in priors])
     url = samples.path("batches", f"{batch_name(index)}.npz")
     save_npz(
         url, options,
@@ -351,7 +253,7 @@ def sample_batch(index: int, settings: SampleSettings, runtime: Runtime, dataset
         judge_scores=judge_scores(judge_model, images, labels),
         **{f"codes{level}": c.cpu().numpy().astype(np.int16) for level, c in enumerate(codes)},
     )  # fmt: skip
-    return SampleBatch(index=index, url=url, images=size)
+    return SampleBatch(index=index, url=url, images=len(images))
 
 
 @stage_task(STAGE, name="finalize-samples")
@@ -359,7 +261,7 @@ def finalize_samples(settings: SampleSettings, runtime: Runtime, dataset: Datase
                      autoencoder: AutoencoderManifest, priors: list[PriorManifest], judge: ClassifierManifest | None,
                      batches: list[SampleBatch], artifact: Artifact) -> SamplesManifest:
     """Select the kept candidates of every acceptance rate; grids of samples and of rejection."""
-    options, plan = artifact.storage_options, SamplingPlan.of(settings, dataset)
+    options, plan = artifact.storage_options, settings.plan(dataset)
     urls = [b.url for b in sorted(batches, key=lambda b: b.index)]
     data = load_samples(urls, options)
     scores, labels = data["judge_scores"], data["labels"]
@@ -384,6 +286,7 @@ def finalize_samples(settings: SampleSettings, runtime: Runtime, dataset: Datase
         **artifact.identity(), batches=urls, candidates=int(len(scores)), selections=artifact.path("selections.npz"),
         rates=rows, grid=artifact.path("grid.png"), rejection_grid=artifact.path("rejection.png") if rejection else None,
         judge_mean_confidence=_mean(scores), temperature=settings.temperature, top_k=settings.top_k,
+        drawn=settings.options().described(),
         seed=settings.seed, num_samples=int(len(kept[1.0])), classes=list(plan.classes) or None,
     )
 

@@ -21,7 +21,8 @@ from ..manifests import TrainedManifest
 from ..machinery.artifacts import Artifact
 from ..machinery.devices import training_task
 from ..machinery.process import train_model
-from ..machinery.trainer import TrainingJob, rank_batch_size
+from ..machinery.ranks import rank_batch_size
+from ..machinery.trainer import TrainingJob
 from ..stage import Needs, Settings, Stage, stage_task
 
 if TYPE_CHECKING:  # what it takes, for annotations only: a stage never imports another

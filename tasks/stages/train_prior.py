@@ -21,7 +21,9 @@ from ..machinery.devices import training_task
 from ..machinery.models import load_model
 from ..machinery.process import train_model
 from ..machinery.tensorboard import code_maps
-from ..machinery.trainer import TrainingJob, private_generator, rank_batch_size
+from ..machinery.ranks import rank_batch_size
+from ..machinery.trainer import TrainingJob
+from ..machinery.training_state import private_generator
 from ..stage import Needs, Settings, Stage, stage_task
 
 if TYPE_CHECKING:  # what it takes, for annotations only: a stage never imports another

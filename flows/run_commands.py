@@ -1,0 +1,168 @@
+"""The commands on the finished runs under a root: `ls`, `report`, `sample`, `reconstruct`
+and `verify`. Each imports what it needs when it runs: `vqvae2 --help` stays instant."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from typing import Any
+
+from .command_config import build_config, finished_run
+
+
+def _write(path: str, png: bytes) -> None:
+    from storage.fsutil import write_bytes
+
+    write_bytes(path, png)
+    print(f"wrote {path}")
+
+
+def print_metrics(metrics: dict[str, Any]) -> None:
+    from tasks.machinery.rounding import rounded
+
+    for name, value in metrics.items():
+        print(f"  {name:32s} {rounded(value)}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    finished = finished_run(args)  # before the imports below, which take seconds
+    import torch
+    from tqdm import tqdm
+
+    from tasks.config import validate_config
+    from tasks.machinery.devices import resolve_device
+    from tasks.machinery.models import load_model
+    from tasks.machinery.reporting import image_grid, png_bytes
+    from tasks.stages import INGEST, TRAIN_AUTOENCODER, TRAIN_PRIORS
+    from tasks.stages.sample import SampleSettings, draw_batch
+
+    # The sample stage's settings with this command's flags, no rejection: the same flags
+    # and seed draw the same images as the stage would.
+    given = {"num_samples": args.n, "classes": [args.class_] if args.class_ is not None else None,
+             "acceptance_rates": [1.0], "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
+             "batch_size": args.batch_size}
+    config = validate_config(finished.config.model_dump() | {"sample": finished.config.sample.model_dump() | given})
+    settings, dataset = SampleSettings.of(config), finished.get(INGEST)
+    plan = settings.plan(dataset)  # the class named as everywhere: `7`, `sneaker` or `Sneaker`
+    options, device = finished.runtime.storage_options, resolve_device(config.training.device)
+    autoencoder = load_model(finished.get(TRAIN_AUTOENCODER), options, device)
+    priors = [load_model(p, options, device) for p in finished.every(TRAIN_PRIORS)]
+    images = []
+    with tqdm(total=args.n, desc="sampling", unit="image") as bar:
+        for index, first in enumerate(range(0, args.n, args.batch_size)):
+            batch, _, _ = draw_batch(settings, plan, index, min(args.batch_size, args.n - first), autoencoder, priors)
+            images.append(batch.cpu())
+            bar.update(len(batch))
+    if plan.classes:
+        names = [dataset.class_names[c] for c in plan.classes]
+        print(f"{args.n} images of {'every class, in turn' if args.class_ is None else 'class'}: {', '.join(names)}")
+    _write(args.out, png_bytes(image_grid(torch.cat(images)), scale=args.scale))
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    finished = finished_run(args)
+    import numpy as np
+    import torch
+
+    from storage.fsutil import read_bytes
+    from storage.imaging import decode_image, prepare
+    from tasks.machinery.models import load_model, reconstruct
+    from tasks.machinery.reporting import pairs_grid, png_bytes
+    from tasks.stages import INGEST, TRAIN_AUTOENCODER
+
+    config = finished.config
+    model = load_model(finished.get(TRAIN_AUTOENCODER), finished.runtime.storage_options)
+    if args.images:
+        mode = "L" if config.model.image_channels == 1 else "RGB"
+        arrays = [decode_image(prepare(read_bytes(path), config.model.image_size, mode)[0]) for path in args.images]
+        images = torch.from_numpy(np.stack([a.reshape(a.shape[0], a.shape[1], -1) for a in arrays])).permute(0, 3, 1, 2)
+        images = images.float() / 255
+    else:
+        images, _ = finished.get(INGEST).first_images("test", args.count, finished.runtime.storage_options)
+    recon = reconstruct(model, images)
+    mse = torch.nn.functional.mse_loss(recon, images).item()
+    print(f"{len(images)} images, reconstruction MSE {mse:.4g}")
+    _write(args.out, png_bytes(pairs_grid(images, recon, 2 * len(images)), scale=args.scale))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    finished = finished_run(args)
+    from tasks.stages import EVALUATE, evaluate
+
+    manifest = finished.get(EVALUATE)
+    report = evaluate.read_report(manifest, finished.runtime.storage_options)
+    if args.json:
+        print(json.dumps(report.model_dump(mode="json"), indent=2))
+        return
+    recorded = getattr(finished, "record", None)
+    key = f" {recorded.key}" if recorded is not None else ""
+    print(f"report of the {report.preset} run{key} on dataset {report.dataset.key}: {manifest.markdown}")
+    print_metrics(report.metrics)
+    for row in report.training:
+        print(f"  trained {row['stage']:20s} {row['steps']} steps")
+
+
+def cmd_ls(args: argparse.Namespace) -> None:
+    from storage.fsutil import redact
+    from tasks.config import Runtime
+    from tasks.runs import finished_runs
+
+    runtime = Runtime.of(build_config(args))
+    runs = finished_runs(runtime.root, runtime.storage_options)
+    rows = [{"key": run.record.key, "preset": run.record.preset, "source": run.record.source,
+             "finished": run.finished.isoformat(timespec="seconds") if run.finished else None,
+             "sample_fid": run.record.sample_fid, "report": redact(run.record.markdown),
+             "report_json": redact(run.record.report), "num_classes": run.record.num_classes}
+            for run in runs]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print(f"no finished runs under {redact(runtime.root)}")
+        return
+    header = ("KEY", "PRESET", "SOURCE", "FINISHED", "SAMPLE FID", "REPORT")
+    cells = [header] + [(r["key"], r["preset"], r["source"], _local_time(run.finished), _number(r["sample_fid"]),
+                         r["report"]) for r, run in zip(rows, runs)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header) - 1)]
+    for row in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+
+
+def _local_time(when: datetime.datetime | None) -> str:
+    return when.astimezone().strftime("%Y-%m-%d %H:%M") if when else "-"
+
+
+def _number(value: float | None) -> str:
+    from tasks.machinery.rounding import rounded
+
+    return rounded(value) if value is not None else "-"
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from storage.fsutil import redact
+    from tasks.config import Runtime
+    from tasks.verify import repair, verify_root
+
+    runtime = Runtime.of(build_config(args))
+    root = redact(runtime.root)
+    checked = verify_root(runtime.root, runtime.storage_options)
+    print(f"checked {len(checked)} finished artifacts ({sum(c.files for c in checked)} files) under {root}")
+    unrecorded = [c.artifact for c in checked if not c.recorded]
+    if unrecorded:
+        print(f"  not checked: {len(unrecorded)} made before vqvae2 recorded their files' digests: "
+              + ", ".join(f"{a.directory}/{a.key}" for a in unrecorded))
+    damaged = [(c.artifact, d) for c in checked for d in c.damaged]
+    for artifact, problem in damaged:
+        print(f"  damaged: {redact(artifact.path(problem.path))}: {problem.what}")
+    if not damaged:
+        print("nothing is damaged")
+        return
+    if not args.repair:
+        files = "1 damaged file" if len(damaged) == 1 else f"{len(damaged)} damaged files"
+        print(f"{files}: `vqvae2 verify --root {root} --repair` drops them, and the next run of the config that made "
+              "them makes them again")
+        raise SystemExit(1)
+    removed = repair(checked)
+    artifacts = sorted({f"{a.directory}/{a.key}" for a, _ in damaged})
+    print(f"repaired: dropped {len(removed)} files of {', '.join(artifacts)}; the next run of the config that made "
+          "them makes them again (the rest is reused)")
