@@ -44,18 +44,18 @@ def test_cached_logits_equal_the_full_forward_on_any_grid(shape, kernel_size):
     torch.testing.assert_close(incremental_logits(prior, codes, cond, labels), full, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("case, temperature, top_k", [
-    ("top-attention", 1.0, None),
-    ("top-class-conditional", 0.7, 5),
-    ("bottom-given-top-class-conditional", 1.5, None),
-    ("middle-of-three", 0.9, 3),
-])
+@pytest.mark.parametrize("case, options", [
+    ("top-attention", vqvae2.SamplingOptions()),
+    ("top-class-conditional", vqvae2.SamplingOptions(0.7, 5)),
+    ("bottom-given-top-class-conditional", vqvae2.SamplingOptions(1.5)),
+    ("middle-of-three", vqvae2.SamplingOptions(0.9, 3)),
+    ("top-class-conditional", vqvae2.SamplingOptions(top_p=0.8)),
+], ids=str)
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_the_same_seed_draws_the_same_codes_as_the_reference(sampler, case, temperature, top_k):
+def test_the_same_seed_draws_the_same_codes_as_the_reference(sampler, case, options):
     prior, _, cond, labels = prior_and_inputs(case)
     prior.train()  # both samplers switch dropout off, and restore the mode
     generators = [torch.Generator().manual_seed(5) for _ in range(2)]
-    options = vqvae2.SamplingOptions(temperature, top_k)
     reference = sample_level_reference(prior, 2, cond, labels, options, generators[0])
     drawn = sampler(prior, 2, cond, labels, options, generators[1])
     assert torch.equal(drawn, reference)

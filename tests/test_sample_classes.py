@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from storage.artifacts import artifact_key
+
 from flows.parameters import sections_of
 from storage.sources import IdxSource
 from tasks.config import pipeline_config
@@ -172,6 +174,20 @@ def _kept_labels(samples) -> dict[float, np.ndarray]:
     labels = load_samples(samples.batches)["labels"]
     selections = load_npz(samples.selections)
     return {row.rate: labels[selections[rate_key(row.rate)]] for row in samples.rates}
+
+
+def test_top_p_reaches_the_draw_and_the_samples_key_only_when_set():
+    base = SampleSettings.of(pipeline_config("smoke"))
+    nucleus = SampleSettings.of(pipeline_config("smoke", sample={"top_p": 0.9}))
+    assert base.options().top_p is None and nucleus.options().top_p == 0.9
+    assert nucleus.options().described() == "temperature 1, top-k off, top-p 0.9"
+    keys = [SAMPLE.key(settings, {name: "k" for name in SAMPLE.inputs}) for settings in (base, nucleus)]
+    assert keys[0] != keys[1]
+    before = base.model_dump(mode="json")
+    del before["top_p"]  # the samples' settings as they were before top_p existed
+    assert artifact_key(SAMPLE.directory, before, {name: "k" for name in SAMPLE.inputs}, SAMPLE.code_version) == keys[0]
+    with pytest.raises(ValidationError, match="top_p"):
+        pipeline_config("smoke", sample={"top_p": 1.5})
 
 
 @slow

@@ -96,6 +96,23 @@ def test_top_k_one_is_greedy_and_temperature_sharpens():
     assert cold > 0.95 > hot
 
 
+def test_top_p_draws_from_the_smallest_nucleus_holding_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    generator = torch.Generator().manual_seed(0)
+
+    def drawn(top_p: float) -> set[int]:
+        return set(sample_logits(logits, SamplingOptions(top_p=top_p), generator).tolist())
+
+    assert drawn(0.5) == {0}  # the likeliest alone holds 0.5
+    assert drawn(0.7) == {0, 1}  # 0.5 is short of 0.7: the next one too
+    assert drawn(0.95) == {0, 1, 2} and drawn(1.0) == {0, 1, 2, 3}
+    kept = SamplingOptions(top_p=0.7).probs(logits[:1])
+    torch.testing.assert_close(kept, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))  # renormalised over the nucleus
+    assert SamplingOptions(top_p=0.7).described() == "temperature 1, top-k off, top-p 0.7"
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        SamplingOptions(top_p=0.0)
+
+
 def test_sampling_arguments_are_validated(smoke_models):
     _, _, priors = smoke_models
     with pytest.raises(ValueError, match="temperature must be > 0"):

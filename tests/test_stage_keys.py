@@ -121,7 +121,7 @@ def _candidates(value: Any, annotation: Any) -> list[Any]:
     if isinstance(value, dict):
         return [{**value, "autoencoder": 5}, {**value, "anon": True}]
     if value is None:
-        return [100, 5, "/nonexistent/changed", ["a", "b"], "tcp://127.0.0.1:8786"]
+        return [100, 5, "/nonexistent/changed", ["a", "b"], "tcp://127.0.0.1:8786", 0.5]
     raise AssertionError(f"no candidate values for a {type(value).__name__}")
 
 

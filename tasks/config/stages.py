@@ -1,10 +1,11 @@
 """The sections of the later stages: `encode`, `sample`, `evaluate`, and the `runner`."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
+from storage.artifacts import IN_KEY_WHEN_SET
 from storage.fsutil import holds_userinfo
 
 from ..credentials import refuse_userinfo
@@ -25,6 +26,9 @@ class SampleSection(Section):
     )
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, ge=1)
+    top_p: Annotated[float | None, IN_KEY_WHEN_SET] = Field(
+        None, gt=0, le=1, description="Nucleus sampling: draw each code from the fewest likeliest codes whose "
+        "probabilities add up to at least top_p (0.9: the least likely tenth never drawn); None: off")
     dtype: Literal["fp32", "bf16"] = Field(
         "fp32", description="Precision of the priors while sampling (the draw is always fp32): bf16 is 2.6x faster "
         "at the imagenet-256 paper widths on an H100 but draws other codes; fp32 stays the default until bf16's "

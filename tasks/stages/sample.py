@@ -18,13 +18,14 @@ whichever worker draws them.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import torch
 from prefect import unmapped
 
 import vqvae2
+from storage.artifacts import IN_KEY_WHEN_SET
 from storage.fsutil import exists, read_bytes, redact, write_bytes
 
 from ..config import PipelineConfig, Runtime
@@ -96,6 +97,7 @@ class SampleSettings(Settings):
     acceptance_rates: list[float]
     temperature: float
     top_k: int | None
+    top_p: Annotated[float | None, IN_KEY_WHEN_SET] = None
     dtype: str  # the priors' precision while sampling
     batch_size: int  # each batch draws with its own seed: part of what is drawn
     seed: int
@@ -108,14 +110,14 @@ class SampleSettings(Settings):
     def of(cls, config: PipelineConfig, variant: Any = None) -> SampleSettings:
         sample = config.sample
         return cls(num_samples=config.num_samples, acceptance_rates=sample.acceptance_rates,
-                   temperature=sample.temperature, top_k=sample.top_k, dtype=sample.dtype,
+                   temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p, dtype=sample.dtype,
                    batch_size=config.sample_batch_size,
                    seed=sample.seed, num_classes=config.model.num_classes, classes=sample.classes,
                    grid_size=config.evaluate.grid_size, image_size=config.model.image_size)
 
     def options(self) -> vqvae2.SamplingOptions:
         """How each code is drawn."""
-        return vqvae2.SamplingOptions(temperature=self.temperature, top_k=self.top_k)
+        return vqvae2.SamplingOptions(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
     def plan(self, dataset: DatasetManifest) -> SamplingPlan:
         """Which candidates to draw from `dataset`'s classes; a bad `sample.classes` fails here."""
