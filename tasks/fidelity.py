@@ -317,6 +317,25 @@ def fidelity_metrics(generated: FidelityImages | Tensor | np.ndarray, reference:
     return metrics
 
 
+PER_CLASS_MIN = 10  # images a class needs on each side before its FID estimates anything
+
+
+def per_class_fid(generated: Tensor, generated_labels: Tensor, reference: Tensor, reference_labels: Tensor,
+                  classes: Mapping[int, str], extractor: Extractor) -> list[dict[str, Any]]:
+    """The FID of each class's generated images against the real images of that class, in
+    `extractor`'s feature space, with the count on each side. A class with fewer than
+    `PER_CLASS_MIN` images on either side is listed with its counts and no FID: a covariance
+    of a few dozen features from fewer images says nothing."""
+    rows = []
+    for label, name in classes.items():
+        mine, real = generated[generated_labels == label], reference[reference_labels == label]
+        row: dict[str, Any] = {"class": label, "name": name, "samples": len(mine), "reference": len(real), "fid": None}
+        if min(len(mine), len(real)) >= PER_CLASS_MIN:
+            row["fid"] = fidelity_metrics(mine, real, extractor, prc=False, isc=False)["fid"]
+        rows.append(row)
+    return rows
+
+
 def fidelity_table(sets: Mapping[str, FidelityImages | Tensor | np.ndarray],
                    reference: FidelityImages | Tensor | np.ndarray, extractor: Extractor,
                    **options: Any) -> dict[str, dict[str, float]]:

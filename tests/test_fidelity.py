@@ -13,6 +13,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 import vqvae2
 from storage.fsutil import write_bytes
 from tasks.fidelity import (
+    PER_CLASS_MIN,
     DOMAIN_EXTRACTOR,
     INCEPTION_WEIGHTS_FIELD,
     FidelityImages,
@@ -23,6 +24,7 @@ from tasks.fidelity import (
     inception_cache_path,
     isc_splits_for,
     kid_subset_size_for,
+    per_class_fid,
     register_domain_extractor,
     resolve_extractor,
 )
@@ -102,6 +104,30 @@ def test_a_table_of_sets_extracts_the_reference_once_and_matches_separate_calls(
     table = fidelity_table(sets, reference, domain)
     assert table == separate
     assert sum(seen) == 400 + 200 + 100  # the reference once, each set once
+
+
+def test_per_class_fid_measures_each_class_against_its_own_and_marks_the_classes_too_small(
+        images16, fashion_mnist_test_split, domain):
+    """Real images labelled truly score low per class; labelled as another class, high; a class
+    with fewer than PER_CLASS_MIN images keeps its row, counts and no FID."""
+    labels = torch.from_numpy(fashion_mnist_test_split[1]).long()
+    real, real_labels = to_uint8(images16[TRAIN_IMAGES:TRAIN_IMAGES + 600]), labels[TRAIN_IMAGES:TRAIN_IMAGES + 600]
+    drawn = to_uint8(images16[TRAIN_IMAGES + 600:TRAIN_IMAGES + 1200])
+    truly = labels[TRAIN_IMAGES + 600:TRAIN_IMAGES + 1200]
+    classes = {0: "T-shirt/top", 1: "Trouser", 7: "Sneaker"}
+    rows = per_class_fid(drawn, truly, real, real_labels, classes, domain)
+    assert [(row["class"], row["name"]) for row in rows] == list(classes.items())
+    assert [row["samples"] for row in rows] == [int((truly == c).sum()) for c in classes]
+    assert [row["reference"] for row in rows] == [int((real_labels == c).sum()) for c in classes]
+    swapped = torch.where(truly == 1, 7, torch.where(truly == 7, 1, truly))  # trousers drawn as sneakers
+    wrong = {row["class"]: row["fid"] for row in per_class_fid(drawn, swapped, real, real_labels, classes, domain)}
+    right = {row["class"]: row["fid"] for row in rows}
+    assert wrong[1] > 5 * right[1] and wrong[7] > 5 * right[7] and wrong[0] == pytest.approx(right[0])
+    few = truly.clone()
+    few[(truly == 0).nonzero()[PER_CLASS_MIN - 1:]] = 99  # class 0 keeps PER_CLASS_MIN - 1 samples
+    (tiny, *_) = per_class_fid(drawn, few, real, real_labels, {0: "T-shirt/top"}, domain)
+    assert tiny == {"class": 0, "name": "T-shirt/top", "samples": PER_CLASS_MIN - 1,
+                    "reference": int((real_labels == 0).sum()), "fid": None}
 
 
 def test_fid_rises_monotonically_with_gaussian_noise_and_metrics_stay_in_range(images16, domain):

@@ -50,6 +50,14 @@ def test_the_full_pipeline_writes_every_artifact_and_a_finite_report(smoke_run):
     assert rows["real train images (floor)"]["fid"] < rows["samples, no rejection"]["fid"]
     assert (report_dir / "rejection-tradeoff.png").stat().st_size > 0 and (report_dir / "rejection.png").exists()
     assert "## Sample quality" in (report_dir / "report.md").read_text()
+    # Per class drawn, its samples' FID against its held-out images; 16 samples over 10 classes
+    # are too few for any: every class is listed, with its counts, and marked.
+    per_class = written["per_class"]
+    assert [(row["class"], row["name"]) for row in per_class][:2] == [(0, "T-shirt/top"), (1, "Trouser")]
+    assert len(per_class) == 10 and sum(row["samples"] for row in per_class) == 16
+    assert all(row["fid"] is None and row["reference"] > 0 for row in per_class)
+    assert "### Per class" in (report_dir / "report.md").read_text()
+    assert "too few images (under 10)" in (report_dir / "report.md").read_text()
     runs = state_names(state.state_details.flow_run_id)
     assert set(runs.values()) == {"Completed"}
     assert {"train-autoencoder", "train-prior-0", "train-prior-1", "train-classifier-judge",

@@ -29,7 +29,14 @@ from storage.fsutil import find, join, read_bytes, redact, write_bytes, write_js
 from vqvae2.config import config_to_dict
 
 from ..config import PipelineConfig, Runtime
-from ..fidelity import Extractor, check_features_available, fidelity_table, resolve_extractor
+from ..fidelity import (
+    PER_CLASS_MIN,
+    Extractor,
+    check_features_available,
+    fidelity_table,
+    per_class_fid,
+    resolve_extractor,
+)
 from ..manifests import Manifest, Record, RootURL, TrainedManifest, from_root
 from ..machinery.artifacts import Artifact, read_typed
 from ..machinery.cached import with_records
@@ -105,6 +112,9 @@ class Report(Record):
     seeds: dict[str, int]
     artifacts: dict[str, str]  # what made the report -> its folder, from the storage root
     images: list[str] | None = None  # PNGs beside report.json, in the report's order (None: before it was kept)
+    # Per class drawn: the FID of its samples without rejection against its held-out images
+    # (`tasks.fidelity.per_class_fid`); [] for an unconditional model; None: before it was kept.
+    per_class: list[dict[str, Any]] | None = None
 
 
 def read_report(manifest: ReportManifest, storage_options: dict[str, Any] | None) -> Report:
@@ -170,7 +180,7 @@ def check(config: PipelineConfig, dataset: DatasetManifest | None) -> None:
 
 
 STAGE = Stage(
-    name="evaluate", directory="reports", code_version="3", settings=EvaluateSettings, output=ReportManifest,
+    name="evaluate", directory="reports", code_version="4", settings=EvaluateSettings, output=ReportManifest,
     inputs={"dataset": Needs("ingest"), "autoencoder": Needs("train-autoencoder"), "codes": Needs("encode"),
             "priors": Needs("train-priors"), "classifiers": Needs("train-classifiers"), "samples": Needs("sample")},
     run=run, summary="Measure a finished run and write its report.", publish=publish_report, makes_along=("sample",),
@@ -235,7 +245,7 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
              samples: SamplesManifest, artifact: Artifact) -> ReportManifest:
     options = artifact.storage_options
     names = vqvae2.level_names(len(codes.level_shapes))
-    test_images, _ = dataset.first_images("test", settings.eval_images, options)
+    test_images, test_labels = dataset.first_images("test", settings.eval_images, options)
     train_images, _ = dataset.first_images("train", settings.eval_images, options)
     device = resolve_device(runtime.training.device)
     recon = reconstruct(load_model(autoencoder, options, device), test_images.to(device)).cpu()
@@ -252,7 +262,10 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
                                   domain_checkpoint=features.model if features else None, storage_options=options,
                                   self_supervised=features is not None and features.target == "rotations")
     logger().info(f"fidelity features: {extractor.kind} ({extractor.name})")
-    kept = samples.kept_images(options)
+    kept_as = samples.kept(options)  # {rate: (images, the class each was drawn as)}
+    kept = {rate: images for rate, (images, _) in kept_as.items()}
+    per_class = per_class_fid(torch.from_numpy(kept[1.0]), torch.from_numpy(kept_as[1.0][1]), as_uint8(test_images),
+                              test_labels, {c: dataset.class_names[c] for c in samples.classes or []}, extractor)
     sets = {"real train images (floor)": as_uint8(train_images), "reconstructions": as_uint8(recon)}
     rates: dict[str, float | None] = {}
     for rate, images in kept.items():
@@ -304,6 +317,7 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
         artifacts={m.directory: from_root(m.url, runtime.root) for m in [dataset, autoencoder, codes, samples]}
         | {m.display_name: from_root(m.url, runtime.root) for m in trained},
         images=list(images),
+        per_class=per_class,
     )
     write_json(artifact.path("report.json"), report.model_dump(mode="json"), options)
     write_bytes(artifact.path("report.md"), render_markdown(report, {n: f"{n}.png" for n in images}).encode(), options)
@@ -311,6 +325,18 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
     return ReportManifest(**artifact.identity(), report=artifact.path("report.json"),
                           markdown=artifact.path("report.md"), metrics=metrics, fidelity=rows,
                           extractor=extractor.kind)
+
+
+def _per_class_part(report: Report) -> list[str]:
+    """The per-class FID table, a class with too few images marked, never left out."""
+    if not report.per_class:
+        return []
+    rows = [{"class": f"{row['class']} {row['name']}", "samples": row["samples"], "reference images": row["reference"],
+             "FID": row["fid"] if row["fid"] is not None else f"too few images (under {PER_CLASS_MIN})"}
+            for row in report.per_class]
+    return ["### Per class", f"Each class's samples without rejection against its held-out images, in the same "
+            f"feature space; a class with fewer than {PER_CLASS_MIN} images on either side gets no FID.",
+            markdown_table(rows)]
 
 
 def _rejection(samples: SamplesManifest, dataset: DatasetManifest) -> str:
@@ -365,6 +391,7 @@ def render_markdown(report: Report, images: Mapping[str, str | bytes],
         f"Reference: {fidelity.reference}.",
         markdown_table([{k: row.get(k) for k in keys} for row in fidelity.rows]),
         image("rejection-tradeoff"),
+        *_per_class_part(report),
         "## Reconstructions", "Held-out images (left) and their reconstructions (right):", image("reconstructions"),
         "## Metrics", markdown_table([{"metric": k, "value": v} for k, v in report.metrics.items()]),
         "## Training", markdown_table(report.training),

@@ -87,9 +87,14 @@ class SamplesManifest(Manifest):
 
     def kept_images(self, storage_options: dict[str, Any] | None = None) -> dict[float, np.ndarray]:
         """{acceptance rate: the uint8 images rejection at that rate kept}."""
-        images = load_samples(self.batches, storage_options)["images"]
+        return {rate: images for rate, (images, _) in self.kept(storage_options).items()}
+
+    def kept(self, storage_options: dict[str, Any] | None = None) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+        """{acceptance rate: (the uint8 images rejection at that rate kept, the class each was drawn as)}."""
+        samples = load_samples(self.batches, storage_options)
         selections = load_npz(self.selections, storage_options)
-        return {row.rate: images[selections[rate_key(row.rate)]] for row in self.rates}
+        return {row.rate: (samples["images"][kept], samples["labels"][kept])
+                for row in self.rates for kept in [selections[rate_key(row.rate)]]}
 
 
 class SampleSettings(Settings):
