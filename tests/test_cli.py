@@ -335,6 +335,7 @@ def test_a_flat_folder_runs_to_a_report_with_no_set_and_is_listed_under_its_root
     assert run["report"].startswith(f"{root}/reports/") and os.path.exists(run["report"])
     record = (root / "runs" / f"{key}.json").read_text()
     assert str(root) not in record and "storage" not in json.loads(record)["config"]  # relative, and no storage
+    assert json.loads(record)["config"]["overrides"] == {"num_classes": 0}  # the config it ran with: no labels
     main(["report", "--root", str(root)])
     assert capsys.readouterr().out.startswith(f"report of the smoke run {key} on dataset ")
     main(["sample", "--root", str(root), "-n", "4", "--out", str(tmp_path / "mine.png")])  # unconditional: no class

@@ -320,6 +320,7 @@ def _failing_training(root: Path):
     return lambda: train(empty_job, str(root), 2, options, title="empty", options=options)
 
 
+@pytest.mark.slow  # a training process among the failures
 def test_every_failure_is_one_line_and_debug_adds_the_traceback(monkeypatch, capsys, tmp_path):
     from disks import small_disk
     from local_servers import free_port

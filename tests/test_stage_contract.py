@@ -163,3 +163,37 @@ def test_a_damaged_manifest_is_named_and_its_stage_recomputes(smoke_run, tmp_pat
     repaired = FinishedRun(config)
     assert repaired.get(train_prior.STAGE, 1).steps == 40 and isinstance(repaired.get(sample.STAGE), SamplesManifest)
     assert state.result().metrics == smoke_run[2].result().metrics  # the report's inputs kept their keys
+
+
+# --- checks only check --------------------------------------------------------------------------
+
+
+def test_every_check_reads_and_writes_nothing_under_a_root(smoke_run):
+    """Each stage's check, before the run (config alone) and with the dataset, on a finished
+    root: it raises or passes; the root's files are as they were, byte for byte and by time."""
+    from pipeline_helpers import snapshot
+    from tasks.stages import INGEST, STAGES, check_stages, with_dataset_classes
+
+    config, root, _ = smoke_run
+    before = snapshot(root)
+    finished = FinishedRun(config)
+    dataset = finished.get(INGEST)
+    checked = [stage.name for stage in STAGES if stage.check is not None]
+    assert checked == ["sample", "evaluate"]
+    check_stages(config)
+    check_stages(with_dataset_classes(config, dataset), dataset)
+    refused = smoke_config(str(root), sample={"classes": ["Giraffe"]})
+    with pytest.raises(ValueError, match="Giraffe"):
+        check_stages(refused, dataset)
+    assert snapshot(root) == before
+
+
+def test_a_run_records_the_config_it_ran_with(smoke_run):
+    """Resolved once: the record's config is the run's, its classes the dataset's."""
+    from tasks.runs import finished_runs, recorded_config
+    from tasks.stages import INGEST, with_dataset_classes
+
+    config, root, state = smoke_run
+    (record,) = [run.record for run in finished_runs(str(root)) if run.record.key == state.result().key]
+    ran_with = with_dataset_classes(config, FinishedRun(config).get(INGEST))
+    assert record.config == recorded_config(ran_with) and record.num_classes == ran_with.model.num_classes == 10
