@@ -13,7 +13,7 @@ the pipeline's mapped units, with its marker and cache record under a local root
   cluster cannot spread over more workers;
 - the Prefect server's peak memory (RSS of its processes) over those flows, and for the
   real server the growth of its database;
-- what that overhead comes to for ImageNet-1k at 256 px (1,282 ingest shards of 1,000
+- what that overhead comes to for ImageNet-1k at 256 px (1,332 ingest shards of 1,000
   images, as many encode units, and the imagenet-256 preset's sample batches).
 `--smoke` also runs `vqvae2 run --preset smoke` on the thread pool and on 2 Dask process
 workers against one server, and prints both wall times (docs/storage.md).
@@ -34,7 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 BASELINE_UNITS = 20
-IMAGENET_SHARDS = 1282  # 1,281,167 training images in shards of 1,000 (test split aside)
+IMAGENET_SHARDS = 1282  # 1,281,167 training images in shards of 1,000
+IMAGENET_TEST_SHARDS = 50  # the 50,000 validation images, the held-out split
 
 
 # --- in the measuring child -------------------------------------------------------------------
@@ -205,12 +206,22 @@ def run_api(api_kind: str, args: argparse.Namespace) -> list[dict]:
 
 
 def imagenet_units() -> dict[str, int]:
-    """The mapped units of one imagenet-256 run: ingest and encode shards, sample batches."""
+    """The mapped units of one imagenet-256 run: ingest and encode shards (train and test),
+    sample batches (the candidates rejection at the lowest acceptance rate needs)."""
     from tasks.config import pipeline_config
+    from tasks.stages.sample import SampleSettings
 
     config = pipeline_config("imagenet-256").with_classes(1000)
-    batches = -(-config.num_samples // config.sample_batch_size)  # without rejection; rejection draws more
-    return {"ingest": IMAGENET_SHARDS, "encode": IMAGENET_SHARDS, "sample": batches}
+    settings = SampleSettings.of(config)
+    candidates = settings.plan(_named_classes(1000)).candidates
+    shards = IMAGENET_SHARDS + IMAGENET_TEST_SHARDS
+    return {"ingest": shards, "encode": shards, "sample": -(-candidates // settings.batch_size)}
+
+
+def _named_classes(count: int):
+    from tasks.stages.ingest import DatasetManifest
+
+    return DatasetManifest.model_construct(class_names=[str(i) for i in range(count)])
 
 
 def smoke_side_by_side() -> None:

@@ -96,7 +96,8 @@ def main() -> None:
         counts = [counter.counts[folder, m] for m in methods]
         count, name = units.get(folder, (None, ""))
         per_unit = f"{sum(counts) / count:.1f} per {name}" if count else "-"
-        print(f"| {folder} | {f'{count} {name}s' if count else '-'} | " + " | ".join(map(str, counts))
+        plural = name + ("es" if name.endswith("ch") else "s")
+        print(f"| {folder} | {f'{count} {plural}' if count else '-'} | " + " | ".join(map(str, counts))
               + f" | {sum(counts)} | {per_unit} |")
     print("| all | | " + " | ".join(str(sum(counter.counts[f, m] for f in folders)) for m in methods)
           + f" | {sum(counter.counts.values())} | |")

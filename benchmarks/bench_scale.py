@@ -43,13 +43,13 @@ H100 = {
 # Orchestration per mapped unit, from bench_mapping.py (server API, 2 Dask process workers,
 # cached units): CPU seconds in the flow's process and in the Prefect server, the parts
 # that more workers do not spread.
-FLOW_CPU_S, SERVER_CPU_S = 0.040, 0.040
-# Requests per unit of each stage, counted at a real S3 API (bench_s3_requests.py, smoke
-# preset, training.checkpoint_every=10): an encoded shard wrote 4 chunk objects there;
-# each further chunk object (ImageNet's shards have 40) adds its PUT, the HEAD and the GET
-# that read it back for its digest (storage.codes.write_codes).
+FLOW_CPU_S, SERVER_CPU_S = 0.068, 0.063
+# Requests per unit of each stage, counted at a real S3 API (bench_s3_requests.py on the
+# smoke preset, with training.checkpoint_every 500 and 10: one checkpoint a training, then
+# four): an encoded shard wrote 4 chunk objects there; each further chunk object adds its
+# PUT, and the HEAD and GET that read it back for its digest (storage.codes.write_codes).
 S3_REQUESTS = {"ingest per shard": 28, "encode per shard": 133, "encode per further chunk": 3,
-               "training": 40, "per checkpoint": 5, "sample per batch": 22}
+               "training": 35, "per checkpoint": 6, "sample per batch": 22}
 
 ASSUMED = {
     "top prior rate": "the top prior trains 4x as many samples/s as the bottom one: a quarter of its positions "
@@ -67,7 +67,10 @@ ASSUMED = {
                 "so a shard image is as large",
     "ddp": "K GPUs train at 0.9 K times one GPU's rate (data-parallel, the gradient all-reduce overlapping backward)",
     "decode workers": "each GPU's training or encoding reads through 8 decode processes (training.num_workers 8)",
-    "rejection": "sampling draws enough candidates for the lowest acceptance rate, 0.1: 10 per image kept",
+    "rejection": "sampling draws enough candidates for the lowest acceptance rate, 0.1: 10 per image kept (FFHQ, "
+                 "unlabelled, is sampled without rejection: one candidate per image)",
+    "sampling": "drawing a candidate costs the paper widths' measured time per code position (FFHQ's 21,504 "
+                "positions against ImageNet's 5,120)",
 }
 
 DATASETS = {
@@ -103,6 +106,10 @@ def measure_images() -> dict[str, dict[str, float]]:
             figures[f"ingest ms {image_format}"] = 1000 * seconds
             figures[f"bytes {image_format}"] = len(encoded)
             figures[f"decode ms {image_format}"] = 1000 * _per_image(lambda: decode_image(encoded, 3), repeats)[0]
+            if image_format == "png":  # a sample batch keeps its images as arrays in a compressed npz
+                archive = io.BytesIO()
+                np.savez_compressed(archive, images=decode_image(encoded, 3)[None])
+                figures["bytes npz"] = len(archive.getvalue())
         found[name] = figures
     return found
 
@@ -224,12 +231,15 @@ def plan(name: str, images: dict[str, float], code_bytes: float, sizes: dict[str
         rows.append(training(f"train-prior {names[level]}", model.train_prior.steps, model.train_prior.batch_size,
                              rate, sizes[names[level]], False))
 
-    candidates = 10 * config.num_samples
-    sample_s = candidates * H100["sampling imagenet-256 s per 16 candidates"][0] / 16 / gpus * scale
+    candidates = 10 * config.num_samples if model.num_classes else config.num_samples  # no labels: no rejection
+    # Drawing costs a step per code position: FFHQ's 21,504 against the paper widths' 5,120.
+    sample_s = candidates * H100["sampling imagenet-256 s per 16 candidates"][0] / 16 / gpus * codes_per_image / 5120
     batches = math.ceil(candidates / config.sample_batch_size)
-    rows.append(("sample", _bytes(candidates * (png + codes_per_image * 2)),
+    npz = images["bytes npz"] * (png / images["bytes png"])  # FFHQ: as much larger as its PNG
+    rows.append(("sample", _bytes(candidates * (npz + codes_per_image * 2)),
                  f"{batches * S3_REQUESTS['sample per batch']:,}", f"{_hours(sample_s)} on {gpus} GPUs",
-                 f"{candidates:,} candidates for {config.num_samples:,} kept at rate 0.1"))
+                 f"{candidates:,} candidates for {config.num_samples:,} kept"
+                 + (" at rate 0.1" if model.num_classes else ", unconditional: no rejection")))
     return rows
 
 
@@ -248,6 +258,7 @@ def main() -> None:
         for image_format in ("png", "webp", "jpeg"):
             print(f"| {name} | {image_format} | {figures[f'ingest ms {image_format}']:.2f} | "
                   f"{figures[f'bytes {image_format}']:,} | {figures[f'decode ms {image_format}']:.2f} |")
+        print(f"| {name} | sample batch (npz) | | {figures['bytes npz']:,} | |")
     print(f"\ncodes: {code_bytes:.3f} bytes per code (int16, Zstd 3, perplexity 240 of 512)\n")
 
     for name, (preset, *_rest) in DATASETS.items():
