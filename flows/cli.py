@@ -10,9 +10,11 @@
     vqvae2 verify --root ./runs --repair               # find damaged files, drop them: the next run remakes them
 
 `report`, `sample` and `reconstruct` work on the runs recorded under --root (the newest, or
---key's); with --preset, --config or --source they find the run of that config instead.
+--key's); with --preset, --config or --source they find the run of that config instead. A
+root that does not exist or cannot be read is refused, naming it; one without a recorded
+run says so (a config nobody gave is never assumed).
 `--set KEY=VALUE` (repeatable) sets a pipeline field (`sample.num_samples=32`,
-`storage.storage_options={"endpoint_url": "..."}`) or, for any other key, overrides the
+`storage.storage_options.endpoint_url=...`) or, for any other key, overrides the
 model preset (`train_prior.steps=100`, `num_classes=0`). With a `PREFECT_API_URL` set, runs
 are recorded on that server instead.
 

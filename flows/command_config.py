@@ -37,10 +37,24 @@ def build_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         section, _, field = key.partition(".")
         if section in SECTIONS and field:
-            data.setdefault(section, {})[field] = parse_value(raw)
+            _set_field(data, key, parse_value(raw))
         else:
             data.setdefault("overrides", {})[key] = parse_value(raw)
     return validate_config(data)
+
+
+def _set_field(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set a section's field, or an entry of a dict field by its dotted key
+    (`storage.storage_options.endpoint_url=...`): the config then checks it as a whole
+    (a credential there is refused naming it), instead of taking the dotted name for an
+    unknown field."""
+    *parents, leaf = key.split(".")
+    node = data
+    for name in parents:
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {key}: {name} is not an object of settings, so nothing can be set inside it")
+    node[leaf] = value
 
 
 def checked_config(args: argparse.Namespace):
@@ -59,18 +73,26 @@ def finished_run(args: argparse.Namespace):
     """The finished run a command works on. Without --preset, --config or --source: a run
     recorded under --root (the newest, or the one --key names), its artifacts read from the
     folders its record names; the other options complete its config (storage, device), and a
-    --set that changes what it made means the run of that config instead. Otherwise, or
-    when nothing is recorded there, the run of the config the options give, found from its keys."""
+    --set that changes what it made means the run of that config instead. With one of them,
+    the run of the config the options give, found from its keys. A root that is not there,
+    or holds no recorded run when no config is given, fails naming it: the default config,
+    which nobody gave, is never guessed."""
+    from storage.fsutil import redact
     from tasks.config import Runtime, validate_config
-    from tasks.runs import RecordedRun, find_run, recorded_config, record_url
+    from tasks.runs import RecordedRun, check_root, find_run, recorded_config, record_url
     from tasks.stages import FinishedRun
 
     if args.key is None and (args.preset or args.config or args.source):
-        return FinishedRun(checked_config(args))
+        config = checked_config(args)  # the config's own faults first: they name the field
+        check_root(config.storage.url, Runtime.of(config).storage_options)
+        return FinishedRun(config)
     runtime = Runtime.of(build_config(args))  # where the records are, and how to read them
+    check_root(runtime.root, runtime.storage_options)
     found = find_run(runtime.root, runtime.storage_options, args.key)
     if found is None:
-        return FinishedRun(checked_config(args))
+        where = redact(runtime.root)
+        raise FileNotFoundError(f"no finished run is recorded under {where}: run `vqvae2 run --root {where}` first, "
+                                "or name the run's config with --preset, --config or --source")
     try:
         recorded = validate_config({**found.record.config, "storage": {"root": runtime.storage.root}})
     except ValueError as err:

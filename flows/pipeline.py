@@ -26,7 +26,7 @@ from prefect.utilities.names import generate_slug
 from tasks.config import PipelineConfig, Runtime
 from tasks.machinery.dask import ByReferenceDaskTaskRunner, check_dask_runner
 from tasks.machinery.devices import on_this_machine
-from tasks.machinery.exclusive import one_run_at_a_time
+from tasks.machinery.turns import check_turns, taking_turns, turn_taken
 from tasks.machinery.failure_report import failing_in, reported_failure
 from tasks.runs import record_run
 from tasks.source_watch import announce_new_data
@@ -62,7 +62,7 @@ def pipeline(config: PipelineConfig) -> ReportManifest:
         config = on_this_machine(config)  # the devices: resolved once, where the run starts
         check_dask_runner(config.runner.dask_address)
         check_stages(config)  # not after hours of training, nor after waiting for a turn
-        with one_run_at_a_time(config):  # a second run of this config waits, then reuses
+        with taking_turns() as turns, turn_taken(turns):  # a run needing what another makes waits, then reuses
             if config.runner.dask_address:
                 return pipeline_on_dask.with_options(
                     task_runner=ByReferenceDaskTaskRunner(address=config.runner.dask_address))(config)
@@ -85,6 +85,7 @@ def run_stages(config: PipelineConfig) -> ReportManifest:
     report = EVALUATE(config, runtime, dataset=dataset, autoencoder=autoencoder, codes=codes, priors=priors,
                       classifiers=[classifier.result() for classifier in classifiers.values()], samples=samples)
     with failing_in(EVALUATE.name):
+        check_turns()  # a run that lost a turn publishes and records nothing
         publish_report(report, runtime.storage_options)  # on every run: a Cached one shows its results too
         record_run(config, runtime, report, dataset.source_digest)  # `vqvae2 ls`, `vqvae2 report --root`
     return report
@@ -99,9 +100,10 @@ pipeline_on_dask: Flow = flow(run_stages, name="vqvae2-pipeline-on-dask")
 def run_stage(config: PipelineConfig, stage: Stage) -> Any:
     """Run every variant of `stage` on the artifacts a finished run of `config` left (and the
     stages it `makes_along`), then publish what the UI shows of it."""
-    with reported_failure(stage.name):
+    with reported_failure(stage.name), taking_turns() as turns, turn_taken(turns):
         finished = FinishedRun(config, make={stage.name, *stage.makes_along})  # ingest runs here
         results = finished.every(stage)  # every variant at once (the classifiers train side by side)
+        turns.check()  # a run that lost a turn publishes and records nothing
         if stage.publish:
             for result in results:
                 stage.publish(result, finished.runtime.storage_options)

@@ -105,9 +105,10 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_ls(args: argparse.Namespace) -> None:
     from storage.fsutil import redact
     from tasks.config import Runtime
-    from tasks.runs import finished_runs
+    from tasks.runs import check_root, finished_runs
 
     runtime = Runtime.of(build_config(args))
+    check_root(runtime.root, runtime.storage_options)  # a root not there is not an empty one
     runs = finished_runs(runtime.root, runtime.storage_options)
     rows = [{"key": run.record.key, "preset": run.record.preset, "source": run.record.source,
              "finished": run.finished.isoformat(timespec="seconds") if run.finished else None,
@@ -118,7 +119,8 @@ def cmd_ls(args: argparse.Namespace) -> None:
         print(json.dumps(rows, indent=2))
         return
     if not rows:
-        print(f"no finished runs under {redact(runtime.root)}")
+        where = redact(runtime.root)
+        print(f"no finished runs under {where}: `vqvae2 run --root {where}` makes one")
         return
     header = ("KEY", "PRESET", "SOURCE", "FINISHED", "SAMPLE FID", "REPORT")
     cells = [header] + [(r["key"], r["preset"], r["source"], _local_time(run.finished), _number(r["sample_fid"]),
@@ -141,12 +143,18 @@ def _number(value: float | None) -> str:
 def cmd_verify(args: argparse.Namespace) -> None:
     from storage.fsutil import redact
     from tasks.config import Runtime
+    from tasks.runs import check_root
     from tasks.verify import repair, verify_root
 
     runtime = Runtime.of(build_config(args))
     root = redact(runtime.root)
+    check_root(runtime.root, runtime.storage_options)
     checked = verify_root(runtime.root, runtime.storage_options)
-    print(f"checked {len(checked)} finished artifacts ({sum(c.files for c in checked)} files) under {root}")
+    if not checked:
+        print(f"no finished artifacts under {root}: nothing to check")
+        return
+    print(f"checked {_counted(len(checked), 'finished artifact')} ({_counted(sum(c.files for c in checked), 'file')}) "
+          f"under {root}")
     unrecorded = [c.artifact for c in checked if not c.recorded]
     if unrecorded:
         print(f"  not checked: {len(unrecorded)} made before vqvae2 recorded their files' digests: "
@@ -157,12 +165,27 @@ def cmd_verify(args: argparse.Namespace) -> None:
     if not damaged:
         print("nothing is damaged")
         return
+    them = "it" if len(damaged) == 1 else "them"
     if not args.repair:
-        files = "1 damaged file" if len(damaged) == 1 else f"{len(damaged)} damaged files"
-        print(f"{files}: `vqvae2 verify --root {root} --repair` drops them, and the next run of the config that made "
-              "them makes them again")
+        print(f"{_counted(len(damaged), 'damaged file')}: `vqvae2 verify --root {root} --repair` drops {them}, and the "
+              f"next run of the config that made {them} makes {them} again")
         raise SystemExit(1)
-    removed = repair(checked)
-    artifacts = sorted({f"{a.directory}/{a.key}" for a, _ in damaged})
-    print(f"repaired: dropped {len(removed)} files of {', '.join(artifacts)}; the next run of the config that made "
-          "them makes them again (the rest is reused)")
+    done = repair(checked)
+    artifacts = ", ".join(sorted({f"{a.directory}/{a.key}" for a, _ in damaged}))
+    print(f"repaired {artifacts}: {_dropped(len(done.dropped), len(done.missing))}; the next run of the config that "
+          f"made {them} makes {them} again (the rest is reused)")
+
+
+def _counted(number: int, noun: str) -> str:
+    """`1 file`, `3 files`."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _dropped(dropped: int, missing: int) -> str:
+    """What repairing did to the damaged files listed: dropped them, or found them missing already."""
+    were = "was" if missing == 1 else "were"
+    if not missing:
+        return f"dropped {_counted(dropped, 'damaged file')}"
+    if not dropped:
+        return f"{_counted(missing, 'damaged file')} {were} missing already"
+    return f"dropped {_counted(dropped, 'damaged file')}, and {missing} {were} missing already"

@@ -23,34 +23,49 @@ or changed files make new shards (``carried`` and ``base`` in the manifest say s
 images, labels and splits are those a fresh ingest would make; which shard holds which
 image depends on the history. Unreadable images are skipped and named (file and reason)
 in the manifest; :func:`finalize_dataset` refuses to mark the dataset complete when
-more than ``max_bad_fraction`` of the images failed.
+more than ``max_bad_fraction`` of the images failed, and removes what was written for a
+dataset it refuses (:class:`RefusedDataset`); any other failure keeps the whole shards.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import multiprocessing
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .artifacts import MANIFEST, read_manifest, write_manifest
 from .fsutil import (
-    StorageOptions, atomic_open, exists, filesystem, join, read_json, redact, sha256_file, storage_errors, write_json,
+    StorageOptions, atomic_open, exists, filesystem, join, read_json, redact, remove, sha256_file, storage_errors,
+    write_json,
 )
 from .imaging import MODES, RESIZE_MODES, SHARD_FORMATS, ImageError, prepare
 from .shards import ShardWriter, iter_samples, sample_key, shard_name, shard_url
 from .sources import Source, SourceItem
 
 FORMAT = "vqvae2-shards/1"
+MAX_ENLARGEMENT = 4  # an image enlarged more than this to the model's input holds no detail to learn
 MAX_CLASSES = 100_000  # labels a source without class names may use (ImageNet-21k has 21,841)
 
 
-class TooManyBadImages(ValueError):
+class RefusedDataset(ValueError):
+    """The source's images, as they are, make no dataset: too many are unusable, or their
+    labels leave classes empty. The same source and settings (the same dataset) would be
+    refused the same way, and a fixed source or other settings make another dataset, so
+    nothing written for this one is ever reused: :func:`finalize_dataset` removes it."""
+
+
+class TooManyBadImages(RefusedDataset):
     """More than ``IngestConfig.max_bad_fraction`` of the source's images could not be used."""
+
+
+class EmptyClasses(RefusedDataset):
+    """Labels taken as classes (a source without class names) leave a class without any image."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +97,8 @@ class ShardingOptions:
     keep-ratio scales the shorter side and stores the longer one (up to twice as long), and training
     takes a random square of it each epoch (augmentation), encoding and evaluation the centre one"""
     min_size: int = 0
-    """Skip (and count as skipped) images whose shorter side has fewer pixels; 0: keep every size"""
+    """Skip (and count as skipped) images whose shorter side has fewer pixels; 0: keep every size, but refuse a
+    dataset where more than max_bad_fraction of the images would be enlarged over 4 times to the model's input"""
     image_format: Literal["png", "webp", "jpeg"] = "png"
     """How shards store images: png (lossless); webp or jpeg at `quality`, several times smaller at 256 px and
     above, at the cost of compression artefacts the autoencoder then learns"""
@@ -193,6 +209,7 @@ class ShardResult:
     reused: bool = False  # found complete from an earlier run
     carried: bool = False  # copied from the base dataset, not encoded
     sha256: str | None = None  # of the tar as written (None in records written before it was kept)
+    undersized: int = 0  # images kept that were enlarged more than MAX_ENLARGEMENT times (`enlarged_past`)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -202,7 +219,7 @@ class ShardResult:
         return cls(
             d["split"], d["index"], d["num_samples"], tuple(d["class_counts"]),
             tuple(tuple(s) for s in d["skipped"]), d["num_bytes"], d.get("reused", False), d.get("carried", False),
-            d.get("sha256"),
+            d.get("sha256"), d.get("undersized", 0),
         )  # fmt: skip
 
 
@@ -315,7 +332,7 @@ def _write(task: ShardTask, reader: Any, dataset_url: str, storage_options: Stor
     config = task.config
     counts: list[int] = []  # samples per label
     skipped: list[tuple[str, str]] = []
-    written = 0
+    written = undersized = 0
     with atomic_open(url, storage_options) as f:
         with ShardWriter(f) as writer:
             for item in reader.read(task.split, task.unit):
@@ -329,6 +346,7 @@ def _write(task: ShardTask, reader: Any, dataset_url: str, storage_options: Stor
                 if problem is not None:
                     skipped.append((item.ref, problem))
                     continue
+                undersized += enlarged_past(size, config)
                 meta = {"source": item.ref, "original_size": list(size)}
                 writer.write(
                     sample_key(task.split, task.index, written),
@@ -339,7 +357,7 @@ def _write(task: ShardTask, reader: Any, dataset_url: str, storage_options: Stor
                 counts[item.label] += 1
                 written += 1
         result = ShardResult(task.split, task.index, written, tuple(counts), tuple(skipped), writer.bytes_written,
-                             sha256=writer.sha256)
+                             sha256=writer.sha256, undersized=undersized)
         _write_record(record_url, task, result, storage_options)
     return result
 
@@ -407,10 +425,12 @@ def finalize_dataset(
     if missing:
         raise ValueError(f"{redact(dataset_url)}: no result for shards {missing[:5]} (of {len(missing)}); write them first")
     ordered = [by_shard[(t.split, t.index)] for t in plan.tasks]
-    _check_bad_fraction(plan, ordered, dataset_url)
-    _check_shards_exist(ordered, dataset_url, storage_options)
-    if plan.class_names is None:  # classes from the labels seen: they must run 0, 1, ... without a gap
-        _check_no_empty_classes(ordered, dataset_url, storage_options)
+    with _removed_if_refused(dataset_url, storage_options):
+        _check_bad_fraction(plan, ordered, dataset_url)
+        _check_enlargement(plan, ordered, dataset_url)
+        _check_shards_exist(ordered, dataset_url, storage_options)
+        if plan.class_names is None:  # classes from the labels seen: they must run 0, 1, ... without a gap
+            _check_no_empty_classes(ordered, dataset_url, storage_options)
 
     if plan.class_names == ():  # unlabelled: no class names, no counts per class
         num_classes, class_names = 0, []
@@ -446,6 +466,23 @@ def finalize_dataset(
     return manifest
 
 
+@contextlib.contextmanager
+def _removed_if_refused(dataset_url: str, storage_options: StorageOptions) -> Iterator[None]:
+    """Remove the dataset's folder (shards, records, Prefect's records of them) when its
+    images are refused (:class:`RefusedDataset`): it would only be refused again, and a
+    folder without a manifest left behind looks like an ingest to resume. Any other failure
+    (a network error, a full disk) keeps every whole shard for the next run to reuse."""
+    try:
+        yield
+    except RefusedDataset:
+        try:
+            if exists(dataset_url, storage_options):
+                remove(dataset_url, storage_options)
+        except OSError:  # the refusal is what the user must see; the stage's tidying sweeps the folder later
+            pass
+        raise
+
+
 def _check_bad_fraction(plan: IngestPlan, results: Sequence[ShardResult], dataset_url: str) -> None:
     bad = [s for r in results for s in r.skipped]
     total = len(bad) + sum(r.num_samples for r in results)
@@ -456,6 +493,30 @@ def _check_bad_fraction(plan: IngestPlan, results: Sequence[ShardResult], datase
         f"{redact(dataset_url)}: {len(bad)} of {total} images could not be used, more than "
         f"ingest.max_bad_fraction={plan.config.max_bad_fraction}; fix or remove them, or raise "
         f"max_bad_fraction. First ones: {examples or 'none (the source is empty)'}"
+    )
+
+
+def enlarged_past(size: tuple[int, int], config: IngestConfig) -> bool:
+    """Whether an image of `size` (width, height) is enlarged more than MAX_ENLARGEMENT times
+    to fit the model, and `ingest.min_size` left it to the default rule (0)."""
+    return not config.min_size and min(size) * MAX_ENLARGEMENT < config.image_size
+
+
+def _check_enlargement(plan: IngestPlan, results: Sequence[ShardResult], dataset_url: str) -> None:
+    """Fail when more than `max_bad_fraction` of the images kept are far smaller than the
+    model's input: enlarged past MAX_ENLARGEMENT times they hold only blur, which every stage
+    would then learn (five 1x1 images trained a whole pipeline before this). A few such
+    images among many, as ImageNet has, are kept."""
+    undersized = sum(r.undersized for r in results)
+    total = sum(r.num_samples for r in results)
+    if undersized <= plan.config.max_bad_fraction * total:
+        return
+    smallest = -(-plan.config.image_size // MAX_ENLARGEMENT)
+    raise TooManyBadImages(
+        f"{redact(dataset_url)}: {undersized} of {total} images have a shorter side under {smallest} pixels, and the "
+        f"model's {plan.config.image_size}-pixel input would enlarge them more than {MAX_ENLARGEMENT} times, into "
+        f"blur: give larger images, or skip these with ingest.min_size={smallest}; up to ingest.max_bad_fraction="
+        f"{plan.config.max_bad_fraction} of the images may be this small"
     )
 
 
@@ -476,7 +537,7 @@ def _check_no_empty_classes(results: Sequence[ShardResult], dataset_url: str, st
     samples = _samples_labelled(beyond, results, dataset_url, storage_options)
     shown = ", ".join(f"{ref} (label {label})" for ref, label in samples[:5])
     more = sum(totals[label] for label in beyond) - len(samples[:5])
-    raise ValueError(
+    raise EmptyClasses(
         f"{redact(dataset_url)}: the labels seen leave {len(empty)} of {len(totals)} classes (0 to {len(totals) - 1}) "
         f"without any image: {_ranges(empty)}. Samples labelled above class {empty[0]}: {shown}" + (f" and {more} more" if more else "")
         + ". Give the source its class names (source.class_names) to declare the classes, which allows empty "
@@ -561,7 +622,7 @@ def ingest(
 
 
 __all__ = [
-    "FORMAT", "MANIFEST", "IngestConfig", "IngestPlan", "ShardResult", "ShardTask", "ShardingOptions",
-    "TooManyBadImages", "finalize_dataset", "finished_shard", "ingest", "plan_ingest", "shard_counts", "write_shard",
-    "write_shards",
+    "FORMAT", "MANIFEST", "EmptyClasses", "IngestConfig", "IngestPlan", "RefusedDataset", "ShardResult", "ShardTask",
+    "ShardingOptions", "TooManyBadImages", "finalize_dataset", "finished_shard", "ingest", "plan_ingest",
+    "shard_counts", "write_shard", "write_shards",
 ]  # fmt: skip

@@ -32,9 +32,11 @@ What is guaranteed:
   credentials) fails it with the error's line.
 - One holder at a time, as long as holders renew: a holder that cannot renew for
   `bound_s` (a frozen machine, a storage outage that long) may be taken over while it
-  still runs. It warns at its next renewal that it lost its turn and goes on; both runs
-  then write the same content-addressed artifacts, so nothing is corrupted, but work is
-  done twice.
+  still runs. Once it wakes it finds so before it beats again, warns that it lost its turn,
+  and `confirm()` says so to whatever would write next (a stale confirmation, older than a
+  renewal, is checked against the records first): its writers stop, and what the taker
+  makes stays as the taker made it. A process that holds no `Lease` object (a training
+  process the holder started) asks `still_held(...)` of the records themselves.
 - On S3 the exclusion relies on conditional writes (AWS S3 since 2024, recent MinIO);
   on memory:// it holds within one process, which is all memory:// is.
 """
@@ -100,6 +102,30 @@ def _never(holder: Holder) -> bool:
     return False
 
 
+class TurnLost(RuntimeError):
+    """Another run took over this run's turn: it writes nothing more under the root."""
+
+    permanent = True  # a retry would find the same: the turn is the other run's now
+    advice = "nothing: the run that took over makes what this one would have; run again to reuse it once it ends"
+
+
+def still_held(url: str, number: int, token: str, storage_options: StorageOptions = None) -> str:
+    """Why generation `number` of the lease at `url`, taken with `token`, is no longer held
+    ("" while it is): its record gone or another's, or a higher generation taken. For a
+    process that holds no `Lease` object, only its holder's generation."""
+    try:
+        record = Generation.from_bytes(number, fsutil.read_bytes(join(url, f"gen-{number:09d}.json"),
+                                                                 storage_options))
+    except FileNotFoundError:
+        return "its lease record is gone"
+    if record.holder.token != token:
+        return f"{record.holder} holds it"
+    names = fsutil.find(url, storage_options)
+    higher = [int(m.group(1)) for name in names if (m := _NAME.fullmatch(name)) and m.group(2) == "json"
+              and int(m.group(1)) > number]
+    return f"generation {max(higher)} holds it" if higher else ""
+
+
 class _Silence:
     """How long a heartbeat has been unchanged, by this process's monotonic clock."""
 
@@ -120,7 +146,7 @@ class Lease:
     def __init__(self, url: str, storage_options: StorageOptions = None, *, holder: Holder | None = None,
                  bound_s: float = BOUND_S, renew_s: float = RENEW_S, poll_s: float = POLL_S,
                  finished: Callable[[Holder], bool] = _never,
-                 log: logging.Logger | logging.LoggerAdapter | None = None) -> None:
+                 log: logging.Logger | logging.LoggerAdapter | None = None, what: str = "this config") -> None:
         if not 0 < renew_s < bound_s:
             raise ValueError(f"renew_s ({renew_s}) must be above 0 and below bound_s ({bound_s}): a live holder "
                              "must beat within every bound")
@@ -129,7 +155,12 @@ class Lease:
         self.bound_s, self.renew_s, self.poll_s = bound_s, renew_s, poll_s
         self.finished = finished
         self.log = log or logging.getLogger(__name__)
+        self.what = what  # how messages name what the lease guards: "autoencoder/1a2b3c4d5e6f7a8b"
         self.held: Generation | None = None  # the generation this lease holds
+        self.took_over: Holder | None = None  # the holder this lease's turn was taken from, judged gone
+        self.why_lost = ""
+        self._confirmed = 0.0  # when the records last showed this lease held (monotonic)
+        self._confirming = threading.Lock()
         self.lost = threading.Event()  # set once the holder finds another run holding its turn
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -157,14 +188,15 @@ class Lease:
             gone = self._gone(current, silence) if current else "none"
             if gone and self._take(current):
                 if current:
-                    self.log.warning(f"the run holding {self._shown} ({current.holder}) is gone ({gone}): taking its "
+                    self.took_over = current.holder
+                    self.log.warning(f"the run making {self.what} ({current.holder}) is gone ({gone}): taking its "
                                      "place; its unfinished work resumes here")
                 self._keep_beating()
                 return
             if not gone and current.holder.token != announced:
                 announced = current.holder.token
-                self.log.info(f"another run of this config holds {self._shown} ({current.holder}): waiting for it; "
-                              f"should its heartbeat stop for {self.bound_s:.0f} s, this run takes its place")
+                self.log.info(f"another run is making {self.what} ({current.holder}): waiting for it; should its "
+                              f"heartbeat stop for {self.bound_s:.0f} s, this run takes its place")
             time.sleep(self.poll_s * random.uniform(0.5, 1.0))  # at random: racing waiters fall out of step
 
     def _gone(self, current: Generation, silence: _Silence) -> str:
@@ -197,9 +229,33 @@ class Lease:
 
     # --- holding -------------------------------------------------------------------------
 
+    def confirm(self) -> bool:
+        """Whether this lease is still held, for a writer about to write: the renewer's verdict,
+        or, when the records were last seen showing it held longer ago than a renewal (a process
+        just woken from a freeze), the records' own, read now."""
+        if self.lost.is_set():
+            return False
+        if time.monotonic() - self._confirmed <= self.renew_s:
+            return True
+        with self._confirming:
+            if not self.lost.is_set() and time.monotonic() - self._confirmed > self.renew_s:
+                lost, _ = self._superseded(higher_seen=True)
+                self._judged(lost)
+        return not self.lost.is_set()
+
+    def _judged(self, lost: str) -> None:
+        """Record what the records showed: held (now), or lost and why (once)."""
+        if not lost:
+            self._confirmed = time.monotonic()
+        elif not self.lost.is_set():
+            self.why_lost = lost
+            self.log.warning(f"this run lost its turn at {self.what} ({lost}): it writes nothing more there")
+            self.lost.set()
+
     def _keep_beating(self) -> None:
         self._stop.clear()
         self.lost.clear()
+        self._confirmed = time.monotonic()
         self._renewer = threading.Thread(target=self._beat_until_released, daemon=True, name=f"lease-{self.number}")
         self._renewer.start()
 
@@ -208,20 +264,22 @@ class Lease:
         while True:
             beats += 1
             try:
-                beat = f"{self.holder.token} {beats}\n".encode()
-                fsutil.write_bytes(self._url(self.number, "beat"), beat, self.storage_options)
-                lost, higher_seen = self._superseded(higher_seen)
+                # Looked at before beating: a holder woken from a freeze writes nothing where
+                # another run has taken its place.
+                with self._confirming:
+                    lost, higher_seen = self._superseded(higher_seen)
+                    if not lost:
+                        beat = f"{self.holder.token} {beats}\n".encode()
+                        fsutil.write_bytes(self._url(self.number, "beat"), beat, self.storage_options)
+                    self._judged(lost)
             except Exception as err:  # noqa: BLE001 - a failed renewal must not end the run: say so, try again
                 if not failing:
-                    self.log.warning(f"could not renew this run's turn at {self._shown} ({redact(str(err))}); should "
-                                     f"this last {self.bound_s:.0f} s, another run of this config may start beside it")
+                    self.log.warning(f"could not renew this run's turn at {self.what} ({redact(str(err))}); should "
+                                     f"this last {self.bound_s:.0f} s, another run may take it over")
                 failing = True
             else:
                 failing = False
                 if lost:
-                    self.log.warning(f"this run lost its turn at {self._shown} ({lost}): another run of this config "
-                                     "may run beside it; the artifacts stay whole, but work may be done twice")
-                    self.lost.set()
                     return
             if self._stop.wait(self.renew_s):
                 return
@@ -246,11 +304,14 @@ class Lease:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
+        if self.lost.is_set():  # its records are the taker's business now
+            self.held = None
+            return
         try:
             self._remove_up_to(self.number)
         except OSError as err:  # the run's work is done: its silent lease expires after the bound
-            self.log.warning(f"could not give back this run's turn at {self._shown} ({redact(str(err))}); the "
-                             f"next run of this config takes it over once this process has ended, or {self.bound_s:.0f} s after "
+            self.log.warning(f"could not give back this run's turn at {self.what} ({redact(str(err))}); the "
+                             f"next run takes it over once this process has ended, or {self.bound_s:.0f} s after "
                              "its last heartbeat")
         self.held = None
 

@@ -6,8 +6,8 @@ instead. That includes a URL's user part (`s3://AKID:SECRET@bucket`, `https://TO
 a bare `user@` is refused too, since tokens often travel alone in that place and a URL
 cannot say which it holds. Credentials belong in:
 
-- the worker's environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...) or its
-  instance role, which s3fs reads itself;
+- the worker's environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`,
+  ...) or its instance role, which s3fs reads itself;
 - a Prefect `Secret` block whose value is the JSON text of an object of fsspec options
   (`'{"key": ..., "secret": ..., "endpoint_url": ...}'`), named in the config's
   `credentials_block`: only its name travels with the run; its value is read by the flow
@@ -48,15 +48,15 @@ def refuse_userinfo(url: str | None, field: str, block_field: str) -> None:
         raise ValueError(
             f"{field} holds a user name or password (the userinfo before '@' in the URL, not repeated here), which "
             "Prefect would store and show in its UI: give the URL without it, and the credentials to the worker "
-            f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or its instance role) or in a Prefect Secret block named in "
-            f"{block_field}"
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or its instance role) or in a Prefect Secret "
+            f"block named in {block_field}"
         )
 
 
 _WHERE_INSTEAD = (
     "the config is a flow parameter, which Prefect stores and shows in its UI. Give credentials to the worker "
-    "instead, as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or its instance role), or save them in a Prefect Secret "
-    "block holding the JSON text of an object of fsspec options and set {block_field} to its name"
+    "instead, as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE (or its instance role), or save them in a "
+    "Prefect Secret block holding the JSON text of an object of fsspec options and set {block_field} to its name"
 )
 
 

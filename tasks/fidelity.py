@@ -62,6 +62,7 @@ ISC_SPLITS = 10  # the IS convention (Salimans et al. 2016): mean and std over 1
 ISC_MIN_SPLIT = 100  # ...but never splits of fewer images than this (small sets get fewer splits)
 LOG = logging.getLogger("vqvae2.fidelity")  # plain logging: no Prefect here; the pipeline relays
 PRC_NEIGHBORHOOD = 3  # k of the k-NN manifolds (Kynkäänniemi et al. 2019), torch-fidelity's default
+MIN_IMAGES = PRC_NEIGHBORHOOD + 1  # per set: k-NN radii need k other points
 
 
 class FidelityImages(Dataset):
@@ -270,7 +271,7 @@ def fidelity_metrics(generated: FidelityImages | Tensor | np.ndarray, reference:
     generated = generated if isinstance(generated, FidelityImages) else FidelityImages(generated)
     reference = reference if isinstance(reference, FidelityImages) else FidelityImages(reference)
     n_gen, n_ref = len(generated), len(reference)
-    smallest = PRC_NEIGHBORHOOD + 1 if prc else 2  # k-NN radii need k other points; covariances need two
+    smallest = MIN_IMAGES if prc else 2  # covariances need two
     if min(n_gen, n_ref) < smallest:
         raise ValueError(f"fidelity metrics need at least {smallest} images per set, got {n_gen} generated and "
                          f"{n_ref} reference images")

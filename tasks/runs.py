@@ -118,6 +118,23 @@ class FinishedRecord:
     finished: datetime.datetime | None
 
 
+def check_root(root: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Fail in one line naming `root` (never a credential) when it is not there to read: a
+    path or bucket that does not exist (FileNotFoundError), or storage that refuses to be
+    read (ValueError: the root or its credentials are the user's to fix). A command on
+    finished runs then never reads a missing root as an empty one, nor guesses a config."""
+    where = redact(root)
+    try:
+        there = exists(root, storage_options)
+    except PermissionError:  # the storage's own words (codes, request ids) add nothing the user can act on
+        raise ValueError(f"{where}: the storage root cannot be read (access denied): check --root, and the "
+                         "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or "
+                         "storage.credentials_block)") from None
+    if not there:
+        raise FileNotFoundError(f"{where}: the storage root does not exist: check --root; `vqvae2 run --root {where}` "
+                                "makes one (writes never create a bucket)")
+
+
 def finished_runs(root: str, storage_options: dict[str, Any] | None = None) -> list[FinishedRecord]:
     """Every run recorded under `root`, newest first; a record that does not read is an error
     naming its file."""

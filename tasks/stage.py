@@ -35,6 +35,7 @@ from prefect.futures import PrefectFuture
 from pydantic import BaseModel, ConfigDict
 
 from storage.artifacts import artifact_key
+from storage.fsutil import join
 from storage.integrity import FileRecord
 
 from .config import PipelineConfig, Runtime
@@ -42,6 +43,7 @@ from .manifests import Manifest
 from .machinery.artifacts import Artifact
 from .machinery.cached import cached_unit
 from .machinery.failure_report import failing_in
+from .machinery.turns import current_turns
 
 M = TypeVar("M", bound=Manifest)
 
@@ -101,7 +103,36 @@ class Stage(Generic[M]):
         """Start this stage: a training runs as a future beside what the flow does next."""
         instance = self.instance(variant)
         with failing_in(instance):
-            return Started(instance, self.run(self.settings_for(config, variant), runtime, **inputs))
+            settings = self.settings_for(config, variant)
+            turns = current_turns()  # a run's turns: another run making this output is waited for
+            turn = turns.take(runtime.root, *self.turn(settings, inputs, runtime)) if turns else None
+            try:
+                if SOURCE not in self.inputs.values():  # the ingest's key waits for the source's digest: its plan looks
+                    # Cached only when whole: an artifact with a file gone is reopened, and made whole here.
+                    self.artifact(settings, inputs, runtime).read_whole(self.output)
+                output = self.run(settings, runtime, **inputs)
+            except BaseException:
+                if turn is not None:
+                    turns.give_back(turn)
+                raise
+            if turn is not None:  # given back once the output is there
+                if isinstance(output, PrefectFuture):
+                    output.add_done_callback(lambda _: turns.give_back(turn))
+                else:
+                    turns.give_back(turn)
+            return Started(instance, output)
+
+    def turn(self, settings: Settings, inputs: Mapping[str, Any], runtime: Runtime) -> tuple[str, str, dict]:
+        """Where runs take turns at this stage's output, and what that turn guards: (the turn's
+        folder, `autoencoder/<key>`; the URL of what it writes; the storage options). The
+        ingest's key waits for the source's content digest: its turn is that of what the source
+        is (`describe()`) and how it is sharded, and guards the whole datasets folder."""
+        if SOURCE in self.inputs.values():
+            described = {name: inputs[name].describe() for name in self.inputs}
+            folder = f"{self.directory}/source-{artifact_key('sources', settings, described, self.code_version)}"
+            return folder, join(runtime.root, self.directory), dict(runtime.storage_options)
+        artifact = self.artifact(settings, inputs, runtime)
+        return f"{self.directory}/{artifact.key}", artifact.url, artifact.storage_options
 
     def variants_of(self, config: PipelineConfig) -> list[Any]:
         return self.variants(config) if self.variants else [None]

@@ -100,17 +100,29 @@ def _reason(err: Exception, url: str) -> str:
     return str(err).removeprefix(redact(url)).lstrip(": ") or type(err).__name__
 
 
-def repair(checked: list[Checked]) -> list[str]:
-    """Drop what `verify_root` found damaged; returns the URLs removed, each artifact's
-    manifest first (see the module doc)."""
-    removed = []
+@dataclass
+class Repaired:
+    """What `repair` did to each damaged file `verify_root` listed: dropped it, or found it
+    missing already. The manifests removed with them are not counted: nothing was wrong
+    with those, they only mark their artifacts finished."""
+
+    dropped: list[str] = field(default_factory=list)  # URLs of the damaged files removed
+    missing: list[str] = field(default_factory=list)  # URLs of the damaged files that were not there to remove
+
+
+def repair(checked: list[Checked]) -> Repaired:
+    """Drop what `verify_root` found damaged, each artifact's manifest first (see the module doc)."""
+    done = Repaired()
     for result in checked:
         artifact, options = result.artifact, result.artifact.storage_options
-        doomed = [artifact.path(d.path) for d in result.damaged]
-        if result.finished_damaged:
-            doomed.insert(0, artifact.path(MANIFEST))
-        for url in dict.fromkeys(doomed):
+        damaged = [artifact.path(d.path) for d in result.damaged]
+        manifest = artifact.path(MANIFEST)
+        if result.finished_damaged and manifest not in damaged and exists(manifest, options):
+            remove(manifest, options)
+        for url in dict.fromkeys(damaged):  # a damaged manifest comes first (`_check`)
             if exists(url, options):
                 remove(url, options)
-                removed.append(redact(url))
-    return removed
+                done.dropped.append(redact(url))
+            else:
+                done.missing.append(redact(url))
+    return done

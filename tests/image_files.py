@@ -2,6 +2,7 @@
 a folder of mixed formats (one file corrupt), and tar shards in img2dataset's layout."""
 from __future__ import annotations
 
+import csv
 import io
 import json
 import tarfile
@@ -70,3 +71,20 @@ def truncated_tars(folder: Path) -> str:
                           for i in range(4)])
         (folder / f"{t:05d}.tar").write_bytes(data[:700] if t == 1 else data)
     return f"{folder}/{{00000..00002}}.tar"
+
+
+def png_file(path: Path, seed: int = 0) -> Path:
+    """A 12x12 gray PNG of random pixels at `path` (its folders made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encoded(np.random.default_rng(seed).integers(0, 255, (12, 12), dtype=np.uint8), "png"))
+    return path
+
+
+def csv_list(path: Path, rows: Sequence[str]) -> Path:
+    """A CSV list source at `path`: a `path` column holding `rows`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path"])
+        writer.writerows([row] for row in rows)
+    return path

@@ -119,9 +119,12 @@ def test_report_prints_the_metrics_of_the_finished_run(smoke_run, capsys):
 
 def test_report_of_a_run_that_never_happened_names_the_missing_stage(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["report", "--preset", "smoke", "--root", str(tmp_path / "nothing")])
+        main(["report", "--preset", "smoke", "--root", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "run the `ingest` stage" in capsys.readouterr().err
+    # a root that is not there at all is named as such (tests/test_missing_root.py)
+    err = _refused(capsys, ["report", "--preset", "smoke", "--root", str(tmp_path / "nothing")])
+    assert err.startswith(f"vqvae2: {tmp_path / 'nothing'}: the storage root does not exist"), err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -131,22 +131,32 @@ def test_a_permission_error_hints_at_what_the_storage_needs(url, hint):
 
 
 @pytest.mark.slow  # two smoke pipelines
-def test_two_runs_of_one_config_at_once_leave_the_artifacts_of_one(prefect_api, tmp_path):
+def test_two_configs_at_once_make_what_they_share_once(prefect_api, tmp_path):
+    """Configs that differ only in their samples, started together on one root, take turns
+    per artifact: each shared artifact is made by one run (its task Completed once across
+    both) and reused by the other (Cached); each run gets its own samples and report. (The
+    same config twice: `tests/test_faults.py`.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     from flows.pipeline import vqvae2_pipeline
     from pipeline_helpers import state_names
 
-    config = smoke_config(str(tmp_path / "root"))
-    with ThreadPoolExecutor(2) as pool:  # the nightly run and a manual one, started together
-        states = list(pool.map(lambda _: vqvae2_pipeline(**sections_of(config), return_state=True), range(2)))
-    assert all(state.is_completed() for state in states)
-    first, second = (state.result() for state in states)
-    assert (first.key, first.metrics) == (second.key, second.metrics)
     root = tmp_path / "root"
+    configs = [smoke_config(str(root), sample={"num_samples": n}) for n in (40, 48)]
+    with ThreadPoolExecutor(2) as pool:  # the nightly run and a manual one, started together
+        states = list(pool.map(lambda config: vqvae2_pipeline(**sections_of(config), return_state=True), configs))
+    assert all(state.is_completed() for state in states), [state.message for state in states]
     for stage in ("datasets", "autoencoder", "codes", "priors", "classifiers", "samples", "reports"):
         dirs = [d for d in (root / stage).iterdir() if d.is_dir()]
-        expected = {"priors": 2, "classifiers": 2}.get(stage, 1)  # two levels; the judge and the features
+        expected = {"priors": 2, "classifiers": 2, "samples": 2, "reports": 2}.get(stage, 1)
         assert len(dirs) == expected and all((d / "manifest.json").exists() for d in dirs), stage
-    names = [set(state_names(state.state_details.flow_run_id).values()) for state in states]
-    assert {"Cached"} in names and any("Completed" in n for n in names)  # one computed, the other reused
+    runs = [state_names(state.state_details.flow_run_id) for state in states]
+    shared = {"finalize-dataset": 1, "train-classifier": 2, "train-autoencoder": 1, "finalize-codes": 1,
+              "train-prior": 2}
+    for task, artifacts in shared.items():
+        completed = [name for states_of_run in runs for name, state in states_of_run.items()
+                     if name.startswith(task) and state == "Completed"]
+        cached = [name for states_of_run in runs for name, state in states_of_run.items()
+                  if name.startswith(task) and state == "Cached"]
+        assert (len(completed), len(cached)) == (artifacts, artifacts), (task, runs)
+    assert [p for p in root.glob(".vqvae2/**/*") if p.is_file()] == []  # every turn given back

@@ -126,8 +126,8 @@ def _kill_during(run: subprocess.Popen, root: Path, kill: Kill, clock: Milestone
 def test_a_run_killed_in_every_stage_ends_as_an_undisturbed_run(prefect_api, tmp_path):
     """Besides the kills mid-stage, the whole process group is SIGKILLed right after the
     ingest finished (nothing released its turn). Every re-run starts at once and takes the
-    dead run's turn without waiting (`tasks.machinery.exclusive`)."""
-    from tasks.machinery.exclusive import LEASE_S
+    dead run's turns without waiting (`tasks.machinery.turns`)."""
+    from tasks.machinery.turns import LEASE_S
 
     reference_root, root = tmp_path / "reference" / "root", tmp_path / "faults" / "root"
     reference_clock, clock = Milestones(reference_root), Milestones(root)
@@ -158,7 +158,7 @@ def test_a_run_killed_in_every_stage_ends_as_an_undisturbed_run(prefect_api, tmp
         assert row["unfinished"], f"{row['stage']} had finished before the kill: the kill tested nothing"
         assert row["orphans"] == [], f"processes outlived the run killed during {row['stage']}: {row['orphans']}"
     texts = [path.read_text() for path in logs]
-    assert not [text for text in texts if "another run of this config holds" in text]  # none waited
+    assert not [text for text in texts if "another run is making" in text]  # none waited
     assert len(took_turn) == len(KILLS) + 1 and max(took_turn) < LEASE_S, took_turn
     log_lines = "\n".join(texts).splitlines()
     assert any("resuming from step" in line for line in log_lines)  # the trainings resumed, not restarted
@@ -396,7 +396,7 @@ def taken_in_turns(tmp_path_factory) -> tuple[Path, list[str]]:
 
 def test_two_runs_with_their_own_prefect_homes_take_turns_on_one_root(taken_in_turns):
     root, logs = taken_in_turns
-    waited = [log for log in logs if "another run of this config holds" in log]
+    waited = [log for log in logs if "another run is making" in log]
     assert len(waited) == 1, "both runs went ahead at once" if not waited else "both runs waited"
     second, first = waited[0], logs[1 - logs.index(waited[0])]
     assert "Completed" in _task_states(first).values()  # the first computed
@@ -408,6 +408,33 @@ def test_two_runs_with_their_own_prefect_homes_take_turns_on_one_root(taken_in_t
         dirs = [d for d in (root / stage).iterdir() if d.is_dir()]
         assert len(dirs) == {"priors": 2, "classifiers": 2}.get(stage, 1), stage  # one set of artifacts
     assert [p for p in root.glob(".vqvae2/**/*") if p.is_file()] == []  # the turns were given back
+
+
+def test_a_run_that_lost_its_turn_writes_nothing_more_and_says_so(prefect_api, tmp_path):
+    """Frozen mid-training for longer than the bound, a run is taken over by another of its
+    config, which finishes; woken, the frozen run (its flow and its training processes)
+    writes nothing more under the root, and ends Failed with one line saying who took over."""
+    from pipeline_helpers import snapshot
+
+    root = tmp_path / "root"
+    frozen = _start(root, tmp_path / "frozen.log")
+    try:
+        _wait_for_new(root, "autoencoder/*/checkpoints/step-*.pt", frozen)
+        os.killpg(frozen.pid, signal.SIGSTOP)  # its heartbeats stop, its trainings stand still
+        taker = _start(root, tmp_path / "taker.log")
+        assert taker.wait(timeout=900) == 0, (tmp_path / "taker.log").read_text()[-5000:]
+        assert "taking its place" in (tmp_path / "taker.log").read_text()
+        before = snapshot(root)
+        os.killpg(frozen.pid, signal.SIGCONT)
+        assert frozen.wait(timeout=300) == 1, (tmp_path / "frozen.log").read_text()[-5000:]
+        said = [line for line in (tmp_path / "frozen.log").read_text().splitlines() if line.startswith("vqvae2: ")]
+        assert len(said) == 1 and said[0].startswith("vqvae2: TurnLost: another run took over this run's turn at "), said
+        assert "what to do: nothing: the run that took over makes what this one would have" in said[0]
+        assert snapshot(root) == before  # not a byte, not a time
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(frozen.pid, signal.SIGCONT)
+            os.killpg(frozen.pid, signal.SIGKILL)
 
 
 def _serve_prefect(home: Path, port: int) -> subprocess.Popen:
@@ -440,7 +467,7 @@ def test_a_run_outlives_a_restart_of_its_prefect_server_and_the_next_run_takes_i
         assert run.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-5000:]
         rerun = _start_in(root, tmp_path / "rerun.log", home, api)
         assert rerun.wait(timeout=600) == 0, (tmp_path / "rerun.log").read_text()[-5000:]
-        assert "another run of this config holds" not in (tmp_path / "rerun.log").read_text()
+        assert "another run is making" not in (tmp_path / "rerun.log").read_text()
         assert differences(root, taken_in_turns[0]) == {"only here": [], "missing": [], "differ": []}
     finally:
         _stop(server)

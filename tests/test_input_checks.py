@@ -7,7 +7,6 @@ in one line, its traceback only with `--debug`. Real files, a real local HTTP se
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import http.server
 import json
@@ -26,24 +25,10 @@ from flows.cli import main
 from storage.fsutil import write_bytes
 from storage.ingest import IngestConfig, ingest
 from storage.sources import ListSource, TarSource
-from image_files import encoded, tar_bytes
+from image_files import csv_list, encoded, png_file, tar_bytes
+from installed_cli import installed, prefect_started
 
 SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYSECRETKEY"
-
-
-def _png(path: Path, seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encoded(np.random.default_rng(seed).integers(0, 255, (12, 12), dtype=np.uint8), "png"))
-    return path
-
-
-def _list(path: Path, rows: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["path"])
-        writer.writerows([row] for row in rows)
-    return path
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -93,23 +78,6 @@ def _refused(capsys, argv: list[str], code: int = 2) -> str:
     return err
 
 
-def _installed(argv: list[str], home: Path, cwd: Path, timeout: float = 600,
-               api: str | None = None) -> tuple[subprocess.CompletedProcess, float]:
-    """The installed `vqvae2` command with its own PREFECT_HOME, on the Prefect server at `api`
-    or in ephemeral mode; (its result, seconds it took)."""
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(home), PREFECT_LOCAL_STORAGE_PATH=str(home / "storage"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", **({"PREFECT_API_URL": api} if api else {}))
-    started = time.monotonic()
-    done = subprocess.run(["vqvae2", *argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    return done, time.monotonic() - started
-
-
-def _prefect_started(home: Path) -> bool:
-    """Whether Prefect started in the home a command ran with: its temporary server makes a database there."""
-    return any(home.glob("*.db"))
-
-
 def _files_holding(folder: Path, text: str) -> list[str]:
     """Every file under `folder` whose name or bytes hold `text`."""
     found = []
@@ -133,8 +101,8 @@ def _files_holding(folder: Path, text: str) -> list[str]:
 def test_a_secret_in_a_url_is_refused_at_once_and_kept_nowhere(tmp_path, args, field):
     home, root = tmp_path / "prefect-home", tmp_path / "root"
     argv = ["run", "--preset", "smoke", *(["--root", str(root)] if "--root" not in args else []), *args]
-    done, seconds = _installed(argv, home, cwd=tmp_path)
-    assert done.returncode == 2 and not _prefect_started(home), (done.returncode, seconds, done.stderr)
+    done, seconds = installed(argv, home, cwd=tmp_path)
+    assert done.returncode == 2 and not prefect_started(home), (done.returncode, seconds, done.stderr)
     assert done.stderr.count("\n") == 1 and f"vqvae2: invalid configuration: {field} holds a user name or password" \
         in done.stderr, done.stderr
     assert SECRET not in done.stdout + done.stderr
@@ -142,8 +110,8 @@ def test_a_secret_in_a_url_is_refused_at_once_and_kept_nowhere(tmp_path, args, f
 
 
 def test_a_list_row_with_a_secret_is_refused_naming_the_row_not_the_value(tmp_path, capsys):
-    listing = _list(tmp_path / "data" / "list.csv", ["img/a.png", f"s3://AKIAEXAMPLE:{SECRET}@bucket/x.png"])
-    _png(tmp_path / "data" / "img" / "a.png")
+    listing = csv_list(tmp_path / "data" / "list.csv", ["img/a.png", f"s3://AKIAEXAMPLE:{SECRET}@bucket/x.png"])
+    png_file(tmp_path / "data" / "img" / "a.png")
     for call in (ListSource(str(listing)).check, lambda: ListSource(str(listing)).partition(IngestConfig())):
         with pytest.raises(ValueError) as caught:
             call()
@@ -175,12 +143,12 @@ def test_an_empty_source_or_root_is_refused_not_replaced_by_the_default(option, 
 
 def test_a_local_list_reads_files_in_its_folder_only_unless_allowed(tmp_path):
     data = tmp_path / "data"
-    _png(data / "img" / "a.png", 1)
-    _png(data / "img" / "b.png", 2)
-    private = _png(tmp_path / "private.png", 3)  # any file the worker can read, outside the list's folder
+    png_file(data / "img" / "a.png", 1)
+    png_file(data / "img" / "b.png", 2)
+    private = png_file(tmp_path / "private.png", 3)  # any file the worker can read, outside the list's folder
     rows = ["img/a.png", str(data / "img" / "b.png"), str(private), f"file://{private}", "../private.png",
             "img/../../private.png", "http://127.0.0.1:9/web.png"]
-    listing = _list(data / "list.csv", rows)
+    listing = csv_list(data / "list.csv", rows)
     with pytest.raises(ValueError) as caught:
         ListSource(str(listing)).check()
     message = str(caught.value)
@@ -207,18 +175,18 @@ def test_the_config_hands_allow_outside_to_a_list_source_only():
 
 
 def test_a_list_served_over_http_cannot_pull_local_files(tmp_path, capsys):
-    private = _png(tmp_path / "private.png", 3)
+    private = png_file(tmp_path / "private.png", 3)
     served = tmp_path / "web"
-    _png(served / "lists" / "img" / "a.png", 1)
-    _png(served / "b.png", 2)
+    png_file(served / "lists" / "img" / "a.png", 1)
+    png_file(served / "b.png", 2)
     with _serving(served) as base:
         rows = ["img/a.png", f"{base}/b.png", str(private), f"file://{private}", "../b.png"]
-        _list(served / "lists" / "list.csv", rows)
+        csv_list(served / "lists" / "list.csv", rows)
         url = f"{base}/lists/list.csv"
         with pytest.raises(ValueError) as caught:
             ListSource(url).partition(IngestConfig())  # what the ingest does, deployed or not
         err = _refused(capsys, ["run", "--preset", "smoke", "--root", str(tmp_path / "root"), "--source", url])
-        _list(served / "lists" / "web.csv", ["img/a.png", f"{base}/b.png"])
+        csv_list(served / "lists" / "web.csv", ["img/a.png", f"{base}/b.png"])
         manifest = ingest(ListSource(f"{base}/lists/web.csv"), str(tmp_path / "ds"),
                           IngestConfig(image_size=8, holdout_fraction=0))
     for message in (str(caught.value), err):
@@ -255,7 +223,7 @@ def test_a_label_seen_once_beyond_the_classes_fails_naming_its_sample(tmp_path):
     message = str(caught.value)
     assert "leave 6 of 10 classes (0 to 9) without any image: 3-8" in message
     assert f"{tmp_path}/00001.tar#000013 (label 9)" in message and "source.class_names" in message
-    assert not (tmp_path / "ds" / "manifest.json").exists()
+    assert not (tmp_path / "ds").exists()  # no manifest, nor shards that would only be refused again
 
     names = tuple(f"class{i}" for i in range(10))  # declared: empty classes are the user's choice
     manifest = ingest(TarSource(f"{tmp_path}/*.tar", class_names=names), str(tmp_path / "named"), config)
@@ -276,9 +244,9 @@ def test_a_missing_source_fails_at_once_naming_it(tmp_path, capsys):
     missing = tmp_path / "no" / "such" / "dir"
     err = _refused(capsys, ["run", "--preset", "smoke", "--root", str(tmp_path / "root"), "--source", str(missing)])
     assert f"vqvae2: {missing}: not found (no such folder)" in err
-    done, seconds = _installed(["run", "--preset", "smoke", "--root", str(tmp_path / "root"), "--source",
+    done, seconds = installed(["run", "--preset", "smoke", "--root", str(tmp_path / "root"), "--source",
                                 str(missing)], tmp_path / "home", cwd=tmp_path)
-    assert done.returncode == 2 and done.stderr == err and not _prefect_started(tmp_path / "home"), done.stderr
+    assert done.returncode == 2 and done.stderr == err and not prefect_started(tmp_path / "home"), done.stderr
     assert not (tmp_path / "root").exists()  # before anything ran
 
 
@@ -293,9 +261,9 @@ def test_a_web_source_that_never_answers_fails_after_the_timeout_naming_it(silen
 
 
 def test_an_image_of_a_list_whose_server_never_answers_is_a_named_skip(silent_server, tmp_path):
-    listing = _list(tmp_path / "list.csv", [f"img{i}.png" for i in range(3)] + [f"{silent_server}/late.png"])
+    listing = csv_list(tmp_path / "list.csv", [f"img{i}.png" for i in range(3)] + [f"{silent_server}/late.png"])
     for i in range(3):
-        _png(tmp_path / f"img{i}.png", i)
+        png_file(tmp_path / f"img{i}.png", i)
     config = IngestConfig(image_size=8, holdout_fraction=0, max_bad_fraction=0.5)
     manifest = ingest(ListSource(str(listing), timeout_s=1), str(tmp_path / "ds"), config)
     assert manifest["splits"]["train"]["skipped"] == [
@@ -371,11 +339,11 @@ def test_a_failure_inside_a_prefect_run_is_one_line_without_its_traceback(prefec
     argv = ["stage", "ingest", "--preset", "smoke", "--root", str(tmp_path / "root"), "--source",
             f"{tmp_path}/{{00000..00001}}.tar", "--set", "ingest.holdout_fraction=0"]
     line = f"vqvae2: {tmp_path / 'root'}/datasets/"
-    quiet, _ = _installed(argv, tmp_path / "home", cwd=tmp_path, api=api)
+    quiet, _ = installed(argv, tmp_path / "home", cwd=tmp_path, api=api)
     assert quiet.returncode == 2 and "Traceback" not in quiet.stderr, quiet.stderr[-3000:]
     ours = [row for row in quiet.stderr.splitlines() if row.startswith("vqvae2: ")]
     assert len(ours) == 1 and ours[0].startswith(line) and "00000.tar#000005 (label 9)" in ours[0], quiet.stderr[-3000:]
-    loud, _ = _installed([*argv, "--debug"], tmp_path / "home", cwd=tmp_path, api=api)
+    loud, _ = installed([*argv, "--debug"], tmp_path / "home", cwd=tmp_path, api=api)
     assert loud.returncode == 2 and "Traceback (most recent call last)" in loud.stderr
     assert [row for row in loud.stderr.splitlines() if row.startswith("vqvae2: ")] == ours
 
@@ -387,3 +355,48 @@ def test_the_cli_parses_without_importing_prefect_or_the_stages():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     assert done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
+# --- a field named as the user wrote it --------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train_autoencoder.lr=-1", "invalid configuration: train_autoencoder.lr must be > 0"),
+    ("train_prior.steps=0", "invalid configuration: train_prior.steps must be >= 1"),
+    ("train_classifier.micro_batch_size=999", "invalid configuration: train_classifier.micro_batch_size must be "
+                                              "between 1 and train_classifier.batch_size (32)"),
+    ("priors.1.kernel_size=4", "invalid configuration: priors.1.kernel_size must be odd and >= 3"),
+    ("autoencoder.beta=-1", "invalid configuration: autoencoder.beta must be >= 0"),
+])
+def test_a_model_setting_is_named_by_its_set_key_not_by_its_shared_type(setting, message, capsys):
+    """The three trainings share one type, as the priors do: its checks name the type's prefix
+    (`train.lr`), which names no `--set` key; the error names the one the user wrote."""
+    err = _refused(capsys, ["report", "--preset", "smoke", "--set", "train_prior.lr=0.01", "--set", setting])
+    assert err.startswith(f"vqvae2: {message}"), err
+    assert " train.lr" not in err and " prior.kernel_size" not in err
+
+
+@pytest.mark.parametrize("setting, field", [
+    (f"storage.storage_options.secret={SECRET}", "storage.storage_options holds 'secret'"),
+    (f"storage.storage_options.aws_secret_access_key={SECRET}",
+     "storage.storage_options holds 'aws_secret_access_key'"),
+    (f"storage.storage_options.client_kwargs.aws_session_token={SECRET}",
+     "storage.storage_options.client_kwargs holds 'aws_session_token'"),
+    (f"source.storage_options.password={SECRET}", "source.storage_options holds 'password'"),
+])
+def test_a_secret_set_as_a_storage_option_is_refused_naming_the_field_and_where_credentials_go(setting, field,
+                                                                                               capsys):
+    err = _refused(capsys, ["report", "--preset", "smoke", "--source", "s3://bucket/images", "--set", setting])
+    assert err.startswith(f"vqvae2: invalid configuration: {field}, a credential: "), err
+    assert "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in err and "AWS_PROFILE" in err and "Prefect Secret block" in err
+    assert SECRET not in err and "Extra inputs are not permitted" not in err
+
+
+def test_a_storage_option_set_by_its_dotted_key_is_taken(tmp_path):
+    from flows.cli import parser
+    from flows.command_config import build_config
+
+    args = parser().parse_args(["ls", "--root", str(tmp_path), "--set", "storage.storage_options.anon=true",
+                                "--set", "storage.storage_options.client_kwargs.region_name=eu-west-1"])
+    options = build_config(args).storage.storage_options
+    assert options == {"anon": True, "client_kwargs": {"region_name": "eu-west-1"}}

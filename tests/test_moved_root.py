@@ -143,4 +143,5 @@ def test_a_failed_run_leaves_nothing_at_the_top_of_the_root(prefect_api, tmp_pat
                           overrides={"num_classes": 0})
     state = STAGE_FLOWS["ingest"](**sections_of(config), return_state=True)
     assert state.is_failed() and "could not be used" in state.message
-    assert sorted(p.name for p in root.iterdir()) == ["datasets"]
+    assert sorted(p.name for p in root.iterdir()) == [".vqvae2", "datasets"]
+    assert [p for p in (root / ".vqvae2").rglob("*") if p.is_file()] == []  # the ingest's turn, given back

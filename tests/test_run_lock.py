@@ -151,8 +151,10 @@ def test_a_holder_taken_over_notices_that_it_lost_its_turn(storage_root, caplog)
         assert lease.lost.wait(5)
     assert any("this run lost its turn" in r.getMessage() and "process 7 on node-7" in r.getMessage()
                for r in caplog.records)
+    assert not lease.confirm()  # what a writer asks
     lease.release()
-    assert _left(lease) == ["gen-000000002.json"]  # the taker's turn stays
+    # A lost holder writes nothing more, not even to tidy: the taker gives back both generations.
+    assert [name for name in _left(lease) if name.endswith(".json")] == ["gen-000000001.json", "gen-000000002.json"]
 
 
 # --- other processes: killed, or frozen and then woken ---------------------------------------
@@ -217,14 +219,14 @@ def test_a_frozen_holder_is_taken_over_after_the_bound_and_notices_when_it_wakes
     lease.release()
 
 
-# --- the Prefect side (tasks/machinery/exclusive.py): is the holder's flow run finished? -------
+# --- the Prefect side (tasks/machinery/turns.py): is the holder's flow run finished? -------
 
 
 def test_a_holder_whose_flow_run_finished_is_known_gone_and_an_unreachable_api_never_holds_up(prefect_api):
     from prefect import flow
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.machinery.exclusive import API_TIMEOUT_S, api_identity, flow_run_finished
+    from tasks.machinery.turns import API_TIMEOUT_S, api_identity, flow_run_finished
 
     @flow
     def finishes() -> None:

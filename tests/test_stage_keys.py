@@ -246,14 +246,14 @@ def _dataset(class_names: list[str]):
 
 
 @pytest.mark.parametrize("preset", sorted(KEYS_BEFORE_AUTO_CLASSES))
-def test_a_default_config_on_fashion_mnist_keeps_its_keys_and_its_run_lease(preset):
-    from tasks.machinery.exclusive import run_limit
+def test_a_default_config_on_fashion_mnist_keeps_its_keys_and_its_config_key(preset):
+    from tasks.config import config_key
     from tasks.stages.ingest import with_dataset_classes
 
     keys, lease = KEYS_BEFORE_AUTO_CLASSES[preset]
     config = pipeline_config(preset, storage={"root": "/tmp/vqvae2-keys"})
     assert "num_classes" not in config.overrides and not config.classes_from_data and not config.classes_fixed
-    assert stage_keys(config) == keys and run_limit(config) == lease
+    assert stage_keys(config) == keys and "vqvae2-run-" + config_key(config) == lease  # as the run lease named it
     fashion_mnist = _dataset([str(i) for i in range(10)])  # the preset's 10 classes: the config stays itself
     assert with_dataset_classes(config, fashion_mnist) is config
 

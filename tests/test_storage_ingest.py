@@ -138,6 +138,16 @@ def test_too_many_bad_images_fail_clearly_and_leave_no_manifest(folder_with_bad_
     with pytest.raises(TooManyBadImages, match=r"2 of 26 images.*max_bad_fraction=0.05.*(corrupt|empty)\.png"):
         ingest(ImageFolderSource(str(folder_with_bad_files)), url, config)
     assert not exists(f"{url}/manifest.json")
+    # nor the shards: refused, this dataset would be refused again; nothing looks like an ingest to resume
+    assert not exists(url)
+
+
+def test_a_refused_dataset_leaves_nothing_on_s3_either(folder_with_bad_files, s3_bucket):
+    url = f"{s3_bucket.url}/datasets/ds"
+    config = IngestConfig(image_size=16, shard_size=5, max_bad_fraction=0.05)
+    with pytest.raises(TooManyBadImages):
+        ingest(ImageFolderSource(str(folder_with_bad_files)), url, config, storage_options=s3_bucket.storage_options)
+    assert find(s3_bucket.url, s3_bucket.storage_options) == {}
 
 
 def test_presplit_folder_keeps_its_splits(tmp_path):
@@ -224,6 +234,7 @@ def test_finalize_refuses_missing_shards(tmp_path):
     with pytest.raises(ValueError, match=r"no result for shards \['test/shard-000000.tar'\]"):
         finalize_dataset(plan, results, url)
     assert not exists(f"{url}/manifest.json")
+    assert "train/shard-000000.tar" in find(url)  # not a refusal of the images: whole shards stay for the next run
 
 
 def test_process_pool_ingest_on_s3_matches_a_serial_local_one(s3_bucket, tmp_path):

@@ -150,3 +150,52 @@ def test_an_inventory_records_every_file_and_tells_each_kind_of_damage(storage_r
         ("a.bin", "other bytes than recorded (SHA-256), same size"), ("b/c.bin", "has 5 bytes, recorded 50")]
     remove(join(folder, "a.bin"), options)
     assert damage(folder, files, options)[0].what == "missing"
+
+
+def _finished_dataset(root: Path, key: str = "0123456789abcdef") -> Path:
+    """A small finished dataset artifact, as the ingest stage leaves it (its shards, their
+    records, an inventory and its manifest last), made without Prefect: 3 shards of 4 images."""
+    from storage.ingest import IngestConfig, ingest as ingest_files
+    from storage.sources import ImageFolderSource
+    from tasks.machinery.artifacts import Artifact
+    from image_files import encoded
+
+    images = root.parent / "images"
+    for i in range(12):
+        path = images / ("a" if i % 2 else "b") / f"{i:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encoded(np.full((8, 8), 20 * i, dtype=np.uint8), "png"))
+    artifact = Artifact(str(root), "datasets", key)
+    written = ingest_files(ImageFolderSource(str(images)), artifact.url, IngestConfig(image_size=8, shard_size=4,
+                                                                                       holdout_fraction=0))
+    (root / "datasets" / key / "manifest.json").unlink()  # the stage's manifest replaces storage's
+    manifest = ingest.DatasetManifest(**written, **artifact.identity())
+    artifact.marker(ingest.DatasetManifest).write(manifest.model_copy(update={"inventory": artifact.write_inventory()}))
+    return root / "datasets" / key
+
+
+@pytest.mark.parametrize("harms, line", [
+    ({"train/shard-000001.tar": _truncate}, "repaired datasets/0123456789abcdef: dropped 1 damaged file; the next "
+     "run of the config that made it makes it again (the rest is reused)"),
+    ({"train/shard-000000.tar": _flip, "train/shard-000002.tar": _truncate},
+     "repaired datasets/0123456789abcdef: dropped 2 damaged files; the next run of the config that made them makes "
+     "them again (the rest is reused)"),
+    ({"train/shard-000001.tar": Path.unlink}, "repaired datasets/0123456789abcdef: 1 damaged file was missing "
+     "already; the next run of the config that made it makes it again (the rest is reused)"),
+    ({"train/shard-000001.tar": Path.unlink, "train/shard-000002.tar": _flip},
+     "repaired datasets/0123456789abcdef: dropped 1 damaged file, and 1 was missing already; the next run of the "
+     "config that made them makes them again (the rest is reused)"),
+])
+def test_repair_says_what_it_dropped_in_the_counts_it_listed(harms, line, tmp_path, capsys):
+    dataset = _finished_dataset(tmp_path / "root")
+    for name, harm in harms.items():
+        harm(dataset / name)
+    code, out = _verify(tmp_path / "root", capsys=capsys)
+    listed = [row for row in out.splitlines() if row.startswith("  damaged: ")]
+    damaged = f"{len(harms)} damaged file" + ("s" if len(harms) > 1 else "")
+    assert code == 1 and len(listed) == len(harms) and f"\n{damaged}: `vqvae2 verify --root" in out, out
+    assert out.startswith("checked 1 finished artifact (6 files) under "), out
+    code, out = _verify(tmp_path / "root", "--repair", capsys=capsys)
+    assert code == 0 and out.splitlines()[-1] == line, out
+    assert not (dataset / "manifest.json").exists() and all(not (dataset / name).exists() for name in harms)
+    assert (dataset / "train" / "shard-000000.tar").exists() != ("train/shard-000000.tar" in harms)  # the rest kept

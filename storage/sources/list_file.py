@@ -7,11 +7,17 @@ other URLs are opened without options.
 
 A list is data, perhaps someone else's: its rows must not pull any file the worker can
 read into a dataset. So a row lies inside the list's folder (a relative path that does not
-climb out of it with ``..``, or an absolute path or URL below it) or is an http(s) URL, on
-any host; anything else (``/etc/...``, ``file://``, ``../``, another bucket, and any local
-file in a list that is itself remote) fails the list, naming the rows, unless
+climb out of it with ``..``, or an absolute path or URL below it) or is an http(s) URL (on
+a host allowed below); anything else (``/etc/...``, ``file://``, ``../``, another bucket,
+and any local file in a list that is itself remote) fails the list, naming the rows, unless
 ``allow_outside``. A row with a user name or password (``s3://AKID:SECRET@bucket/x.png``)
 always fails it, naming the row but not the value.
+
+Nor may a list make the worker fetch from inside its network: an http(s) row whose host
+resolves to a cloud metadata or link-local address fails any list, and one on a loopback,
+private or other non-public address fails a list that is itself remote (its own host
+excepted), unless ``allow_private`` (:mod:`storage.sources.hosts` states the rule, and keeps
+it again when the images are fetched).
 
 A list names files, it does not fingerprint them: :meth:`ListSource.digest` hashes the
 list's bytes, so an edited list is noticed, but an image replaced behind an unchanged
@@ -35,6 +41,7 @@ from ..fsutil import filesystem, holds_userinfo, join, read_bytes, redact, sha25
 from .base import (
     FileItem, Partition, Reader, SourceItem, answering, content_digest, grow_units, http_options, is_http, unit_interval,
 )  # fmt: skip
+from .hosts import CLOUD, PRIVATE, RefusedHost, guarded, origin, refused_hosts, url_host
 from .image_folder import FETCH_BATCH, fetch, unreadable
 
 PATH_COLUMNS = ("path", "url", "file", "filename", "image", "filepath")  # tried in order when path_column is None
@@ -65,6 +72,8 @@ class ListSource:
     it decides whether a list is refused, never what an accepted one becomes, so it is not
     part of :meth:`describe`. ``timeout_s``: how long an http(s) server (of the list or of
     a row) may take to answer (:func:`storage.sources.base.http_options`); None: aiohttp's 300 s.
+    ``allow_private``: also fetch rows on hosts inside the network (see the module's note);
+    like ``allow_outside``, it decides whether a list is refused, not what it becomes.
     """
 
     url: str
@@ -74,6 +83,7 @@ class ListSource:
     class_names: tuple[str, ...] | None = None
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
     allow_outside: bool = field(default=False, compare=False)
+    allow_private: bool = field(default=False, compare=False)
     timeout_s: float | None = field(default=30.0, compare=False)
     kind: ClassVar[str] = "list"
 
@@ -98,6 +108,12 @@ class ListSource:
         protocol, none for others, and the timeout for http(s)."""
         options = self.storage_options if _protocol(url) == _protocol(self.url) else None
         return http_options(url, options, self.timeout_s)
+
+    def row_options(self, ref: str, url: str) -> Mapping[str, Any] | None:
+        """:meth:`options` for fetching a row (``ref`` as written, ``url`` resolved), guarded against
+        the hosts the row may not reach: a redirect, or a DNS answer changed since the list was read."""
+        guard = None if self.allow_private or not is_http(url) else self._host_scope(ref)
+        return guarded(self.options(url), guard)
 
     def digest(self) -> str:
         # The place stays in: two folders may hold equal lists of relative paths to different images.
@@ -126,7 +142,8 @@ class ListSource:
         return source, rows, path_column
 
     def _refuse_unsafe_rows(self, rows: Sequence[Row], path_column: str) -> None:
-        """Fail on rows holding credentials, and on rows outside the list's folder unless allowed."""
+        """Fail on rows holding credentials, on rows outside the list's folder unless allowed, and
+        on rows naming hosts inside the network unless allowed."""
         paths = [(where, _path_text(row.get(path_column))) for where, row in rows]
         secret = [where for where, path in paths if holds_userinfo(path)]
         if secret:
@@ -136,16 +153,41 @@ class ListSource:
                 "take it out of the list; the worker's AWS_* variables or instance role, or a Prefect Secret block "
                 "named in source.credentials_block, give the credentials of the list's own storage"
             )
-        if self.allow_outside:
-            return
+        if not self.allow_outside:
+            self._refuse_outside(paths)
+        if not self.allow_private:
+            self._refuse_private(paths)
+
+    def _refuse_outside(self, paths: Sequence[tuple[str, str]]) -> None:
         outside = [f"{where} ({redact(path)})" for where, path in paths if path and not self._inside(path)]
         if outside:
             local = "" if _is_local(self.url) else ", and never a local file, the list being remote"
             raise ValueError(
                 f"{redact(self.url)}: {_some(outside)} lie outside the list's folder {redact(_folder(self.url))}: "
-                f"a list may name files in its folder and below, and http(s) URLs on any host{local}. Move the "
+                f"a list may name files in its folder and below, and http(s) URLs{local}. Move the "
                 "files beside the list, or set source.allow_outside=true (ListSource.allow_outside) to read them"
             )
+
+    def _refuse_private(self, paths: Sequence[tuple[str, str]]) -> None:
+        """Fail on http(s) rows whose host resolves to an address they may not reach (each host resolved once)."""
+        rows = [(where, path, (url_host(path), self._host_scope(path))) for where, path in paths if is_http(path)]
+        refused = refused_hosts(judged for _, _, judged in rows if judged[0])  # (host, scope) pairs
+        named = [f"{where} ({redact(path)}, {refused[judged]})" for where, path, judged in rows if judged in refused]
+        if named:
+            rule = ("a list may name no cloud metadata or link-local host" if _is_local(self.url) else
+                    "a remote list may name public hosts and its own host, never a cloud metadata or link-local one")
+            raise RefusedHost(
+                f"{redact(self.url)}: {_some(named)} name hosts inside the worker's network, which a list (maybe "
+                f"someone else's) must not make it fetch: {rule}. If you trust the list, set "
+                "source.allow_private=true (ListSource.allow_private) to fetch them"
+            )
+
+    def _host_scope(self, path: str) -> str:
+        """What a row may not reach: every non-public address from a remote list, but for the list's
+        own host (its relative rows reach it anyway); from a local list, metadata and link-local only."""
+        if _is_local(self.url) or not is_http(path) or origin(path) == origin(self.url):
+            return CLOUD
+        return PRIVATE
 
     def _inside(self, path: str) -> bool:
         """Whether a row's path is an http(s) URL or lies inside the list's folder."""
@@ -355,7 +397,9 @@ def _parquet_rows(url: str, data: bytes) -> tuple[list[str], list[Row]]:
     except ImportError as err:
         raise ImportError(f"{redact(url)}: reading Parquet lists needs pyarrow: pip install pyarrow") from err
     try:
-        table = pq.read_table(io.BytesIO(data))
+        # No thread of Arrow's pools (CPU, and I/O for pre-buffering): one still running when the
+        # process exits aborts it (exit code 134, "terminate called without an active exception").
+        table = pq.read_table(io.BytesIO(data), use_threads=False, pre_buffer=False)
     except (pa.ArrowException, OSError, ValueError) as err:
         raise ValueError(f"{redact(url)}: not a readable Parquet file ({err})") from err
     return list(table.column_names), [(f"row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
@@ -398,7 +442,7 @@ class _ListReader(Reader):
         groups: dict[int, tuple[Any, list[int], list[str], str]] = {}
         for position, item in enumerate(batch):
             url = self.resolve(item.ref)
-            fs, path = filesystem(url, self.source.options(url))
+            fs, path = filesystem(url, self.source.row_options(item.ref, url))
             group = groups.setdefault(id(fs), (fs, [], [], redact(url)))
             group[1].append(position)
             group[2].append(path)

@@ -81,13 +81,16 @@ class TarSource:
         return listed(self.urls)
 
     def check(self) -> None:
-        """The first tar of each pattern exists (a glob matches one): the rest is listed at planning."""
+        """The first tar of each pattern exists (a glob matches one) and its first sample reads
+        as a tar's (a gzip file or a page of HTML posing as one is refused now, a few KiB read,
+        not after Prefect has started): the rest is listed and read at planning."""
         patterns = self.urls.values() if isinstance(self.urls, Mapping) else [self.urls]
         for p in patterns:
             for pattern in [p] if isinstance(p, str) else p:
                 first = next(iter(braceexpand.braceexpand(pattern)))
                 with answering(first, timeout_of(self.storage_options)):
-                    expand_urls(first, self.storage_options)
+                    url = expand_urls(first, self.storage_options)[0]
+                    next(iter_samples(url, self.storage_options), None)
 
     def expand(self) -> dict[str, list[str]] | list[str]:
         """The tar URLs, per split when given per split."""

@@ -7,6 +7,8 @@ Fields left at None take the preset's value (see `PRESET_DEFAULTS`), so choosing
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Iterator
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
@@ -65,7 +67,10 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
-        self.model  # noqa: B018 - a bad override fails here, naming the field, not mid-run
+        try:
+            self.model  # noqa: B018 - a bad override fails here, naming the field, not mid-run
+        except ValueError as err:
+            raise ValueError(_named_as_set(self.preset, self._model_overrides(), str(err))) from None
         if self.storage.root.startswith("memory://") and self.training.subprocess:
             raise ValueError(
                 "storage.root is memory://, which lives inside one process, but training runs in its own "
@@ -77,8 +82,10 @@ class PipelineConfig(BaseModel):
     def model(self) -> vqvae2.ModelConfig:
         """The preset with the overrides applied. Until the dataset is known (`with_classes`),
         a config whose num_classes is not a number has the preset's."""
-        overrides = {k: v for k, v in self.overrides.items() if not (k == "num_classes" and v == AUTO)}
-        return vqvae2.preset(self.preset, overrides)
+        return vqvae2.preset(self.preset, self._model_overrides())
+
+    def _model_overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in self.overrides.items() if not (k == "num_classes" and v == AUTO)}
 
     # The number of classes, three ways (`tasks.stages.ingest.with_dataset_classes` applies them):
     # - not set (the default): the preset's number when the dataset has that many classes, so
@@ -127,6 +134,39 @@ class PipelineConfig(BaseModel):
     @property
     def eval_images(self) -> int:
         return self.preset_default("eval_images", self.evaluate.eval_images)
+
+
+def _named_as_set(preset: str, overrides: dict[str, Any], message: str) -> str:
+    """A model check's message with the field named by the override that failed it. Several
+    model sections share one type (the three trainings a `TrainConfig`, each level a
+    `PriorConfig`), whose checks name the type (`train.lr must be > 0`), not the `--set` key
+    the user wrote (`train_autoencoder.lr`): the section whose overrides alone fail with the
+    same message is the one. Any other message is returned as it is."""
+    named = re.match(r"(\w+)\.\w", message)
+    if named is None:
+        return message
+    flat = dict(_dotted(overrides))
+    for section in dict.fromkeys(key.rpartition(".")[0] for key in flat):  # train_prior, priors.1
+        if not section or section == named.group(1):
+            continue
+        try:
+            vqvae2.preset(preset, {key: value for key, value in flat.items() if key.startswith(f"{section}.")})
+        except ValueError as alone:
+            if str(alone) == message:
+                return re.sub(rf"(?<![\w.]){named.group(1)}\.(?=\w)", f"{section}.", message)
+    return message
+
+
+def _dotted(overrides: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Overrides as dotted keys, whether given so (`train_prior.lr`) or nested (`{"train_prior":
+    {"lr": ...}}`, a list of priors `{"priors": [{...}, {...}]}`: `priors.0.layers`)."""
+    for key, value in overrides.items():
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            value = {str(index): item for index, item in enumerate(value)}
+        if isinstance(value, dict) and value:
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 class Runtime(BaseModel):

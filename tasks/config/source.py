@@ -41,9 +41,17 @@ class SourceSection(Section):
     allow_outside: bool = Field(
         False, description="list: also read rows that lie outside the list's own folder: absolute paths, file:// "
         "URLs, ../ escapes, URLs of other buckets or filesystems. Off (the default), a list names files in its "
-        "folder and below (relative paths, or absolute ones inside it) and http(s) URLs on any host, and a list "
-        "that is itself remote (s3://, http(s)://) never names a local file: a list is data, maybe someone "
-        "else's, and must not pull any file the worker can read into the dataset",
+        "folder and below (relative paths, or absolute ones inside it) and http(s) URLs (on the hosts "
+        "source.allow_private leaves it), and a list that is itself remote (s3://, http(s)://) never names a local "
+        "file: a list is data, maybe someone else's, and must not pull any file the worker can read into the dataset",
+    )
+    # Run-only: it decides whether a list is refused, never what an accepted one becomes.
+    allow_private: Annotated[bool, RUN_ONLY] = Field(
+        False, description="list: also fetch http(s) rows on hosts inside the worker's network. Off (the default), "
+        "a row whose host resolves to a cloud metadata or link-local address (169.254.169.254) is refused in any "
+        "list, and one on a loopback, private or other non-public address in a list that is itself remote "
+        "(http(s)://, s3://), the list's own host excepted: a list must not make the worker reach what only it can "
+        "reach. Set it for a list you trust",
     )
     timeout_s: Annotated[float, RUN_ONLY] = Field(
         30.0, gt=0, description="Seconds an http(s) server of the source (a list file and the images it names, tars, "
@@ -89,8 +97,9 @@ class SourceSection(Section):
         for name in ("path_column", "split_column"):
             if getattr(self, name) is not None and kind != "list":
                 raise ValueError(f"source.{name} applies to a list source, not to kind {kind!r}")
-        if self.allow_outside and kind != "list":
-            raise ValueError(f"source.allow_outside applies to a list source, not to kind {kind!r}")
+        for name in ("allow_outside", "allow_private"):
+            if getattr(self, name) and kind != "list":
+                raise ValueError(f"source.{name} applies to a list source, not to kind {kind!r}")
         refuse_secrets(self.storage_options, "source.storage_options", "source.credentials_block")
         return self
 
@@ -115,7 +124,8 @@ class SourceSection(Section):
             column = None if self.labels == "none" else self.labels.removeprefix("column:")
             return ListSource(self.url, path_column=self.path_column, label_column=column,
                               split_column=self.split_column, class_names=names, storage_options=options,
-                              allow_outside=self.allow_outside, timeout_s=self.timeout_s)
+                              allow_outside=self.allow_outside, allow_private=self.allow_private,
+                              timeout_s=self.timeout_s)
         label = {AUTO: "cls", "none": None}.get(self.labels, self.labels)
         return TarSource(self.url, class_names=names, label=label, storage_options=options)
 

@@ -16,8 +16,8 @@ from typing import Any, Generic, Protocol, TypeVar
 from pydantic import TypeAdapter, ValidationError
 
 from storage.artifacts import MANIFEST, artifact_url, clean_incomplete
-from storage.fsutil import exists, join, read_bytes, redact, sweep_temporaries, write_bytes
-from storage.integrity import DamagedArtifact, FileRecord, inventory
+from storage.fsutil import exists, join, read_bytes, redact, remove, sweep_temporaries, write_bytes
+from storage.integrity import Damage, DamagedArtifact, FileRecord, damage, inventory
 
 from ..manifests import Manifest, located
 from .reporting import logger
@@ -127,6 +127,31 @@ class Artifact:
     def read(self, model: type[M]) -> M | None:
         """The complete artifact's manifest, None while it is incomplete; `ManifestError` if damaged."""
         return read_typed(self.path(MANIFEST), model, self.storage_options, self.root, extra=self.identity())
+
+    def read_whole(self, model: type[M]) -> M | None:
+        """The manifest of a complete artifact whose files are all there at their recorded
+        sizes, by one listing (nothing is hashed: a changed byte is `vqvae2 verify`'s to
+        find). A file missing or cut short makes the artifact unfinished again, as
+        `vqvae2 verify --repair` leaves it: its manifest removed first, then the files cut
+        short, one line saying so; None is returned, and the stage makes those files again
+        (its intact units and checkpoints are reused)."""
+        manifest = self.read(model)
+        if manifest is None or manifest.inventory is None:  # unfinished, or made before inventories
+            return manifest
+        try:
+            lost = damage(self.url, self.read_inventory(manifest.inventory), self.storage_options, read=False)
+        except FileNotFoundError:
+            lost = [Damage(INVENTORY, "missing")]
+        except DamagedArtifact as err:
+            lost = [Damage(INVENTORY, str(err).removeprefix(redact(self.path(INVENTORY))).lstrip(": "))]
+        if not lost:
+            return manifest
+        named = "; ".join(f"{d.path}: {d.what}" for d in lost[:3]) + (f"; and {len(lost) - 3} more" if len(lost) > 3 else "")
+        logger().warning(f"{redact(self.url)} is not whole ({named}): making {'it' if len(lost) == 1 else 'them'} again")
+        for url in [self.path(MANIFEST), *(self.path(d.path) for d in lost if d.what != "missing")]:
+            if exists(url, self.storage_options):
+                remove(url, self.storage_options)
+        return None
 
     def is_complete(self) -> bool:
         """Whether the manifest exists (not read: a cheap check, for units of a finished artifact)."""

@@ -41,6 +41,7 @@ from ..manifests import Record, located, qualified_name, record_type
 from .artifacts import RECORDS, ManifestError, UnitMarker
 from .failures import retry_unless_permanent
 from .reporting import logger
+from .turns import check_turn
 
 RETRIES = 2  # of an error a retry can cure (`tasks.machinery.failures`); others fail at once
 RETRY_DELAYS = [5, 60]
@@ -78,6 +79,7 @@ class CacheRecords(WritableFileSystem):
     def write_path(self, path: str, content: bytes, _sync: bool = True) -> str:
         if not is_record(path):
             return get_default_result_storage().write_path(path, content, _sync=True)
+        check_turn(join(self.root, path))
         write_bytes(join(self.root, path), _rebased(content, self.root, reading=False), self._options())
         return path
 
@@ -184,7 +186,9 @@ class UnitFunction:
         if done is not None:
             logger().info(f"{redact(marker.url)} is complete: nothing to do")
             return done
+        check_turn(marker.url)  # a run that lost its turn makes nothing more
         result = self._fn(*args, **kwargs)
+        check_turn(marker.url)
         marker.write(result)
         return result
 

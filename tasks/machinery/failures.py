@@ -84,6 +84,9 @@ def first_line(error: BaseException, limit: int = MAX_LINE, form: Form = "cli") 
 
 def advice(error: BaseException, retries: int = 0, form: Form = "cli") -> str:
     """What to do about `error`, which was retried `retries` times, a field to set named in `form`."""
+    own = getattr(error, "advice", None)  # an error that knows (`storage.lease.TurnLost`)
+    if isinstance(own, str):
+        return own
     if is_permanent(error):  # bad input, config, credentials, a full disk, a diverged training
         fixes = settings_that_fix(error)
         if fixes:

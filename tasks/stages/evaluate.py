@@ -30,6 +30,7 @@ from vqvae2.config import config_to_dict
 
 from ..config import PipelineConfig, Runtime
 from ..fidelity import (
+    MIN_IMAGES,
     PER_CLASS_MIN,
     Extractor,
     check_features_available,
@@ -57,6 +58,7 @@ from ..machinery.reporting import (
     publish_table,
 )
 from ..machinery.rounding import rounded
+from ..machinery.sampling_plan import resolve_classes
 from ..stage import Needs, Settings, Stage, stage_task
 
 if TYPE_CHECKING:  # what it takes, for annotations only: a stage never imports another
@@ -175,8 +177,21 @@ def report_ui_key(report_key: str) -> str:
 
 
 def check(config: PipelineConfig, dataset: DatasetManifest | None) -> None:
-    """Evaluation must be possible before anything trains, even before a run waits for its turn."""
+    """Evaluation must be possible before anything trains, even before a run waits for its turn:
+    its feature space, enough held-out images to measure against, and held-out images of
+    every class the user chose to draw (its samples are measured against them)."""
     check_features_available(config, classes_known=dataset is not None or config.classes_fixed)
+    if dataset is None:
+        return
+    dataset.require_images("the evaluation (its fidelity metrics)", test=MIN_IMAGES)
+    if config.sample.classes is not None and dataset.class_names:
+        held_out = dataset.splits["test"].class_counts
+        chosen = resolve_classes(config.sample.classes, dataset.class_names, config.model.num_classes)
+        missing = [dataset.class_names[c] for c in chosen if c >= len(held_out) or not held_out[c]]
+        if missing:
+            raise ValueError(f"sample.classes: {', '.join(map(repr, missing))} has no held-out (test) image in "
+                             f"{redact(dataset.url)}, so its samples cannot be measured against its own images: "
+                             "give the source test images of it, or draw other classes")
 
 
 STAGE = Stage(

@@ -17,7 +17,7 @@ import torch
 from prefect import unmapped
 
 from storage.artifacts import artifact_key, artifact_url
-from storage.fsutil import exists, join, read_json, write_json
+from storage.fsutil import exists, join, read_json, redact, write_json
 from storage.ingest import IngestConfig, IngestPlan, ShardResult, ShardTask, finalize_dataset, finished_shard, plan_ingest
 from storage.ingest import write_shard as write_shard_files
 from storage.loader import ShardDataset, iter_shard_batches, shard_loader
@@ -53,6 +53,9 @@ class SplitInfo(Record):
     skipped: list[Skipped]
 
 
+_SPLIT_WORDS = {"train": "training", "test": "held-out (test)"}
+
+
 class DatasetManifest(Manifest):
     format: str
     source: dict[str, Any]  # the source as its describe() tells it (credentials redacted)
@@ -82,6 +85,22 @@ class DatasetManifest(Manifest):
         return [(split, i) for split, info in sorted(self.splits.items()) for i in range(len(info.shards))]
 
     # Its readers: what the stages that take a dataset read of it.
+
+    def require_images(self, needed_by: str, *, train: int = 0, test: int = 0) -> None:
+        """Fail, saying what is needed, when the train or the held-out (test) split holds fewer
+        images than `needed_by` takes: a stage's check, once the ingest made the dataset and
+        before any training (a one-image folder crashed the autoencoder with KeyError: 'test')."""
+        have = {split: self.splits[split].num_samples if split in self.splits else 0 for split in ("train", "test")}
+        need = {"train": train, "test": test}
+        if all(have[split] >= n for split, n in need.items()):
+            return
+        wanted = " and ".join(f"{n} {_SPLIT_WORDS[split]}" for split, n in need.items() if n) + " images"
+        held_out = "" if have["test"] >= test else (
+            f", or hold more of them out (a source without splits of its own holds out ingest.holdout_fraction="
+            f"{self.config.get('holdout_fraction')} of its images)")
+        raise ValueError(f"{redact(self.url)}: {have['train']} {_SPLIT_WORDS['train']} and {have['test']} "
+                         f"{_SPLIT_WORDS['test']} images; {needed_by} needs at least {wanted}: give the source more "
+                         f"images{held_out}")
 
     def first_images(self, split: str, count: int,
                      storage_options: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +187,8 @@ class _PlanMarker:
         return None
 
     def is_done(self) -> bool:
-        return self.dataset.read(DatasetManifest) is not None
+        # Cached only when whole: a dataset with a shard gone is reopened, and its shards checked.
+        return self.dataset.read_whole(DatasetManifest) is not None
 
 
 def _without_credentials(plan: IngestPlan) -> IngestPlan:

@@ -59,10 +59,16 @@ def run(settings: AutoencoderSettings, runtime: Runtime, dataset: DatasetManifes
     return training_task(train_autoencoder, runtime)(settings, runtime, dataset)
 
 
+def check(config: PipelineConfig, dataset: DatasetManifest | None) -> None:
+    """Images to train on and held-out ones to validate on, once the dataset is known."""
+    if dataset is not None:
+        dataset.require_images("training the autoencoder", train=1, test=1)
+
+
 STAGE = Stage(
     name="train-autoencoder", directory="autoencoder", code_version="1", settings=AutoencoderSettings,
     output=AutoencoderManifest, inputs={"dataset": Needs("ingest")}, run=run,
-    summary="Train the autoencoder on an ingested dataset.",
+    summary="Train the autoencoder on an ingested dataset.", check=check,
 )
 
 

@@ -80,10 +80,17 @@ def run(settings: ClassifierSettings, runtime: Runtime, dataset: DatasetManifest
     return training_task(train_classifier, runtime).submit(settings, runtime, dataset)
 
 
+def check(config: PipelineConfig, dataset: DatasetManifest | None) -> None:
+    """Images to train on and held-out ones to validate on, once the dataset is known."""
+    if dataset is not None:
+        dataset.require_images("training the classifiers", train=1, test=1)
+
+
 STAGE = Stage(
     name="train-classifiers", directory="classifiers", code_version="1", settings=ClassifierSettings,
     output=ClassifierManifest, inputs={"dataset": Needs("ingest")}, run=run, variants=classifier_roles,
     summary="Train the judge for rejection sampling (and, unless the evaluation uses Inception, the FID feature network).",
+    check=check,
 )
 
 
