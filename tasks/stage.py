@@ -107,7 +107,7 @@ class Stage(Generic[M]):
             turns = current_turns()  # a run's turns: another run making this output is waited for
             turn = turns.take(runtime.root, *self.turn(settings, inputs, runtime)) if turns else None
             try:
-                if SOURCE not in self.inputs.values():  # the ingest's key waits for the source's digest: its plan looks
+                if SOURCE not in self.inputs.values():  # the ingest's key waits for its plan: the ingest looks then
                     # Cached only when whole: an artifact with a file gone is reopened, and made whole here.
                     self.artifact(settings, inputs, runtime).read_whole(self.output)
                 output = self.run(settings, runtime, **inputs)

@@ -147,6 +147,9 @@ class IngestSettings(Settings):
 def run(settings: IngestSettings, runtime: Runtime, source: Source) -> DatasetManifest:
     records = runtime.root, runtime.storage_options
     plan = plan_dataset(settings, runtime, source)  # pickled: kept by the worker, not under the root
+    # Cached only when whole: a dataset with a shard gone is reopened before its shards are
+    # looked at (they are then checked against their records, and the missing ones written).
+    STAGE.artifact(settings, {"source": plan.source_digest}, runtime).read_whole(DatasetManifest)
     written = with_records(write_shard, *records).map(plan.tasks, unmapped(plan.source_digest), unmapped(source),
                                                       unmapped(settings), unmapped(runtime))
     shards = track(written, "ingest: shards written")
@@ -187,8 +190,7 @@ class _PlanMarker:
         return None
 
     def is_done(self) -> bool:
-        # Cached only when whole: a dataset with a shard gone is reopened, and its shards checked.
-        return self.dataset.read_whole(DatasetManifest) is not None
+        return self.dataset.read(DatasetManifest) is not None
 
 
 def _without_credentials(plan: IngestPlan) -> IngestPlan:
