@@ -146,7 +146,7 @@ class Lease:
     def __init__(self, url: str, storage_options: StorageOptions = None, *, holder: Holder | None = None,
                  bound_s: float = BOUND_S, renew_s: float = RENEW_S, poll_s: float = POLL_S,
                  finished: Callable[[Holder], bool] = _never,
-                 log: logging.Logger | logging.LoggerAdapter | None = None, what: str = "this config") -> None:
+                 log: logging.Logger | logging.LoggerAdapter | None = None, what: str | None = None) -> None:
         if not 0 < renew_s < bound_s:
             raise ValueError(f"renew_s ({renew_s}) must be above 0 and below bound_s ({bound_s}): a live holder "
                              "must beat within every bound")
@@ -155,7 +155,7 @@ class Lease:
         self.bound_s, self.renew_s, self.poll_s = bound_s, renew_s, poll_s
         self.finished = finished
         self.log = log or logging.getLogger(__name__)
-        self.what = what  # how messages name what the lease guards: "autoencoder/1a2b3c4d5e6f7a8b"
+        self.what = what or redact(self.url)  # how messages name what it guards: "autoencoder/1a2b3c4d5e6f7a8b"
         self.held: Generation | None = None  # the generation this lease holds
         self.took_over: Holder | None = None  # the holder this lease's turn was taken from, judged gone
         self.why_lost = ""
@@ -327,10 +327,6 @@ class Lease:
                     fsutil.remove(join(self.url, name), self.storage_options)
 
     # --- the objects ---------------------------------------------------------------------
-
-    @property
-    def _shown(self) -> str:
-        return redact(self.url)
 
     def _url(self, number: int, kind: str = "json") -> str:
         return join(self.url, f"gen-{number:09d}.{kind}")

@@ -18,6 +18,8 @@ artifacts live, how work runs), which by construction never changes an output.
 A flow calls a stage with the config and the outputs it takes, by name:
 `codes = ENCODE(config, runtime, dataset=dataset, autoencoder=autoencoder)`; `start`
 returns at once where the stage's work runs as a future (the trainings), `result()` waits.
+In a run that takes turns (`tasks.machinery.turns`), `start` first waits for the turn at
+the stage's output, and looks whether that output is whole.
 The pipeline flow (`flows.pipeline`) is those calls, written out; the list of declarations
 (`tasks.stages.STAGES`) gives the stage flows, the CLI's stage list, a finished run's
 artifacts and a config's keys.
@@ -43,7 +45,7 @@ from .manifests import Manifest
 from .machinery.artifacts import Artifact
 from .machinery.cached import cached_unit
 from .machinery.failure_report import failing_in
-from .machinery.turns import current_turns
+from .machinery.turns import current_turns, held
 
 M = TypeVar("M", bound=Manifest)
 
@@ -106,6 +108,7 @@ class Stage(Generic[M]):
             settings = self.settings_for(config, variant)
             turns = current_turns()  # a run's turns: another run making this output is waited for
             turn = turns.take(runtime.root, *self.turn(settings, inputs, runtime)) if turns else None
+            runtime = held(turn, runtime) if turn is not None else runtime  # its units on other processes ask after it
             try:
                 if SOURCE not in self.inputs.values():  # the ingest's key waits for its plan: the ingest looks then
                     # Cached only when whole: an artifact with a file gone is reopened, and made whole here.

@@ -157,6 +157,31 @@ def test_a_holder_taken_over_notices_that_it_lost_its_turn(storage_root, caplog)
     assert [name for name in _left(lease) if name.endswith(".json")] == ["gen-000000001.json", "gen-000000002.json"]
 
 
+def test_a_process_without_the_lease_asks_the_records_after_the_turn_it_was_handed(storage_root, monkeypatch):
+    """A unit on a Dask worker (the turn in its runtime) or a training process (in its
+    environment) reads the lease records before writing under the turn's artifact."""
+    from storage.lease import TurnLost
+    from tasks.config import TurnHeld
+    from tasks.machinery.turns import TURN_ENV, check_turn
+
+    url, options = storage_root
+    lease = _lease(url, options)
+    lease.acquire()
+    artifact = f"{url}/autoencoder/k"
+    turn = TurnHeld(lease=lease.url, number=lease.number, token=lease.holder.token, artifact=artifact,
+                    what="autoencoder/k")
+    check_turn(f"{artifact}/checkpoints/step-5.pt", turn, options)  # held: nothing to say
+    taker = Generation(lease.number + 1, Holder(host="elsewhere", pid=7, hostname="node-7"), after=lease.holder.token)
+    assert fsutil.create_new(f"{lease.url}/gen-{taker.number:09d}.json", taker.to_bytes(), options)
+    check_turn(f"{url}/codes/other/chunk", turn, options)  # another artifact: not this turn's
+    with pytest.raises(TurnLost, match=r"turn at autoencoder/k \(generation 2 holds it\)"):
+        check_turn(f"{artifact}/model.pt", turn, options)
+    monkeypatch.setenv(TURN_ENV, turn.model_dump_json())  # what a training process is given
+    with pytest.raises(TurnLost):
+        check_turn(f"{artifact}/model.pt", storage_options=options)
+    lease.release()
+
+
 # --- other processes: killed, or frozen and then woken ---------------------------------------
 
 HOLD = """

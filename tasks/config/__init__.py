@@ -15,6 +15,7 @@ from .pipeline import (
     PipelineConfig,
     PresetName,
     Runtime,
+    TurnHeld,
     config_errors,
     config_key,
     deciding_fields,
@@ -30,6 +31,6 @@ from .training import TrainingRuntime, TrainingSection
 __all__ = [
     "AUTO", "CONFIG", "FASHION_MNIST_DIR", "LABELS", "LIST_SUFFIXES", "PRESET_DEFAULTS", "RUN_ONLY", "RUN_ONLY_FIELDS",
     "EncodeSection", "EvaluateSection", "PipelineConfig", "PresetName", "RunOnly", "RunnerSection", "Runtime",
-    "SampleSection", "Section", "SourceSection", "StorageSection", "TrainingRuntime", "TrainingSection",
+    "SampleSection", "Section", "SourceSection", "StorageSection", "TrainingRuntime", "TrainingSection", "TurnHeld",
     "config_errors", "config_key", "deciding_fields", "pipeline_config", "run_only_fields", "validate_config",
 ]

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import vqvae2
 from storage.artifacts import canonical_json, without_unset_additions
@@ -169,6 +169,19 @@ def _dotted(overrides: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, 
             yield f"{prefix}{key}", value
 
 
+class TurnHeld(BaseModel):
+    """A run's turn at one artifact (`tasks.machinery.turns`), as a process that holds no lease
+    asks after it: the lease's folder, its generation and token, what it guards."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lease: str
+    number: int
+    token: str
+    artifact: str  # the URL of the artifact (or stage folder) its writes go under
+    what: str  # as messages name it: autoencoder/<key>
+
+
 class Runtime(BaseModel):
     """What every stage may read besides its own config slice: where the artifacts live and
     how work runs. Nothing here changes a stage's output, so nothing here is in a cache key."""
@@ -181,6 +194,8 @@ class Runtime(BaseModel):
     # The credentials block's options, read once by the flow. A task's parameters are never
     # stored by Prefect (only the flow's are), so they may travel with the Runtime.
     credentials: dict[str, Any] = Field(default_factory=dict, repr=False)
+    # The run's turn at the stage it is handed to: a unit on a Dask worker asks after it.
+    turn: TurnHeld | None = None
 
     @classmethod
     def of(cls, config: PipelineConfig, credentials: bool = True) -> Runtime:

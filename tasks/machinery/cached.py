@@ -177,7 +177,8 @@ class UnitFunction:
         self._signature = inspect.signature(fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        marker = self._locate(**self._signature.bind(*args, **kwargs).arguments)
+        arguments = self._signature.bind(*args, **kwargs).arguments
+        marker = self._locate(**arguments)
         try:
             done = marker.read()
         except ManifestError as err:
@@ -186,9 +187,12 @@ class UnitFunction:
         if done is not None:
             logger().info(f"{redact(marker.url)} is complete: nothing to do")
             return done
-        check_turn(marker.url)  # a run that lost its turn makes nothing more
+        # A run that lost its turn makes nothing more (on a Dask worker, its runtime says which turn).
+        runtime = arguments.get("runtime")
+        turn = (getattr(runtime, "turn", None), getattr(runtime, "storage_options", None))
+        check_turn(marker.url, *turn)
         result = self._fn(*args, **kwargs)
-        check_turn(marker.url)
+        check_turn(marker.url, *turn)
         marker.write(result)
         return result
 

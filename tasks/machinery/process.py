@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import Runtime, TrainingRuntime
+from ..config import Runtime, TrainingRuntime, TurnHeld
 from ..manifests import TrainingSummary
 from .artifacts import Artifact
 from .devices import claimed_gpus, one_multi_node_training
@@ -85,12 +85,12 @@ def train_model(make_job: Callable[..., TrainingJob], settings: Any, runtime: Ru
     (`train`), and give back the fields its manifest (a `TrainedManifest`) takes from that: the
     artifact's identity and the training's summary. `name` is how logs and progress name it."""
     summary = train(make_job, settings, runtime, data, artifact, title=f"{name}: training", options=runtime.training,
-                    processes=settings.processes, turn_of=artifact.url)
+                    processes=settings.processes, turn=runtime.turn)
     return {**artifact.identity(), **summary.model_dump()}
 
 
 def train(make_job: Callable[..., TrainingJob], *args: Any, title: str, options: TrainingRuntime,
-          processes: int = 1, turn_of: str | None = None) -> TrainingSummary:
+          processes: int = 1, turn: TurnHeld | None = None) -> TrainingSummary:
     """Build the job with `make_job(*args)` and run it in fresh processes (`processes`
     data-parallel ranks through torchrun), unless `options.subprocess` is off, relaying the
     reports to the UI; returns the run's summary. `make_job` must be a module-level function.
@@ -100,7 +100,7 @@ def train(make_job: Callable[..., TrainingJob], *args: Any, title: str, options:
     not re-run the caller's main script. `options.threads()` caps each one's intra-op
     threads: trainings running side by side must not oversubscribe the cores. Where
     trainings share GPUs, the processes see only the GPU the training claimed. They check the
-    run's turn at the artifact `turn_of` (`tasks.machinery.turns`) before they write."""
+    run's `turn` (`tasks.machinery.turns`) before they write."""
     reporter = UIReporter(title)
     if not options.subprocess:
         if processes > 1:
@@ -110,7 +110,7 @@ def train(make_job: Callable[..., TrainingJob], *args: Any, title: str, options:
         raise ValueError(f"{processes} training processes cannot be shared equally by {options.nnodes} nodes")
     local = processes // options.nnodes
     with one_multi_node_training(options), claimed_gpus(options, local) as gpus:
-        env = {**os.environ, "OMP_NUM_THREADS": str(options.threads()), **(turn_env(turn_of) if turn_of else {})}
+        env = {**os.environ, "OMP_NUM_THREADS": str(options.threads()), **turn_env(turn)}
         if gpus:
             # the claimed ones among the devices this worker was given, if it was given a subset
             given = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]

@@ -206,7 +206,7 @@ class Trainer:
         self._raise_if_not_finite()
         storage, state = self.job.artifact.storage_options, self.state_dict()
         if self.rank == 0:
-            check_turn(self.job.artifact.url, storage)  # a run that lost its turn writes nothing more
+            check_turn(self.job.artifact.url, storage_options=storage)  # a run that lost its turn writes nothing more
             # Only now: every rank has loaded its checkpoint. A damaged one newer than this step
             # would outlive the prune (it keeps the highest steps) and be tried on every resume.
             for url in self.damaged:
@@ -358,7 +358,7 @@ class Trainer:
 
     def _write_results(self) -> None:
         job, storage = self.job, self.job.artifact.storage_options
-        check_turn(job.artifact.url, storage)
+        check_turn(job.artifact.url, storage_options=storage)
         self.model.eval()
         write_bytes(job.artifact.path("loss_curve.png"), loss_curve_png(self.history, f"{job.name} training loss"), storage)
         write_json(job.artifact.path("history.json"), {"steps": self.history, "epochs": self.epochs}, storage)

@@ -19,7 +19,9 @@ wait for each other.
 
 Every write under the root asks first (`check_turn`): a unit before its work and before its
 marker, Prefect's cache records, a training process before each checkpoint and its model,
-the run's record. Once a run's turn was taken over (it was frozen, or cut off, for longer
+the run's record. In the run's process the lease answers; elsewhere (a unit on a Dask
+worker, a training process) the lease records do, for the turn the stage's `Runtime`
+carries (`TurnHeld`). Once a run's turn was taken over (it was frozen, or cut off, for longer
 than the bound), the writer is stopped with `TurnLost`, and the run ends Failed with one
 line saying which run took over. Nothing here depends on the Prefect API staying up: a run
 whose server is restarted keeps its turns, and gives them back when it ends.
@@ -27,7 +29,6 @@ whose server is restarted keeps its turns, and gives them back when it ends.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 from collections.abc import Iterator
@@ -42,13 +43,14 @@ from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings, t
 from storage.fsutil import join, redact
 from storage.lease import Holder, Lease, TurnLost, still_held
 
+from ..config import Runtime, TurnHeld
 from .reporting import logger
 
 LEASE_S = 60.0  # a holder whose heartbeat has not changed this long is gone
 RENEW_EVERY_S = 15.0
 WAIT_POLL_S = 2.0
 API_TIMEOUT_S = 5.0  # asking the API whether a holder's flow run finished: never longer than this
-TURN_ENV = "VQVAE2_TURN"  # a training process's turn: its lease's URL, generation and token (JSON)
+TURN_ENV = "VQVAE2_TURN"  # a training process's turn (`TurnHeld`, as JSON)
 
 _held: dict[str, Lease] = {}  # artifact URL -> the lease this process holds for it
 _held_lock = threading.Lock()
@@ -72,7 +74,8 @@ class RunTurns:
         self._lock = threading.Lock()  # turns are given back from the threads of finished futures too
 
     def take(self, root: str, folder: str, artifact_url: str, storage_options: dict | None) -> Lease:
-        """Wait for the turn at `folder`, then hold it for the writes under `artifact_url`."""
+        """Wait for the turn at `folder`, then hold it for the writes under `artifact_url`
+        (`held(lease, runtime)` is the runtime that carries it to other processes)."""
         lease = Lease(turn_url(root, folder), storage_options, holder=self.holder, bound_s=LEASE_S,
                       renew_s=RENEW_EVERY_S, poll_s=WAIT_POLL_S, finished=self._finished, log=logger(), what=folder)
         lease.acquire()
@@ -117,6 +120,14 @@ class RunTurns:
         return holder.token in self.gone or flow_run_finished(self.api, holder)
 
 
+def held(lease: Lease, runtime: Runtime) -> Runtime:
+    """`runtime` carrying the turn `lease` holds: what a unit in another process asks after."""
+    with _held_lock:
+        artifact = next(url for url, lease_of in _held.items() if lease_of is lease)
+    turn = TurnHeld(lease=lease.url, number=lease.number, token=lease.holder.token, artifact=artifact, what=lease.what)
+    return runtime.model_copy(update={"turn": turn})
+
+
 def lost_at(lease: Lease) -> TurnLost:
     return TurnLost(f"another run took over this run's turn at {lease.what} ({lease.why_lost}): this run stops, and "
                     "writes nothing more under the root")
@@ -159,36 +170,35 @@ def current_turns() -> RunTurns | None:
     return _current.get()
 
 
-def check_turn(url: str, storage_options: dict | None = None) -> None:
+def check_turn(url: str, turn: TurnHeld | None = None, storage_options: dict | None = None) -> None:
     """Before writing at `url` under the root: raise `TurnLost` if the turn of the artifact it
-    belongs to was taken over. In a training process, its parent's turn is read from the lease
-    records (`TURN_ENV`, with the root's `storage_options`); where no turn is known (a stage
-    called outside a run's turns), nothing is checked."""
+    belongs to was taken over. The lease of this process answers; in another process, the
+    lease records (read with `storage_options`), for the `turn` a unit's runtime carries (on
+    a Dask worker) or the parent gave (a training process: `TURN_ENV`). Where no turn is known
+    (a stage called outside a run's turns), nothing is checked."""
     url = url.rstrip("/")
     with _held_lock:
-        lease = next((held for prefix, held in _held.items() if url == prefix or url.startswith(prefix + "/")), None)
+        lease = next((held for prefix, held in _held.items() if _under(url, prefix)), None)
     if lease is not None:
         if not lease.confirm():
             raise lost_at(lease)
         return
-    given = os.environ.get(TURN_ENV)
-    if given:
-        turn = json.loads(given)
-        if url == turn["artifact"] or url.startswith(turn["artifact"] + "/"):
-            why = still_held(turn["lease"], turn["number"], turn["token"], storage_options)
-            if why:
-                raise TurnLost(f"another run took over this run's turn at {turn['what']} ({why}): this training "
-                               "stops, and writes nothing more under the root")
+    if turn is None and os.environ.get(TURN_ENV):
+        turn = TurnHeld.model_validate_json(os.environ[TURN_ENV])
+    if turn is not None and _under(url, turn.artifact):
+        why = still_held(turn.lease, turn.number, turn.token, storage_options)
+        if why:
+            raise TurnLost(f"another run took over this run's turn at {turn.what} ({why}): this process stops, and "
+                           "writes nothing more under the root")
 
 
-def turn_env(artifact_url: str) -> dict[str, str]:
-    """What a training process started for `artifact_url` needs to check its parent's turn."""
-    with _held_lock:
-        lease = _held.get(artifact_url.rstrip("/"))
-    if lease is None or lease.held is None:
-        return {}
-    return {TURN_ENV: json.dumps({"artifact": artifact_url.rstrip("/"), "lease": lease.url, "number": lease.number,
-                                  "token": lease.holder.token, "what": lease.what})}  # no credentials
+def _under(url: str, prefix: str) -> bool:
+    return url == prefix or url.startswith(prefix.rstrip("/") + "/")
+
+
+def turn_env(turn: TurnHeld | None) -> dict[str, str]:
+    """What a training process needs to check `turn` (no credentials)."""
+    return {TURN_ENV: turn.model_dump_json()} if turn is not None else {}
 
 
 def api_identity() -> str:
