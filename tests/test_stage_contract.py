@@ -179,7 +179,7 @@ def test_every_check_reads_and_writes_nothing_under_a_root(smoke_run):
     finished = FinishedRun(config)
     dataset = finished.get(INGEST)
     checked = [stage.name for stage in STAGES if stage.check is not None]
-    assert checked == ["sample", "evaluate"]
+    assert checked == ["train-classifiers", "train-autoencoder", "sample", "evaluate"]
     check_stages(config)
     check_stages(with_dataset_classes(config, dataset), dataset)
     refused = smoke_config(str(root), sample={"classes": ["Giraffe"]})

@@ -135,7 +135,10 @@ class Artifact:
         `vqvae2 verify --repair` leaves it: its manifest removed first, then the files cut
         short, one line saying so; None is returned, and the stage makes those files again
         (its intact units and checkpoints are reused)."""
-        manifest = self.read(model)
+        try:
+            manifest = self.read(model)
+        except ManifestError:  # damaged: the stage's own unit names it and makes the artifact again
+            return None
         if manifest is None or manifest.inventory is None:  # unfinished, or made before inventories
             return manifest
         try:

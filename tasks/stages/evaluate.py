@@ -185,13 +185,7 @@ def check(config: PipelineConfig, dataset: DatasetManifest | None) -> None:
         return
     dataset.require_images("the evaluation (its fidelity metrics)", test=MIN_IMAGES)
     if config.sample.classes is not None and dataset.class_names:
-        held_out = dataset.splits["test"].class_counts
-        chosen = resolve_classes(config.sample.classes, dataset.class_names, config.model.num_classes)
-        missing = [dataset.class_names[c] for c in chosen if c >= len(held_out) or not held_out[c]]
-        if missing:
-            raise ValueError(f"sample.classes: {', '.join(map(repr, missing))} has no held-out (test) image in "
-                             f"{redact(dataset.url)}, so its samples cannot be measured against its own images: "
-                             "give the source test images of it, or draw other classes")
+        dataset.require_held_out(resolve_classes(config.sample.classes, dataset.class_names, config.model.num_classes))
 
 
 STAGE = Stage(

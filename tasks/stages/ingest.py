@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
@@ -101,6 +102,16 @@ class DatasetManifest(Manifest):
         raise ValueError(f"{redact(self.url)}: {have['train']} {_SPLIT_WORDS['train']} and {have['test']} "
                          f"{_SPLIT_WORDS['test']} images; {needed_by} needs at least {wanted}: give the source more "
                          f"images{held_out}")
+
+    def require_held_out(self, classes: Sequence[int]) -> None:
+        """Fail when a class chosen to draw (`sample.classes`) has no held-out image: its samples
+        could not be measured against its own images."""
+        held_out = self.splits["test"].class_counts
+        missing = [self.class_names[c] for c in classes if c >= len(held_out) or not held_out[c]]
+        if missing:
+            raise ValueError(f"sample.classes: {', '.join(map(repr, missing))} has no held-out (test) image in "
+                             f"{redact(self.url)}, so its samples cannot be measured against its own images: "
+                             "give the source test images of it, or draw other classes")
 
     def first_images(self, split: str, count: int,
                      storage_options: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
