@@ -95,7 +95,7 @@ class RunTurns:
             if lease not in self.leases:
                 return
             self.leases.remove(lease)
-        if not lease.confirm() and self.lost is None:  # a stale turn is looked at first: a lost one is left alone
+        if not _still_held(lease) and self.lost is None:  # a stale turn is looked at first: a lost one is left alone
             self.lost = lease
         lease.release()
 
@@ -112,12 +112,21 @@ class RunTurns:
     def lost_turn(self) -> Lease | None:
         """The turn of this run that was taken over, if one was (the held ones looked at now)."""
         for lease in list(self.leases):
-            if not lease.confirm() and self.lost is None:
+            if not _still_held(lease) and self.lost is None:
                 self.lost = lease
         return self.lost
 
     def _finished(self, holder: Holder) -> bool:
         return holder.token in self.gone or flow_run_finished(self.api, holder)
+
+
+def _still_held(lease: Lease) -> bool:
+    """`lease.confirm()`, where an unreadable storage counts as held: the run's own error, or
+    the release, says what went wrong, not this look."""
+    try:
+        return lease.confirm()
+    except Exception:  # noqa: BLE001 - any storage or network error of any client library
+        return True
 
 
 def held(lease: Lease, runtime: Runtime) -> Runtime:
