@@ -26,7 +26,7 @@ from prefect.utilities.names import generate_slug
 from tasks.config import PipelineConfig, Runtime
 from tasks.machinery.dask import ByReferenceDaskTaskRunner, check_dask_runner
 from tasks.machinery.devices import on_this_machine
-from tasks.machinery.turns import check_turns, taking_turns, turn_taken
+from tasks.machinery.turns import check_turns, taking_turns
 from tasks.machinery.failure_report import failing_in, reported_failure
 from tasks.runs import record_run
 from tasks.source_watch import announce_new_data
@@ -62,7 +62,7 @@ def pipeline(config: PipelineConfig) -> ReportManifest:
         config = on_this_machine(config)  # the devices: resolved once, where the run starts
         check_dask_runner(config.runner.dask_address)
         check_stages(config)  # not after hours of training, nor after waiting for a turn
-        with taking_turns() as turns, turn_taken(turns):  # a run needing what another makes waits, then reuses
+        with taking_turns():  # a run needing what another makes waits, then reuses
             if config.runner.dask_address:
                 return pipeline_on_dask.with_options(
                     task_runner=ByReferenceDaskTaskRunner(address=config.runner.dask_address))(config)
@@ -100,7 +100,7 @@ pipeline_on_dask: Flow = flow(run_stages, name="vqvae2-pipeline-on-dask")
 def run_stage(config: PipelineConfig, stage: Stage) -> Any:
     """Run every variant of `stage` on the artifacts a finished run of `config` left (and the
     stages it `makes_along`), then publish what the UI shows of it."""
-    with reported_failure(stage.name), taking_turns() as turns, turn_taken(turns):
+    with reported_failure(stage.name), taking_turns() as turns:
         finished = FinishedRun(config, make={stage.name, *stage.makes_along})  # ingest runs here
         results = finished.every(stage)  # every variant at once (the classifiers train side by side)
         turns.check()  # a run that lost a turn publishes and records nothing

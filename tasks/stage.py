@@ -131,11 +131,16 @@ class Stage(Generic[M]):
         ingest's key waits for the source's content digest: its turn is that of what the source
         is (`describe()`) and how it is sharded, and guards the whole datasets folder."""
         if SOURCE in self.inputs.values():
-            described = {name: inputs[name].describe() for name in self.inputs}
-            folder = f"{self.directory}/source-{artifact_key('sources', settings, described, self.code_version)}"
+            folder = f"{self.directory}/source-{self.described_key(settings, inputs)}"
             return folder, join(runtime.root, self.directory), dict(runtime.storage_options)
         artifact = self.artifact(settings, inputs, runtime)
         return f"{self.directory}/{artifact.key}", artifact.url, artifact.storage_options
+
+    def described_key(self, settings: Settings, inputs: Mapping[str, Any]) -> str:
+        """A key of what a source is (its `describe()`, not its content) under `settings`: what
+        the ingest's turn and its lineage (the dataset a grown source is ingested against) name."""
+        return artifact_key("sources", settings, {name: inputs[name].describe() for name in self.inputs},
+                            self.code_version)
 
     def variants_of(self, config: PipelineConfig) -> list[Any]:
         return self.variants(config) if self.variants else [None]

@@ -144,27 +144,21 @@ def lost_at(lease: Lease) -> TurnLost:
 
 @contextmanager
 def taking_turns() -> Iterator[RunTurns]:
-    """The turns of the run in this block: `Stage.start` takes them; all are given back at its end."""
+    """The turns of the run in this block: `Stage.start` takes them; all are given back at its
+    end. A run that lost a turn fails with `TurnLost`, saying which run took over, whatever
+    error its stopped writers met first."""
     turns = RunTurns()
     token = _current.set(turns)
     try:
         yield turns
-    finally:
-        _current.reset(token)
-        turns.close()
-
-
-@contextmanager
-def turn_taken(turns: RunTurns) -> Iterator[None]:
-    """A run that lost a turn fails with `TurnLost`, saying which run took over, whatever
-    error its stopped writers met first."""
-    try:
-        yield
     except Exception as error:
         lost = turns.lost_turn()
         if lost is None:
             raise
         raise lost_at(lost) from error
+    finally:
+        _current.reset(token)
+        turns.close()
 
 
 def check_turns() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from prefect import unmapped
 
-from storage.artifacts import artifact_key, artifact_url
+from storage.artifacts import artifact_url
 from storage.fsutil import exists, join, read_json, redact, write_json
 from storage.ingest import IngestConfig, IngestPlan, ShardResult, ShardTask, finalize_dataset, finished_shard, plan_ingest
 from storage.ingest import write_shard as write_shard_files
@@ -230,7 +230,7 @@ def plan_dataset(settings: IngestSettings, runtime: Runtime, source: Source) -> 
 def lineage_url(settings: IngestSettings, runtime: Runtime, source: Source) -> str:
     """Where the last dataset this source (by its description, not its content) made under
     `settings` is named: what a grown source is ingested against."""
-    identity = artifact_key("sources", settings, {"source": source.describe()}, STAGE.code_version)
+    identity = STAGE.described_key(settings, {"source": source})
     return join(runtime.root, STAGE.directory, f"source-{identity}.json")  # a file beside the datasets: none of them
 
 
