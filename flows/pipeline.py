@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prefect import Flow, flow
+from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.names import generate_slug
 
@@ -44,7 +45,7 @@ from tasks.stages import (
     check_stages,
     with_dataset_classes,
 )
-from tasks.stages.evaluate import ReportManifest, publish_report
+from tasks.stages.evaluate import ReportManifest, publish_report, report_state
 
 from .parameters import taking_sections
 
@@ -56,7 +57,7 @@ def named_runs(what: str) -> Callable[[], str]:
     return lambda: f"{what}-{generate_slug(2)}"
 
 
-def pipeline(config: PipelineConfig) -> ReportManifest:
+def pipeline(config: PipelineConfig) -> State:
     """The whole VQ-VAE-2 pipeline: ingest, train, encode, priors, sample, evaluate."""
     with reported_failure():
         config = on_this_machine(config)  # the devices: resolved once, where the run starts
@@ -64,9 +65,11 @@ def pipeline(config: PipelineConfig) -> ReportManifest:
         check_stages(config)  # not after hours of training, nor after waiting for a turn
         with taking_turns():  # a run needing what another makes waits, then reuses
             if config.runner.dask_address:
-                return pipeline_on_dask.with_options(
+                report = pipeline_on_dask.with_options(
                     task_runner=ByReferenceDaskTaskRunner(address=config.runner.dask_address))(config)
-            return run_stages(config)
+            else:
+                report = run_stages(config)
+        return report_state(report)  # Completed, naming the report and its card
 
 
 def run_stages(config: PipelineConfig) -> ReportManifest:
@@ -109,6 +112,7 @@ def run_stage(config: PipelineConfig, stage: Stage) -> Any:
                 stage.publish(result, finished.runtime.storage_options)
         if stage is EVALUATE:  # a new report: recorded as a pipeline run's is
             record_run(finished.config, finished.runtime, results[0], finished.get(INGEST).source_digest)
+            return report_state(results[0])
         return results if stage.variants else results[0]
 
 

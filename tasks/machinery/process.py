@@ -286,8 +286,11 @@ def main() -> None:
 
 
 def _exit_when_orphaned(conn: Connection) -> None:
-    while not conn.poll(ORPHAN_CHECK_S):
-        pass
+    try:
+        while not conn.poll(ORPHAN_CHECK_S):  # the task's process never writes again: only its end is read
+            pass
+    except OSError:  # this process closed the channel itself, on its way out: not orphaned
+        return
     os._exit(ORPHANED)
 
 

@@ -33,7 +33,7 @@ from prefect.artifacts import (
 )
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactUpdate
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 from prefect.context import get_run_context
 from prefect.exceptions import MissingContextError
@@ -202,29 +202,10 @@ def publish_markdown(key: str, markdown: str, description: str) -> None:
         create_markdown_artifact(key=config_ui_key(key), markdown=markdown, description=description)
 
 
-# P(not first) after n tries is ((k-1)/k)^n for k artifacts: for 12, 0.4% after 64 tries and
-# 1e-15 after 400. A try is one create and one delete; about k tries are taken.
-MAX_TRIES_TO_LEAD = 400
-
-
-def publish_leading_markdown(key: str, markdown: str, description: str) -> UUID | None:
-    """A markdown artifact of `key` itself that Prefect's UIs list first among its flow run's.
-
-    Both UIs order a run's artifacts by id, newest id first, and Prefect gives ids at random
-    (uuid4): no order of creation shows one first. So the artifact is made again until its
-    id is the greatest of the run's (about as many tries as the run has artifacts); the
-    versions that lost are deleted."""
+def publish_named_markdown(key: str, markdown: str, description: str) -> UUID | None:
+    """A markdown artifact of `key` itself (not of this config's key): its id, None outside a run."""
     if not in_prefect_run():
         return None
-    run_id = flow_run.get_id()
-    with get_client(sync_client=True) as client:
-        others = [a.id for a in client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))) if a.type != "result"]
-        for _ in range(MAX_TRIES_TO_LEAD):
-            made = create_markdown_artifact(key=ui_key(key), markdown=markdown, description=description)
-            if all(str(made) > str(other) for other in others):
-                return made
-            client.delete_artifact(made)
     return create_markdown_artifact(key=ui_key(key), markdown=markdown, description=description)
 
 

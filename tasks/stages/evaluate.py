@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from prefect.states import Completed, State
 
 import vqvae2
 from storage.codes import CodeDataset
@@ -45,7 +46,6 @@ from ..machinery.devices import resolve_device
 from ..machinery.models import load_model, reconstruct
 from ..machinery.reporting import (
     Panel,
-    artifact_ui_url,
     display_scale,
     image_grid,
     logger,
@@ -54,7 +54,8 @@ from ..machinery.reporting import (
     pairs_grid,
     plot_png,
     png_bytes,
-    publish_leading_markdown,
+    latest_artifact_ui_url,
+    publish_named_markdown,
     publish_table,
 )
 from ..machinery.rounding import rounded
@@ -164,11 +165,17 @@ def publish_report(manifest: ReportManifest, storage_options: dict[str, Any] | N
     # full file. Keyed by the report's own key, as its folder under the root is.
     publish_table(f"vqvae2-fidelity-{manifest.key}", [_fidelity_cells(row) for row in report.fidelity.rows],
                   f"FID/KID/precision/recall/IS per image set ({manifest.extractor} features)", per_config=False)
-    # Last, and listed first: the card an operator opens a finished run for.
-    published = publish_leading_markdown(report_ui_key(manifest.key), render_markdown(report, images, links=full),
-                                         f"vqvae2 report ({report.preset}, dataset {report.dataset.key})")
-    if link := artifact_ui_url(published):
-        logger().info(f"the report in Prefect's UI: {link}")
+    publish_named_markdown(report_ui_key(manifest.key), render_markdown(report, images, links=full),
+                           f"vqvae2 report ({report.preset}, dataset {report.dataset.key})")
+
+
+def report_state(manifest: ReportManifest) -> State:
+    """The state a run that wrote `manifest` ends in: Completed, its message naming the report
+    and where to read it (the card in Prefect's UI, else its file), so the run's state and its
+    last log line ("Finished in state Completed('report ...')") both lead to it. Prefect lists
+    a run's cards in an order of its own (random ids): this is how the report is found first."""
+    where = latest_artifact_ui_url(report_ui_key(manifest.key)) or manifest.markdown
+    return Completed(message=f"report {manifest.key}: {where}", data=manifest)
 
 
 def report_ui_key(report_key: str) -> str:
