@@ -6,7 +6,7 @@ curve. This module computes the same metrics with torch-fidelity's own implement
 on in-memory uint8 images, in one of two feature spaces, always stated:
 
 - `inception`: torch-fidelity's `inception-v3-compat` (the TF FID network, pool3 2048-d),
-  only when its weights are on this machine; nothing is ever downloaded.
+  its weights fetched once into torch-fidelity's cache where missing (`tasks.inception`).
 - `domain`: the pipeline's *features* classifier (`tasks.stages.train_classifier`, role
   `features`), registered with torch-fidelity under `DOMAIN_EXTRACTOR`: its penultimate
   layer for FID/KID/precision-recall, its logits for IS. It is trained with another seed
@@ -16,11 +16,12 @@ on in-memory uint8 images, in one of two feature spaces, always stated:
   which quarter turn each image was given (`vqvae2.rotation_loss`; Gidaris et al. 2018):
   penultimate features for FID/KID/precision/recall, and no IS (rotation logits say nothing
   of classes).
-- `auto`: inception when its weights are present, otherwise domain (self-supervised for an
-  unconditional model); logged and recorded. The three spaces give incomparable numbers:
-  every report names its own.
+- `auto`: inception for RGB images of 64 px and more, or when `evaluate.inception_weights`
+  names a file; otherwise domain (self-supervised for an unconditional model). Decided from
+  the config alone (`auto_features`), logged and recorded. The three spaces give
+  incomparable numbers: every report names its own.
 
-    extractor = resolve_extractor("auto", domain_checkpoint=features_manifest["model"])
+    extractor = resolve_extractor("auto", domain_checkpoint=features_manifest["model"], images=ImageKind(1, 32, True))
     metrics = fidelity_metrics(sample_images_uint8, test_images_uint8, extractor)
 """
 from __future__ import annotations
@@ -30,24 +31,24 @@ import dataclasses
 import logging
 import math
 import os
-import pickle
 import tempfile
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.hub
 import torch_fidelity
 from torch import Tensor
 from torch.utils.data import Dataset
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from storage.checkpoints import load_checkpoint
 from storage.fsutil import exists, redact
 
 from .domain_features import DOMAIN_EXTRACTOR, DomainFeatureExtractor, register_domain_extractor
+from .inception import INCEPTION_WEIGHTS_FIELD, inception_weights
+# Re-exported: callers have always found them here.
+from .inception import InceptionWeightsMissing, inception_cache_path  # noqa: F401
 from .manifests import from_root
 
 if TYPE_CHECKING:
@@ -56,7 +57,10 @@ if TYPE_CHECKING:
 
 FEATURES = ("auto", "inception", "domain", "self-supervised")
 INCEPTION_EXTRACTOR = "inception-v3-compat"
-INCEPTION_WEIGHTS_FIELD = "evaluate.inception_weights"  # the pipeline config field naming a custom weights file
+# `auto` measures RGB images this large in Inception features: the papers' datasets (ImageNet,
+# FFHQ, LSUN, CelebA-HQ) publish Inception FIDs at these sizes; smaller or gray images are
+# far from what Inception saw, and the pipeline's own features describe them better.
+AUTO_INCEPTION_MIN_SIZE = 64
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default; smaller sets use their own size
 ISC_SPLITS = 10  # the IS convention (Salimans et al. 2016): mean and std over 10 splits...
 ISC_MIN_SPLIT = 100  # ...but never splits of fewer images than this (small sets get fewer splits)
@@ -91,45 +95,48 @@ class FidelityImages(Dataset):
         return self.images[index].expand(3, -1, -1)
 
 
-def inception_cache_path() -> str:
-    """Where torch-fidelity keeps the Inception weights it downloads (and looks first):
-    torch.hub's checkpoint folder, $TORCH_HOME/hub/checkpoints, plus the URL's file name.
-    Only computed: calling this never downloads."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(URL_INCEPTION_V3).path))
+class ImageKind(NamedTuple):
+    """What `features: auto` decides from: the config's images and labels, never the machine."""
+
+    channels: int
+    size: int
+    labelled: bool
+
+    @classmethod
+    def of(cls, model: Any) -> ImageKind:
+        """Of a model config, or of its dict (as a stage's settings hold it)."""
+        get = model.get if isinstance(model, Mapping) else lambda name: getattr(model, name)
+        return cls(get("image_channels"), get("image_size"), bool(get("num_classes")))
+
+    @property
+    def inception_sized(self) -> bool:
+        return self.channels == 3 and self.size >= AUTO_INCEPTION_MIN_SIZE
+
+    def __str__(self) -> str:
+        return f"{'RGB' if self.channels == 3 else 'gray' if self.channels == 1 else f'{self.channels}-channel'} " \
+               f"images of {self.size} px"
 
 
-class InceptionWeightsMissing(FileNotFoundError):
-    """`features: inception` on a machine without the Inception-v3 weights file."""
+def auto_features(inception_weights: str | None, images: ImageKind | None, labelled: bool = True) -> tuple[str, str]:
+    """What `features: auto` measures in, and why: inception where `inception_weights` names a
+    file or the images are RGB of `AUTO_INCEPTION_MIN_SIZE` px and more; otherwise domain, or
+    self-supervised without labels (`images.labelled`, or `labelled` where `images` is unknown).
+    Never the machine's cache or network: the choice decides which classifiers train, so keys."""
+    if inception_weights:
+        return "inception", f"{INCEPTION_WEIGHTS_FIELD} names its weights"
+    if images is not None and images.inception_sized:
+        return "inception", (f"the config's images are {images} (auto takes Inception for RGB of "
+                             f"{AUTO_INCEPTION_MIN_SIZE} px and more: FIDs comparable with published ones)")
+    shape = (f"the config's images are {images}, not RGB of {AUTO_INCEPTION_MIN_SIZE} px and more, and "
+             if images is not None else "")
+    own = "domain" if (images.labelled if images is not None else labelled) else "self-supervised"
+    return own, f"{shape}no Inception weights are named ({INCEPTION_WEIGHTS_FIELD})"
 
 
-def missing_inception(choice: str, configured: str | None, instead: str = "domain") -> InceptionWeightsMissing:
-    """The error for Inception-v3 weights that are not where `configured` (or torch-fidelity's
-    cache) says, telling where to put them, or to use the `instead` feature space (the one
-    `auto` falls back to: domain with labels, self-supervised without)."""
-    name = os.path.basename(urlparse(URL_INCEPTION_V3).path)
-    where = (f"{INCEPTION_WEIGHTS_FIELD} is {configured!r}, which does not exist: put the file there, or unset "
-             f"{INCEPTION_WEIGHTS_FIELD} and put it at {inception_cache_path()}" if configured else
-             f"put it at {inception_cache_path()} (torch-fidelity's cache, $TORCH_HOME/hub/checkpoints/; TORCH_HOME "
-             f"defaults to ~/.cache/torch), or set "
-             f"{INCEPTION_WEIGHTS_FIELD} to its path")
-    return InceptionWeightsMissing(
-        f"features={choice!r} needs torch-fidelity's Inception-v3 weights {name}, which are not on this machine "
-        f"(nothing is downloaded at run time): {where}. Get the file on a connected machine from {URL_INCEPTION_V3}."
-        + f" Or use features={instead!r} or 'auto' to measure with the pipeline's own features network."
-    )
-
-
-def _check_inception_weights(path: str) -> None:
-    """A truncated download or an HTML error page saved under the right name fails here,
-    not halfway through an evaluation (and torch-fidelity itself loads with weights_only=False)."""
-    try:
-        state = load_checkpoint(path)
-    except (ValueError, pickle.UnpicklingError) as err:  # load_checkpoint maps torch's other load errors to ValueError
-        raise ValueError(f"{path}: not a loadable checkpoint, so not the Inception-v3 weights "
-                         f"({str(err).splitlines()[0]}); replace it with {URL_INCEPTION_V3}") from err
-    if not isinstance(state, Mapping) or "fc.weight" not in state:
-        raise ValueError(f"{path}: a loadable file, but not torch-fidelity's Inception-v3 state dict (no 'fc.weight'); "
-                         f"replace it with {URL_INCEPTION_V3}")
+def _alternatives(images: ImageKind | None, labelled: bool) -> str:
+    """The feature spaces a user without Inception's weights may choose, as the error says them."""
+    own = "domain" if (images.labelled if images is not None else labelled) else "self-supervised"
+    return f"features={own!r}" + (" or 'auto'" if images is None or not images.inception_sized else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +150,12 @@ class Extractor:
     description: str
     feature_layers: dict[str, str]  # metric (isc, fid, kid, prc) -> feature layer
     storage_options: dict[str, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
+    reason: str | None = None  # why `auto` picked this kind (None: asked for by name)
+
+    def summary(self) -> str:
+        """One line for the run's log: the feature space, and why where `auto` picked it."""
+        why = f", picked by features=auto because {self.reason}" if self.reason else ""
+        return f"fidelity features: {self.kind} ({self.name}){why}"
 
     def report(self, root: str | None = None) -> dict[str, Any]:
         """JSON-able, for report.json (no storage options: they may hold credentials); weights
@@ -158,55 +171,55 @@ def _layers(cls: type) -> dict[str, str]:
 
 
 def resolve_extractor(choice: str, *, inception_weights: str | None = None, domain_checkpoint: str | None = None,
-                      storage_options: dict[str, Any] | None = None, self_supervised: bool = False) -> Extractor:
+                      storage_options: dict[str, Any] | None = None, self_supervised: bool = False,
+                      images: ImageKind | None = None) -> Extractor:
     """The extractor for `choice` (auto | inception | domain | self-supervised), checked to be usable now.
 
     `inception_weights`: a local file (the config field `evaluate.inception_weights`);
-    None looks in torch-fidelity's cache (`inception_cache_path()`).
+    None: torch-fidelity's cached file, fetched once where missing (`tasks.inception`).
     `domain_checkpoint`: URL of the *features* classifier's `model.pt` (never the judge's);
     `self_supervised`: whether that classifier learned rotations rather than labels.
+    `images`: the config's images, which `auto` decides from (None: only a named file picks Inception).
     """
     if choice not in FEATURES:
         raise ValueError(f"features must be one of {list(FEATURES)}, got {choice!r}")
-    weights = inception_weights or inception_cache_path()
-    # A configured file that is missing is a mistake to report, even under auto: falling
-    # back silently would measure in another feature space than the one asked for.
-    if not os.path.isfile(weights) and (choice == "inception" or (choice == "auto" and inception_weights)):
-        raise missing_inception(choice, inception_weights)
-    # `auto` takes Inception only when the config names its file: whatever a machine's cache
-    # holds, one config measures in one feature space (which also decides its classifiers).
-    if choice == "inception" or (choice == "auto" and inception_weights):
-        _check_inception_weights(weights)
+    kind, reason = auto_features(inception_weights, images, not self_supervised) if choice == "auto" else (choice, None)
+    if kind == "inception":
+        weights = inception_weights_for(choice, inception_weights, images, not self_supervised)
         extractor = Extractor(
             choice, "inception", INCEPTION_EXTRACTOR, weights,
-            f"Inception-v3 (torch-fidelity {INCEPTION_EXTRACTOR}, the TF FID network) from {weights}: pool3 (2048-d) "
-            "features for FID, KID and precision/recall, logits for IS; comparable to Inception FID/IS published for "
-            "the same data, resolution and number of samples",
-            _layers(FeatureExtractorInceptionV3),
+            f"{reason + '; ' if reason else ''}Inception-v3 (torch-fidelity {INCEPTION_EXTRACTOR}, the TF FID network) "
+            f"from {weights}: pool3 (2048-d) features for FID, KID and precision/recall, logits for IS; comparable to "
+            "Inception FID/IS published for the same data, resolution and number of samples",
+            _layers(FeatureExtractorInceptionV3), reason=reason,
         )
     else:
         if (choice == "self-supervised") != self_supervised and choice != "auto":
             learned = "rotations, without labels" if self_supervised else "the labels"
             raise ValueError(f"features={choice!r}, but the features classifier learned {learned}")
-        extractor = _domain_extractor(choice, domain_checkpoint, storage_options, self_supervised)
-    if choice == "auto":
-        reason = ("evaluate.inception_weights names its weights" if extractor.kind == "inception"
-                  else "no Inception weights are named (evaluate.inception_weights)")
+        extractor = _domain_extractor(choice, domain_checkpoint, storage_options, self_supervised, reason)
+    if reason:
         LOG.info(f"features=auto: using the {extractor.kind} extractor ({extractor.name}) because {reason}")
     return extractor
 
 
+def inception_weights_for(choice: str, configured: str | None, images: ImageKind | None, labelled: bool) -> str:
+    """The checked local Inception weights file for `choice`: `configured`, or torch-fidelity's
+    cached file, fetched once where missing; a one-line error naming the file and the URL where not."""
+    return inception_weights(choice, configured, _alternatives(images, labelled))
+
+
 def _domain_extractor(choice: str, checkpoint: str | None, storage_options: dict[str, Any] | None,
-                      self_supervised: bool) -> Extractor:
+                      self_supervised: bool, reason: str | None) -> Extractor:
     if checkpoint is None:
-        hint = "no Inception weights configured (evaluate.inception_weights) and " if choice == "auto" else ""
+        hint = f"{reason} and " if reason else ""
         raise ValueError(f"features={choice!r}: {hint}no domain_checkpoint given; pass the model.pt URL of the "
                          "pipeline's 'features' classifier (tasks.stages.train_classifier, role 'features')")
     if not exists(checkpoint, storage_options):
         raise FileNotFoundError(f"{redact(checkpoint)}: the features classifier's checkpoint does not exist; "
                                 "train it first (stage train-classifiers, role 'features')")
     register_domain_extractor()
-    fallback = "no Inception weights configured (evaluate.inception_weights); " if choice == "auto" else ""
+    fallback = f"{reason}; " if reason else ""
     if self_supervised:
         return Extractor(
             choice, "self-supervised", DOMAIN_EXTRACTOR, checkpoint,
@@ -214,7 +227,7 @@ def _domain_extractor(choice: str, checkpoint: str | None, storage_options: dict
             f"real train split to tell which quarter turn an image was given) from {redact(checkpoint)}: "
             "penultimate-layer features for FID, KID and precision/recall; no IS (it needs class logits). Comparable "
             "only to other self-supervised FIDs of this pipeline on the same data, never to Inception or domain FIDs",
-            _layers(DomainFeatureExtractor), storage_options,
+            _layers(DomainFeatureExtractor), storage_options, reason,
         )
     return Extractor(
         choice, "domain", DOMAIN_EXTRACTOR, checkpoint,
@@ -222,7 +235,7 @@ def _domain_extractor(choice: str, checkpoint: str | None, storage_options: dict
         f"{redact(checkpoint)}: penultimate-layer features for FID, KID and precision/recall; IS from its logits, "
         "so IS measures that classifier's confidence and class diversity (at most the number of classes). "
         "Not comparable to Inception FID/IS published elsewhere",
-        _layers(DomainFeatureExtractor), storage_options,
+        _layers(DomainFeatureExtractor), storage_options, reason,
     )
 
 
@@ -354,11 +367,11 @@ def fidelity_table(sets: Mapping[str, FidelityImages | Tensor | np.ndarray],
 def feature_space(config: PipelineConfig) -> str:
     """The feature space the evaluation will use: inception, domain (a classifier of the
     labels) or self-supervised (a rotation predictor, for an unconditional model). Read from
-    the config alone, as `tasks.fidelity.resolve_extractor` decides `auto`: it decides which
-    classifiers train, so their keys."""
-    choice, labelled = config.evaluate.features, bool(config.model.num_classes)
+    the config alone, as `resolve_extractor` decides `auto` (`auto_features`): it decides which
+    classifiers train, so their keys, which a machine's cache must never change."""
+    choice = config.evaluate.features
     if choice == "auto":
-        return "inception" if config.evaluate.inception_weights else "domain" if labelled else "self-supervised"
+        return auto_features(config.evaluate.inception_weights, ImageKind.of(config.model))[0]
     return choice
 
 
@@ -366,12 +379,13 @@ def check_features_available(config: PipelineConfig, classes_known: bool = True)
     """Evaluation must be possible before anything trains: Inception's weights on this
     machine when the feature space is inception, labels when it is domain (once the model's
     classes are known: `classes_known`)."""
-    evaluate = config.evaluate
-    if classes_known and feature_space(config) == "domain" and not config.model.num_classes:
+    evaluate, space = config.evaluate, feature_space(config)
+    if classes_known and space == "domain" and not config.model.num_classes:
         raise ValueError("evaluate.features is 'domain', but the model is unconditional (num_classes=0): the domain "
                          "features are a classifier of the labels; choose 'self-supervised', 'inception' or 'auto'")
-    # As resolve_extractor decides at evaluation: a configured file is wanted even under auto.
-    wanted = evaluate.features == "inception" or (evaluate.features == "auto" and evaluate.inception_weights)
-    if wanted and not os.path.isfile(evaluate.inception_weights or inception_cache_path()):
-        instead = "domain" if config.model.num_classes else "self-supervised"
-        raise missing_inception(evaluate.features, evaluate.inception_weights, instead)
+    if space == "inception":
+        # Fetched here rather than at the evaluation: an unreachable URL or a bad file fails
+        # before hours of training, and the evaluation (and the check after the ingest) find
+        # the file in the cache. The cache is torch-fidelity's, never an artifact of the run.
+        images = ImageKind.of(config.model)
+        inception_weights_for(evaluate.features, evaluate.inception_weights, images, images.labelled)

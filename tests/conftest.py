@@ -13,8 +13,10 @@ os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "storage"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.pop("PREFECT_API_URL", None)
-# No Inception weights in the tests (nothing is downloaded): evaluation uses domain features.
+# No Inception weights in the tests, and none fetched from the internet: a fetch goes to a
+# port of 127.0.0.1 nothing listens on (tests that serve weights point it at their server).
 os.environ["TORCH_HOME"] = os.path.join(_PREFECT_HOME, "torch-home")
+os.environ["VQVAE2_INCEPTION_URL"] = "http://127.0.0.1:9/weights-inception-2015-12-05-6726825d.pth"
 
 import numpy as np
 import pytest

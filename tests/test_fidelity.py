@@ -1,8 +1,8 @@
 """Sample-quality metrics through torch-fidelity, offline: the domain extractor (a real
-classifier trained here on real Fashion-MNIST), Inception only from local weights."""
+classifier trained here on real Fashion-MNIST); Inception from a local file here, fetched in
+test_inception.py."""
 import logging
 import os
-import socket
 import threading
 
 import pytest
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 import vqvae2
+from inception_weights import WEIGHTS_NAME, loopback_only, random_inception_weights
 from storage.fsutil import write_bytes
 from tasks.fidelity import (
     PER_CLASS_MIN,
@@ -28,20 +29,17 @@ from tasks.fidelity import (
     register_domain_extractor,
     resolve_extractor,
 )
+from tasks.inception import inception_url
 
 TRAIN_IMAGES = 4000  # the classifier learns from these; the metrics use the images after them
 
 
 @pytest.fixture(autouse=True)
 def offline(tmp_path, monkeypatch):
-    """An empty TORCH_HOME (no cached Inception weights) and no network at all."""
+    """An empty TORCH_HOME (no cached Inception weights) and no network but 127.0.0.1 (where
+    the tests' URL of the weights answers nothing: conftest.py)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    loopback_only(monkeypatch)
     return tmp_path / "torch-home"
 
 
@@ -171,12 +169,12 @@ def test_domain_extractor_registers_once_and_runs_offline_from_a_non_local_url(
 
 
 def test_inception_without_weights_says_where_to_put_them(offline):
-    expected = os.path.join(str(offline), "hub", "checkpoints", "weights-inception-2015-12-05-6726825d.pth")
+    expected = os.path.join(str(offline), "hub", "checkpoints", WEIGHTS_NAME)
     assert inception_cache_path() == expected
     with pytest.raises(InceptionWeightsMissing) as error:
         resolve_extractor("inception")
     message = str(error.value)
-    assert expected in message and INCEPTION_WEIGHTS_FIELD in message and "https://" in message
+    assert expected in message and INCEPTION_WEIGHTS_FIELD in message and inception_url() in message
     with pytest.raises(InceptionWeightsMissing, match=f"{INCEPTION_WEIGHTS_FIELD} is '/nowhere/inception.pth'"):
         resolve_extractor("auto", inception_weights="/nowhere/inception.pth", domain_checkpoint="unused")
 
@@ -194,7 +192,7 @@ def test_auto_without_inception_weights_picks_domain_and_says_so(features_checkp
 def test_auto_takes_inception_only_where_the_config_names_its_weights(features_checkpoint):
     path = inception_cache_path()
     os.makedirs(os.path.dirname(path))
-    torch.save({"fc.weight": torch.zeros(1008, 2048)}, path)  # stands in for the real file: only its keys are read
+    random_inception_weights(path)  # torch-fidelity's own module's names and shapes, random values
     # Weights in this machine's cache do not change what `auto` measures with: one config, one feature space.
     assert resolve_extractor("auto", domain_checkpoint=features_checkpoint).kind == "domain"
     extractor = resolve_extractor("auto", inception_weights=path, domain_checkpoint=features_checkpoint)
@@ -204,6 +202,9 @@ def test_auto_takes_inception_only_where_the_config_names_its_weights(features_c
     with open(path, "wb") as f:
         f.write(b"<html>rate limited</html>")
     with pytest.raises(ValueError, match="not a loadable checkpoint"):
+        resolve_extractor("inception")
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, path)  # loadable, but not the whole network
+    with pytest.raises(ValueError, match=r"not torch-fidelity's Inception-v3 weights \(\d+ tensors missing"):
         resolve_extractor("inception")
 
 
