@@ -22,7 +22,7 @@ from storage.sources import Source
 
 from ..credentials import block_options
 from ..presets import PRESET_DEFAULTS, PRESET_NAMES
-from .fields import AUTO, CONFIG, RUN_ONLY, RunOnly
+from .fields import AUTO, CONFIG, RUN_ONLY, RunOnly, SchemaBounds
 from .source import SourceSection
 from .stages import EncodeSection, EvaluateSection, RunnerSection, SampleSection
 from .storage import StorageSection
@@ -31,6 +31,18 @@ from .training import TrainingRuntime, TrainingSection
 PresetName = Literal[PRESET_NAMES]  # type: ignore[valid-type]
 if set(PRESET_NAMES) != set(vqvae2.PRESETS):
     raise ImportError(f"tasks.presets names {sorted(PRESET_NAMES)}, vqvae2.PRESETS {sorted(vqvae2.PRESETS)}: one each")
+
+
+# The ranges `storage.ingest.ShardingOptions` checks itself (storage imports no pydantic), for
+# the schema; `tests/test_parameter_schema.py` holds both to the same bounds.
+INGEST_BOUNDS = SchemaBounds(
+    shard_size={"minimum": 1},
+    max_bad_fraction={"minimum": 0, "exclusiveMaximum": 1},
+    holdout_fraction={"minimum": 0, "exclusiveMaximum": 1},
+    max_samples_per_split={"minimum": 1},  # beside `null`, which a minimum leaves alone
+    min_size={"minimum": 0},
+    quality={"minimum": 1, "maximum": 100},
+)
 
 
 class PipelineConfig(BaseModel):
@@ -50,8 +62,10 @@ class PipelineConfig(BaseModel):
                                   "default: Fashion-MNIST")
     storage: StorageSection = Field(default_factory=StorageSection, description="The storage root every artifact "
                                     "and Prefect's cache records live under")
-    ingest: ShardingOptions = Field(default_factory=ShardingOptions, description="How the source is cut into "
-                                    "WebDataset shards; max_samples_per_split None: the preset's choice")
+    ingest: Annotated[ShardingOptions, INGEST_BOUNDS] = Field(
+        default_factory=ShardingOptions, description="How the source is cut into WebDataset shards; "
+        "max_samples_per_split None: the preset's choice",
+    )
     training: TrainingSection = Field(default_factory=TrainingSection, description="How the trainings run: device, "
                                       "processes, checkpoints, logging")
     encode: Annotated[EncodeSection, RUN_ONLY] = Field(

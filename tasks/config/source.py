@@ -1,6 +1,7 @@
 """The `source` section: where the images come from, and how to read them."""
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -10,7 +11,7 @@ from storage.sources.image_folder import LABEL_MODES
 from storage.sources.list_file import FORMATS as LIST_FORMATS
 
 from ..credentials import block_options, refuse_secrets, refuse_userinfo
-from .fields import AUTO, RUN_ONLY, Section
+from .fields import AUTO, NOT_BLANK, RUN_ONLY, Section
 
 
 class SourceSection(Section):
@@ -22,9 +23,11 @@ class SourceSection(Section):
         "at `url`; list: a CSV/TSV, JSON Lines or Parquet file at `url`, a row per image; tars: existing "
         "WebDataset tars (img2dataset's too), `url` a brace/glob pattern",
     )
-    url: str | None = Field(None, description="Where the source lives (any fsspec URL); fashion-mnist needs none")
+    url: str | None = Field(None, json_schema_extra={"pattern": NOT_BLANK},
+                            description="Where the source lives (any fsspec URL); fashion-mnist needs none")
     labels: str = Field(
-        AUTO, description="Where labels come from. image-folder: folders (the first sub-folder is the class), none, "
+        AUTO, json_schema_extra=lambda schema: schema.update(pattern=labels_pattern()),  # LABELS: defined below
+        description="Where labels come from. image-folder: folders (the first sub-folder is the class), none, "
         "or auto (folders when every image is in a sub-folder, none when all lie at the top); list: column:NAME, "
         "none, or auto (the column `label` when there is one); tars: cls (the .cls member), json:FIELD (a field of "
         "each sample's .json, as img2dataset writes), none, or auto (cls). Unlabelled data trains unconditional "
@@ -138,3 +141,9 @@ LABELS: dict[str, tuple[str, ...]] = {
     "tars": (AUTO, "cls", "none", "json:"),
 }
 
+
+def labels_pattern() -> str:
+    """Every form `source.labels` takes for some kind, as a JSON-schema pattern: which kind
+    takes which stays the validator's to say."""
+    forms = sorted({form for forms in LABELS.values() for form in forms} | {AUTO})
+    return "^(" + "|".join(re.escape(form) + (".*" if form.endswith(":") else "") for form in forms) + ")$"

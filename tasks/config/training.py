@@ -10,6 +10,8 @@ from pydantic.json_schema import SkipJsonSchema
 
 from .fields import AUTO, RUN_ONLY, Section
 
+HOST_PORT = r"^.+:[0-9]+$"  # what `_rendezvous` takes (`fields.SchemaBounds` says why both)
+
 
 class TrainingRuntime(Section):
     """How trainings run: where, in which process, how often they report and checkpoint; what
@@ -56,8 +58,8 @@ class TrainingRuntime(Section):
                         "on each: this worker is node 0, and every other machine runs `vqvae2 node --rdzv-endpoint "
                         "HOST:PORT --nnodes N --node-rank K --nproc-per-node P`; all must reach the storage root")
     rdzv_endpoint: Annotated[str | None, RUN_ONLY] = Field(
-        None, description="host:port of this worker, where the training processes of several machines meet "
-        "(torchrun's static rendezvous); needed when nnodes > 1",
+        None, json_schema_extra={"pattern": HOST_PORT}, description="host:port of this worker, where the training "
+        "processes of several machines meet (torchrun's static rendezvous); needed when nnodes > 1",
     )
 
     # Testing only: kept out of the JSON schema, so the UI's run form never offers it.
@@ -95,8 +97,9 @@ class TrainingSection(TrainingRuntime):
     how many read its shards."""
 
     processes: int | Literal["auto"] = Field(
-        1, description="Data-parallel training processes per model and machine (torchrun: NCCL on GPUs, gloo on "
-        "CPU), sharing each batch; auto: one per visible GPU. Part of the cache keys: the ranks split the data",
+        1, json_schema_extra={"minimum": 1}, description="Data-parallel training processes per model and machine "
+        "(torchrun: NCCL on GPUs, gloo on CPU), sharing each batch; auto: one per visible GPU. Part of the cache "
+        "keys: the ranks split the data",
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes for reading shards (the shard "
                              "readers interleave, so this changes the batch order and is part of the cache keys)")
