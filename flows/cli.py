@@ -3,16 +3,18 @@
     vqvae2 run --preset smoke --root ./runs           # the whole pipeline; prints its run's name and the report
     vqvae2 run --source ./my-images --root ./runs     # your own images (classes, or none, from the data)
     vqvae2 ls --root ./runs                           # the finished runs under a root, newest first
-    vqvae2 report --root ./runs [--key K]             # the newest run's report (or report key K's)
-    vqvae2 sample --root ./runs --class Sneaker -n 16 --out sneakers.png   # without --class: every class
+    vqvae2 report --root ./runs [--key K]             # the newest run's report (or the run of key K)
+    vqvae2 sample --root ./runs --class Sneaker -n 16  # writes sample-sneaker-16.png; --out names the file
     vqvae2 reconstruct --root ./runs --images a.png b.jpg --out recon.png
     vqvae2 stage train-priors --preset smoke --root ./runs
     vqvae2 verify --root ./runs --repair               # find damaged files, drop them: the next run remakes them
 
-`report`, `sample` and `reconstruct` work on the runs recorded under --root (the newest, or
---key's); with --preset, --config or --source they find the run of that config instead. A
-root that does not exist or cannot be read is refused, naming it; one without a recorded
-run says so (a config nobody gave is never assumed).
+`report`, `sample` and `reconstruct` work on the runs recorded under --root: the newest, or
+the one --key names by its report key (as `ls` lists it), a config key (as the UI's tables
+carry it) or an artifact key, saying which kind it was; with --preset, --config or --source
+they find the run of that config instead. A root that does not exist or cannot be read is
+refused, naming it; one without a recorded run says so (a config nobody gave is never assumed).
+Without --out, `sample` and `reconstruct` write here, naming the file after what they drew.
 `--set KEY=VALUE` (repeatable) sets a pipeline field (`sample.num_samples=32`,
 `storage.storage_options.endpoint_url=...`) or, for any other key, overrides the
 model preset (`train_prior.steps=100`, `num_classes=0`). With a `PREFECT_API_URL` set, runs
@@ -59,13 +61,13 @@ def _positive_int(text: str) -> int:
 def cmd_run(args: argparse.Namespace) -> None:
     config = checked_config(args)
     from flows.parameters import sections_of
-    from flows.pipeline import vqvae2_pipeline
+    from flows.pipeline import run_name, vqvae2_pipeline
     from storage.fsutil import redact
 
     console_without_tracebacks(args.debug)
     # The flow run's own name (pipeline-brave-otter), chosen here so that it can be said first:
     # what to look for in Prefect's UI while the run goes on.
-    name = vqvae2_pipeline.flow_run_name()
+    name = run_name("pipeline")
     print(f"run {name}: preset {config.preset}, root {redact(config.storage.url)}")
     try:
         report = vqvae2_pipeline.with_options(flow_run_name=name)(**sections_of(config))
@@ -91,10 +93,10 @@ def cmd_stage(args: argparse.Namespace) -> None:
     from pydantic_core import to_jsonable_python
 
     from flows.parameters import sections_of
-    from flows.pipeline import STAGE_FLOWS
+    from flows.pipeline import STAGE_FLOWS, run_name
 
     console_without_tracebacks(args.debug)
-    result = STAGE_FLOWS[args.name](**sections_of(config))
+    result = STAGE_FLOWS[args.name].with_options(flow_run_name=run_name(args.name))(**sections_of(config))
     print(json.dumps(to_jsonable_python(result), indent=2))
 
 
@@ -105,20 +107,16 @@ def cmd_node(args: argparse.Namespace) -> None:
 
 
 class _StageNames:
-    """The stage names, from the stage declarations, read only when the `stage` command checks
-    or lists them: importing the stages (Prefect, torch) takes seconds, which a bad option
-    of any other command should not wait for."""
-
-    def _names(self) -> list[str]:
-        from flows.pipeline import STAGE_FLOWS
-
-        return list(STAGE_FLOWS)
+    """The stage names, read from the stage declarations only when the `stage` command checks
+    or lists them (`flows.stage_names`: without importing the stages, which takes seconds)."""
 
     def __iter__(self):
-        return iter(self._names())
+        from .stage_names import stage_names
+
+        return iter(stage_names())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._names()
+        return name in list(self)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -138,8 +136,9 @@ def parser() -> argparse.ArgumentParser:
                         "CSV/JSONL/Parquet list, or a .tar pattern; local, s3:// or http(s):// (source.url; "
                         "default: Fashion-MNIST)")
     finished = argparse.ArgumentParser(add_help=False, parents=[common])
-    finished.add_argument("--key", metavar="KEY", help="the finished run under --root with this report key (or a "
-                          "unique start of it), as `vqvae2 ls` lists them (default: the newest; with --preset, "
+    finished.add_argument("--key", metavar="KEY", help="the finished run under --root with this key, or a unique "
+                          "start of it: its report key, as `vqvae2 ls` lists them, a config key, as the UI's tables "
+                          "name them (trainings-KEY), or a stage's artifact key (default: the newest; with --preset, "
                           "--config or --source and no --key: the run of that config)")
 
     top = argparse.ArgumentParser(prog="vqvae2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,10 +157,11 @@ def parser() -> argparse.ArgumentParser:
     report.set_defaults(fn=cmd_report)
 
     sample = commands.add_parser("sample", parents=[finished], help="sample images from a finished run's priors")
-    sample.add_argument("--class", dest="class_", metavar="CLASS", help="class name or index (default: every "
-                        "class in turn, evenly)")
+    sample.add_argument("--class", dest="class_", metavar="CLASS", help="class name or index (default: the "
+                        "classes in turn, as evenly as -n allows; the output says how many of each)")
     sample.add_argument("-n", type=_positive_int, default=16, help="number of images (default 16)")
-    sample.add_argument("--out", required=True, help="PNG grid to write (path or URL)")
+    sample.add_argument("--out", help="PNG grid to write, a path or URL (default: named after what it draws, in "
+                        "the current folder: sample-sneaker-16.png, sample-every-class-16.png)")
     sample.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the priors "
                         "(default 1.0; lower: safer, less varied images)")
     sample.add_argument("--top-k", type=_positive_int, help="draw each code from the k likeliest only (default: all)")
@@ -175,7 +175,8 @@ def parser() -> argparse.ArgumentParser:
     recon.add_argument("--images", nargs="*", metavar="FILE", help="image files (default: held-out test images)")
     recon.add_argument("--count", type=_positive_int, default=16, help="held-out images to use without --images "
                        "(default 16)")
-    recon.add_argument("--out", required=True, help="PNG of originals and reconstructions side by side")
+    recon.add_argument("--out", help="PNG of originals and reconstructions side by side, a path or URL (default: "
+                       "reconstructions-N.png in the current folder, N the number of images)")
     recon.add_argument("--scale", type=_positive_int, default=4, help="enlarge the picture by this factor (default 4)")
     recon.set_defaults(fn=cmd_reconstruct)
 

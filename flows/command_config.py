@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 
@@ -80,15 +81,16 @@ def finished_run(args: argparse.Namespace):
     from storage.fsutil import redact
     from tasks.config import Runtime, validate_config
     from tasks.runs import RecordedRun, check_root, find_run, recorded_config, record_url
-    from tasks.stages import FinishedRun
 
     if args.key is None and (args.preset or args.config or args.source):
         config = checked_config(args)  # the config's own faults first: they name the field
         check_root(config.storage.url, Runtime.of(config).storage_options)
-        return FinishedRun(config)
+        return _finished_run_of(config)
     runtime = Runtime.of(build_config(args))  # where the records are, and how to read them
     check_root(runtime.root, runtime.storage_options)
     found = find_run(runtime.root, runtime.storage_options, args.key)
+    if found is not None and found.note:
+        print(found.note, file=sys.stderr)  # which kind of key --key was: stdout stays the command's (--json)
     if found is None:
         where = redact(runtime.root)
         raise FileNotFoundError(f"no finished run is recorded under {where}: run `vqvae2 run --root {where}` first, "
@@ -101,5 +103,14 @@ def finished_run(args: argparse.Namespace):
     config = build_config(args, base=found.record.config)
     if recorded_config(config) != recorded_config(recorded):
         config.check_source()
-        return FinishedRun(config)
+        return _finished_run_of(config)
+    # Its artifacts read from the folders the record names: no stage code (torch, Prefect) is
+    # imported until a command needs a model.
     return RecordedRun(found.record, config)
+
+
+def _finished_run_of(config):
+    """The run of `config`, its artifacts found from its keys (the stages' code: seconds to import)."""
+    from tasks.stages import FinishedRun
+
+    return FinishedRun(config)

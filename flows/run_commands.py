@@ -10,11 +10,14 @@ from typing import Any
 from .command_config import build_config, finished_run
 
 
-def _write(path: str, png: bytes) -> None:
-    from storage.fsutil import write_bytes
+def _write(path: str | None, default: str, png: bytes) -> None:
+    """Write `png` to `path`, or without one to `default` in the current folder; say where."""
+    import os
 
-    write_bytes(path, png)
-    print(f"wrote {path}")
+    from storage.fsutil import redact, write_bytes
+
+    write_bytes(path or default, png)
+    print(f"wrote {redact(path) if path else os.path.abspath(default)}")
 
 
 def print_metrics(metrics: dict[str, Any]) -> None:
@@ -47,16 +50,53 @@ def cmd_sample(args: argparse.Namespace) -> None:
     options, device = finished.runtime.storage_options, resolve_device(config.training.device)
     autoencoder = load_model(finished.get(TRAIN_AUTOENCODER), options, device)
     priors = [load_model(p, options, device) for p in finished.every(TRAIN_PRIORS)]
-    images = []
+    images, labels = [], []
     with tqdm(total=args.n, desc="sampling", unit="image") as bar:
         for index, first in enumerate(range(0, args.n, args.batch_size)):
-            batch, _, _ = draw_batch(settings, plan, index, min(args.batch_size, args.n - first), autoencoder, priors)
+            batch, _, drawn = draw_batch(settings, plan, index, min(args.batch_size, args.n - first), autoencoder, priors)
             images.append(batch.cpu())
+            labels += drawn.tolist()
             bar.update(len(batch))
-    if plan.classes:
-        names = [dataset.class_names[c] for c in plan.classes]
-        print(f"{args.n} images of {'every class, in turn' if args.class_ is None else 'class'}: {', '.join(names)}")
-    _write(args.out, png_bytes(image_grid(torch.cat(images)), scale=args.scale))
+    said, name = drawn_classes(labels, dataset.class_names, list(plan.classes), args.class_ is not None)
+    print(said)
+    _write(args.out, f"sample-{name}{len(labels)}.png", png_bytes(image_grid(torch.cat(images)), scale=args.scale))
+
+
+def drawn_classes(labels: list[int], class_names: list[str], chosen: list[int], named: bool,
+                  limit: int = 30) -> tuple[str, str]:
+    """What a sampling drew, in words, from the labels it drew with (-1: none, unconditional):
+    `16 images, 10 classes in turn: 2 each of T-shirt/top, ...; 1 each of Shirt, ...`; and the
+    start of a file name for it (`sneaker-`, `every-class-`, `4-classes-`, or nothing)."""
+    import re
+    from collections import Counter
+
+    count = Counter(labels)
+    if not chosen or -1 in count:
+        return f"{len(labels)} images, unconditional (the priors take no class)", ""
+    if named:
+        name = class_names[chosen[0]]
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or f"class-{chosen[0]}"
+        return f"{len(labels)} images of class {name}", f"{slug}-"
+    groups: list[tuple[int, list[str]]] = []  # runs of classes drawn equally often, in the order drawn
+    for index in chosen:
+        if count[index]:
+            if groups and groups[-1][0] == count[index]:
+                groups[-1][1].append(class_names[index])
+            else:
+                groups.append((count[index], [class_names[index]]))
+    listed, shown = [], 0
+    for times, names in groups:
+        kept = names[:max(limit - shown, 0)]
+        shown += len(kept)
+        each = "each " if len(names) > 1 else ""
+        more = f" and {len(names) - len(kept)} more" if kept and len(kept) < len(names) else ""
+        listed.append(f"{times} {each}of {', '.join(kept)}{more}" if kept else f"{times} {each}of {len(names)} more")
+    drew = sum(1 for index in chosen if count[index])
+    said = f"{len(labels)} images, {drew} classes in turn: {'; '.join(listed)}"
+    if drew < len(chosen):
+        said += f"; none of the other {len(chosen) - drew} (-n {len(chosen)} draws every class)"
+        return said, f"{drew}-classes-"
+    return said, "every-class-"
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
@@ -82,24 +122,29 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     recon = reconstruct(model, images)
     mse = torch.nn.functional.mse_loss(recon, images).item()
     print(f"{len(images)} images, reconstruction MSE {mse:.4g}")
-    _write(args.out, png_bytes(pairs_grid(images, recon, 2 * len(images)), scale=args.scale))
+    _write(args.out, f"reconstructions-{len(images)}.png", png_bytes(pairs_grid(images, recon, 2 * len(images)),
+                                                                     scale=args.scale))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    finished = finished_run(args)
-    from tasks.stages import EVALUATE, evaluate
+    from tasks.runs import RecordedRun
 
-    manifest = finished.get(EVALUATE)
-    report = evaluate.read_report(manifest, finished.runtime.storage_options)
+    finished = finished_run(args)
+    if isinstance(finished, RecordedRun):  # report.json as the record names it: no stage code to import
+        report, markdown, key = finished.report_data(), finished.record.markdown, finished.record.key
+    else:
+        from tasks.stages import EVALUATE, evaluate
+
+        manifest = finished.get(EVALUATE)
+        report = evaluate.read_report(manifest, finished.runtime.storage_options).model_dump(mode="json")
+        markdown, key = manifest.markdown, manifest.key
     if args.json:
-        print(json.dumps(report.model_dump(mode="json"), indent=2))
+        print(json.dumps(report, indent=2))
         return
-    recorded = getattr(finished, "record", None)
-    key = f" {recorded.key}" if recorded is not None else ""
-    print(f"report of the {report.preset} run{key} on dataset {report.dataset.key}: {manifest.markdown}")
-    print_metrics(report.metrics)
-    for row in report.training:
-        print(f"  trained {row['stage']:20s} {row['steps']} steps")
+    print(f"report of the {report['preset']} run {key} on dataset {report['dataset'].get('key')}: {markdown}")
+    print_metrics(report["metrics"])
+    for row in report["training"]:
+        print(f"  trained {row.get('stage', '?'):20s} {row.get('steps', '?')} steps")
 
 
 def cmd_ls(args: argparse.Namespace) -> None:

@@ -4,7 +4,9 @@
 
 A pipeline run (or the evaluate stage flow) writes it when it finishes; `vqvae2 ls` lists
 them, and `vqvae2 report | sample | reconstruct --root R [--key K]` read the artifacts a
-record names, so they need neither the config again nor its source.
+record names, so they need neither the config again nor its source; K is any key a person
+meets (`find_run`). Reading records takes no stage code (torch, Prefect): `ls` and `report`
+answer in well under a second.
 
 A record holds the part of the config that decides the artifacts (what the run lease
 digests, `config.deciding_fields`, less the storage section and the source's storage options
@@ -22,10 +24,14 @@ beside the old one.
 from __future__ import annotations
 
 import datetime
+import json
+import os
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from storage.artifacts import MANIFEST
 from storage.fsutil import exists, find, join, modified_time, read_bytes, redact, write_bytes
 
 from .manifests import Manifest, Record, RootURL, located
@@ -157,22 +163,113 @@ def finished_runs(root: str, storage_options: dict[str, Any] | None = None) -> l
     return sorted(found, key=lambda f: (f.finished or oldest, f.record.key), reverse=True)
 
 
-def find_run(root: str, storage_options: dict[str, Any] | None = None, key: str | None = None) -> FinishedRecord | None:
-    """The newest run recorded under `root`, or the one whose report key is (or starts with)
-    `key`; None when no run is recorded and no key is asked for."""
+@dataclass(frozen=True)
+class FoundRun:
+    """The run a command works on, and how `--key` named it when not by its report key."""
+
+    run: FinishedRecord
+    note: str | None = None  # `--key 0b8e is the config key ...`: said before the command's own output
+
+    @property
+    def record(self) -> RunRecord:
+        return self.run.record
+
+
+def find_run(root: str, storage_options: dict[str, Any] | None = None, key: str | None = None) -> FoundRun | None:
+    """The newest run recorded under `root`, or the one `key` names: a report key (what
+    `vqvae2 ls` lists), else a config key (the UI's `trainings-<config key>` tables), else an
+    artifact key (a stage's folder, as the logs and turns name it), or a unique start of one;
+    a UI artifact's whole key (`vqvae2-report-<key>`, `trainings-<key>`) will do. None when no
+    run is recorded and no key is asked for; a key no run has is an error listing what is there."""
     runs = finished_runs(root, storage_options)
     if key is None:
-        return runs[0] if runs else None
-    matches = [run for run in runs if run.record.key.startswith(key)]
-    if len(matches) == 1:
-        return matches[0]
+        return FoundRun(runs[0]) if runs else None
+    # A key as the UI or a log shows it, pasted whole: `trainings-<key>`, `autoencoder/<key>`.
+    where, wanted = redact(root), re.split(r"[-/]", key.strip().lower())[-1]
+    if not wanted:
+        raise ValueError(f"--key {key!r}: no key in it; `vqvae2 ls --root {where}` lists the report keys")
+    reports = [run for run in runs if run.record.key.startswith(wanted)]
+    if len(reports) == 1:
+        return FoundRun(reports[0])
+    if reports:
+        raise ValueError(f"--key {key}: {len(reports)} runs under {where} have report keys starting so "
+                         f"({', '.join(run.record.key for run in reports)}): give more of the key")
+    return _by_config_key(key, wanted, runs, root) or _by_artifact_key(key, wanted, runs, root) or _unknown(key, runs, root)
+
+
+def _by_config_key(key: str, wanted: str, runs: list[FinishedRecord], root: str) -> FoundRun | None:
+    matched: dict[str, list[FinishedRecord]] = {}
+    for run in runs:
+        for config in config_keys(run.record, root):
+            if config.startswith(wanted):
+                matched.setdefault(config, []).append(run)
+    if not matched:
+        return None
+    if len(matched) > 1:
+        raise ValueError(f"--key {key}: {len(matched)} config keys under {redact(root)} start so "
+                         f"({', '.join(sorted(matched))}): give more of the key")
+    ((config, made),) = matched.items()
+    newest = made[0]  # the runs are newest first: a source that grew made a report a time
+    reports = f"; the newest of its {len(made)} reports" if len(made) > 1 else ""
+    return FoundRun(newest, f"--key {key} is the config key {config} (the UI's trainings-{config} tables){reports}; "
+                            f"its report key is {newest.record.key}")
+
+
+def _by_artifact_key(key: str, wanted: str, runs: list[FinishedRecord], root: str) -> FoundRun | None:
+    matched: dict[str, set[str]] = {}  # folder -> the stage instances that name it
+    users: dict[str, list[FinishedRecord]] = {}  # folder -> the runs that used it
+    for run in runs:
+        for instance, folder in run.record.artifacts.items():
+            if folder.rstrip("/").rpartition("/")[2].startswith(wanted):
+                matched.setdefault(folder, set()).add(instance)
+                users.setdefault(folder, []).append(run)
+    if not matched:
+        return None
+    if len(matched) > 1:
+        raise ValueError(f"--key {key}: {len(matched)} artifacts under {redact(root)} have keys starting so "
+                         f"({', '.join(sorted(matched))}): give more of the key")
+    ((folder, instances),) = matched.items()
+    what = f"--key {key} is the artifact key of {' and '.join(sorted(instances))} ({folder})"
+    made = list({run.record.key: run for run in users[folder]}.values())
+    if len(made) > 1:  # a dataset, say, that several configs share: which report is meant is not said
+        raise ValueError(f"{what}, which {len(made)} recorded runs use (report keys "
+                         f"{', '.join(run.record.key for run in made)}): give one of them with --key")
+    return FoundRun(made[0], f"{what}; its run's report key is {made[0].record.key}")
+
+
+def _unknown(key: str, runs: list[FinishedRecord], root: str) -> FoundRun:
     where = redact(root)
-    if not matches:
-        known = ", ".join(run.record.key for run in runs) or "none"
-        raise FileNotFoundError(f"--key {key}: no finished run with that report key under {where} (recorded: {known}); "
-                                f"`vqvae2 ls --root {where}` lists them")
-    raise ValueError(f"--key {key}: {len(matches)} runs under {where} have keys starting so "
-                     f"({', '.join(run.record.key for run in matches)}): give more of the key")
+    shown = [f"{run.record.key} (config key {', '.join(config_keys(run.record, root)[:1]) or '?'})" for run in runs[:10]]
+    known = ", ".join(shown) + (f" and {len(runs) - 10} more" if len(runs) > 10 else "") if runs else "none"
+    raise FileNotFoundError(f"--key {key}: no finished run under {where} has that report, config or artifact key "
+                            f"(recorded, report key first: {known}); `vqvae2 ls --root {where}` lists them")
+
+
+def config_keys(record: RunRecord, root: str) -> list[str]:
+    """The config keys (`tasks.config.config_key`) of the configs that make `record`'s run
+    under `root`, as the UI's tables of their runs carry them, the recorded config's first;
+    where the run took the dataset's classes, the config as it was given too (num_classes
+    unset or auto: `with_dataset_classes`). They are computed, not recorded, so a record reads
+    the same wherever its root moves; a root spelled otherwise when the run started (a
+    relative path) had other keys, which the absolute path of a local root may still match."""
+    from .config import config_key, validate_config
+
+    roots = [root] + ([absolute] if "://" not in root and (absolute := os.path.abspath(root)) != root else [])
+    overrides = record.config.get("overrides", {})
+    given = [overrides]
+    if "num_classes" in overrides:
+        unset = {name: value for name, value in overrides.items() if name != "num_classes"}
+        given += [{**unset, "num_classes": "auto"}, unset]
+    keys: list[str] = []
+    for where in roots:
+        for chosen in given:
+            try:
+                config = validate_config({**record.config, "overrides": chosen, "storage": {"root": where}})
+            except ValueError:  # a variant this release does not read: no key to match
+                continue
+            if (made := config_key(config)) not in keys:
+                keys.append(made)
+    return keys
 
 
 class RecordedRun:
@@ -204,6 +301,27 @@ class RecordedRun:
         directory, _, key = folder.rstrip("/").rpartition("/")
         artifact = Artifact(self.runtime.root, directory, key, dict(self.runtime.storage_options))
         return artifact.require(stage.output, stage.name)
+
+    def report_data(self) -> dict[str, Any]:
+        """The run's `report.json` as it is, read without the stages' code (torch, Prefect), so
+        that `vqvae2 report` answers at once; its artifact must be complete (its manifest there),
+        as `get` requires, and the fields the CLI prints present, else an error naming the file."""
+        url, options = self.record.report, self.runtime.storage_options
+        folder = url.rpartition("/")[0]
+        if not exists(join(folder, MANIFEST), options):
+            raise FileNotFoundError(f"{redact(folder)}: the report is not complete (no {MANIFEST}): run the `evaluate` "
+                                    "stage (or the whole pipeline) with the run's config again")
+        if not exists(url, options):
+            raise FileNotFoundError(f"{redact(url)}: the report is gone; `vqvae2 verify --repair` and run the evaluate "
+                                    "stage again")
+        try:
+            data = json.loads(read_bytes(url, options))
+        except ValueError as err:
+            raise ManifestError(f"{redact(url)}: not valid JSON ({err})") from None
+        for field, kind in (("preset", str), ("dataset", dict), ("metrics", dict), ("training", list)):
+            if not isinstance(data.get(field) if isinstance(data, dict) else None, kind):
+                raise ManifestError(f"{redact(url)}: field `{field}`: missing, or not a {kind.__name__}")
+        return data
 
     def every(self, stage: Stage[M]) -> list[M]:
         """The outputs of every variant of `stage` the record names, in its order (the run's)."""

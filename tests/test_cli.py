@@ -63,7 +63,7 @@ def test_sample_names_a_class_as_the_sample_stage_does_and_draws_its_images(smok
     for name in ("7", "sneaker", "Sneaker"):
         drawn = _cli_grid(root, key, tmp_path / f"{name}.png", "--class", name, "-n", "16", "--batch-size", "16")
         assert np.array_equal(drawn, stage), name
-    assert "16 images of class: Sneaker" in capsys.readouterr().out
+    assert "16 images of class Sneaker\n" in capsys.readouterr().out
     other = _cli_grid(root, key, tmp_path / "t-shirts.png", "--class", "0", "-n", "16", "--batch-size", "16")
     assert other.shape == stage.shape and not np.array_equal(other, stage)
 
@@ -213,16 +213,61 @@ def test_the_parser_and_its_help_import_neither_torch_nor_prefect():
         "import contextlib, io, sys",
         "from flows.cli import parser",
         "for argv in (['run', '--preset', 'smoke', '--source', 'x'], ['ls', '--json'], ['report', '--key', 'ab'],",
-        "             ['sample', '--out', 'x.png'], ['reconstruct', '--out', 'x.png'], ['verify', '--repair']):",
+        "             ['sample', '--out', 'x.png'], ['reconstruct', '--out', 'x.png'], ['verify', '--repair'],",
+        "             ['stage', 'train-priors', '--preset', 'smoke']):",
         "    parser().parse_args(argv)",
-        "for argv in (['--help'], ['run', '--help'], ['sample', '--help']):",
-        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):",
-        "        parser().parse_args(argv)",
-        "print(sorted(m for m in ('torch', 'prefect', 'pydantic', 'numpy', 'tasks.config') if m in sys.modules))",
+        "helps = []",
+        "for command in ([], ['run'], ['stage'], ['ls'], ['report'], ['sample'], ['reconstruct'], ['verify'], ['node']):",
+        "    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):",
+        "        parser().parse_args([*command, '--help'])",
+        "    helps.append(out.getvalue())",
+        "print(sorted(m for m in ('torch', 'prefect', 'pydantic', 'numpy', 'tasks.config', 'tasks.stages')",
+        "             if m in sys.modules))",
+        "print(helps[2])",
     ])
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+    assert done.returncode == 0 and done.stdout.splitlines()[0] == "[]", done.stdout + done.stderr[-2000:]
+    # `stage --help` names every stage, in run order, as the declarations do
+    listed = " ".join(done.stdout.split()).split("the stage: ")[1]
+    assert listed.startswith("ingest, train-classifiers, train-autoencoder, encode, train-priors, sample, evaluate")
+
+
+def test_the_stage_names_read_from_the_declarations_are_the_stages_in_run_order():
+    """`vqvae2 stage` reads the names without importing the stages (flows.stage_names): the same
+    names, in the same order, as importing them gives, and the flows `vqvae2 stage NAME` runs."""
+    from flows.pipeline import STAGE_FLOWS
+    from flows.stage_names import declared_names
+    from tasks.stages import STAGES
+
+    assert declared_names() == tuple(stage.name for stage in STAGES) == tuple(STAGE_FLOWS)
+
+
+def test_ls_and_report_read_the_records_without_loading_torch_or_prefect(smoke_run):
+    """What makes them answer at once: a few JSON files read, no model code and no Prefect
+    (so no temporary server either), whichever key names the run."""
+    import sys
+
+    from tasks.config import config_key
+
+    config, root, state = smoke_run
+    code = "\n".join([
+        "import contextlib, io, sys",
+        "from flows.cli import main",
+        "root, key = sys.argv[1:3]",
+        "for argv in (['ls'], ['ls', '--json'], ['report'], ['report', '--json'], ['report', '--key', key]):",
+        "    with contextlib.redirect_stdout(io.StringIO()) as out:",
+        "        main([*argv, '--root', root])",
+        "    assert out.getvalue().strip(), argv",
+        "print(out.getvalue().splitlines()[0])",
+        "print(sorted(m for m in ('torch', 'prefect', 'tasks.stages') if m in sys.modules))",
+    ])
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-c", code, str(root), config_key(config)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    said, loaded = done.stdout.splitlines()
+    assert said.startswith(f"report of the smoke run {state.result().key} ") and loaded == "[]", done.stdout
 
 
 def _options(parser):
@@ -284,10 +329,84 @@ def test_report_of_a_root_reads_its_newest_run_or_the_one_named_by_key(smoke_run
     assert capsys.readouterr().out.startswith(f"report of the {newest.preset} run {newest.key} on dataset ")
 
 
-def test_report_names_a_key_no_run_under_the_root_has(smoke_run, capsys):
-    _, root, _ = smoke_run
-    assert "--key 0000000: no finished run with that report key under" in _refused(
-        capsys, ["report", "--root", str(root), "--key", "0000000"])
+def test_report_names_a_key_no_run_under_the_root_has_and_lists_what_is_there(smoke_run, capsys):
+    from tasks.config import config_key
+
+    config, root, state = smoke_run
+    err = _refused(capsys, ["report", "--root", str(root), "--key", "0000000"])
+    assert f"--key 0000000: no finished run under {root} has that report, config or artifact key" in err
+    assert f"{state.result().key} (config key {config_key(config)})" in err  # what is there, each run's keys
+
+
+def _one_run_root(smoke_run, tmp_path):
+    """A copy of the smoke root holding the smoke run's record alone (other tests may record
+    other configs there), so that each of its artifact keys names one run; (root, report key)."""
+    import shutil
+
+    _, root, state = smoke_run
+    key, copy = state.result().key, tmp_path / "one-run"
+    others = lambda folder, names: [n for n in names if folder == str(root / "runs") and n != f"{key}.json"]
+    shutil.copytree(root, copy, ignore=others)
+    return copy, key
+
+
+def test_report_takes_any_key_a_person_meets_and_says_which_kind_it_got(smoke_run, tmp_path, capsys):
+    """The report key (`ls`), the config key as the UI's tables carry it (`trainings-<key>`, read
+    from the run's own artifacts on the Prefect API), and an artifact key (a stage's folder, of
+    a root where one run used it)."""
+    from pipeline_helpers import artifacts
+
+    _, root, state = smoke_run
+    key = state.result().key
+    (table,) = [a.key for a in artifacts(state.state_details.flow_run_id) if (a.key or "").startswith("trainings-")]
+    short = table.removeprefix("trainings-")
+    copy, _ = _one_run_root(smoke_run, tmp_path)
+    autoencoder = json.loads((copy / "runs" / f"{key}.json").read_text())["artifacts"]["train-autoencoder"]
+    said = {  # --key, on which root: what it says of the key
+        (table, root): f"--key {table} is the config key {short} (the UI's trainings-{short} tables); its report key "
+                       f"is {key}",
+        (short[:6], root): f"--key {short[:6]} is the config key {short} (the UI's trainings-{short} tables); its "
+                           f"report key is {key}",
+        (autoencoder, copy): f"--key {autoencoder} is the artifact key of train-autoencoder ({autoencoder}); its "
+                             f"run's report key is {key}",
+        (key[:6], root): None,  # a report key needs no word on its kind
+    }
+    for (given, where), note in said.items():
+        main(["report", "--root", str(where), "--key", given])
+        out, err = capsys.readouterr()
+        assert out.startswith(f"report of the smoke run {key} on dataset ") and f"{where}/reports/{key}/report.md" in out
+        assert err == (f"{note}\n" if note else ""), err
+    main(["report", "--root", str(root), "--key", short, "--json"])  # the note on stderr: stdout stays JSON
+    assert json.loads(capsys.readouterr().out)["metrics"] == state.result().metrics
+
+
+def test_an_artifact_key_of_several_runs_names_them_rather_than_pick_one(smoke_run, tmp_path, capsys):
+    root, key = _one_run_root(smoke_run, tmp_path)
+    record = json.loads((root / "runs" / f"{key}.json").read_text())
+    other = "0123456789abcdef"  # a second run of the same dataset: another config's report
+    (root / "runs" / f"{other}.json").write_text(json.dumps({**record, "key": other}))
+    dataset = record["artifacts"]["ingest"]
+    err = _refused(capsys, ["report", "--root", str(root), "--key", dataset.partition("/")[2]])
+    assert f"is the artifact key of ingest ({dataset}), which 2 recorded runs use (report keys " in err
+    assert key in err and other in err and "give one of them with --key" in err
+
+
+def test_sample_and_reconstruct_without_out_write_here_a_file_named_after_what_they_drew(
+        smoke_run, tmp_path, monkeypatch, capsys):
+    _, root, state = smoke_run
+    monkeypatch.chdir(tmp_path)
+    key = state.result().key
+    main(["sample", "--root", str(root), "--key", key, "-n", "4", "--batch-size", "4", "--scale", "1"])
+    out = capsys.readouterr().out
+    assert ("4 images, 4 classes in turn: 1 each of T-shirt/top, Trouser, Pullover, Dress; none of the other 6 "
+            f"(-n 10 draws every class)\nwrote {tmp_path / 'sample-4-classes-4.png'}\n") in out
+    assert Image.open(tmp_path / "sample-4-classes-4.png").size == (2 * 17 + 1, 2 * 17 + 1)  # 2 rows of 2 at 16x16
+    main(["sample", "--root", str(root), "--key", key, "--class", "7", "-n", "2"])
+    assert f"2 images of class Sneaker\nwrote {tmp_path / 'sample-sneaker-2.png'}\n" in capsys.readouterr().out
+    main(["reconstruct", "--root", str(root), "--key", key, "--count", "2"])
+    assert f"wrote {tmp_path / 'reconstructions-2.png'}\n" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reconstructions-2.png", "sample-4-classes-4.png",
+                                                          "sample-sneaker-2.png"]
 
 
 def test_sample_without_a_class_draws_every_class_in_turn_as_the_sample_stage_does(smoke_run, tmp_path, capsys):
@@ -296,7 +415,9 @@ def test_sample_without_a_class_draws_every_class_in_turn_as_the_sample_stage_do
     assert labels.tolist() == [*range(10), 0, 1]  # one of each class in turn
     drawn = _cli_grid(root, state.result().key, tmp_path / "every-class.png", "-n", "12", "--batch-size", "12")
     assert np.array_equal(drawn, stage) and drawn.shape == (3 * 17 + 1, 4 * 17 + 1)  # 3 rows of 4 at 16x16
-    assert "12 images of every class, in turn: T-shirt/top, Trouser, " in capsys.readouterr().out
+    # said as drawn: 12 images over 10 classes are not 12 of each
+    assert ("12 images, 10 classes in turn: 2 each of T-shirt/top, Trouser; 1 each of Pullover, Dress, Coat, Sandal, "
+            "Shirt, Sneaker, Bag, Ankle boot\n") in capsys.readouterr().out
 
 
 # --- your own images, without a flag ----------------------------------------------------------
@@ -342,7 +463,8 @@ def test_a_flat_folder_runs_to_a_report_with_no_set_and_is_listed_under_its_root
     main(["report", "--root", str(root)])
     assert capsys.readouterr().out.startswith(f"report of the smoke run {key} on dataset ")
     main(["sample", "--root", str(root), "-n", "4", "--out", str(tmp_path / "mine.png")])  # unconditional: no class
-    assert f"wrote {tmp_path / 'mine.png'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"4 images, unconditional (the priors take no class)\nwrote {tmp_path / 'mine.png'}\n" in out
 
 
 def _an_unlabelled_folders_run(root, key: str, flow_run_id) -> None:

@@ -8,58 +8,49 @@ Pure PyTorch, no I/O: import it in a notebook, or let the pipeline's tasks call 
     codes = model.encode(images)            # integer grids, top first
     images = model.decode_codes(codes)
 """
-from .autoencoder import AutoencoderOutput, VQVAE2
-from .build import build_autoencoder, build_classifier, build_prior, build_priors, from_checkpoint, to_checkpoint
-from .classifier import ResNetClassifier
-from .draw import SamplingOptions
-from .config import (
-    AutoencoderConfig,
-    ClassifierConfig,
-    ModelConfig,
-    PriorConfig,
-    TrainConfig,
-    apply_overrides,
-    config_from_dict,
-    config_to_dict,
-)
-from .fast_sampling import incremental_logits, sample_level_fast
-from .graph_sampling import StaticPrior, sample_level_graphed, static_logits
-from .presets import PRESETS, preset
-from .prior import PixelCNNPrior, bits_per_code
-from .quantize import QuantizerOutput, VectorQuantizer, accumulate_codebook_updates
-from .rejection import accept_mask, candidates_needed, keep_count
-from .sampling import sample_codes, sample_images, sample_level_reference, sample_logits
-from .train import (
-    ROTATIONS,
-    SavedTensorBytes,
-    autoencoder_loss,
-    autoencoder_step,
-    classifier_loss,
-    classifier_step,
-    enable_activation_checkpointing,
-    fit,
-    level_names,
-    make_optimizer,
-    prepare_model,
-    prior_loss,
-    prior_step,
-    rotated,
-    rotation_loss,
-    raise_if_diverged,
-    seed_everything,
-    train_step,
-)
+from __future__ import annotations
 
-__all__ = [
-    "AutoencoderConfig", "AutoencoderOutput", "ClassifierConfig", "ModelConfig", "PRESETS", "PixelCNNPrior",
-    "SamplingOptions",
-    "PriorConfig", "QuantizerOutput", "ResNetClassifier", "TrainConfig", "VQVAE2", "VectorQuantizer",
-    "apply_overrides", "autoencoder_loss", "autoencoder_step", "bits_per_code", "build_autoencoder",
-    "ROTATIONS", "build_classifier", "build_prior", "build_priors", "classifier_loss", "rotated", "rotation_loss", "classifier_step", "config_from_dict",
-    "config_to_dict", "fit", "from_checkpoint", "incremental_logits", "level_names", "make_optimizer",
-    "prepare_model", "preset", "prior_loss", "prior_step", "raise_if_diverged", "sample_codes", "sample_images",
-    "sample_level_fast", "sample_level_reference", "sample_logits", "seed_everything", "to_checkpoint", "train_step",
-    "accept_mask", "candidates_needed", "keep_count",
-    "SavedTensorBytes", "accumulate_codebook_updates", "enable_activation_checkpointing",
-    "StaticPrior", "sample_level_graphed", "static_logits",
-]
+import importlib
+import importlib.util
+from typing import Any
+
+# Each name from the module that defines it, imported when first used: the configs and presets
+# read without torch, so a program that only reads a config (the `vqvae2 ls` and `report`
+# commands) starts in a fraction of a second, and the models load torch when they are used.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "autoencoder": ("AutoencoderOutput", "VQVAE2"),
+    "build": ("build_autoencoder", "build_classifier", "build_prior", "build_priors", "from_checkpoint",
+              "to_checkpoint"),
+    "classifier": ("ResNetClassifier",),
+    "config": ("AutoencoderConfig", "ClassifierConfig", "ModelConfig", "PriorConfig", "TrainConfig",
+               "apply_overrides", "config_from_dict", "config_to_dict"),
+    "draw": ("SamplingOptions",),
+    "fast_sampling": ("incremental_logits", "sample_level_fast"),
+    "graph_sampling": ("StaticPrior", "sample_level_graphed", "static_logits"),
+    "presets": ("PRESETS", "preset"),
+    "prior": ("PixelCNNPrior", "bits_per_code"),
+    "quantize": ("QuantizerOutput", "VectorQuantizer", "accumulate_codebook_updates"),
+    "rejection": ("accept_mask", "candidates_needed", "keep_count"),
+    "sampling": ("sample_codes", "sample_images", "sample_level_reference", "sample_logits"),
+    "train": ("ROTATIONS", "SavedTensorBytes", "autoencoder_loss", "autoencoder_step", "classifier_loss",
+              "classifier_step", "enable_activation_checkpointing", "fit", "level_names", "make_optimizer",
+              "prepare_model", "prior_loss", "prior_step", "raise_if_diverged", "rotated", "rotation_loss",
+              "seed_everything", "train_step"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    """`vqvae2.X`: the name X from its module, or the submodule X, imported now."""
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+        globals()[name] = value  # once: later reads do not come here
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)  # a submodule, as when all were imported at once
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

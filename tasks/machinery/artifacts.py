@@ -20,7 +20,6 @@ from storage.fsutil import exists, join, read_bytes, redact, remove, sweep_tempo
 from storage.integrity import Damage, DamagedArtifact, FileRecord, damage, inventory
 
 from ..manifests import Manifest, located
-from .reporting import logger
 
 R = TypeVar("R")
 M = TypeVar("M", bound=Manifest)
@@ -33,6 +32,14 @@ INVENTORY = "inventory.json"  # every file of a complete artifact: size and SHA-
 
 class ManifestError(ValueError):
     """A manifest or unit marker that exists but does not validate: names the file and the field."""
+
+
+def logger():
+    """The run's logger, imported when there is something to log: reading a finished artifact
+    (`vqvae2 ls`, `report`) then needs no Prefect."""
+    from .reporting import logger as run_logger
+
+    return run_logger()
 
 
 def _nothing(result: Any) -> None:
