@@ -16,7 +16,6 @@ ends Failed with its error.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from prefect import Flow, flow
@@ -29,6 +28,7 @@ from tasks.machinery.dask import ByReferenceDaskTaskRunner, check_dask_runner
 from tasks.machinery.devices import on_this_machine
 from tasks.machinery.turns import check_turns, taking_turns
 from tasks.machinery.failure_report import failing_in, reported_failure
+from tasks.machinery.reporting import tag_run
 from tasks.runs import record_run
 from tasks.source_watch import announce_new_data
 from tasks.stage import Stage
@@ -52,14 +52,18 @@ from .parameters import taking_sections
 TASK_RUNNER = ThreadPoolTaskRunner(max_workers=4)
 
 
-def named_runs(what: str) -> Callable[[], str]:
-    """Run names that say what ran (`sample-brave-otter`): every flow is `vqvae2` in the UI."""
-    return lambda: f"{what}-{generate_slug(2)}"
+def run_name(what: str) -> str:
+    """A name that says what ran (`sample-brave-otter`), for a run this process makes (`vqvae2
+    run`, `vqvae2 stage`): given as the run is made, it is the run's one name. A flow names no
+    runs itself: Prefect would rename a deployment's run as it starts, after the name given
+    at submission was printed. What a run is, its tags say (`tag_run`)."""
+    return f"{what}-{generate_slug(2)}"
 
 
 def pipeline(config: PipelineConfig) -> State:
     """The whole VQ-VAE-2 pipeline: ingest, train, encode, priors, sample, evaluate."""
     with reported_failure():
+        tag_run("pipeline", config.preset)
         config = on_this_machine(config)  # the devices: resolved once, where the run starts
         check_dask_runner(config.runner.dask_address)
         check_stages(config)  # not after hours of training, nor after waiting for a turn
@@ -95,7 +99,7 @@ def run_stages(config: PipelineConfig) -> ReportManifest:
 
 
 vqvae2_pipeline: Flow = flow(taking_sections(pipeline), name="vqvae2", task_runner=TASK_RUNNER,
-                             description=pipeline.__doc__, flow_run_name=named_runs("pipeline"))
+                             description=pipeline.__doc__, validate_parameters=False)
 # The same stages, their mapped and concurrent tasks on a Dask cluster (`runner.dask_address`).
 pipeline_on_dask: Flow = flow(run_stages, name="vqvae2-pipeline-on-dask")
 
@@ -104,6 +108,7 @@ def run_stage(config: PipelineConfig, stage: Stage) -> Any:
     """Run every variant of `stage` on the artifacts a finished run of `config` left (and the
     stages it `makes_along`), then publish what the UI shows of it."""
     with reported_failure(stage.name), taking_turns() as turns:
+        tag_run(f"stage:{stage.name}", config.preset)
         finished = FinishedRun(config, make={stage.name, *stage.makes_along})  # ingest runs here
         results = finished.every(stage)  # every variant at once (the classifiers train side by side)
         turns.check()  # a run that lost a turn publishes and records nothing
@@ -125,7 +130,7 @@ def stage_flow(stage: Stage) -> Flow:
     run_one_stage.__name__ = run_one_stage.__qualname__ = f"{stage.name.replace('-', '_')}_flow"
     run_one_stage.__doc__ = stage.summary
     return flow(taking_sections(run_one_stage), name="vqvae2", task_runner=TASK_RUNNER, description=stage.summary,
-                flow_run_name=named_runs(stage.name))
+                validate_parameters=False)
 
 
 # One flow per stage (the CLI's `vqvae2 stage NAME`), and by name those prefect.yaml's stage
@@ -139,6 +144,13 @@ train_priors_flow = STAGE_FLOWS[TRAIN_PRIORS.name]
 sample_flow = STAGE_FLOWS[SAMPLE.name]
 evaluate_flow = STAGE_FLOWS[EVALUATE.name]
 
-watch_flow: Flow = flow(taking_sections(announce_new_data), name="vqvae2", flow_run_name=named_runs("watch"),
+
+def watch(config: PipelineConfig) -> bool:
+    tag_run("watch", config.preset)
+    return announce_new_data(config)
+
+
+watch.__doc__ = announce_new_data.__doc__
+watch_flow: Flow = flow(taking_sections(watch), name="vqvae2", validate_parameters=False,
                         description="Emit `vqvae2.source.updated` when the source holds images no dataset under the "
                         "root has yet (a deployment trigger on it starts the pipeline).")

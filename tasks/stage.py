@@ -107,7 +107,8 @@ class Stage(Generic[M]):
         with failing_in(instance):
             settings = self.settings_for(config, variant)
             turns = current_turns()  # a run's turns: another run making this output is waited for
-            turn = turns.take(runtime.root, *self.turn(settings, inputs, runtime)) if turns else None
+            turn = (turns.take(runtime.root, *self.turn(settings, inputs, runtime), runtime.storage.turn_bound_s)
+                    if turns else None)
             runtime = held(turn, runtime) if turn is not None else runtime  # its units on other processes ask after it
             try:
                 if SOURCE not in self.inputs.values():  # the ingest's key waits for its plan: the ingest looks then

@@ -63,8 +63,11 @@ def serve_prefect(home: Path, port: int | None = None) -> tuple[subprocess.Popen
            "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     log = home / "server.log"
     with log.open("ab") as out:
+        # The server knows its UI's address, as README's (PREFECT_API_URL exported first) does:
+        # an automation's message links a run's page with it.
+        server_env = {**{k: v for k, v in env.items() if k != "PREFECT_API_URL"}, "PREFECT_UI_URL": api[:-4]}
         server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env={k: v for k, v in env.items() if k != "PREFECT_API_URL"}, stdout=out,
+                                  env=server_env, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
 
     def healthy() -> bool:

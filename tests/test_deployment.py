@@ -4,10 +4,13 @@ one section overridden, the watch and its trigger, and the UI as headless Chromi
 from __future__ import annotations
 
 import base64
+import http.server
 import io
 import json
 import re
 import subprocess
+import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -80,10 +83,13 @@ def _class_folders(folder: Path, images, labels, first: int, count: int) -> None
 
 def _run(env: dict, api: str, deployment: str, params: dict | None = None, timeout: int = 900) -> dict:
     args = ["--params", json.dumps(params)] if params else []
-    _prefect(env, "deployment", "run", f"vqvae2/{deployment}", *args, "--watch", "--watch-interval", "1",
-             "--watch-timeout", str(timeout), timeout=timeout + 60)
+    out = _prefect(env, "deployment", "run", f"vqvae2/{deployment}", *args, "--watch", "--watch-interval", "1",
+                   "--watch-timeout", str(timeout), timeout=timeout + 60)
     run = _latest_run(api, deployment)
     assert run["state"]["type"] == "COMPLETED", run["state"]
+    # One name from submission to the end: the one `prefect deployment run` printed.
+    assert f"Created flow run {run['name']!r}" in " ".join(out.split()), out[:2000]
+    assert {"vqvae2", "preset:smoke"} <= set(run["tags"]), run["tags"]
     return run
 
 
@@ -129,6 +135,8 @@ def test_deployments_from_prefect_yaml_pipeline_stage_runs_and_the_new_data_trig
     _prefect(env, "--no-prompt", "deploy", "--all", cwd=project)
     deployments = {d["name"]: d for d in httpx.post(f"{api}/deployments/filter", json={}).json()}
     assert set(deployments) == {"full-pipeline", "nightly", "sample", "evaluate", "ingest", "watch", "new-data"}
+    assert all("vqvae2" in d["tags"] for d in deployments.values())
+    assert deployments["sample"]["tags"] == ["vqvae2", "stage:sample"]
     # The worker runs anywhere: the deployments name no path of the machine that deployed.
     assert deployments["full-pipeline"]["pull_steps"] and str(project) not in json.dumps(
         [d["pull_steps"] for d in deployments.values()])
@@ -147,7 +155,9 @@ def test_deployments_from_prefect_yaml_pipeline_stage_runs_and_the_new_data_trig
                               env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}, cwd=elsewhere, stdout=worker_log, stderr=subprocess.STDOUT)
     try:
         first = _run(env, api, "full-pipeline")
-        assert set(_task_states(api, first["id"]).values()) == {"Completed"}
+        tasks = _task_states(api, first["id"])
+        assert set(tasks.values()) == {"Completed"} and "pipeline" in first["tags"]
+        assert {"evaluate", "train-prior-top", "train-prior-bottom"} <= set(tasks), tasks  # named for what they do
         assert list(root.glob("reports/*/report.md"))
         made = _artifacts(api, first["id"], keyed_only=False)
         assert len(made) <= 12, [(a["type"], a["key"], a["description"]) for a in made.values()]  # a tab one can read
@@ -168,7 +178,7 @@ def test_deployments_from_prefect_yaml_pipeline_stage_runs_and_the_new_data_trig
 
         # One section overridden; the deployment's source and storage kept.
         sampled = _run(env, api, "sample", {"sample": {"num_samples": 16}})
-        assert sampled["name"].startswith("sample-")
+        assert "stage:sample" in sampled["tags"]
         assert sampled["parameters"]["source"]["url"] == str(folder)
         assert sampled["parameters"]["storage"]["root"] == str(root)
         assert sampled["parameters"]["sample"]["num_samples"] == 16
@@ -218,6 +228,19 @@ def test_deployments_from_prefect_yaml_pipeline_stage_runs_and_the_new_data_trig
         worker_log.close()
 
 
+def test_a_schedule_turned_on_in_prefect_yaml_stays_on_through_every_deploy(prefect_server, tmp_path):
+    """README's one way to turn `nightly` on: `active: true` in prefect.yaml, then deploy."""
+    env, api = prefect_server, prefect_server["PREFECT_API_URL"]
+    project = _deployment_config(tmp_path, tmp_path / "root", tmp_path / "images")
+    text = (project / "prefect.yaml").read_text()
+    (project / "prefect.yaml").write_text(text.replace("active: false", "active: true", 1))  # nightly's, the first
+    _prefect(env, "work-pool", "create", "vqvae2", "--type", "process", "--overwrite")
+    for _ in range(2):
+        _prefect(env, "--no-prompt", "deploy", "--name", "nightly", cwd=project)
+        nightly = httpx.get(f"{api}/deployments/name/vqvae2/nightly").json()
+        assert [(s["schedule"]["cron"], s["active"]) for s in nightly["schedules"]] == [("0 2 * * *", True)]
+
+
 def _wait_for_run(api: str, deployment: str, timeout: float = 120) -> dict:
     """The first run of `deployment` once it is running (the trigger acts within seconds)."""
     deadline = time.monotonic() + timeout
@@ -245,3 +268,56 @@ def _screenshots(api: str, folder: Path, pipeline_run: dict, sample_run: dict, r
     for url, name, expected in pages:
         render(url, folder / name, wait_for=expected)
     return [folder / name for _, name, _ in pages]
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    """A webhook on 127.0.0.1 that keeps what is posted to it (`server.posted`)."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.server.posted.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_the_shipped_failure_automation_notifies_of_a_failed_run(prefect_server, tmp_path):
+    """flows/automations/vqvae2-failed.yaml as docs/reliability.md says to use it: a notification
+    block's id set, created with `prefect automation create --from-file`; a run that fails
+    reaches the block's webhook with its state and its one-line failure."""
+    from local_servers import free_port
+
+    env, api = prefect_server, prefect_server["PREFECT_API_URL"]
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Hook)
+    hook.posted = []
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        block = subprocess.run([sys.executable, "-c", (
+            "from prefect.blocks.notifications import CustomWebhookNotificationBlock as Hook\n"
+            f"hook = Hook(name='test', url='http://127.0.0.1:{hook.server_port}/', allow_private_urls=True,\n"
+            "            json_data={'subject': '{{subject}}', 'body': '{{body}}'})\n"
+            "print(hook.save('vqvae2-test-hook'))")], env=env, capture_output=True, text=True, timeout=120)
+        assert block.returncode == 0, block.stderr[-2000:]
+        shipped = (REPO / "flows" / "automations" / "vqvae2-failed.yaml").read_text()
+        assert "00000000-0000-0000-0000-000000000000" in shipped  # the one value a user sets
+        (tmp_path / "vqvae2-failed.yaml").write_text(
+            shipped.replace("00000000-0000-0000-0000-000000000000", block.stdout.split()[-1]))
+        _prefect(env, "automation", "create", "--from-file", str(tmp_path / "vqvae2-failed.yaml"))
+
+        missing = tmp_path / "no-such-folder"
+        failed = subprocess.run([sys.executable, "-c", (
+            "from flows.pipeline import ingest_flow\n"
+            f"state = ingest_flow(preset='smoke', source={{'url': {str(missing)!r}}}, "
+            f"storage={{'root': {str(tmp_path / 'root')!r}}}, return_state=True)\n"
+            "print(state.type.value)")], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert failed.stdout.split()[-1:] == ["FAILED"], failed.stdout[-2000:] + failed.stderr[-2000:]
+        deadline = time.monotonic() + 90
+        while not hook.posted:
+            assert time.monotonic() < deadline, "no notification within 90 s of the failed run"
+            time.sleep(1)
+        (note,) = hook.posted
+        assert note["subject"].startswith("vqvae2: ") and note["subject"].endswith(" Failed"), note
+        assert str(missing) in note["body"] and f"{api.removesuffix('/api')}/runs/flow-run/" in note["body"], note
+    finally:
+        hook.shutdown()

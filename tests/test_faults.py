@@ -59,11 +59,11 @@ def _api_url() -> str:
     return str(get_current_settings().api.url)
 
 
-def _start(root: Path, log: Path) -> subprocess.Popen:
+def _start(root: Path, log: Path, *settings: str) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_API_URL": _api_url(), "PYTHONPATH": str(REPO)}
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *SETTINGS, "--root", str(root)], cwd=REPO,
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *SETTINGS, *settings, "--root", str(root)],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _session(sid: int) -> list[int]:
@@ -127,7 +127,9 @@ def test_a_run_killed_in_every_stage_ends_as_an_undisturbed_run(prefect_api, tmp
     """Besides the kills mid-stage, the whole process group is SIGKILLed right after the
     ingest finished (nothing released its turn). Every re-run starts at once and takes the
     dead run's turns without waiting (`tasks.machinery.turns`)."""
-    from tasks.machinery.turns import LEASE_S
+    from tasks.config.storage import StorageSection
+
+    bound_s = StorageSection().turn_bound_s  # the default: nothing here waits for it
 
     reference_root, root = tmp_path / "reference" / "root", tmp_path / "faults" / "root"
     reference_clock, clock = Milestones(reference_root), Milestones(root)
@@ -145,7 +147,7 @@ def test_a_run_killed_in_every_stage_ends_as_an_undisturbed_run(prefect_api, tmp
         rows.append(_kill_during(next_run(), root, kill, clock))
         if kill is KILLS[0]:
             run = next_run()
-            _seconds_until_logged(logs[-1], r"Task run 'finalize-dataset-\w+' - Finished in state", run)
+            _seconds_until_logged(logs[-1], r"Task run 'finalize-dataset' - Finished in state", run)
             _kill_group(run)
     last = next_run()
     assert last.wait(timeout=900) == 0, logs[-1].read_text()[-5000:]
@@ -159,7 +161,7 @@ def test_a_run_killed_in_every_stage_ends_as_an_undisturbed_run(prefect_api, tmp
         assert row["orphans"] == [], f"processes outlived the run killed during {row['stage']}: {row['orphans']}"
     texts = [path.read_text() for path in logs]
     assert not [text for text in texts if "another run is making" in text]  # none waited
-    assert len(took_turn) == len(KILLS) + 1 and max(took_turn) < LEASE_S, took_turn
+    assert len(took_turn) == len(KILLS) + 1 and max(took_turn) < bound_s, took_turn
     log_lines = "\n".join(texts).splitlines()
     assert any("resuming from step" in line for line in log_lines)  # the trainings resumed, not restarted
 
@@ -417,11 +419,12 @@ def test_a_run_that_lost_its_turn_writes_nothing_more_and_says_so(prefect_api, t
     from pipeline_helpers import snapshot
 
     root = tmp_path / "root"
-    frozen = _start(root, tmp_path / "frozen.log")
+    bound = ("--set", "storage.turn_bound_s=12")  # the taker waits this long, not a minute
+    frozen = _start(root, tmp_path / "frozen.log", *bound)
     try:
         _wait_for_new(root, "autoencoder/*/checkpoints/step-*.pt", frozen)
         os.killpg(frozen.pid, signal.SIGSTOP)  # its heartbeats stop, its trainings stand still
-        taker = _start(root, tmp_path / "taker.log")
+        taker = _start(root, tmp_path / "taker.log", *bound)
         assert taker.wait(timeout=900) == 0, (tmp_path / "taker.log").read_text()[-5000:]
         assert "taking its place" in (tmp_path / "taker.log").read_text()
         before = snapshot(root)

@@ -17,7 +17,7 @@ from tasks.machinery.arrays import load_npz
 from tasks.stages import BY_NAME, FinishedRun, stage_keys
 from tasks.machinery.sampling_plan import SamplingPlan, resolve_classes
 from tasks.stages.sample import STAGE as SAMPLE, SampleSettings, check_classes, load_samples, rate_key
-from pipeline_helpers import smoke_config
+from pipeline_helpers import artifacts, smoke_config
 
 FASHION_CLASSES = list(IdxSource.__dataclass_fields__["class_names"].default)  # the real dataset's names
 SNEAKER = FASHION_CLASSES.index("Sneaker")
@@ -217,6 +217,9 @@ def test_the_sample_flow_draws_sixteen_sneakers(smoke_run):
     assert all(labels.tolist() == [SNEAKER] * 16 for labels in _kept_labels(samples).values())
     assert samples.rejection_grid is not None and samples.judge_mean_confidence is not None
     assert FinishedRun(config).get(SAMPLE).key == samples.key != FinishedRun(smoke_config(str(root))).get(SAMPLE).key
+    # The card names the class as the user did, its index beside it.
+    (card,) = [a for a in artifacts(state.state_details.flow_run_id) if a.key and a.key.startswith("vqvae2-samples")]
+    assert card.description.startswith(f"16 samples (classes Sneaker ({SNEAKER}); "), card.description
 
 
 @slow

@@ -17,7 +17,7 @@ from flows.parameters import sections_of
 from flows.pipeline import STAGE_FLOWS
 from tasks.config import config_key
 from tasks.stages.evaluate import Report, render_markdown
-from tasks.machinery.reporting import config_ui_key, link_url, markdown_image, png_bytes, thumbnail_png
+from tasks.machinery.reporting import config_ui_key, full_size_note, markdown_image, png_bytes, thumbnail_png
 from pipeline_helpers import artifacts, smoke_config, state_names
 
 
@@ -47,13 +47,17 @@ def test_a_small_image_is_embedded_as_it_is():
     assert thumbnail_png(_png(1024, 700)) == _png(1024, 700)
 
 
-def test_an_inline_image_is_a_thumbnail_linking_to_the_full_file(tmp_path):
+def test_an_inline_image_is_a_thumbnail_then_where_its_full_file_is(tmp_path):
     full = str(tmp_path / "report dir" / "samples.png")
     text = markdown_image(_png(4096, 2048), "samples", full)
-    # The image, then its link (Prefect's default UI shows an image inside a link as raw text).
-    assert text.startswith("![samples](data:image/png;base64,") and text.endswith(f"\n[samples: full size]({link_url(full)})")
-    assert link_url(full).startswith("file:///") and " " not in link_url(full)
-    assert link_url("s3://bucket/runs (old)/x.png") == "s3://bucket/runs%20%28old%29/x.png"
+    # The image, then where the full one is (Prefect's default UI shows an image inside a link
+    # as raw text): a path on the worker's machine is text, as a link it is dead elsewhere.
+    assert text.startswith("![samples](data:image/png;base64,") and text.endswith(f"\n\nsamples, full size: `{full}`")
+    assert "file://" not in text and "](/" not in text
+    assert full_size_note("s3://key:secret@bucket/x.png", "x") == "x, full size: `s3://bucket/x.png`"
+    # A URL a browser follows stays a link, its spaces and parentheses escaped.
+    assert full_size_note("https://cdn.example/runs (old)/x.png", "x") == \
+        "[x: full size](https://cdn.example/runs%20%28old%29/x.png)"
     assert len(text) < 0.5 * 4096 * 2048  # the full grid's pixels are not in the artifact
 
 
@@ -76,7 +80,7 @@ def test_the_report_links_each_ui_thumbnail_to_its_full_image_and_report_md_show
     links = {name: f"s3://bucket/root/reports/k/{name}.png" for name in names}
     ui = render_markdown(_report(), images, links=links)
     for name in names:
-        assert f"![{name}](data:image/png;base64," in ui and f"[{name}: full size](s3://bucket/root/reports/k/{name}.png)" in ui
+        assert f"![{name}](data:image/png;base64," in ui and f"{name}, full size: `s3://bucket/root/reports/k/{name}.png`" in ui
     assert ui.count("data:image/png;base64,") == len(names)
     on_disk = render_markdown(_report(), {name: f"{name}.png" for name in names})
     assert all(f"![{name}]({name}.png)" in on_disk for name in names) and "data:" not in on_disk
@@ -159,6 +163,11 @@ def test_two_configs_each_keep_their_report_and_a_stage_flow_shows_what_it_made(
     other_key = evaluated.result().key
     other_report = _latest(f"vqvae2-report-{other_key}")
     assert other_key != report_key and other_report.flow_run_id == evaluated.state_details.flow_run_id
+    # Each card says which key its name carries: the report's cards the report key, the others the config key.
+    for card in artifacts(evaluated.state_details.flow_run_id):
+        if card.key:
+            which = "report key" if card.key.endswith(other_key) else "config key"
+            assert card.description.endswith(f"{which} {card.key.rsplit('-', 1)[1]})"), (card.key, card.description)
     assert _latest(f"vqvae2-report-{report_key}").id == first_report.id  # not overwritten
 
     # The sample flow: exactly the images asked for, its grid on the run's Artifacts tab.

@@ -9,7 +9,7 @@ from storage.artifacts import IN_KEY_WHEN_SET
 from storage.fsutil import holds_userinfo
 
 from ..credentials import refuse_userinfo
-from .fields import Section
+from .fields import NOT_BLANK, Section
 
 
 class EncodeSection(Section):
@@ -21,6 +21,7 @@ class SampleSection(Section):
                                     "the classes; None: the preset's choice")
     acceptance_rates: list[float] = Field(
         default_factory=lambda: [1.0, 0.5, 0.25, 0.1],
+        json_schema_extra={"items": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}},
         description="Classifier-based rejection (paper, Sec. 4.1): at rate r, keep the r share of candidates the "
         "judge is most confident show their class; 1.0 (no rejection) is always included",
     )
@@ -37,7 +38,9 @@ class SampleSection(Section):
                                    "seed, so part of what is drawn); None: the preset's choice")
     seed: int = 0
     classes: list[str | int] | None = Field(
-        None, description="Which classes to draw, by name (the dataset's class names, e.g. \"Sneaker\") or index "
+        None, json_schema_extra={"minItems": 1, "uniqueItems": True, "items": {"anyOf": [
+            {"type": "string", "pattern": NOT_BLANK}, {"type": "integer", "minimum": 0}]}},
+        description="Which classes to draw, by name (the dataset's class names, e.g. \"Sneaker\") or index "
         "(0 is the first class); None: every class, evenly. num_samples is spread over the classes given, in their "
         "order; each class at most once")
 
@@ -78,13 +81,14 @@ class EvaluateSection(Section):
                                     "and train images for the floor); None: the preset's choice")
     features: Literal["auto", "inception", "domain", "self-supervised"] = Field(
         "auto", description="Feature space of FID/KID/precision/recall: inception (torch-fidelity's Inception-v3, "
-        "from local weights only), domain (a classifier the pipeline trains on the real images' labels), "
-        "self-supervised (a network the pipeline trains on the real images without labels, predicting rotations), "
-        "or auto (inception when inception_weights names its file, else domain, or self-supervised for an "
-        "unconditional model: the same choice on every machine)",
+        "its weights fetched once into torch-fidelity's cache under TORCH_HOME where missing), domain (a classifier "
+        "the pipeline trains on the real images' labels), self-supervised (a network the pipeline trains on the "
+        "real images without labels, predicting rotations), or auto (inception for RGB images of 64 px and more or "
+        "when inception_weights names its file, else domain, or self-supervised for an unconditional model: decided "
+        "from the config, the same choice on every machine)",
     )
     inception_weights: str | None = Field(None, description="Path of the Inception-v3 weights file, if not in "
-                                          "torch-fidelity's cache under TORCH_HOME")
+                                          "torch-fidelity's cache under TORCH_HOME (never fetched)")
     grid_size: int = Field(64, ge=1, le=1024, description="Images in the report's sample and reconstruction grids")
 
     @field_validator("inception_weights")

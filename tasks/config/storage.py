@@ -7,11 +7,12 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 
 from ..credentials import refuse_secrets, refuse_userinfo
-from .fields import RUN_ONLY, Section
+from .fields import NOT_BLANK, RUN_ONLY, Section
 
 
 class StorageSection(Section):
-    root: str = Field("~/vqvae2-runs", description="Storage root, any fsspec URL: a local path, s3://bucket/prefix, "
+    root: str = Field("~/vqvae2-runs", json_schema_extra={"pattern": NOT_BLANK},
+                      description="Storage root, any fsspec URL: a local path, s3://bucket/prefix, "
                       "memory:// (tests). S3 credentials come from the worker's AWS_* environment variables or "
                       "instance role, or from credentials_block")
     storage_options: Annotated[dict[str, Any], RUN_ONLY] = Field(
@@ -21,6 +22,11 @@ class StorageSection(Section):
     credentials_block: Annotated[str | None, RUN_ONLY] = Field(
         None, description="Name of a Prefect Secret block whose value is the JSON text of the fsspec options with "
         "the root's credentials (key, secret, ...)",
+    )
+    turn_bound_s: Annotated[float, RUN_ONLY] = Field(
+        60.0, ge=4, description="Seconds a run's heartbeat under the root may stand still before another run "
+        "takes over its turn (the run is taken for gone: killed, or frozen); it beats every quarter of this. Raise "
+        "it where the root's storage can stall longer (a congested object store)",
     )
 
     @field_validator("root")

@@ -197,25 +197,33 @@ class UnitFunction:
         return result
 
     def cache_key(self, context: Any, parameters: dict[str, Any]) -> str | None:
-        """The unit's Prefect cache key: the path of its record under the root."""
-        if self._pickled:
-            # Kept in the worker's own result storage, never under the root: whoever can
-            # write a root must not get to unpickle objects into the flow. Named after the
-            # marker's whole URL, since that storage serves every root.
-            return "vqvae2-pickled/" + hashlib.sha256(self._locate(**parameters).url.encode()).hexdigest()[:32]
+        """The unit's Prefect cache key: the path of its record under the root. None (no
+        record) where its marker cannot be located (a missing source, whose digest the
+        ingest's key takes): the unit itself then meets the same error and fails with it.
+        Raised here, Prefect would log it, with its traceback, as an ERROR of its own ("Error
+        encountered when computing cache key") beside the unit's."""
         storage = context.result_store.result_storage if context and context.result_store else None
-        if not isinstance(storage, CacheRecords):
+        if not self._pickled and not isinstance(storage, CacheRecords):
             return None  # called without `with_records`: the marker alone decides
-        marker = self._locate(**parameters)
+        try:
+            marker = self._locate(**parameters)
+            if self._pickled:
+                # Kept in the worker's own result storage, never under the root: whoever can
+                # write a root must not get to unpickle objects into the flow. Named after the
+                # marker's whole URL, since that storage serves every root.
+                return "vqvae2-pickled/" + hashlib.sha256(marker.url.encode()).hexdigest()[:32]
+            record = marker.record
+        except Exception:  # noqa: BLE001 - the unit's own run raises it again, as its failure
+            return None
         try:
             if not _is_done(marker):
-                storage.drop(marker.record)
+                storage.drop(record)
         except Exception as err:  # noqa: BLE001 - the unit's own run meets the error, and reports it
             # The storage cannot be reached now (a network error of any client library):
             # the unit itself meets the error and is retried. Without a key Prefect would
             # keep no record of its result.
             logger().warning(f"could not check {redact(marker.url)} ({type(err).__name__}): the unit will tell")
-        return marker.record
+        return record
 
     def __reduce__(self) -> str:
         return f"{self.__qualname__}.fn"
@@ -236,12 +244,14 @@ def cached_unit(
     found on a Dask worker (`UnitFunction`).
 
     Results are kept as JSON under the root (`with_records`); a `pickled` one (a result
-    JSON cannot hold) is kept in the worker's own Prefect result storage instead."""
+    JSON cannot hold) is kept in the worker's own Prefect result storage instead. A task run
+    is named `task_run_name` (formatted with its parameters), else `name`: never Prefect's
+    default `name-<hash>`, which says less than the task's name alone."""
 
     def decorate(fn: Callable[..., Any]) -> Task:
         unit = UnitFunction(fn, locate, pickled)
         return task(
-            unit, name=name, task_run_name=task_run_name, cache_key_fn=unit.cache_key, persist_result=True,
+            unit, name=name, task_run_name=task_run_name or name, cache_key_fn=unit.cache_key, persist_result=True,
             result_serializer="pickle" if pickled else "json", retries=retries, retry_delay_seconds=retry_delay_seconds,
             retry_jitter_factor=RETRY_JITTER, retry_condition_fn=retry_unless_permanent, **task_options,
         )

@@ -16,7 +16,6 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 from uuid import UUID
@@ -76,6 +75,13 @@ def config_ui_key(key: str) -> str:
     fashion-mnist's "latest")."""
     short = flow_run_config_key(flow_run.get_id())
     return ui_key(f"{key}-{short}" if short else key)
+
+
+def with_config_key(description: str) -> str:
+    """A card's description saying which key its name carries: a run's cards carry two (the
+    config key; the report's cards, the report key), and a hash alone says neither."""
+    short = flow_run_config_key(flow_run.get_id())
+    return f"{description} (config key {short})" if short else description
 
 
 @lru_cache(maxsize=64)
@@ -151,12 +157,25 @@ def track(futures: Sequence[PrefectFuture], description: str) -> list[PrefectFut
     return futures
 
 
+def tag_run(what: str, preset: str) -> None:
+    """Tag this flow run `vqvae2`, with what it runs (`pipeline`, `stage:sample`, `watch`) and
+    its preset (`preset:smoke`), beside the tags its deployment gave it: the UI's filters by
+    tag find a kind of run, as every flow is named `vqvae2` and every run keeps its one name."""
+    if not in_prefect_run():
+        return
+    run_id = flow_run.get_id()
+    with get_client(sync_client=True) as client:
+        tags = set(client.read_flow_run(run_id).tags) | {"vqvae2", what, f"preset:{preset}"}
+        client.update_flow_run(run_id, tags=sorted(tags))
+
+
 def publish_table(key: str, rows: Sequence[Mapping[str, Any]], description: str, per_config: bool = True) -> None:
     """A table artifact (a new version of `key` of this config each call: the UI shows the latest);
     `per_config=False`: of `key` itself, which names what the table shows."""
     if in_prefect_run() and rows:
         create_table_artifact(key=config_ui_key(key) if per_config else ui_key(key),
-                              table=[_rounded(r) for r in rows], description=description)
+                              table=[_rounded(r) for r in rows],
+                              description=with_config_key(description) if per_config else description)
 
 
 class _RunTable:
@@ -171,6 +190,7 @@ class _RunTable:
         with self.lock:  # trainings report concurrently, each from its own thread
             self.parts[part] = [{"part": part, **_rounded(row)} for row in rows]
             table = [row for name in sorted(self.parts) for row in self.parts[name]]
+            description = with_config_key(description)
             if self.id is None:
                 self.id = create_table_artifact(key=config_ui_key(self.key), table=table, description=description)
                 return
@@ -199,7 +219,7 @@ def publish_part(key: str, part: str, rows: Sequence[Mapping[str, Any]], descrip
 def publish_markdown(key: str, markdown: str, description: str) -> None:
     """A markdown artifact, a new version of `key` of this config."""
     if in_prefect_run():
-        create_markdown_artifact(key=config_ui_key(key), markdown=markdown, description=description)
+        create_markdown_artifact(key=config_ui_key(key), markdown=markdown, description=with_config_key(description))
 
 
 def publish_named_markdown(key: str, markdown: str, description: str) -> UUID | None:
@@ -291,21 +311,28 @@ def thumbnail_png(png: bytes, size: int = THUMBNAIL_PX) -> bytes:
     return out.getvalue()
 
 
-def link_url(url: str) -> str:
-    """A storage URL as a markdown link target: a local path becomes a file:// URL (a bare
-    path would resolve against the UI's own address), and spaces and parentheses, which
-    end a markdown link, are escaped; a `user:password@` part never reaches the UI."""
-    if "://" not in url:
-        return Path(url).expanduser().absolute().as_uri()
-    return quote(redact(url), safe=":/?#[]@!$&'*+,;=%~")
+_KEPT_IN_LINKS = ":/?#[]@!$&'*+,;=%~"  # a URL's own delimiters; the rest is escaped
 
 
-def markdown_image(png: bytes, alt: str, link: str | None = None) -> str:
+def full_size_note(url: str, alt: str) -> str:
+    """Where the full image is, as markdown: a link where a browser can follow one (http or
+    https), else the path or URL as text. A local path is one on the worker's machine, and
+    `s3://` opens in no browser: as links they would be dead wherever the UI is read. A
+    `user:password@` part never reaches the UI."""
+    shown = redact(url)
+    if shown.startswith(("http://", "https://")):
+        # Spaces and parentheses would end a markdown link: escaped.
+        return f"[{alt}: full size]({quote(shown, safe=_KEPT_IN_LINKS)})"
+    fence = "``" if "`" in shown else "`"
+    return f"{alt}, full size: {fence}{shown}{fence}"
+
+
+def markdown_image(png: bytes, alt: str, full: str | None = None) -> str:
     """An inline image the Prefect UI renders without access to the storage root: a thumbnail
-    (the artifact lives in Prefect's database), then a link to the full image at `link`. Not
-    an image inside the link: Prefect's default (V1) UI shows such a link's text raw."""
+    (the artifact lives in Prefect's database), then where the full image is (`full_size_note`).
+    Not an image inside a link: Prefect's default (V1) UI shows such a link's text raw."""
     inline = f"![{alt}](data:image/png;base64,{base64.b64encode(thumbnail_png(png)).decode()})"
-    return f"{inline}\n[{alt}: full size]({link_url(link)})" if link else inline
+    return f"{inline}\n\n{full_size_note(full, alt)}" if full else inline
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,7 @@ from storage.lease import Holder, Lease, TurnLost, still_held
 from ..config import Runtime, TurnHeld
 from .reporting import logger
 
-LEASE_S = 60.0  # a holder whose heartbeat has not changed this long is gone
-RENEW_EVERY_S = 15.0
+BEATS_PER_BOUND = 4  # a holder beats several times within a bound: a failed write or two is survived
 WAIT_POLL_S = 2.0
 API_TIMEOUT_S = 5.0  # asking the API whether a holder's flow run finished: never longer than this
 TURN_ENV = "VQVAE2_TURN"  # a training process's turn (`TurnHeld`, as JSON)
@@ -73,11 +72,14 @@ class RunTurns:
         self.lost: Lease | None = None
         self._lock = threading.Lock()  # turns are given back from the threads of finished futures too
 
-    def take(self, root: str, folder: str, artifact_url: str, storage_options: dict | None) -> Lease:
+    def take(self, root: str, folder: str, artifact_url: str, storage_options: dict | None,
+             bound_s: float) -> Lease:
         """Wait for the turn at `folder`, then hold it for the writes under `artifact_url`
-        (`held(lease, runtime)` is the runtime that carries it to other processes)."""
-        lease = Lease(turn_url(root, folder), storage_options, holder=self.holder, bound_s=LEASE_S,
-                      renew_s=RENEW_EVERY_S, poll_s=WAIT_POLL_S, finished=self._finished, log=logger(), what=folder)
+        (`held(lease, runtime)` is the runtime that carries it to other processes); a holder
+        whose heartbeat stands still `bound_s` is taken for gone (`storage.turn_bound_s`)."""
+        lease = Lease(turn_url(root, folder), storage_options, holder=self.holder, bound_s=bound_s,
+                      renew_s=bound_s / BEATS_PER_BOUND, poll_s=min(WAIT_POLL_S, bound_s / BEATS_PER_BOUND),
+                      finished=self._finished, log=logger(), what=folder)
         lease.acquire()
         if lease.took_over is not None:
             self.gone.add(lease.took_over.token)

@@ -34,6 +34,7 @@ from ..fidelity import (
     MIN_IMAGES,
     PER_CLASS_MIN,
     Extractor,
+    ImageKind,
     check_features_available,
     fidelity_table,
     per_class_fid,
@@ -164,9 +165,10 @@ def publish_report(manifest: ReportManifest, storage_options: dict[str, Any] | N
     # The UI gets thumbnails (Prefect keeps the artifact in its database), each a link to its
     # full file. Keyed by the report's own key, as its folder under the root is.
     publish_table(f"vqvae2-fidelity-{manifest.key}", [_fidelity_cells(row) for row in report.fidelity.rows],
-                  f"FID/KID/precision/recall/IS per image set ({manifest.extractor} features)", per_config=False)
+                  f"FID/KID/precision/recall/IS per image set ({manifest.extractor} features; report key "
+                  f"{manifest.key})", per_config=False)
     publish_named_markdown(report_ui_key(manifest.key), render_markdown(report, images, links=full),
-                           f"vqvae2 report ({report.preset}, dataset {report.dataset.key})")
+                           f"vqvae2 report ({report.preset}, dataset {report.dataset.key}; report key {manifest.key})")
 
 
 def report_state(manifest: ReportManifest) -> State:
@@ -276,8 +278,9 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
     features = next((c for c in classifiers if c.role == "features"), None)
     extractor = resolve_extractor(settings.features, inception_weights=settings.inception_weights,
                                   domain_checkpoint=features.model if features else None, storage_options=options,
-                                  self_supervised=features is not None and features.target == "rotations")
-    logger().info(f"fidelity features: {extractor.kind} ({extractor.name})")
+                                  self_supervised=features is not None and features.target == "rotations",
+                                  images=ImageKind.of(settings.model))  # what `auto` decides from
+    logger().info(extractor.summary())  # one line: the features, and why where `auto` picked them
     kept_as = samples.kept(options)  # {rate: (images, the class each was drawn as)}
     kept = {rate: images for rate, (images, _) in kept_as.items()}
     per_class = per_class_fid(torch.from_numpy(kept[1.0]), torch.from_numpy(kept_as[1.0][1]), as_uint8(test_images),

@@ -83,6 +83,7 @@ class SamplesManifest(Manifest):
     seed: int
     num_samples: int  # kept per rate
     classes: list[int] | None = None  # the class indices drawn, in order (None: unconditional)
+    class_names: list[str] | None = None  # their names, where the dataset names its classes
     drawn: str | None = None  # the sampling options in words (`vqvae2.SamplingOptions.described`)
 
     def kept_images(self, storage_options: dict[str, Any] | None = None) -> dict[float, np.ndarray]:
@@ -153,7 +154,9 @@ def publish_samples(samples: SamplesManifest, storage_options: dict[str, Any] | 
              "judge confidence, kept": r.judge_confidence_kept} for r in samples.rates]
     drawn = f"{samples.drawn or _options_of_old(samples)}, seed {samples.seed}"
     if samples.classes:
-        drawn = f"classes {', '.join(map(str, samples.classes))}; {drawn}"
+        names = samples.class_names or [None] * len(samples.classes)  # samples made before names were kept
+        listed = ", ".join(f"{name} ({index})" if name else str(index) for index, name in zip(samples.classes, names))
+        drawn = f"classes {listed}; {drawn}"
     text = (f"# vqvae2 samples\n\n{samples.num_samples} images kept at each acceptance rate, from "
             f"{samples.candidates} candidates ({drawn}). The grid shows the images kept without rejection; "
             f"all of them are under `{redact(samples.url)}`.\n\n{markdown_image(grid, 'samples', samples.grid)}\n\n"
@@ -295,6 +298,7 @@ def finalize_samples(settings: SampleSettings, runtime: Runtime, dataset: Datase
         judge_mean_confidence=_mean(scores), temperature=settings.temperature, top_k=settings.top_k,
         drawn=settings.options().described(),
         seed=settings.seed, num_samples=int(len(kept[1.0])), classes=list(plan.classes) or None,
+        class_names=[dataset.class_names[c] for c in plan.classes] if plan.classes and dataset.class_names else None,
     )
 
 

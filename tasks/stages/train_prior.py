@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from prefect.futures import PrefectFuture
+from prefect.runtime import task_run
 from torch.utils.data import DataLoader, default_collate
 
 import vqvae2
@@ -135,7 +136,13 @@ def _first_rows(codes: CodesManifest, storage_options: dict[str, Any] | None, n:
     return default_collate(rows) if rows else None
 
 
-@stage_task(STAGE, name="train-prior", task_run_name="train-prior-{settings.level}")
+def _run_name() -> str:
+    """train-prior-top, train-prior-bottom: the level's name needs the codes' number of levels."""
+    parameters = task_run.parameters
+    return f"train-{parameters['settings'].name(len(parameters['codes'].level_shapes))}"
+
+
+@stage_task(STAGE, name="train-prior", task_run_name=_run_name)
 def train_prior(settings: PriorSettings, runtime: Runtime, codes: CodesManifest, artifact: Artifact) -> PriorManifest:
     name = settings.name(len(codes.level_shapes))
     return PriorManifest(**train_model(prior_job, settings, runtime, codes, artifact, name), codes=codes.key,
