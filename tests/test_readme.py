@@ -95,6 +95,6 @@ def test_readme_is_short_and_starts_with_its_contents():
 
 def test_readme_keeps_the_test_command():
     """`.ci/run` runs the test command the README gives; the two must not drift apart."""
-    command = "python3 -m pytest -q tests"
+    command = "python3 -m pytest -q -n 2 --dist loadfile tests"
     assert f"```bash\n{command}\n```" in README.read_text()
     assert command in (REPO / ".ci" / "run").read_text()

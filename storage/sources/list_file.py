@@ -397,9 +397,10 @@ def _parquet_rows(url: str, data: bytes) -> tuple[list[str], list[Row]]:
     except ImportError as err:
         raise ImportError(f"{redact(url)}: reading Parquet lists needs pyarrow: pip install pyarrow") from err
     try:
-        # No thread of Arrow's pools (CPU, and I/O for pre-buffering): one still running when the
-        # process exits aborts it (exit code 134, "terminate called without an active exception").
-        table = pq.read_table(io.BytesIO(data), use_threads=False, pre_buffer=False)
+        # The file's own reader, not `read_table`'s dataset scanner, and no thread of Arrow's
+        # pools: a scanner's or pool's thread still alive when the process exits aborts it
+        # (exit code 134, "terminate called without an active exception"; apache/arrow#34314).
+        table = pq.ParquetFile(io.BytesIO(data), pre_buffer=False).read(use_threads=False)
     except (pa.ArrowException, OSError, ValueError) as err:
         raise ValueError(f"{redact(url)}: not a readable Parquet file ({err})") from err
     return list(table.column_names), [(f"row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
