@@ -95,6 +95,9 @@ class Stage(Generic[M]):
     # with dataset None before anything starts (what the config alone shows), then with
     # the dataset's manifest once the ingest made it, before any training.
     check: Callable[[PipelineConfig, Any], None] | None = None
+    # then(output, runtime): what a run that calls this stage does with its output once it has
+    # it, made or Cached (a training's TensorBoard events, from the history its artifact keeps).
+    then: Callable[[Any, Runtime], None] | None = None
 
     def __call__(self, config: PipelineConfig, runtime: Runtime, variant: Any = None, **inputs: Any) -> M:
         """This stage's output for `config` (one `variant` of a stage with variants), made
@@ -124,7 +127,7 @@ class Stage(Generic[M]):
                     output.add_done_callback(lambda _: turns.give_back(turn))
                 else:
                     turns.give_back(turn)
-            return Started(instance, output)
+            return Started(instance, output, functools.partial(self.then, runtime=runtime) if self.then else None)
 
     def turn(self, settings: Settings, inputs: Mapping[str, Any], runtime: Runtime) -> tuple[str, str, dict]:
         """Where runs take turns at this stage's output, and what that turn guards: (the turn's
@@ -169,10 +172,16 @@ class Started(Generic[M]):
 
     instance: str
     output: Any
+    then: Callable[[Any], None] | None = None  # `Stage.then`, once, in the flow's thread (its log is the run's)
+    _then_done: list[bool] = field(default_factory=list, compare=False, repr=False)
 
     def result(self) -> M:
         with failing_in(self.instance):
-            return self.output.result() if isinstance(self.output, PrefectFuture) else self.output
+            output = self.output.result() if isinstance(self.output, PrefectFuture) else self.output
+            if self.then is not None and not self._then_done:
+                self._then_done.append(True)
+                self.then(output)
+            return output
 
 
 def key_of(value: Any) -> str:

@@ -3,7 +3,9 @@
 What a user relies on: `tensorboard --logdir {root}/tensorboard` shows each training's
 history.json, step for step and value for value, with a picture per epoch; a resumed or
 recovered training shows each step once; the root may be S3; the flag changes no key and
-nothing a training computes, and without it nothing is written and nothing imported."""
+nothing a training computes, and without it nothing is written and nothing imported. A
+training found done (Cached, or trained with the flag off) gets the same scalars in the same
+folder from its history.json, once, and where it keeps none one line says so."""
 from __future__ import annotations
 
 import io
@@ -25,7 +27,7 @@ from storage.fsutil import find, join, read_bytes, read_json
 from tasks.config import TrainingRuntime
 from tasks.machinery.artifacts import Artifact
 from tasks.machinery.reporting import image_grid
-from tasks.machinery.tensorboard import EPOCH, IMAGES, STEP, event_files, run_url
+from tasks.machinery.tensorboard import EPOCH, IMAGES, STEP, event_files, events_of_finished, run_url, write_history
 from tasks.machinery.faults import InjectedFault
 from tasks.machinery.trainer import Trainer, TrainingJob
 
@@ -193,6 +195,84 @@ def test_the_events_reach_an_s3_root_whole(s3_bucket):
     assert url.startswith("s3://") and summary.history == join(root, "tiny", "k", "history.json")
 
 
+def test_a_finished_training_gets_the_scalars_a_live_one_writes_once_after_the_fact(tmp_path):
+    live = _run(str(tmp_path / "live"))
+    off = _run(str(tmp_path / "off"), tensorboard=False)
+    history = read_json(off.history)
+    assert history == read_json(live.history) and not (tmp_path / "off" / "tensorboard").exists()
+    url, live_url = (run_url(str(tmp_path / name), "tiny", "k") for name in ("off", "live"))
+
+    said = write_history(url, off.history)
+    assert said == (f"TensorBoard events of its 9 logged steps and 2 epochs written to {url} from its history.json "
+                    "(scalars only: the pictures are drawn as it trains)")
+    # The folder a live training writes, its scalars value for value: all but the pictures.
+    assert url.removeprefix(str(tmp_path / "off")) == live_url.removeprefix(str(tmp_path / "live"))
+    events = _events(url)
+    _assert_scalars_are_the_history(events, history)
+    assert _scalars(events) == _scalars(_events(live_url))
+    accumulator = EventAccumulator(url, size_guidance={"scalars": 0}).Reload()
+    assert [(s.step, s.value) for s in accumulator.Scalars("epoch/train_loss")] == [
+        (row["step"], pytest.approx(row["train_loss"], rel=1e-6)) for row in history["epochs"]]
+    assert accumulator.Tags()["images"] == []
+
+    # Once: a second run with the flag finds them there, as it finds a live training's.
+    files = {f: read_bytes(f) for f in event_files(url)}
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["events.out.tfevents.000000000001.history"]
+    assert write_history(url, off.history) == f"TensorBoard events of its 9 logged steps and 2 epochs at {url}"
+    assert {f: read_bytes(f) for f in event_files(url)} == files
+    live_files = {f: read_bytes(f) for f in event_files(live_url)}
+    assert write_history(live_url, live.history).endswith(f" at {live_url}")
+    assert {f: read_bytes(f) for f in event_files(live_url)} == live_files
+
+
+def test_what_a_failed_live_attempt_left_is_completed_with_each_step_once(tmp_path):
+    root = str(tmp_path)
+    with pytest.raises(InjectedFault):  # after step 8, with the flag: its events reach step 8
+        _run(root, fail_once_at_step={"tiny": 8})
+    summary = _run(root, tensorboard=False)  # the retry, without: steps 7 to 9 are in history.json only
+    assert summary.resumed_from_step == 6
+    url, history = run_url(root, "tiny", "k"), read_json(summary.history)
+    assert write_history(url, summary.history) == (
+        f"TensorBoard events of 1 logged step and 1 epoch of its 9 logged steps and 2 epochs (the rest were there) "
+        f"written to {url} from its history.json (scalars only: the pictures are drawn as it trains)")
+    events = _events(url)
+    _assert_scalars_are_the_history(events, history)  # in training order, as TensorBoard reads the files
+    tagged_steps = [(v.tag, e.step) for e in events for v in e.summary.value]
+    assert len(tagged_steps) == len(set(tagged_steps))
+    # Named after its first row's step: it sorts after the live attempt's file, which went on from step 0.
+    names = [f.rsplit("/", 1)[-1] for f in event_files(url)]
+    assert len(names) == 2 and names[0].startswith("events.out.tfevents.000000000000.")
+    assert names[1] == "events.out.tfevents.000000000009.history"
+
+
+@pytest.mark.parametrize("history", [None, b"[]"], ids=["none", "not a history"])
+def test_a_training_without_a_history_gets_one_line_saying_why_and_no_events(history, tmp_path, caplog):
+    from tasks.config import Runtime, pipeline_config
+    from tasks.stages.train_autoencoder import AutoencoderManifest
+
+    root = str(tmp_path / "root")
+    artifact = Artifact(root, "autoencoder", "0123456789abcdef")
+    if history is not None:
+        (tmp_path / "root" / "autoencoder" / artifact.key).mkdir(parents=True)
+        Path(artifact.path("history.json")).write_bytes(history)
+    manifest = AutoencoderManifest(
+        **artifact.identity(), steps=40, resumed_from_step=0, epochs=1, metrics={}, model=artifact.path("model.pt"),
+        loss_curve=artifact.path("loss_curve.png"), history=artifact.path("history.json"), device="cpu", dataset="d",
+        latent_shapes=[(4, 4), (8, 8)], codebook_size=16)
+    url = run_url(root, "autoencoder", artifact.key)
+    for flag in (False, True):
+        runtime = Runtime.of(pipeline_config("smoke", storage={"root": root}, training={"tensorboard": flag}))
+        with caplog.at_level("INFO", logger="vqvae2"):
+            events_of_finished(manifest, runtime)
+    why = ("its artifact keeps no history.json to write them from (made by an older version of vqvae2)"
+           if history is None else
+           f"{artifact.path('history.json')} is not a training's history (TypeError: list indices must be integers "
+           "or slices, not str)")
+    said = [r.getMessage() for r in caplog.records if r.name == "vqvae2"]
+    assert said == [f"autoencoder: no TensorBoard events written to {url}: {why}"]  # with the flag only
+    assert not (tmp_path / "root" / "tensorboard").exists()
+
+
 def test_the_flag_is_no_part_of_any_key():
     from tasks.config import config_key, pipeline_config
     from tasks.stages import stage_keys
@@ -260,3 +340,42 @@ def test_the_stages_show_reconstructions_and_prior_samples(smoke_run, tmp_path):
     _, off = train(prior, prior_job, finished.get(encode.STAGE), False, "prior-off")
     on_weights, off_weights = (torch.load(s.model, weights_only=True)["state_dict"] for s in (on, off))
     assert all(torch.equal(on_weights[name], off_weights[name]) for name in on_weights)
+
+
+@pytest.mark.slow
+def test_cached_trainings_get_their_events_from_their_history_once(smoke_run, tmp_path):
+    """`--set training.tensorboard=true` on a root whose trainings are done: the stage flow is
+    all Cached and each training's folder gets its history's scalars, once, said in one line."""
+    import shutil
+
+    from flows.parameters import sections_of
+    from flows.pipeline import STAGE_FLOWS
+    from pipeline_helpers import log_lines, smoke_config, snapshot, state_names
+
+    _, smoke_root, _ = smoke_run
+    root = tmp_path / "root"
+    shutil.copytree(smoke_root, root)
+    assert not (root / "tensorboard").exists()  # the smoke run trained without the flag
+    config = smoke_config(str(root), training={"tensorboard": True})
+    said, written = [], []
+    for _ in range(2):
+        state = STAGE_FLOWS["train-priors"](**sections_of(config), return_state=True)
+        assert state.is_completed(), state.message
+        states = state_names(state.state_details.flow_run_id)
+        assert states and set(states.values()) == {"Cached"}, states
+        said.append(sorted(log_lines(state.state_details.flow_run_id, "TensorBoard events", at_least=2)))
+        written.append(snapshot(root / "tensorboard"))
+    priors = state.result()
+    urls = [run_url(str(root), prior.level_name, prior.key) for prior in priors]
+    for prior, url in zip(priors, urls):
+        _assert_scalars_are_the_history(_events(url), read_json(prior.history))
+
+    def rows(history: dict) -> str:
+        steps, epochs = len(history["steps"]), len(history["epochs"])
+        return f"{steps} logged step{'s' * (steps != 1)} and {epochs} epoch{'s' * (epochs != 1)}"
+
+    counts = [f"{p.level_name}: TensorBoard events of its {rows(read_json(p.history))}" for p in priors]
+    assert said[0] == sorted(f"{c} written to {u} from its history.json (scalars only: the pictures are drawn as it "
+                             "trains)" for c, u in zip(counts, urls))
+    assert said[1] == sorted(f"{c} at {u}" for c, u in zip(counts, urls))  # the second time: nothing written
+    assert written[1] == written[0]

@@ -51,7 +51,7 @@ class TrainingRuntime(Section):
     tensorboard: Annotated[bool, RUN_ONLY] = Field(
         False, description="Also write each training's metrics, and a picture per epoch (reconstructions, prior "
         "samples), as TensorBoard event files under {root}/tensorboard/<training>-<key>/: `tensorboard --logdir "
-        "{root}/tensorboard`",
+        "{root}/tensorboard`; a Cached training's scalars from the history.json its artifact keeps",
     )
 
     nnodes: int = Field(1, ge=1, description="Machines each data-parallel training spans, `training.processes` "

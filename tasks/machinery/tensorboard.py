@@ -26,8 +26,20 @@ named after the step it goes on from, so files sort in training order. Every rea
 once. `purge_step` (a SessionLog.START event) would not do: only `EventAccumulator` honours
 it, and it cuts every tag at one step, where the epoch rows end at a step of their own.
 
-`tensorboard` is imported only here, and only when a run is started: without the flag no
-training process pays for it.
+After the fact. A training made with the flag off, which a later run finds Cached, wrote no
+events; its history.json, kept in its artifact, holds every row they show but the pictures
+(those need the model as it was at each epoch). So every run that reaches a training's output
+with the flag on (`events_of_finished`, the trainings' `Stage.then`) makes the same run folder
+hold each scalar row of that history once: the rows no event file there holds yet (all of
+them, or those a killed attempt never published) go into one file,
+`events.out.tfevents.<step of its first row>.history`: named after a step, as a live attempt's
+file is, so that it sorts among them in training order, and without a random part, so that two
+runs completing one folder at once write the same file, not the same rows twice. A folder
+that holds them all, as a live training leaves it, is left as it is. One line says what was
+written where, or why nothing was.
+
+`tensorboard` is imported only here, and only when a run is started or a finished one's
+events are written: without the flag no training process pays for it.
 """
 from __future__ import annotations
 
@@ -42,9 +54,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.fsutil import exists, find, join, read_bytes, redact, remove, sweep_temporaries, write_bytes
+from storage.fsutil import (TMP_MARKER, exists, find, join, read_bytes, read_json, redact, remove, sweep_temporaries,
+                            write_bytes)
 
-from .reporting import image_grid, png_bytes
+from ..config import Runtime
+from ..manifests import TrainedManifest
+from .reporting import image_grid, logger, png_bytes
 
 FOLDER = "tensorboard"  # under the storage root; not an artifact (`vqvae2 verify` looks at stage folders only)
 STEP, EPOCH, IMAGES = "train/", "epoch/", "images/"  # tag prefixes: a logged step's metrics, an epoch's, its pictures
@@ -96,7 +111,9 @@ def event_files(url: str, storage_options: dict[str, Any] | None = None) -> list
     """The event files of a run folder, in the order TensorBoard reads them (by name)."""
     if not exists(url, storage_options):
         return []
-    return [join(url, name) for name in sorted(find(url, storage_options)) if EVENTS in name and "/" not in name]
+    # Not a writer's temporary (its name has "tfevents" too): half a file until it is renamed.
+    return [join(url, name) for name in sorted(find(url, storage_options))
+            if EVENTS in name and "/" not in name and TMP_MARKER not in name]
 
 
 def trim(url: str, logged: Logged, storage_options: dict[str, Any] | None = None) -> None:
@@ -142,8 +159,10 @@ class TensorBoardRun:
         trim(self.url, logged, self.storage_options)
         # The step first, so that the files sort in training order; then a random part:
         # attempts that go on from one step each write their own (the earlier ones trimmed away).
-        self.name = f"events.out.{EVENTS}.{step:012d}.{uuid.uuid4().hex[:12]}"
-        self.buffer, self.unpublished = bytearray(), False
+        self._begin(f"events.out.{EVENTS}.{step:012d}.{uuid.uuid4().hex[:12]}")
+
+    def _begin(self, name: str) -> None:
+        self.name, self.buffer, self.unpublished = name, bytearray(), False
         self._write(file_version="brain.Event:2")
 
     def log_step(self, row: Mapping[str, Any]) -> None:
@@ -170,13 +189,13 @@ class TensorBoardRun:
         self.publish()  # nothing else is held: the file lives in memory
 
     def _scalars(self, prefix: str, row: Mapping[str, Any]) -> None:
+        for tag, step, value in scalars(prefix, row):
+            self._scalar(tag, step, value)
+
+    def _scalar(self, tag: str, step: int, value: float) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        step = int(row["step"])
-        for name, value in row.items():
-            if name in COORDINATES or isinstance(value, bool) or not isinstance(value, Real):
-                continue
-            self._write(step=step, summary=Summary(value=[Summary.Value(tag=prefix + name, simple_value=value)]))
+        self._write(step=step, summary=Summary(value=[Summary.Value(tag=tag, simple_value=value)]))
 
     def _picture(self, tag: str, step: int, picture: np.ndarray) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
@@ -194,6 +213,14 @@ class TensorBoardRun:
         self.unpublished = self.unpublished or "summary" in event
 
 
+def scalars(prefix: str, row: Mapping[str, Any]) -> Iterator[tuple[str, int, float]]:
+    """(tag, step, value) of each metric of a history row: not where it sits, nor a flag."""
+    step = int(row["step"])
+    for name, value in row.items():
+        if name not in COORDINATES and not isinstance(value, bool) and isinstance(value, Real):
+            yield prefix + name, step, value
+
+
 class _Appender:
     """What `RecordWriter` writes to: the end of a bytearray."""
 
@@ -202,6 +229,78 @@ class _Appender:
 
     def write(self, data: bytes) -> None:
         self.buffer += data
+
+
+# --- after the fact ------------------------------------------------------------------------
+
+HISTORY_FILE = "history"  # the last part of the name of an event file written after the fact
+
+
+def events_of_finished(manifest: TrainedManifest, runtime: Runtime) -> None:
+    """The trainings' `Stage.then`: with `training.tensorboard`, a finished training's event
+    files from the history kept in its artifact (`write_history`), in one line of the run's log.
+    A view of results that are there: a storage error or a damaged event file is said, not raised."""
+    if not runtime.training.tensorboard:
+        return
+    name = manifest.display_name
+    url = run_url(runtime.root, name, manifest.key)
+    try:
+        said = write_history(url, manifest.history, runtime.storage_options)
+    except (OSError, ValueError) as err:
+        logger().warning(f"{name}: no TensorBoard events written to {redact(url)}: {err}")
+        return
+    logger().info(f"{name}: {said}")
+
+
+def write_history(url: str, history_url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Make the run folder `url` hold each scalar row of the finished training's history.json
+    at `history_url` once (see the module's doc); returns what was done, as a line to log."""
+    if not exists(history_url, storage_options):
+        return (f"no TensorBoard events written to {redact(url)}: its artifact keeps no history.json to write them "
+                "from (made by an older version of vqvae2)")
+    try:
+        history = read_json(history_url, storage_options)
+        rows = sorted([(int(row["step"]), 0, STEP, row) for row in history["steps"]]
+                      + [(int(row["step"]), 1, EPOCH, row) for row in history["epochs"]], key=lambda r: r[:2])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        return (f"no TensorBoard events written to {redact(url)}: {redact(history_url)} is not a training's history "
+                f"({type(err).__name__}: {err})")
+    held = logged_rows(url, storage_options)
+    lacking = []  # (prefix, step, the row's scalars no event file holds) of each row not held whole
+    for step, _, prefix, row in rows:
+        found = [scalar for scalar in scalars(prefix, row) if scalar[:2] not in held]
+        if found:
+            lacking.append((prefix, step, found))
+    whole = _counted(len(history["steps"]), len(history["epochs"]))
+    if not lacking:
+        return f"TensorBoard events of its {whole} at {redact(url)}"
+    run = TensorBoardRun(url, storage_options)
+    run._begin(f"events.out.{EVENTS}.{lacking[0][1]:012d}.{HISTORY_FILE}")
+    for _, _, found in lacking:
+        for tag, step, value in found:
+            run._scalar(tag, step, value)
+    run.close()
+    kinds = [prefix for prefix, _, _ in lacking]
+    written = _counted(kinds.count(STEP), kinds.count(EPOCH))
+    what = f"its {whole}" if written == whole else f"{written} of its {whole} (the rest were there)"
+    return (f"TensorBoard events of {what} written to {redact(url)} from its history.json (scalars only: the "
+            "pictures are drawn as it trains)")
+
+
+def _counted(steps: int, epochs: int) -> str:
+    return f"{steps} logged step{'s' * (steps != 1)} and {epochs} epoch{'s' * (epochs != 1)}"
+
+
+def logged_rows(url: str, storage_options: dict[str, Any] | None = None) -> set[tuple[str, int]]:
+    """(tag, step) of every row the run folder's event files hold."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    held = set()
+    for file_url in event_files(url, storage_options):
+        for _, data in _records(read_bytes(file_url, storage_options), file_url):
+            event = Event.FromString(data)
+            held.update((value.tag, event.step) for value in event.summary.value)
+    return held
 
 
 # --- pictures ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from ..machinery.artifacts import Artifact
 from ..machinery.devices import training_task
 from ..machinery.process import train_model
 from ..machinery.reporting import image_grid
+from ..machinery.tensorboard import events_of_finished
 from ..machinery.ranks import rank_batch_size
 from ..machinery.trainer import TrainingJob
 from ..stage import Needs, Settings, Stage, stage_task
@@ -68,7 +69,7 @@ def check(config: PipelineConfig, dataset: DatasetManifest | None) -> None:
 STAGE = Stage(
     name="train-autoencoder", directory="autoencoder", code_version="1", settings=AutoencoderSettings,
     output=AutoencoderManifest, inputs={"dataset": Needs("ingest")}, run=run,
-    summary="Train the autoencoder on an ingested dataset.", check=check,
+    summary="Train the autoencoder on an ingested dataset.", check=check, then=events_of_finished,
 )
 
 

@@ -22,6 +22,7 @@ from ..machinery.artifacts import Artifact
 from ..machinery.devices import training_task
 from ..machinery.process import train_model
 from ..machinery.ranks import rank_batch_size
+from ..machinery.tensorboard import events_of_finished
 from ..machinery.trainer import TrainingJob
 from ..stage import Needs, Settings, Stage, stage_task
 
@@ -90,7 +91,7 @@ STAGE = Stage(
     name="train-classifiers", directory="classifiers", code_version="1", settings=ClassifierSettings,
     output=ClassifierManifest, inputs={"dataset": Needs("ingest")}, run=run, variants=classifier_roles,
     summary="Train the judge for rejection sampling (and, unless the evaluation uses Inception, the FID feature network).",
-    check=check,
+    check=check, then=events_of_finished,
 )
 
 

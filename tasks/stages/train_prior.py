@@ -21,7 +21,7 @@ from ..machinery.artifacts import Artifact
 from ..machinery.devices import training_task
 from ..machinery.models import load_model
 from ..machinery.process import train_model
-from ..machinery.tensorboard import code_maps
+from ..machinery.tensorboard import code_maps, events_of_finished
 from ..machinery.ranks import rank_batch_size
 from ..machinery.trainer import TrainingJob
 from ..machinery.training_state import private_generator
@@ -80,7 +80,7 @@ def run(settings: PriorSettings, runtime: Runtime, codes: CodesManifest) -> Pref
 STAGE = Stage(
     name="train-priors", directory="priors", code_version="1", settings=PriorSettings, output=PriorManifest,
     inputs={"codes": Needs("encode")}, run=run, variants=lambda config: list(range(config.model.levels)),
-    summary="Train the prior of every level on the codes, concurrently.",
+    summary="Train the prior of every level on the codes, concurrently.", then=events_of_finished,
 )
 
 
