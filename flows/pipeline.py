@@ -28,7 +28,7 @@ from tasks.machinery.dask import ByReferenceDaskTaskRunner, check_dask_runner
 from tasks.machinery.devices import on_this_machine
 from tasks.machinery.turns import check_turns, taking_turns
 from tasks.machinery.failure_report import failing_in, reported_failure
-from tasks.machinery.reporting import tag_run
+from tasks.machinery.run_tags import tag_run
 from tasks.runs import record_run
 from tasks.source_watch import announce_new_data
 from tasks.stage import Stage

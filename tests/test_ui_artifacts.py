@@ -16,7 +16,8 @@ from prefect.client.schemas.filters import ArtifactCollectionFilter
 from flows.parameters import sections_of
 from flows.pipeline import STAGE_FLOWS
 from tasks.config import config_key
-from tasks.stages.evaluate import Report, render_markdown
+from tasks.report_markdown import render_markdown
+from tasks.stages.evaluate import Report
 from tasks.machinery.reporting import config_ui_key, full_size_note, markdown_image, png_bytes, thumbnail_png
 from pipeline_helpers import artifacts, smoke_config, state_names
 

@@ -157,18 +157,6 @@ def track(futures: Sequence[PrefectFuture], description: str) -> list[PrefectFut
     return futures
 
 
-def tag_run(what: str, preset: str) -> None:
-    """Tag this flow run `vqvae2`, with what it runs (`pipeline`, `stage:sample`, `watch`) and
-    its preset (`preset:smoke`), beside the tags its deployment gave it: the UI's filters by
-    tag find a kind of run, as every flow is named `vqvae2` and every run keeps its one name."""
-    if not in_prefect_run():
-        return
-    run_id = flow_run.get_id()
-    with get_client(sync_client=True) as client:
-        tags = set(client.read_flow_run(run_id).tags) | {"vqvae2", what, f"preset:{preset}"}
-        client.update_flow_run(run_id, tags=sorted(tags))
-
-
 def publish_table(key: str, rows: Sequence[Mapping[str, Any]], description: str, per_config: bool = True) -> None:
     """A table artifact (a new version of `key` of this config each call: the UI shows the latest);
     `per_config=False`: of `key` itself, which names what the table shows."""

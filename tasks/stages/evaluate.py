@@ -16,7 +16,6 @@ plot visible as a thumbnail linking to its full PNG, which the flows publish on 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,7 +31,6 @@ from vqvae2.config import config_to_dict
 from ..config import PipelineConfig, Runtime
 from ..fidelity import (
     MIN_IMAGES,
-    PER_CLASS_MIN,
     Extractor,
     ImageKind,
     check_features_available,
@@ -49,18 +47,17 @@ from ..machinery.reporting import (
     Panel,
     display_scale,
     image_grid,
+    latest_artifact_ui_url,
     logger,
-    markdown_image,
-    markdown_table,
     pairs_grid,
     plot_png,
     png_bytes,
-    latest_artifact_ui_url,
     publish_named_markdown,
     publish_table,
 )
 from ..machinery.rounding import rounded
 from ..machinery.sampling_plan import resolve_classes
+from ..report_markdown import render_markdown
 from ..stage import Needs, Settings, Stage, stage_task
 
 if TYPE_CHECKING:  # what it takes, for annotations only: a stage never imports another
@@ -346,18 +343,6 @@ def evaluate(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManif
                           extractor=extractor.kind)
 
 
-def _per_class_part(report: Report) -> list[str]:
-    """The per-class FID table, a class with too few images marked, never left out."""
-    if not report.per_class:
-        return []
-    rows = [{"class": f"{row['class']} {row['name']}", "samples": row["samples"], "reference images": row["reference"],
-             "FID": row["fid"] if row["fid"] is not None else f"too few images (under {PER_CLASS_MIN})"}
-            for row in report.per_class]
-    return ["### Per class", f"Each class's samples without rejection against its held-out images, in the same "
-            f"feature space; a class with fewer than {PER_CLASS_MIN} images on either side gets no FID.",
-            markdown_table(rows)]
-
-
 def _rejection(samples: SamplesManifest, dataset: DatasetManifest) -> str:
     if samples.judge_mean_confidence is not None:
         return "classifier-based (the judge's confidence in each sample's class)"
@@ -368,53 +353,3 @@ def _rejection(samples: SamplesManifest, dataset: DatasetManifest) -> str:
 def _fidelity_cells(row: dict[str, Any]) -> dict[str, Any]:
     keys = ("set", "rate", "fid", "kid_mean", "precision", "recall", "isc_mean", "num_generated", "judge_confidence")
     return {k: row.get(k) for k in keys}
-
-
-# --- the report as markdown ---------------------------------------------------------------------
-
-
-def _source(source: dict[str, Any]) -> str:
-    where = source.get("url") or source.get("urls")
-    return f"{source.get('kind', 'source')} at `{where}`"
-
-
-def render_markdown(report: Report, images: Mapping[str, str | bytes],
-                    links: Mapping[str, str] | None = None) -> str:
-    """`images` maps a name to a file name (report.md) or PNG bytes (inlined as a bounded
-    thumbnail, linking to `links[name]`, the URL of the full image, where given)."""
-    links = links or {}
-
-    def image(name: str) -> str:
-        value = images[name]
-        return markdown_image(value, name, links.get(name)) if isinstance(value, bytes) else f"![{name}]({value})"
-
-    fidelity, samples, dataset = report.fidelity, report.samples, report.dataset
-    keys = ("set", "fid", "kid_mean", "precision", "recall", "isc_mean", "num_generated", "judge_confidence")
-    parts = [
-        f"# vqvae2 report: `{report.preset}`",
-        f"Dataset `{dataset.key}`: {dataset.images} images, "
-        f"{_source(dataset.source)}.",
-        "## Samples",
-        f"{(samples.drawn or f'temperature {samples.temperature}, top-k {samples.top_k}').capitalize()}, "
-        f"seed {samples.seed}; "
-        f"{samples.candidates} candidates, {samples.kept_per_rate} kept per acceptance rate. "
-        f"Rejection sampling: {samples.rejection}. Without rejection:",
-        image("samples"),
-    ]
-    if "rejection" in images:
-        parts += ["Classifier-based rejection: per class (rows), the candidates the judge likes most (left) "
-                  "and least (right):", image("rejection")]
-    parts += [
-        "## Sample quality",
-        f"Feature space: **{fidelity.extractor['kind']}**. {fidelity.extractor['description']}. "
-        f"Reference: {fidelity.reference}.",
-        markdown_table([{k: row.get(k) for k in keys} for row in fidelity.rows]),
-        image("rejection-tradeoff"),
-        *_per_class_part(report),
-        "## Reconstructions", "Held-out images (left) and their reconstructions (right):", image("reconstructions"),
-        "## Metrics", markdown_table([{"metric": k, "value": v} for k, v in report.metrics.items()]),
-        "## Training", markdown_table(report.training),
-        "## Loss curves", "\n".join(image(name) for name in images if name.startswith("loss-")),
-        "## Artifacts", markdown_table([{"artifact": k, "url": v} for k, v in report.artifacts.items()]),
-    ]
-    return "\n\n".join(parts)
