@@ -22,23 +22,11 @@ import numpy as np
 import pytest
 
 
-# The modules that take longest, longest first (minutes of a quiet 2-core machine): the two
-# workers of README's test command take modules in the order collected, and one of these
-# started last would run on alone while the other worker has nothing left to do.
-LONGEST_FIRST = ("test_faults.py", "test_deployment.py", "test_pipeline.py", "test_cli.py", "test_ddp.py",
-                 "test_gpu_check.py", "test_own_images.py", "test_dask.py", "test_failures.py",
-                 "test_sample_classes.py", "test_stage_declarations.py", "test_gpu_sharing.py")
-
-
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` are skipped on a machine without CUDA (`pytest -m cuda` selects them
     on a GPU); a test that takes the smoke run is `slow`, as every test that runs a pipeline
-    is: `pytest -m "not slow"` is the quick loop. The longest modules come first
-    (`LONGEST_FIRST`), each module's tests in their own order."""
+    is: `pytest -m "not slow"` is the quick loop."""
     import torch
-
-    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST
-               else len(LONGEST_FIRST))
 
     skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs CUDA")
     for item in items:
