@@ -62,18 +62,18 @@ def run_name(what: str) -> str:
 
 def pipeline(config: PipelineConfig) -> State:
     """The whole VQ-VAE-2 pipeline: ingest, train, encode, priors, sample, evaluate."""
-    with reported_failure():
-        tag_run("pipeline", config.preset)
-        config = on_this_machine(config)  # the devices: resolved once, where the run starts
-        check_dask_runner(config.runner.dask_address)
-        check_stages(config)  # not after hours of training, nor after waiting for a turn
-        with taking_turns():  # a run needing what another makes waits, then reuses
-            if config.runner.dask_address:
-                report = pipeline_on_dask.with_options(
-                    task_runner=ByReferenceDaskTaskRunner(address=config.runner.dask_address))(config)
-            else:
-                report = run_stages(config)
-        return report_state(report)  # Completed, naming the report and its card
+    # A failure is reported (card, one ERROR line) around every flow: `taking_sections`.
+    tag_run("pipeline", config.preset)
+    config = on_this_machine(config)  # the devices: resolved once, where the run starts
+    check_dask_runner(config.runner.dask_address)
+    check_stages(config)  # not after hours of training, nor after waiting for a turn
+    with taking_turns():  # a run needing what another makes waits, then reuses
+        if config.runner.dask_address:
+            report = pipeline_on_dask.with_options(
+                task_runner=ByReferenceDaskTaskRunner(address=config.runner.dask_address))(config)
+        else:
+            report = run_stages(config)
+    return report_state(report)  # Completed, naming the report and its card
 
 
 def run_stages(config: PipelineConfig) -> ReportManifest:
