@@ -113,7 +113,7 @@ def _candidates(value: Any, annotation: Any) -> list[Any]:
     if isinstance(value, float):
         return [value * 0.5, value * 2, value + 0.1, 0.5]
     if isinstance(value, str):
-        return {"auto": ["bf16", "off", "none"]}.get(value, []) + [value + "-changed", "changed-" + value]
+        return {"auto": ["bf16", "off", "none"], "constant": ["cosine"]}.get(value, []) + [value + "-changed", "changed-" + value]
     if isinstance(value, tuple):
         return [(first, *value[1:]) for first in _candidates(value[0], type(value[0]))]
     if isinstance(value, list):

@@ -12,8 +12,13 @@ import math
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
+
+
+# storage.artifacts.IN_KEY_WHEN_SET, spelled out: vqvae2 imports nothing of storage.
+_IN_KEY_WHEN_SET = {"in_key": "when set"}
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -86,6 +91,10 @@ class PriorConfig:
     cond_channels: int = 128  # conditioning stack width (lower levels only)
     cond_res_blocks: int = 4  # residual blocks of the conditioning stack (paper, ImageNet bottom: 20)
     class_conditional: bool = True  # use the dataset's labels when it has them
+    # This level's training steps, where they differ from train_prior.steps: a prior cheaper
+    # per step than the others (a smaller grid) can learn more in the time they take. In a
+    # key only where set (storage.artifacts.IN_KEY_WHEN_SET).
+    steps: int | None = field(default=None, metadata=_IN_KEY_WHEN_SET)
 
     def __post_init__(self) -> None:
         _require(self.channels >= 1, "prior.channels must be >= 1")
@@ -101,6 +110,7 @@ class PriorConfig:
         _require(0.0 <= self.dropout < 1.0, "prior.dropout must be in [0, 1)")
         _require(self.embed_dim >= 1 and self.cond_channels >= 1, "prior.embed_dim and prior.cond_channels must be >= 1")
         _require(self.cond_res_blocks >= 0, "prior.cond_res_blocks must be >= 0")
+        _require(self.steps is None or self.steps >= 1, "prior.steps must be >= 1, or unset (null): train_prior.steps")
 
 
 @dataclass
@@ -136,6 +146,13 @@ class TrainConfig:
     # the autoencoder's encoders and decoders in backward instead of keeping their
     # activations: less memory, about one more forward of compute (vqvae2.enable_activation_checkpointing).
     activation_checkpointing: bool = False
+    # Both added after keys were first made: in a key only where set (storage.artifacts.IN_KEY_WHEN_SET).
+    # The rate after warm-up: "constant", or "cosine" down to 0 at the last step (Loshchilov &
+    # Hutter 2017, "SGDR"), which ends training in smaller, less noisy steps.
+    lr_schedule: str = field(default="constant", metadata=_IN_KEY_WHEN_SET)
+    # A Polyak (exponential moving) average of the weights, with this decay per step, is what
+    # is evaluated and published (model.pt) and sampled from; 0 publishes the last weights.
+    ema_decay: float = field(default=0.0, metadata=_IN_KEY_WHEN_SET)
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "train.steps must be >= 1")
@@ -145,6 +162,9 @@ class TrainConfig:
         _require(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
         _require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         _require(self.amp in ("auto", "bf16", "off"), f"train.amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+        _require(self.lr_schedule in LR_SCHEDULES,
+                 f"train.lr_schedule must be one of {', '.join(map(repr, LR_SCHEDULES))}, got {self.lr_schedule!r}")
+        _require(0.0 <= self.ema_decay < 1.0, f"train.ema_decay must be in [0, 1) (0: no average), got {self.ema_decay}")
         if self.micro_batch_size is not None:
             _require(
                 1 <= self.micro_batch_size <= self.batch_size,
@@ -195,6 +215,11 @@ class ModelConfig:
     def latent_shapes(self) -> list[tuple[int, int]]:
         """Code grid (h, w) of every level, top first."""
         return self.autoencoder.latent_shapes(self.image_size)
+
+    def prior_training(self, level: int) -> TrainConfig:
+        """How the prior of `level` trains: train_prior, with the level's own steps where it has them."""
+        steps = self.priors[level].steps
+        return self.train_prior if steps is None else replace(self.train_prior, steps=steps)
 
     def prior_num_classes(self, level: int) -> int:
         return self.num_classes if self.priors[level].class_conditional else 0

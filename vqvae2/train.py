@@ -9,6 +9,8 @@ statistics in fp32 regardless. Checkpointing, logging and fault injection are ho
 """
 from __future__ import annotations
 
+import functools
+import math
 import random
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.checkpoint import checkpoint
 
 from .autoencoder import VQVAE2
@@ -251,11 +254,53 @@ def rotation_loss(model: ResNetClassifier, batch: Sequence) -> tuple[Tensor, Met
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW with a linear warm-up of `config.warmup_steps`, then a constant rate."""
+    """AdamW with a linear warm-up of `config.warmup_steps`, then `config.lr_schedule`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    warmup = config.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, config))
     return optimizer, scheduler
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """The rate of step `step` (from 0) as a fraction of `config.lr`."""
+    warmup = config.warmup_steps
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if config.lr_schedule == "cosine":
+        done = min(1.0, (step - warmup) / max(1, config.steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+    return 1.0
+
+
+# --- a Polyak average of the weights ---------------------------------------------------
+
+
+def polyak_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of `model`'s parameters (Polyak & Juditsky 1992), for
+    `update_parameters(model)` after every optimizer step; None when decay is 0. Its decay
+    ramps up as min(decay, (1 + n) / (10 + n)) after n updates, so the early average is not
+    held back by the random initial weights (TensorFlow's ExponentialMovingAverage). The
+    buffers are not averaged (codebooks are averages already; counters cannot be): use
+    `averaged_model`, which takes them from the model. Its `state_dict` resumes it exactly."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=functools.partial(_ema_update, decay), use_buffers=False)
+
+
+def _ema_update(decay: float, averaged: list[Tensor], current: list[Tensor], updates: Tensor) -> None:
+    # A tensor weight: reading `updates` on the host would wait for the device at every step.
+    kept = torch.clamp((1 + updates) / (10 + updates), max=decay).to(averaged[0].dtype)
+    torch._foreach_lerp_(averaged, current, 1 - kept)
+
+
+def averaged_model(average: AveragedModel | None, model: nn.Module) -> nn.Module:
+    """What to evaluate, sample from and publish: the average's weights with `model`'s
+    buffers (codebooks, BatchNorm statistics), or `model` itself without an average."""
+    if average is None:
+        return model
+    with torch.no_grad():
+        for kept, live in zip(average.module.buffers(), model.buffers(), strict=True):
+            kept.copy_(live)
+    return average.module
 
 
 def train_step(

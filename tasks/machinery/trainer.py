@@ -125,6 +125,7 @@ class Trainer:
         self.device = resolve_device(job.options.device)
         self.model = vqvae2.prepare_model(job.model, self.device, job.train.channels_last)
         self.optimizer, self.scheduler = vqvae2.make_optimizer(self.model, job.train)
+        self.average = vqvae2.polyak_average(self.model, job.train.ema_decay)  # None without train.ema_decay
         # Under torchrun the steps go through DDP (it starts every rank from rank 0's weights
         # and averages the gradients); the quantizers all-reduce their own statistics.
         self.stepped, self.loss_fn = self.model, job.loss_fn
@@ -155,12 +156,15 @@ class Trainer:
             "epoch": self.stream.epoch, "consumed": self.stream.consumed, "history": self.history,
             "epochs": self.epochs, "recoveries": [asdict(r) for r in self.recoveries],
             "interval": self.interval.state_dict(), "epoch_window": self.epoch_window.state_dict(),
+            **({"average": self.average.state_dict()} if self.average is not None else {}),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
         ranks = state.get("rng_ranks", [state["rng"]])
         set_rng_state(ranks[self.rank] if len(ranks) == self.world else state["rng"])
         self.step, self.stream.epoch, self.stream.consumed = state["step"], state["epoch"], state["consumed"]
@@ -277,8 +281,9 @@ class Trainer:
         train = mean_over_ranks(self.epoch_window.pop(), self.world)
         row = {"epoch": finished, "step": self.step, **{f"train_{k}": v for k, v in train.items()}}
         if self.job.evaluate is not None:
-            self.model.eval()
-            row.update({f"val_{k}": v for k, v in self.job.evaluate(self.model).items()})
+            published = self.published()
+            published.eval()
+            row.update({f"val_{k}": v for k, v in self.job.evaluate(published).items()})
         row["partial_epoch"] = partial
         self.epochs.append(row)
         if self.tensorboard is not None:
@@ -341,15 +346,16 @@ class Trainer:
         no RNG but their own (training takes the same random numbers with TensorBoard or without)."""
         if self.job.pictures is None:
             return {}
-        self.model.eval()
+        published = self.published()
+        published.eval()
         with torch.no_grad():
-            return self.job.pictures(self.model)
+            return self.job.pictures(published)
 
     def _train(self) -> None:
         job = self.job
         # The loss check runs first: a diverged model is never checkpointed.
         fault = fail_once_at(job.name, job.options.fail_once_at_step.get(job.name), job.artifact, self.rank, self.world)
-        hooks = [self._check_loss, self._on_step, *fault]
+        hooks = [self._check_loss, self._average, self._on_step, *fault]
         self.step = vqvae2.fit(self.stepped, self.optimizer, self.stream, self.loss_fn, job.train,
                                scheduler=self.scheduler, start_step=self.step, hooks=hooks)
         if self.epoch_window.count:
@@ -359,10 +365,19 @@ class Trainer:
     def _write_results(self) -> None:
         job, storage = self.job, self.job.artifact.storage_options
         check_turn(job.artifact.url, storage_options=storage)
-        self.model.eval()
         write_bytes(job.artifact.path("loss_curve.png"), loss_curve_png(self.history, f"{job.name} training loss"), storage)
         write_json(job.artifact.path("history.json"), {"steps": self.history, "epochs": self.epochs}, storage)
-        save_checkpoint(job.artifact.path("model.pt"), vqvae2.to_checkpoint(self.model.cpu().float()), storage)
+        published = self.published()
+        published.eval()
+        save_checkpoint(job.artifact.path("model.pt"), vqvae2.to_checkpoint(published.cpu().float()), storage)
+
+    def published(self) -> nn.Module:
+        """The weights evaluated and written to model.pt: their Polyak average with train.ema_decay, else the model's."""
+        return vqvae2.averaged_model(self.average, self.model)
+
+    def _average(self, step: int, metrics: Metrics) -> None:
+        if self.average is not None:
+            self.average.update_parameters(self.model)
 
     def summary(self, resumed_from: int) -> TrainingSummary:
         job = self.job

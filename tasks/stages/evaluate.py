@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from prefect.states import Completed, State
 
 import vqvae2
+from storage.artifacts import without_unset_additions
 from storage.codes import CodeDataset
 from storage.fsutil import find, join, read_bytes, redact, write_bytes, write_json
 from vqvae2.config import config_to_dict
@@ -141,7 +142,13 @@ class EvaluateSettings(Settings):
         evaluate = config.evaluate
         return cls(features=evaluate.features, inception_weights=evaluate.inception_weights,
                    grid_size=evaluate.grid_size, eval_images=config.eval_images, preset=config.preset,
-                   overrides=config.overrides, model=config_to_dict(config.model))
+                   overrides=config.overrides, model=_model_record(config.model))
+
+
+def _model_record(model: vqvae2.ModelConfig) -> dict[str, Any]:
+    # Without the settings added since keys were first made, where they hold their defaults:
+    # the report's key then stays that of a config written before them.
+    return without_unset_additions(model, config_to_dict(model))
 
 
 def run(settings: EvaluateSettings, runtime: Runtime, dataset: DatasetManifest, autoencoder: AutoencoderManifest,

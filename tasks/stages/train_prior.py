@@ -60,7 +60,7 @@ class PriorSettings(Settings):
     @classmethod
     def of(cls, config: PipelineConfig, variant: Any = None) -> PriorSettings:
         model, level = config.model, int(variant)
-        return cls(level=level, prior=model.priors[level], train=model.train_prior,
+        return cls(level=level, prior=model.priors[level], train=model.prior_training(level),
                    num_classes=model.prior_num_classes(level), processes=config.training.world_size())
 
     def model(self, codes: CodesManifest) -> vqvae2.PixelCNNPrior:

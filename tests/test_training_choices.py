@@ -1,0 +1,127 @@
+"""The Polyak average of the weights (`train.ema_decay`), the learning-rate schedule
+(`train.lr_schedule`) and a prior's own number of steps (`priors.N.steps`): what a training
+publishes, what a resumed training publishes, and what the settings do to the artifacts' keys."""
+import math
+import re
+
+import pytest
+import torch
+
+import vqvae2
+from ddp_jobs import BATCHES_PER_EPOCH, GLOBAL_BATCH, global_batch, tiny_autoencoder
+from storage.checkpoints import checkpoint_url, load_checkpoint
+from tasks.config import TrainingRuntime, pipeline_config, validate_config
+from tasks.machinery.artifacts import Artifact
+from tasks.machinery.faults import InjectedFault
+from tasks.machinery.trainer import Trainer, TrainingJob
+from tasks.stages import stage_keys
+
+
+class Quiet:
+    def log(self, message: str) -> None: ...
+    def progress(self, done: int, total: int, note: str) -> None: ...
+    def table(self, key: str, rows: list, description: str) -> None: ...
+
+
+def _batches(epoch: int, start: int):
+    for index in range(start, BATCHES_PER_EPOCH):
+        yield global_batch(epoch, index)
+
+
+def _train(root, steps: int = 9, ema_decay: float = 0.9, **options) -> tuple[Trainer, dict]:
+    """A tiny autoencoder trained in this process: (the trainer, the published model.pt's weights)."""
+    vqvae2.seed_everything(0)
+    run = TrainingRuntime(device="cpu", subprocess=False, **{"checkpoint_every": 3, **options})
+    train = vqvae2.TrainConfig(steps=steps, batch_size=GLOBAL_BATCH, lr=3e-3, warmup_steps=2, ema_decay=ema_decay,
+                               lr_schedule="cosine")
+    job = TrainingJob(name="tiny", model=tiny_autoencoder(), loss_fn=vqvae2.autoencoder_loss, train=train,
+                      batches=_batches, batches_per_epoch=BATCHES_PER_EPOCH, artifact=Artifact(str(root), "tiny", "k"),
+                      options=run)
+    trainer = Trainer(job, Quiet())
+    summary = trainer.run()
+    return trainer, load_checkpoint(summary.model)["state_dict"]
+
+
+def test_the_cosine_schedule_warms_up_then_falls_to_zero_at_the_last_step():
+    config = vqvae2.TrainConfig(steps=110, warmup_steps=10, lr_schedule="cosine")
+    factors = [vqvae2.lr_factor(config, step) for step in range(config.steps)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert factors[10] == 1.0 and factors[60] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    constant = vqvae2.TrainConfig(steps=110, warmup_steps=10)
+    assert [vqvae2.lr_factor(constant, s) for s in range(110)] == [min(1.0, (s + 1) / 10) for s in range(110)]
+
+
+def test_the_average_follows_the_weights_with_a_decay_that_ramps_up():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    average = vqvae2.polyak_average(model, 0.5)
+    expected = None
+    for n in range(6):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        average.update_parameters(model)
+        if expected is None:
+            expected = model.weight.detach().clone()  # the first update copies
+        else:
+            kept = min(0.5, (1 + n) / (10 + n))
+            expected = kept * expected + (1 - kept) * model.weight.detach()
+    torch.testing.assert_close(average.module.weight, expected)
+    assert vqvae2.polyak_average(model, 0.0) is None
+    assert vqvae2.averaged_model(None, model) is model
+
+
+def test_the_published_autoencoder_is_the_average_with_the_trainings_codebooks(tmp_path):
+    trainer, published = _train(tmp_path)
+    last = load_checkpoint(checkpoint_url(str(tmp_path / "tiny/k/checkpoints"), 9))
+    averaged = {name.removeprefix("module."): t for name, t in last["average"].items() if name.startswith("module.")}
+    moved = 0
+    for name, weight in published.items():
+        if name in dict(trainer.model.named_buffers()):  # codebooks and their counters: the training's own
+            assert torch.equal(weight, last["model"][name]), name
+        else:
+            assert torch.equal(weight, averaged[name]), name
+            moved += not torch.equal(weight, last["model"][name])
+    assert moved > 0  # the average is not the last weights
+    assert int(last["average"]["n_averaged"]) == 9
+
+
+def test_a_resumed_training_publishes_the_average_an_uninterrupted_one_does(tmp_path):
+    _, uninterrupted = _train(tmp_path / "clean")
+    with pytest.raises(InjectedFault):
+        _train(tmp_path / "killed", fail_once_at_step={"tiny": 8})
+    _, resumed = _train(tmp_path / "killed")  # the retry: from the checkpoint of step 6
+    assert uninterrupted.keys() == resumed.keys()
+    for name in uninterrupted:
+        assert torch.equal(uninterrupted[name], resumed[name]), name
+
+
+@pytest.mark.parametrize("field, bad, said", [
+    ("ema_decay", 1.0, "train_prior.ema_decay must be in [0, 1) (0: no average), got 1.0"),
+    ("ema_decay", -0.1, "train_prior.ema_decay must be in [0, 1) (0: no average), got -0.1"),
+    ("lr_schedule", "linear", "train_prior.lr_schedule must be one of 'constant', 'cosine', got 'linear'"),
+])
+def test_bad_settings_are_refused_naming_the_field(field, bad, said):
+    with pytest.raises(ValueError, match=re.escape(f"invalid configuration: {said}")):
+        validate_config({"preset": "smoke", "overrides": {f"train_prior.{field}": bad}})
+
+
+def test_the_new_settings_change_only_the_keys_of_their_trainings_and_what_follows():
+    # At their defaults they change no key: test_stage_keys pins every preset's keys.
+    base = pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"})
+    for field, value in [("ema_decay", 0.999), ("lr_schedule", "cosine")]:
+        changed = pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"}, overrides={f"train_prior.{field}": value})
+        before, after = stage_keys(base, "digest"), stage_keys(changed, "digest")
+        assert {stage for stage in before if before[stage] != after[stage]} == {"train-priors[0]", "train-priors[1]", "sample", "evaluate"}
+
+
+def test_a_prior_with_its_own_steps_trains_them_and_the_other_levels_keep_theirs():
+    config = pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"}, overrides={"priors.0.steps": 80})
+    assert config.model.prior_training(0).steps == 80 and config.model.prior_training(1).steps == 40
+    assert config.model.prior_training(1) == config.model.train_prior
+    base = pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"})
+    before, after = stage_keys(base, "digest"), stage_keys(config, "digest")
+    assert {stage for stage in before if before[stage] != after[stage]} == {"train-priors[0]", "sample", "evaluate"}
+    with pytest.raises(ValueError, match=re.escape("invalid configuration: priors.1.steps must be >= 1")):
+        validate_config({"preset": "smoke", "overrides": {"priors.1.steps": 0}})
