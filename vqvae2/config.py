@@ -148,7 +148,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     # Both added after keys were first made: in a key only where set (storage.artifacts.IN_KEY_WHEN_SET).
     # The rate after warm-up: "constant", or "cosine" down to 0 at the last step (Loshchilov &
-    # Hutter 2017, "SGDR"), which ends training in smaller, less noisy steps.
+    # Hutter 2017, "SGDR"), which ends training in smaller, less noisy steps: for a model near
+    # convergence. The fashion-mnist priors, far from it, learnt less with it (docs/evaluation.md).
     lr_schedule: str = field(default="constant", metadata=_IN_KEY_WHEN_SET)
     # A Polyak (exponential moving) average of the weights, with this decay per step, is what
     # is evaluated and published (model.pt) and sampled from; 0 publishes the last weights.
