@@ -281,9 +281,7 @@ class Trainer:
         train = mean_over_ranks(self.epoch_window.pop(), self.world)
         row = {"epoch": finished, "step": self.step, **{f"train_{k}": v for k, v in train.items()}}
         if self.job.evaluate is not None:
-            published = self.published()
-            published.eval()
-            row.update({f"val_{k}": v for k, v in self.job.evaluate(published).items()})
+            row.update({f"val_{k}": v for k, v in self.job.evaluate(self.published()).items()})
         row["partial_epoch"] = partial
         self.epochs.append(row)
         if self.tensorboard is not None:
@@ -346,10 +344,8 @@ class Trainer:
         no RNG but their own (training takes the same random numbers with TensorBoard or without)."""
         if self.job.pictures is None:
             return {}
-        published = self.published()
-        published.eval()
         with torch.no_grad():
-            return self.job.pictures(published)
+            return self.job.pictures(self.published())
 
     def _train(self) -> None:
         job = self.job
@@ -367,13 +363,14 @@ class Trainer:
         check_turn(job.artifact.url, storage_options=storage)
         write_bytes(job.artifact.path("loss_curve.png"), loss_curve_png(self.history, f"{job.name} training loss"), storage)
         write_json(job.artifact.path("history.json"), {"steps": self.history, "epochs": self.epochs}, storage)
-        published = self.published()
-        published.eval()
-        save_checkpoint(job.artifact.path("model.pt"), vqvae2.to_checkpoint(published.cpu().float()), storage)
+        save_checkpoint(job.artifact.path("model.pt"), vqvae2.to_checkpoint(self.published().cpu().float()), storage)
 
     def published(self) -> nn.Module:
-        """The weights evaluated and written to model.pt: their Polyak average with train.ema_decay, else the model's."""
-        return vqvae2.averaged_model(self.average, self.model)
+        """The weights evaluated and written to model.pt, in eval mode: their Polyak average with
+        train.ema_decay, else the model's (the next training step puts it back in train mode)."""
+        published = vqvae2.averaged_model(self.average, self.model)
+        published.eval()
+        return published
 
     def _average(self, step: int, metrics: Metrics) -> None:
         if self.average is not None:
