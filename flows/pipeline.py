@@ -3,7 +3,7 @@ per stage (`sample_flow`, ...), each named `vqvae2` in Prefect (its deployments 
 vqvae2/full-pipeline, vqvae2/sample, ...).
 
     source -> ingest (mapped per shard) -> the dataset's classes
-           -> train_classifier (judge, features) beside train_autoencoder
+           -> train_autoencoder, beside it train_classifier (judge, then features)
            -> encode (mapped per shard) -> train_prior per level, concurrently
            -> sample (mapped per batch) -> evaluate -> report
 
@@ -81,16 +81,20 @@ def run_stages(config: PipelineConfig) -> ReportManifest:
     dataset = INGEST(config, runtime, source=config.build_source())
     config = with_dataset_classes(config, dataset)  # the config the run records
     check_stages(config, dataset)  # e.g. a class to sample that the data lacks: before any training
-    classifiers = {role: TRAIN_CLASSIFIERS.start(config, runtime, role, dataset=dataset)
-                   for role in TRAIN_CLASSIFIERS.variants_of(config)}  # beside the autoencoder
-    autoencoder = TRAIN_AUTOENCODER(config, runtime, dataset=dataset)
+    autoencoder = TRAIN_AUTOENCODER.start(config, runtime, dataset=dataset)
+    # The classifiers one after the other beside it: two trainings at a time, as each one's
+    # share of the cores (`training.cpu_threads`) assumes; and a classifier's failure ends the
+    # run now, not after the priors.
+    classifiers = {role: TRAIN_CLASSIFIERS(config, runtime, role, dataset=dataset)
+                   for role in TRAIN_CLASSIFIERS.variants_of(config)}
+    autoencoder = autoencoder.result()
     codes = ENCODE(config, runtime, dataset=dataset, autoencoder=autoencoder)
     priors = [TRAIN_PRIORS.start(config, runtime, level, codes=codes) for level in TRAIN_PRIORS.variants_of(config)]
     priors = [prior.result() for prior in priors]
-    judge = classifiers["judge"].result() if "judge" in classifiers else None
-    samples = SAMPLE(config, runtime, dataset=dataset, autoencoder=autoencoder, priors=priors, judge=judge)
+    samples = SAMPLE(config, runtime, dataset=dataset, autoencoder=autoencoder, priors=priors,
+                     judge=classifiers.get("judge"))
     report = EVALUATE(config, runtime, dataset=dataset, autoencoder=autoencoder, codes=codes, priors=priors,
-                      classifiers=[classifier.result() for classifier in classifiers.values()], samples=samples)
+                      classifiers=list(classifiers.values()), samples=samples)
     with failing_in(EVALUATE.name):
         check_turns()  # a run that lost a turn publishes and records nothing
         publish_report(report, runtime.storage_options)  # on every run: a Cached one shows its results too
