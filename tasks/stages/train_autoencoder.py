@@ -7,6 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from prefect.futures import PrefectFuture
+
 import vqvae2
 
 from ..config import PipelineConfig, Runtime
@@ -56,8 +58,9 @@ class AutoencoderSettings(Settings):
         return vqvae2.VQVAE2(self.autoencoder, in_channels=self.image_channels)
 
 
-def run(settings: AutoencoderSettings, runtime: Runtime, dataset: DatasetManifest) -> AutoencoderManifest:
-    return training_task(train_autoencoder, runtime)(settings, runtime, dataset)
+def run(settings: AutoencoderSettings, runtime: Runtime, dataset: DatasetManifest) -> PrefectFuture:
+    # A future: the classifiers train beside it.
+    return training_task(train_autoencoder, runtime).submit(settings, runtime, dataset)
 
 
 def check(config: PipelineConfig, dataset: DatasetManifest | None) -> None:
