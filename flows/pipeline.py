@@ -31,7 +31,7 @@ from tasks.machinery.failure_report import failing_in, reported_failure
 from tasks.machinery.run_tags import tag_run
 from tasks.runs import record_run
 from tasks.source_watch import announce_new_data
-from tasks.stage import Stage
+from tasks.stage import Stage, Started
 from tasks.stages import (
     ENCODE,
     EVALUATE,
@@ -82,24 +82,33 @@ def run_stages(config: PipelineConfig) -> ReportManifest:
     config = with_dataset_classes(config, dataset)  # the config the run records
     check_stages(config, dataset)  # e.g. a class to sample that the data lacks: before any training
     autoencoder = TRAIN_AUTOENCODER.start(config, runtime, dataset=dataset)
-    # The classifiers one after the other beside it: two trainings at a time, as each one's
-    # share of the cores (`training.cpu_threads`) assumes; and a classifier's failure ends the
-    # run now, not after the priors.
-    classifiers = {role: TRAIN_CLASSIFIERS(config, runtime, role, dataset=dataset)
-                   for role in TRAIN_CLASSIFIERS.variants_of(config)}
+    classifiers = one_after_another(TRAIN_CLASSIFIERS, config, runtime, dataset=dataset)  # beside it
     autoencoder = autoencoder.result()
     codes = ENCODE(config, runtime, dataset=dataset, autoencoder=autoencoder)
     priors = [TRAIN_PRIORS.start(config, runtime, level, codes=codes) for level in TRAIN_PRIORS.variants_of(config)]
     priors = [prior.result() for prior in priors]
-    samples = SAMPLE(config, runtime, dataset=dataset, autoencoder=autoencoder, priors=priors,
-                     judge=classifiers.get("judge"))
+    judge = classifiers["judge"].result() if "judge" in classifiers else None
+    samples = SAMPLE(config, runtime, dataset=dataset, autoencoder=autoencoder, priors=priors, judge=judge)
     report = EVALUATE(config, runtime, dataset=dataset, autoencoder=autoencoder, codes=codes, priors=priors,
-                      classifiers=list(classifiers.values()), samples=samples)
+                      classifiers=[classifier.result() for classifier in classifiers.values()], samples=samples)
     with failing_in(EVALUATE.name):
         check_turns()  # a run that lost a turn publishes and records nothing
         publish_report(report, runtime.storage_options)  # on every run: a Cached one shows its results too
         record_run(config, runtime, report, dataset.source_digest)  # `vqvae2 ls`, `vqvae2 report --root`
     return report
+
+
+def one_after_another(stage: Stage, config: PipelineConfig, runtime: Runtime, **inputs: Any) -> dict[Any, Started]:
+    """Every variant of `stage` started, each once the one before it has finished (the last one
+    is not waited for). Beside the autoencoder, the classifiers train so: two trainings at a
+    time, as each one's share of the cores (`training.cpu_threads`) assumes, and a failed one
+    ends the run before the next starts."""
+    started: dict[Any, Started] = {}
+    for variant in stage.variants_of(config):
+        for before in started.values():
+            before.result()
+        started[variant] = stage.start(config, runtime, variant, **inputs)
+    return started
 
 
 vqvae2_pipeline: Flow = flow(taking_sections(pipeline), name="vqvae2", task_runner=TASK_RUNNER,

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from prefect.futures import PrefectFuture
 
 import vqvae2
