@@ -63,21 +63,19 @@ def fashion_mnist() -> ModelConfig:
             codebook_size=512, embed_dim=64, dead_code_steps=100, kmeans_init=True,
         ),
         # The priors as measured best per CPU-minute by benchmarks/bench_quality.py (docs/evaluation.md):
-        # about one epoch is far from converged, so no dropout, twice the paper's usual rate and
-        # batches of 32 (a step costs the same per image at any batch size, and more steps learn
-        # more from the same images), with a Polyak average of the weights for sampling; and the
-        # top prior, less than half the bottom's time per step, trains twice the steps in the
-        # time the bottom takes anyway.
+        # about one epoch is far from converged, so no dropout and twice the paper's usual rate,
+        # with a Polyak average of the weights for sampling; and the top prior, less than half
+        # the bottom's time per step, trains twice the steps in the time the bottom takes anyway.
         priors=(
             PriorConfig(channels=64, layers=8, kernel_size=5, attention_layers=2, attention_heads=4,
-                        dropout=0.0, embed_dim=32, steps=4000),
+                        dropout=0.0, embed_dim=32, steps=2000),
             PriorConfig(channels=64, layers=6, kernel_size=3, dropout=0.0, embed_dim=32,
                         cond_channels=64, cond_res_blocks=2),
         ),
         classifier=ClassifierConfig(widths=(32, 64, 128), blocks_per_stage=1, dropout=0.1),
         # About 1.6 epochs of the 60,000 training images for the autoencoder, 1 for the bottom prior, 2 for the top.
         train_autoencoder=TrainConfig(steps=1500, batch_size=64, lr=1e-3, warmup_steps=100),
-        train_prior=TrainConfig(steps=2000, batch_size=32, lr=2e-3, warmup_steps=100, ema_decay=0.995),
+        train_prior=TrainConfig(steps=1000, batch_size=64, lr=2e-3, warmup_steps=100, ema_decay=0.995),
         train_classifier=TrainConfig(steps=1000, batch_size=64, lr=1e-3),
     )
 
