@@ -16,6 +16,7 @@ ends Failed with its error.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prefect import Flow, flow
@@ -82,7 +83,8 @@ def run_stages(config: PipelineConfig) -> ReportManifest:
     config = with_dataset_classes(config, dataset)  # the config the run records
     check_stages(config, dataset)  # e.g. a class to sample that the data lacks: before any training
     autoencoder = TRAIN_AUTOENCODER.start(config, runtime, dataset=dataset)
-    classifiers = one_after_another(TRAIN_CLASSIFIERS, config, runtime, dataset=dataset)  # beside it
+    classifiers = one_after_another(TRAIN_CLASSIFIERS.start, TRAIN_CLASSIFIERS.variants_of(config),  # beside it
+                                    config, runtime, dataset=dataset)
     autoencoder = autoencoder.result()
     codes = ENCODE(config, runtime, dataset=dataset, autoencoder=autoencoder)
     priors = [TRAIN_PRIORS.start(config, runtime, level, codes=codes) for level in TRAIN_PRIORS.variants_of(config)]
@@ -98,16 +100,17 @@ def run_stages(config: PipelineConfig) -> ReportManifest:
     return report
 
 
-def one_after_another(stage: Stage, config: PipelineConfig, runtime: Runtime, **inputs: Any) -> dict[Any, Started]:
-    """Every variant of `stage` started, each once the one before it has finished (the last one
+def one_after_another(start: Callable[..., Started], variants: Iterable[Any], config: PipelineConfig,
+                      runtime: Runtime, **inputs: Any) -> dict[Any, Started]:
+    """Every one of `variants` started, each once the one before it has finished (the last one
     is not waited for). Beside the autoencoder, the classifiers train so: two trainings at a
     time, as each one's share of the cores (`training.cpu_threads`) assumes, and a failed one
     ends the run before the next starts."""
     started: dict[Any, Started] = {}
-    for variant in stage.variants_of(config):
+    for variant in variants:
         for before in started.values():
             before.result()
-        started[variant] = stage.start(config, runtime, variant, **inputs)
+        started[variant] = start(config, runtime, variant, **inputs)
     return started
 
 
