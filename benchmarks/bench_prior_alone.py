@@ -2,13 +2,15 @@
 here, and its held-out bits per code beside those of the run's own prior of that level.
 
     python3 benchmarks/bench_prior_alone.py --root DIR [--preset fashion-mnist] [--set KEY=VALUE ...]
-        [--level 1] [--batch 32] [--steps 2000] [--lr 2e-3] [--ema 0.995] [--threads 1] [--save FILE]
+        [--level 1] [--batch 32] [--steps 2000] [--lr 2e-3] [--ema 0.995] [--prior KEY=VALUE ...]
+        [--every 500] [--threads 1] [--save FILE]
 
 Quicker to vary than `bench_quality.py`, which trains every level through the pipeline and
 finishes it: one level, its codes in memory, one thread (as the pipeline gives each of the
 two priors it trains side by side), the training steps of `vqvae2` (`train_step`, AdamW with
 the warm-up, the Polyak average). The other settings are the run's: the preset with the
-overrides --set gives, as `vqvae2 run --set` took them. Its data order is its
+overrides --set gives, as `vqvae2 run --set` took them; --prior changes the trained level's
+`PriorConfig` alone (e.g. `cond_resolution="above"`), not the run's. Its data order is its
 own (a seeded permutation per epoch), so its figures compare with each other: the run's prior
 is printed on the same rows as a yardstick, not as one of them. The rows are the held-out
 images after the report's first `evaluate.eval_images` (the report's reference), so the
@@ -66,6 +68,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: the run's steps of that level")
     parser.add_argument("--lr", type=float, default=None, help="default: the run's")
     parser.add_argument("--ema", type=float, default=None, help="the average's decay; default: the run's")
+    parser.add_argument("--prior", action="append", default=[], metavar="KEY=VALUE",
+                        help="a field of the trained level's PriorConfig (value in JSON)")
+    parser.add_argument("--every", type=int, default=0, help="also the held-out bits every N steps (a learning curve)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save", default=None, help="write the trained (averaged) prior here")
     args = parser.parse_args()
@@ -75,6 +80,8 @@ def main() -> None:
     settings = TRAIN_PRIORS.settings_for(run.config, args.level)
     asked = {"batch_size": args.batch, "steps": args.steps, "lr": args.lr, "ema_decay": args.ema}
     train = dataclasses.replace(settings.train, **{k: v for k, v in asked.items() if v is not None})
+    prior_fields = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.prior)}
+    settings = settings.model_copy(update={"prior": dataclasses.replace(settings.prior, **prior_fields)})
     codes = run.get(ENCODE)
     levels, labels = split_codes(codes.codes, "train", range(codes.rows["train"]), options)
     held_levels, held_labels = split_codes(codes.codes, "test", range(reference, 2 * reference), options)
@@ -83,8 +90,14 @@ def main() -> None:
     prior = settings.model(codes)
     optimizer, scheduler = vqvae2.make_optimizer(prior, train)
     average = vqvae2.polyak_average(prior, train.ema_decay)
-    started, position, permutation = time.monotonic(), len(labels), None
+    started, position, permutation, curve = time.monotonic(), len(labels), None, {}
     for step in range(train.steps):
+        if args.every and step and step % args.every == 0:  # the clock stops while it measures
+            measuring = time.monotonic()
+            curve[step] = round(held_out_bits(vqvae2.averaged_model(average, prior), held_levels, held_labels,
+                                              args.level), 4)
+            prior.train()
+            started += time.monotonic() - measuring
         if position + train.batch_size > len(labels):  # a new epoch, in an order seeded by the step it starts at
             order = torch.Generator().manual_seed(train.seed + step)
             permutation, position = torch.randperm(len(labels), generator=order), 0
@@ -99,7 +112,8 @@ def main() -> None:
     own = load_model(run.get(TRAIN_PRIORS, args.level), options)
     print(json.dumps({
         "level": args.level, "batch_size": train.batch_size, "steps": train.steps, "lr": train.lr,
-        "ema_decay": train.ema_decay, "threads": args.threads, "train_s": round(seconds),
+        "ema_decay": train.ema_decay, "prior": prior_fields, "threads": args.threads, "train_s": round(seconds),
+        "held_out_bits_at_step": curve,
         "held_out_bits": round(held_out_bits(trained, held_levels, held_labels, args.level), 4),
         "the_run_s_prior_held_out_bits": round(held_out_bits(own, held_levels, held_labels, args.level), 4),
         "held_out_rows": [reference, reference + len(held_labels)],

@@ -228,7 +228,8 @@ def plan(name: str, images: dict[str, float], code_bytes: float, sizes: dict[str
         else:
             per_sample = bottom_per_sample * h * w * prior.channels ** 2 * prior.layers / paper_bottom
         rate = 0.9 * gpus / per_sample
-        rows.append(training(f"train-prior {names[level]}", model.train_prior.steps, model.train_prior.batch_size,
+        train = model.prior_training(level)
+        rows.append(training(f"train-prior {names[level]}", train.steps, train.batch_size,
                              rate, sizes[names[level]], False))
 
     candidates = 10 * config.num_samples if model.num_classes else config.num_samples  # no labels: no rejection

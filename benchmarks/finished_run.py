@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from tasks.config import pipeline_config
+from flows.command_config import build_config
 from tasks.stages import FinishedRun
 
 
@@ -13,10 +12,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, help="the storage root the run wrote to")
     parser.add_argument("--preset", default="fashion-mnist")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="the run's overrides, as `vqvae2 run --set` took them (values in JSON)")
+                        help="the run's overrides, as `vqvae2 run --set` took them")
 
 
 def finished_run(args: argparse.Namespace) -> FinishedRun:
     """The artifacts of the run the arguments name; a missing one is an error naming its stage."""
-    overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
-    return FinishedRun(pipeline_config(args.preset, storage={"root": args.root}, overrides=overrides))
+    # The config exactly as `vqvae2 run --preset P --root R --set ...` makes it.
+    run = argparse.Namespace(preset=args.preset, root=args.root, set=args.set, config=None, source=None)
+    return FinishedRun(build_config(run))

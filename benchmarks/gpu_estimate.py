@@ -53,7 +53,7 @@ def training_seconds(kind: str, train: vqvae2.TrainConfig, overhead: float, imag
 def estimate(config: vqvae2.ModelConfig) -> dict[str, tuple[float, int | None]]:
     """Seconds and training steps of each stage, in the order the pipeline takes them on one
     GPU (the trainings take turns)."""
-    classifier, autoencoder, prior = config.train_classifier, config.train_autoencoder, config.train_prior
+    classifier, autoencoder = config.train_classifier, config.train_autoencoder
     stages: dict[str, tuple[float, int | None]] = {
         "prefect start and bookkeeping": (WHOLE_STAGE_S["prefect start and bookkeeping"], None),
         "ingest": (WHOLE_STAGE_S["ingest"], None),
@@ -65,6 +65,7 @@ def estimate(config: vqvae2.ModelConfig) -> dict[str, tuple[float, int | None]]:
         training_seconds("autoencoder", autoencoder, OVERHEAD_S["autoencoder"], images=True), autoencoder.steps)
     stages["encode"] = (WHOLE_STAGE_S["encode"], None)
     for level in range(len(config.priors)):
+        prior = config.prior_training(level)
         stages[f"priors level {level}"] = (
             training_seconds(f"prior-{level}", prior, OVERHEAD_S["prior"], images=False), prior.steps)
     stages["sample"] = (WHOLE_STAGE_S["sample"], None)

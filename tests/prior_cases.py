@@ -29,6 +29,10 @@ CASES = {
     "bottom-given-top-class-conditional": ("smoke", {"priors.1.kernel_size": 5}, 1),
     "middle-of-three": ("smoke", THREE_LEVELS, 1),
     "bottom-of-three-given-two": ("smoke", THREE_LEVELS, 2),
+    "bottom-conditioned-at-the-grid-above": ("smoke", {"priors.1.cond_resolution": "above"}, 1),
+    "bottom-of-three-conditioned-at-the-grid-above": (
+        "smoke", {**THREE_LEVELS, "priors": [*THREE_LEVELS["priors"][:2],
+                                             {**THREE_LEVELS["priors"][2], "cond_resolution": "above"}]}, 2),
 }
 
 # smoke's 4x4 + 8x8, and three levels 2x2 + 4x4 + 8x8 (THREE_LEVELS on 16x16 images, for speed)

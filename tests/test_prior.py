@@ -25,12 +25,44 @@ def test_logits_never_depend_on_the_current_or_later_positions(case):
             assert per_position[t - 1] > 0, f"position {t} does not see its left neighbour"
 
 
-@pytest.mark.parametrize("case", ["bottom-given-top", "bottom-of-three-given-two"])
+@pytest.mark.parametrize("case", ["bottom-given-top", "bottom-of-three-given-two", "bottom-conditioned-at-the-grid-above",
+                                  "bottom-of-three-conditioned-at-the-grid-above"])
 def test_the_levels_above_change_a_lower_priors_logits(case):
     prior, codes, cond, labels = prior_and_inputs(case)
     other = [torch.roll(c, shifts=1, dims=0) for c in cond]  # swap the two samples' conditioning
     with torch.no_grad():
         assert not torch.allclose(prior(codes, cond, labels), prior(codes, other, labels))
+
+
+def corner_to_corner(cond_resolution: str, res_blocks: int) -> float:
+    """How much the bottom prior's conditioning at its last position (15, 15) changes with the top
+    code at (0, 0), fashion-mnist's grids (8x8 above 16x16), narrow."""
+    config = vqvae2.preset("fashion-mnist", {"priors.1": {"channels": 8, "layers": 1, "embed_dim": 4, "cond_channels": 8,
+                                                          "cond_res_blocks": res_blocks,
+                                                          "cond_resolution": cond_resolution}})
+    torch.manual_seed(0)
+    stack = vqvae2.build_prior(config, 1).cond_stack
+    top = torch.randint(512, (1, 8, 8))
+    other = top.clone()
+    other[0, 0, 0] = (top[0, 0, 0] + 1) % 512
+    with torch.no_grad():
+        return (stack([top], (16, 16)) - stack([other], (16, 16)))[0, :, 15, 15].abs().sum().item()
+
+
+def test_the_conditioning_stack_at_the_grid_above_sees_as_far_as_four_times_its_blocks_at_this_grid():
+    # The same work: 2 blocks at 16x16 see 3 top codes around; 8 at 8x8 the whole 8x8 grid.
+    assert corner_to_corner("level", 2) == 0
+    assert corner_to_corner("above", 8) > 0
+    assert corner_to_corner("above", 2) == 0  # a receptive field, not a leak
+
+
+def test_conditioning_at_the_grid_above_needs_a_whole_ratio_between_the_grids():
+    config = vqvae2.PriorConfig(channels=8, layers=1, embed_dim=4, cond_channels=4, cond_res_blocks=1,
+                                cond_resolution="above")
+    with pytest.raises(ValueError, match="grid 6x6 to be a whole multiple of the grid above, 4x4"):
+        PixelCNNPrior(config, num_codes=16, shape=(6, 6), cond_shapes=[(4, 4)])
+    with pytest.raises(ValueError, match="prior.cond_resolution must be one of 'level', 'above', got 'below'"):
+        vqvae2.PriorConfig(cond_resolution="below")
 
 
 def test_class_labels_change_the_logits():

@@ -116,12 +116,24 @@ def test_the_new_settings_change_only_the_keys_of_their_trainings_and_what_follo
         assert {stage for stage in before if before[stage] != after[stage]} == {"train-priors[0]", "train-priors[1]", "sample", "evaluate"}
 
 
-def test_a_prior_with_its_own_steps_trains_them_and_the_other_levels_keep_theirs():
-    config = pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"}, overrides={"priors.0.steps": 80})
-    assert config.model.prior_training(0).steps == 80 and config.model.prior_training(1).steps == 40
+@pytest.mark.parametrize("field, value", [("steps", 80), ("batch_size", 16), ("lr", 4e-3)])
+def test_a_prior_with_its_own_training_trains_so_and_the_other_levels_keep_theirs(field, value):
+    config = pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"}, overrides={f"priors.0.{field}": value})
+    assert getattr(config.model.prior_training(0), field) == value
     assert config.model.prior_training(1) == config.model.train_prior
+    assert config.model.prior_training(0).ema_decay == config.model.train_prior.ema_decay  # the rest: train_prior's
     base = pipeline_config("smoke", storage={"root": "/tmp/vqvae2-keys"})
     before, after = stage_keys(base, "digest"), stage_keys(config, "digest")
     assert {stage for stage in before if before[stage] != after[stage]} == {"train-priors[0]", "sample", "evaluate"}
-    with pytest.raises(ValueError, match=re.escape("invalid configuration: priors.1.steps must be >= 1")):
-        validate_config({"preset": "smoke", "overrides": {"priors.1.steps": 0}})
+
+
+@pytest.mark.parametrize("overrides, said", [
+    ({"priors.1.steps": 0}, "priors.1.steps must be >= 1"),
+    ({"priors.1.batch_size": 0}, "priors.1.batch_size must be >= 1, or unset (null): train_prior.batch_size"),
+    ({"priors.0.lr": 0}, "priors.0.lr must be > 0"),
+    ({"priors.1.batch_size": 8, "train_prior.micro_batch_size": 16},
+     "priors.1.batch_size (8) must be at least train_prior.micro_batch_size (16)"),
+])
+def test_a_bad_training_of_one_level_is_refused_naming_the_level(overrides, said):
+    with pytest.raises(ValueError, match=re.escape(f"invalid configuration: {said}")):
+        validate_config({"preset": "smoke", "overrides": overrides})

@@ -19,6 +19,7 @@ from typing import Any
 # storage.artifacts.IN_KEY_WHEN_SET, spelled out: vqvae2 imports nothing of storage.
 _IN_KEY_WHEN_SET = {"in_key": "when set"}
 LR_SCHEDULES = ("constant", "cosine")
+COND_RESOLUTIONS = ("level", "above")
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -91,10 +92,19 @@ class PriorConfig:
     cond_channels: int = 128  # conditioning stack width (lower levels only)
     cond_res_blocks: int = 4  # residual blocks of the conditioning stack (paper, ImageNet bottom: 20)
     class_conditional: bool = True  # use the dataset's labels when it has them
-    # This level's training steps, where they differ from train_prior.steps: a prior cheaper
-    # per step than the others (a smaller grid) can learn more in the time they take. In a
-    # key only where set (storage.artifacts.IN_KEY_WHEN_SET).
+    # Where the conditioning stack works: "level", on the codes above repeated up to this level's
+    # grid (the paper's); "above", on the grid of the level just above, then up to this level's
+    # by a learned (transposed) convolution: a quarter of the work per block at a 2x ratio, so
+    # four times the blocks, which see four times as far, for the same time. In a key only where
+    # set (storage.artifacts.IN_KEY_WHEN_SET).
+    cond_resolution: str = field(default="level", metadata=_IN_KEY_WHEN_SET)
+    # This level's training, where it differs from train_prior's: a prior cheaper per step than
+    # the others (a smaller grid) can learn more in the time they take; the levels learn best at
+    # different batch sizes and rates (docs/evaluation.md). In a key only where set
+    # (storage.artifacts.IN_KEY_WHEN_SET).
     steps: int | None = field(default=None, metadata=_IN_KEY_WHEN_SET)
+    batch_size: int | None = field(default=None, metadata=_IN_KEY_WHEN_SET)
+    lr: float | None = field(default=None, metadata=_IN_KEY_WHEN_SET)
 
     def __post_init__(self) -> None:
         _require(self.channels >= 1, "prior.channels must be >= 1")
@@ -110,7 +120,12 @@ class PriorConfig:
         _require(0.0 <= self.dropout < 1.0, "prior.dropout must be in [0, 1)")
         _require(self.embed_dim >= 1 and self.cond_channels >= 1, "prior.embed_dim and prior.cond_channels must be >= 1")
         _require(self.cond_res_blocks >= 0, "prior.cond_res_blocks must be >= 0")
+        _require(self.cond_resolution in COND_RESOLUTIONS, "prior.cond_resolution must be one of "
+                 f"{', '.join(map(repr, COND_RESOLUTIONS))}, got {self.cond_resolution!r}")
         _require(self.steps is None or self.steps >= 1, "prior.steps must be >= 1, or unset (null): train_prior.steps")
+        _require(self.batch_size is None or self.batch_size >= 1,
+                 "prior.batch_size must be >= 1, or unset (null): train_prior.batch_size")
+        _require(self.lr is None or self.lr > 0, "prior.lr must be > 0, or unset (null): train_prior.lr")
 
 
 @dataclass
@@ -208,6 +223,11 @@ class ModelConfig:
             self.image_size % total == 0,
             f"image_size {self.image_size} must be divisible by the product of autoencoder.strides ({total})",
         )
+        for level, prior in enumerate(self.priors):
+            if prior.batch_size is not None and self.train_prior.micro_batch_size is not None:
+                _require(prior.batch_size >= self.train_prior.micro_batch_size,
+                         f"priors.{level}.batch_size ({prior.batch_size}) must be at least train_prior.micro_batch_size "
+                         f"({self.train_prior.micro_batch_size}), which cuts each of its batches")
 
     @property
     def levels(self) -> int:
@@ -218,9 +238,12 @@ class ModelConfig:
         return self.autoencoder.latent_shapes(self.image_size)
 
     def prior_training(self, level: int) -> TrainConfig:
-        """How the prior of `level` trains: train_prior, with the level's own steps where it has them."""
-        steps = self.priors[level].steps
-        return self.train_prior if steps is None else replace(self.train_prior, steps=steps)
+        """How the prior of `level` trains: train_prior, with the level's own steps, batch size and
+        rate where it has them."""
+        prior = self.priors[level]
+        own = {name: value for name, value in (("steps", prior.steps), ("batch_size", prior.batch_size),
+                                                ("lr", prior.lr)) if value is not None}
+        return replace(self.train_prior, **own) if own else self.train_prior
 
     def prior_num_classes(self, level: int) -> int:
         return self.num_classes if self.priors[level].class_conditional else 0

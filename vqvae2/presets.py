@@ -69,8 +69,11 @@ def fashion_mnist() -> ModelConfig:
         priors=(
             PriorConfig(channels=64, layers=8, kernel_size=5, attention_layers=2, attention_heads=4,
                         dropout=0.0, embed_dim=32, steps=2000),
+            # The bottom prior in batches of 32, twice the steps (the same images and time): it learns
+            # from each step where the top one does not; its conditioning stack on the top's 8x8 grid,
+            # 8 blocks that see the whole of it in the time 2 take on the 16x16 grid.
             PriorConfig(channels=64, layers=6, kernel_size=3, dropout=0.0, embed_dim=32,
-                        cond_channels=64, cond_res_blocks=2),
+                        cond_channels=64, cond_res_blocks=8, cond_resolution="above", batch_size=32, steps=2000),
         ),
         classifier=ClassifierConfig(widths=(32, 64, 128), blocks_per_stage=1, dropout=0.1),
         # About 1.6 epochs of the 60,000 training images for the autoencoder, 1 for the bottom prior, 2 for the top.
@@ -96,7 +99,8 @@ def fashion_mnist_gpu() -> ModelConfig:
         # measured on a CPU at one epoch; at four, on a GPU, it is not yet: this keeps what was.
         "priors.0": {"channels": 128, "layers": 12, "embed_dim": 64, "dropout": 0.1, "steps": None},
         "priors.1": {"channels": 128, "layers": 10, "kernel_size": 5, "embed_dim": 64, "cond_channels": 128,
-                     "cond_res_blocks": 4, "dropout": 0.1},
+                     "cond_res_blocks": 4, "dropout": 0.1, "cond_resolution": "level", "batch_size": None,
+                     "steps": None},
         "classifier": {"widths": [64, 128, 256], "blocks_per_stage": 2},
         "train_autoencoder": {"batch_size": 128, "warmup_steps": 200, "channels_last": True},
         "train_prior": {"steps": 2000, "batch_size": 128, "warmup_steps": 200, "amp": "off", "lr": 1e-3,

@@ -21,23 +21,29 @@ from .pixelcnn import CausalSelfAttention, GatedLayer, InputLayer, OutputHead
 
 
 class ConditioningStack(nn.Module):
-    """Code grids of the levels above -> features (B, cond_channels, H, W) at this level.
+    """Code grids of the levels above -> features (B, channels, H, W) at this level's grid.
 
-    Each grid is embedded, repeated up to this level's resolution, and the joined maps
-    go through residual blocks (the paper's "conditioning stack")."""
+    Each grid is embedded and repeated up to the grid the stack works at, and the joined
+    maps go through residual blocks (the paper's "conditioning stack"). It works at this
+    level's grid, or (`upsample` > 1) at the grid of the level just above, `upsample` times
+    coarser, whose blocks cost a fraction of the work and see as many times as far; a
+    transposed convolution then gives each of this level's positions its own features."""
 
-    def __init__(self, num_codes: int, levels_above: int, channels: int, res_blocks: int) -> None:
+    def __init__(self, num_codes: int, levels_above: int, channels: int, res_blocks: int, upsample: int = 1) -> None:
         super().__init__()
         self.embeds = nn.ModuleList(nn.Embedding(num_codes, channels) for _ in range(levels_above))
+        self.upsample = upsample
         self.net = nn.Sequential(
             nn.Conv2d(levels_above * channels, channels, 3, padding=1),
             *[ResBlock(channels, channels) for _ in range(res_blocks)],
             nn.ReLU(),
+            *([nn.ConvTranspose2d(channels, channels, upsample, stride=upsample), nn.ReLU()] if upsample > 1 else []),
         )
 
     def forward(self, cond_codes: Sequence[Tensor], shape: tuple[int, int]) -> Tensor:
+        at = (shape[0] // self.upsample, shape[1] // self.upsample)
         maps = [
-            F.interpolate(embed(codes).permute(0, 3, 1, 2), size=shape, mode="nearest")
+            F.interpolate(embed(codes).permute(0, 3, 1, 2), size=at, mode="nearest")
             for embed, codes in zip(self.embeds, cond_codes)
         ]
         return self.net(torch.cat(maps, dim=1))
@@ -61,7 +67,8 @@ class PixelCNNPrior(nn.Module):
         self.embed = nn.Embedding(num_codes, config.embed_dim)
         self.input = InputLayer(config.embed_dim, c, config.kernel_size)
         self.cond_stack = (
-            ConditioningStack(num_codes, len(self.cond_shapes), config.cond_channels, config.cond_res_blocks)
+            ConditioningStack(num_codes, len(self.cond_shapes), config.cond_channels, config.cond_res_blocks,
+                              upsample=self.cond_upsampling() if config.cond_resolution == "above" else 1)
             if self.cond_shapes else None
         )
         self.class_embed = nn.Embedding(num_classes, c) if num_classes else None
@@ -83,6 +90,14 @@ class PixelCNNPrior(nn.Module):
              for i, at in enumerate(self.attention_at) if at}
         )
         self.head = OutputHead(c, num_codes)
+
+    def cond_upsampling(self) -> int:
+        """How many times finer this level's grid is than the one just above (cond_resolution "above")."""
+        (h, w), (above_h, above_w) = self.shape, self.cond_shapes[-1]
+        if h % above_h or w % above_w or h // above_h != w // above_w:
+            raise ValueError(f"prior.cond_resolution 'above' needs this level's grid {h}x{w} to be a whole multiple "
+                             f"of the grid above, {above_h}x{above_w}, the same along both sides")
+        return h // above_h
 
     @property
     def conditional(self) -> bool:
