@@ -2,7 +2,7 @@
 here, and its held-out bits per code beside those of the run's own prior of that level.
 
     python3 benchmarks/bench_prior_alone.py --root DIR [--preset fashion-mnist] [--set KEY=VALUE ...]
-        [--level 1] [--batch 32] [--steps 2000] [--lr 2e-3] [--ema 0.995] [--prior KEY=VALUE ...]
+        [--level 1] [--batch 32] [--steps 2000] [--lr 2e-3] [--ema 0.995 ...] [--prior KEY=VALUE ...]
         [--every 500] [--threads 1] [--save FILE]
 
 Quicker to vary than `bench_quality.py`, which trains every level through the pipeline and
@@ -10,7 +10,7 @@ finishes it: one level, its codes in memory, one thread (as the pipeline gives e
 two priors it trains side by side), the training steps of `vqvae2` (`train_step`, AdamW with
 the warm-up, the Polyak average). The other settings are the run's: the preset with the
 overrides --set gives, as `vqvae2 run --set` took them; --prior changes the trained level's
-`PriorConfig` alone (e.g. `cond_resolution="above"`), not the run's. Its data order is its
+`PriorConfig` alone (e.g. `cond_resolution=above`), not the run's. Its data order is its
 own (a seeded permutation per epoch), so its figures compare with each other: the run's prior
 is printed on the same rows as a yardstick, not as one of them. The rows are the held-out
 images after the report's first `evaluate.eval_images` (the report's reference), so the
@@ -30,6 +30,7 @@ import torch
 import vqvae2
 from storage.codes import CodeDataset
 from tasks.machinery.models import load_model
+from tasks.setting_forms import parse_value
 from tasks.stages import ENCODE, TRAIN_PRIORS
 
 from finished_run import add_run_arguments, finished_run
@@ -67,9 +68,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: the run's")
     parser.add_argument("--steps", type=int, default=None, help="default: the run's steps of that level")
     parser.add_argument("--lr", type=float, default=None, help="default: the run's")
-    parser.add_argument("--ema", type=float, default=None, help="the average's decay; default: the run's")
+    parser.add_argument("--ema", type=float, action="append", default=[],
+                        help="the average's decay; default: the run's. Given more than once, one training keeps an "
+                        "average of each decay (the first is the training's; each one's bits are printed)")
     parser.add_argument("--prior", action="append", default=[], metavar="KEY=VALUE",
-                        help="a field of the trained level's PriorConfig (value in JSON)")
+                        help="a field of the trained level's PriorConfig, its value as --set takes it")
     parser.add_argument("--every", type=int, default=0, help="also the held-out bits every N steps (a learning curve)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save", default=None, help="write the trained (averaged) prior here")
@@ -78,9 +81,9 @@ def main() -> None:
     run = finished_run(args)
     options, reference = run.runtime.storage_options, run.config.eval_images
     settings = TRAIN_PRIORS.settings_for(run.config, args.level)
-    asked = {"batch_size": args.batch, "steps": args.steps, "lr": args.lr, "ema_decay": args.ema}
+    asked = {"batch_size": args.batch, "steps": args.steps, "lr": args.lr, "ema_decay": (args.ema or [None])[0]}
     train = dataclasses.replace(settings.train, **{k: v for k, v in asked.items() if v is not None})
-    prior_fields = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.prior)}
+    prior_fields = {key: parse_value(value) for key, value in (item.split("=", 1) for item in args.prior)}
     settings = settings.model_copy(update={"prior": dataclasses.replace(settings.prior, **prior_fields)})
     codes = run.get(ENCODE)
     levels, labels = split_codes(codes.codes, "train", range(codes.rows["train"]), options)
@@ -90,6 +93,7 @@ def main() -> None:
     prior = settings.model(codes)
     optimizer, scheduler = vqvae2.make_optimizer(prior, train)
     average = vqvae2.polyak_average(prior, train.ema_decay)
+    others = {decay: vqvae2.polyak_average(prior, decay) for decay in args.ema[1:]}  # they do not change the training
     started, position, permutation, curve = time.monotonic(), len(labels), None, {}
     for step in range(train.steps):
         if args.every and step and step % args.every == 0:  # the clock stops while it measures
@@ -105,8 +109,9 @@ def main() -> None:
         position += train.batch_size
         vqvae2.train_step(prior, optimizer, batch_of(levels, labels, args.level, rows), vqvae2.prior_loss,
                           grad_clip=train.grad_clip, scheduler=scheduler)
-        if average is not None:
-            average.update_parameters(prior)
+        for kept in (average, *others.values()):
+            if kept is not None:
+                kept.update_parameters(prior)
     seconds = time.monotonic() - started
     trained = vqvae2.averaged_model(average, prior)
     own = load_model(run.get(TRAIN_PRIORS, args.level), options)
@@ -114,6 +119,8 @@ def main() -> None:
         "level": args.level, "batch_size": train.batch_size, "steps": train.steps, "lr": train.lr,
         "ema_decay": train.ema_decay, "prior": prior_fields, "threads": args.threads, "train_s": round(seconds),
         "held_out_bits_at_step": curve,
+        "held_out_bits_by_ema": {decay: round(held_out_bits(vqvae2.averaged_model(kept, prior), held_levels, held_labels,
+                                                            args.level), 4) for decay, kept in others.items()},
         "held_out_bits": round(held_out_bits(trained, held_levels, held_labels, args.level), 4),
         "the_run_s_prior_held_out_bits": round(held_out_bits(own, held_levels, held_labels, args.level), 4),
         "held_out_rows": [reference, reference + len(held_labels)],

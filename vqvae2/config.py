@@ -95,8 +95,8 @@ class PriorConfig:
     # Where the conditioning stack works: "level", on the codes above repeated up to this level's
     # grid (the paper's); "above", on the grid of the level just above, then up to this level's
     # by a learned (transposed) convolution: a quarter of the work per block at a 2x ratio, so
-    # four times the blocks, which see four times as far, for the same time. In a key only where
-    # set (storage.artifacts.IN_KEY_WHEN_SET).
+    # four times the blocks in the same time, each seeing twice as far in codes of this level.
+    # In a key only where set (storage.artifacts.IN_KEY_WHEN_SET).
     cond_resolution: str = field(default="level", metadata=_IN_KEY_WHEN_SET)
     # This level's training, where it differs from train_prior's: a prior cheaper per step than
     # the others (a smaller grid) can learn more in the time they take; the levels learn best at
