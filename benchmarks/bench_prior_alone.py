@@ -7,12 +7,13 @@ here, and its held-out bits per code beside those of the run's own prior of that
 
 Quicker to vary than `bench_quality.py`, which trains every level through the pipeline and
 finishes it: one level, its codes in memory, one thread (as the pipeline gives each of the
-two priors it trains side by side), the training steps of `vqvae2` (`train_step`, AdamW with
-the warm-up, the Polyak average). The other settings are the run's: the preset with the
-overrides --set gives, as `vqvae2 run --set` took them; --prior changes the trained level's
-`PriorConfig` alone (e.g. `cond_resolution=above`), not the run's. Its data order is its
-own (a seeded permutation per epoch), so its figures compare with each other: the run's prior
-is printed on the same rows as a yardstick, not as one of them. The rows are the held-out
+two priors it trains side by side), the training steps of `vqvae2` (`train_step` in the
+run's precision, AdamW with the warm-up and schedule, the Polyak average). The other
+settings are the run's: the preset with the overrides --set gives, as `vqvae2 run --set`
+took them; --prior changes the trained level's `PriorConfig` alone (e.g.
+`cond_resolution=above`), not the run's. Its data order is its own (a seeded permutation per
+epoch), so its figures compare with each other: the run's prior is printed on the same rows
+as a yardstick, not as one of them. The rows are the held-out
 images after the report's first `evaluate.eval_images` (the report's reference), so the
 choice is never made on the images the report measures. --save writes the prior it trained
 (the average, where there is one) as a checkpoint `vqvae2.from_checkpoint` reads.
@@ -108,7 +109,7 @@ def main() -> None:
         rows = permutation[position:position + train.batch_size]
         position += train.batch_size
         vqvae2.train_step(prior, optimizer, batch_of(levels, labels, args.level, rows), vqvae2.prior_loss,
-                          grad_clip=train.grad_clip, scheduler=scheduler)
+                          amp=train.amp, grad_clip=train.grad_clip, scheduler=scheduler)
         for kept in (average, *others.values()):
             if kept is not None:
                 kept.update_parameters(prior)

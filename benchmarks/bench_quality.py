@@ -12,10 +12,11 @@ gives the held-out bits per code of each level and the sample FID (domain featur
 rejection, the preset's 500 samples against 2,000 held-out images).
 
 A variant is the prior training the preset had before these variants (`before`) with some
-settings changed; `preset` is today's. Same seeds, same data order: the variants differ only in
-their overrides. At the preset's seed (0, unless --seed) a variant's priors are exactly those a
-run of the preset with its overrides trains, so its FID is that run's; priors such a run (or
-this script) made before are Cached, and show the time this script recorded for them, if any.
+settings changed; `preset` is today's, and `preset+...` today's with some settings changed.
+Same seeds, same data order: the variants differ only in their overrides. At the preset's
+seed (0, unless --seed) a variant's priors are exactly those a run of the preset with its
+overrides trains, so its FID is that run's; priors such a run (or this script) made before
+are Cached, and show the time this script recorded for them, if any.
 
 FIDs of 500 samples move by a few tenths between seeds: compare differences larger than that.
 """
@@ -75,7 +76,10 @@ VARIANTS: dict[str, dict[str, object]] = {
     "ema+no-dropout+top-2x+lr-4x+batch-half": {**FIRST_CHOICE, **LR_4X, **BATCH_HALF},
     "ema+no-dropout+top-2x+lr-4x+batch-quarter": {**FIRST_CHOICE, **LR_4X, **BATCH_QUARTER},
     "preset": {},  # today's, as vqvae2.presets has it
+    # Today's preset with its priors in fp32, as before bf16 autocast: on the same autoencoder and codes.
+    "preset+fp32-priors": {"train_prior.amp": "off"},
 }
+ON_THE_PRESET = ("preset", "preset+fp32-priors")  # their overrides change today's preset, not `before`
 CLOCK = re.compile(r"^(\d\d):(\d\d):(\d\d\.\d+) \|")
 
 
@@ -120,7 +124,7 @@ def measure(preset: str, overrides: dict[str, object], root: str, env: dict[str,
 def resolved(variant: dict[str, object], steps: int, seed: int) -> dict[str, object]:
     """A variant's overrides with its multiples worked out: its train_prior.steps a multiple of
     `steps` (BEFORE's, or --steps), the top prior's own steps a multiple of those."""
-    own = steps * variant["train_prior.steps"].factor if variant else None
+    own = steps * variant["train_prior.steps"].factor if "train_prior.steps" in variant else None
     settings = {k: v if not isinstance(v, Times) else own if k == "train_prior.steps" else own * v.factor
                 for k, v in variant.items()}
     return {**({"train_prior.seed": seed} if seed else {}), **settings}
@@ -132,8 +136,11 @@ def table(rows: dict[str, dict], overrides: dict[str, dict], before: dict[str, o
     for name, row in rows.items():
         wall = ("cached, not timed here" if row["priors_s"] is None
                 else f"{row['priors_s'] / 60:.1f} min" + (" (recorded)" * row["cached"]))
-        changed = {k: v for k, v in overrides[name].items() if k not in before or before[k] != v}
-        given = ", ".join(f"{k}={v}" for k, v in changed.items()) or "(the preset before these variants)"
+        if name in ON_THE_PRESET:
+            given = ", ".join(f"{k}={v}" for k, v in overrides[name].items()) or "(today's preset)"
+        else:
+            changed = {k: v for k, v in overrides[name].items() if k not in before or before[k] != v}
+            given = ", ".join(f"{k}={v}" for k, v in changed.items()) or "(the preset before these variants)"
         lines.append(f"| {name} | {wall} | {row['nll_bits_per_code_top']:.3f} | {row['nll_bits_per_code_bottom']:.3f} "
                      f"| {row['sample_fid']:.2f} | {row['recon_mse']:.5f} | {given} |")
     return "\n".join(lines)

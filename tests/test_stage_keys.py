@@ -215,15 +215,16 @@ def test_the_same_config_gives_the_same_keys():
 # data by default (with the same root and source digest as here): a default run on Fashion-MNIST
 # must find the artifacts and the lease of a run made before. The evaluate keys moved on purpose
 # once since: its code version 4 adds the per-class FID to the report (a report is remade,
-# nothing is retrained). fashion-mnist's priors, samples and report moved on purpose twice since:
-# its priors train as benchmarks/bench_quality.py measured best, then its bottom prior as
-# benchmarks/bench_prior_alone.py did (issue 35); what comes before them, and the run lease, stay.
+# nothing is retrained). fashion-mnist's keys moved on purpose three times since (issue 35): its
+# priors train as benchmarks/bench_quality.py measured best, then its bottom prior as
+# benchmarks/bench_prior_alone.py did, then every training in bf16 autocast; its dataset and its
+# run lease stay.
 KEYS_BEFORE_AUTO_CLASSES = {
     "fashion-mnist": ({
-        "ingest": "c76da303a4e2dec6", "train-classifiers[judge]": "14343940dc90b8e1",
-        "train-classifiers[features]": "8386b01fb49c3313", "train-autoencoder": "ec9f2afc8a14e5dc",
-        "encode": "e0692b6c70feed8f", "train-priors[0]": "fb4b4ba8b2d2a8e4", "train-priors[1]": "41e4b0037cb97586",
-        "sample": "156d4b6dd1ba74a3", "evaluate": "f38ea058f1877038",
+        "ingest": "c76da303a4e2dec6", "train-classifiers[judge]": "34ef19ac859b3702",
+        "train-classifiers[features]": "82992802610504a3", "train-autoencoder": "46596cc0ddbe3580",
+        "encode": "ddecb78516481025", "train-priors[0]": "c0769123274e8dc5", "train-priors[1]": "adf400c1785d952f",
+        "sample": "edc0bf17a4ee6ee7", "evaluate": "33313d6df0cccf19",
     }, "vqvae2-run-bb5d015a073bdaf0"),
     # Derived from fashion-mnist's since (vqvae2.presets): the same keys as when written out by hand.
     "fashion-mnist-gpu": ({

@@ -1,6 +1,7 @@
 """The Polyak average of the weights (`train.ema_decay`), the learning-rate schedule
-(`train.lr_schedule`) and a prior's own number of steps (`priors.N.steps`): what a training
-publishes, what a resumed training publishes, and what the settings do to the artifacts' keys."""
+(`train.lr_schedule`), bf16 autocast (`train.amp`) and a prior's own number of steps
+(`priors.N.steps`): what a training publishes, what a resumed training publishes, and what
+the settings do to the artifacts' keys."""
 import math
 import re
 
@@ -28,16 +29,17 @@ def _batches(epoch: int, start: int):
         yield global_batch(epoch, index)
 
 
-def _train(root, steps: int = 9, ema_decay: float = 0.9, **options) -> tuple[Trainer, dict]:
+def _train(root, steps: int = 9, ema_decay: float = 0.9, amp: str = "auto", reporter=None,
+           **options) -> tuple[Trainer, dict]:
     """A tiny autoencoder trained in this process: (the trainer, the published model.pt's weights)."""
     vqvae2.seed_everything(0)
     run = TrainingRuntime(device="cpu", subprocess=False, **{"checkpoint_every": 3, **options})
     train = vqvae2.TrainConfig(steps=steps, batch_size=GLOBAL_BATCH, lr=3e-3, warmup_steps=2, ema_decay=ema_decay,
-                               lr_schedule="cosine")
+                               lr_schedule="cosine", amp=amp)
     job = TrainingJob(name="tiny", model=tiny_autoencoder(), loss_fn=vqvae2.autoencoder_loss, train=train,
                       batches=_batches, batches_per_epoch=BATCHES_PER_EPOCH, artifact=Artifact(str(root), "tiny", "k"),
                       options=run)
-    trainer = Trainer(job, Quiet())
+    trainer = Trainer(job, reporter or Quiet())
     summary = trainer.run()
     return trainer, load_checkpoint(summary.model)["state_dict"]
 
@@ -87,14 +89,40 @@ def test_the_published_autoencoder_is_the_average_with_the_trainings_codebooks(t
     assert int(last["average"]["n_averaged"]) == 9
 
 
-def test_a_resumed_training_publishes_the_average_an_uninterrupted_one_does(tmp_path):
-    _, uninterrupted = _train(tmp_path / "clean")
+@pytest.mark.parametrize("amp", ["off", "bf16"])  # bf16 autocast: what fashion-mnist trains in on a CPU
+def test_a_resumed_training_publishes_the_average_an_uninterrupted_one_does(tmp_path, amp):
+    _, uninterrupted = _train(tmp_path / "clean", amp=amp)
     with pytest.raises(InjectedFault):
-        _train(tmp_path / "killed", fail_once_at_step={"tiny": 8})
-    _, resumed = _train(tmp_path / "killed")  # the retry: from the checkpoint of step 6
+        _train(tmp_path / "killed", amp=amp, fail_once_at_step={"tiny": 8})
+    _, resumed = _train(tmp_path / "killed", amp=amp)  # the retry: from the checkpoint of step 6
     assert uninterrupted.keys() == resumed.keys()
     for name in uninterrupted:
         assert torch.equal(uninterrupted[name], resumed[name]), name
+
+
+def test_bf16_autocast_trains_other_weights_than_fp32_and_a_cpu_without_bf16_arithmetic_is_warned_of(
+        tmp_path, monkeypatch):
+    _, fp32 = _train(tmp_path / "fp32", steps=3, amp="off")
+    _, bf16 = _train(tmp_path / "bf16", steps=3, amp="bf16")
+    assert any(not torch.equal(fp32[name], bf16[name]) for name in fp32)  # autocast is on: not a no-op
+    for name in fp32:
+        torch.testing.assert_close(bf16[name], fp32[name], atol=0.05, rtol=0.05)
+
+    class Said(Quiet):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def log(self, message: str) -> None:
+            self.lines.append(message)
+
+    monkeypatch.setattr(vqvae2, "bf16_is_native", lambda device: False)  # this machine's CPU may well have AMX
+    emulated, fp32_again = Said(), Said()
+    _train(tmp_path / "emulated", steps=3, amp="bf16", reporter=emulated)
+    _train(tmp_path / "fp32-again", steps=3, amp="off", reporter=fp32_again)
+    assert [line for line in emulated.lines if "warning" in line] == [
+        "tiny: warning: train_tiny.amp is bf16, but this CPU has no bf16 arithmetic (on a CPU: AVX512-BF16 or AMX), "
+        "so it is emulated and slower than fp32; --set train_tiny.amp=off trains in fp32"]
+    assert not [line for line in fp32_again.lines if "warning" in line]
 
 
 @pytest.mark.parametrize("field, bad, said", [

@@ -32,10 +32,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "quantize": ("QuantizerOutput", "VectorQuantizer", "accumulate_codebook_updates"),
     "rejection": ("accept_mask", "candidates_needed", "keep_count"),
     "sampling": ("sample_codes", "sample_images", "sample_level_reference", "sample_logits"),
-    "train": ("ROTATIONS", "SavedTensorBytes", "autoencoder_loss", "autoencoder_step", "averaged_model",
-              "classifier_loss", "classifier_step", "enable_activation_checkpointing", "fit", "level_names",
-              "lr_factor", "make_optimizer", "polyak_average", "prepare_model", "prior_loss", "prior_step",
-              "raise_if_diverged", "rotated", "rotation_loss", "seed_everything", "train_step"),
+    "train": ("ROTATIONS", "SavedTensorBytes", "autoencoder_loss", "autoencoder_step", "autocast_dtype",
+              "averaged_model", "bf16_is_native", "classifier_loss", "classifier_step",
+              "enable_activation_checkpointing", "fit", "level_names", "lr_factor", "make_optimizer",
+              "polyak_average", "prepare_model", "prior_loss", "prior_step", "raise_if_diverged", "rotated",
+              "rotation_loss", "seed_everything", "train_step"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

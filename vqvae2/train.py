@@ -62,6 +62,16 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {amp!r}")
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether `device` does bf16 arithmetic in hardware: a CUDA GPU that supports it, or a CPU
+    with AVX512-BF16 or AMX (oneDNN's bf16 kernels). Elsewhere bf16 autocast is emulated and
+    slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe() for probe in probes if probe is not None)
+
+
 def prepare_model(model: nn.Module, device: torch.device | str, channels_last: bool = False) -> nn.Module:
     model = model.to(device)
     if channels_last:

@@ -124,6 +124,12 @@ class Trainer:
         self.rank, self.world = rank_and_world()
         self.device = resolve_device(job.options.device)
         self.model = vqvae2.prepare_model(job.model, self.device, job.train.channels_last)
+        in_bf16 = vqvae2.autocast_dtype(job.train.amp, self.device) == torch.bfloat16
+        if in_bf16 and not vqvae2.bf16_is_native(self.device):
+            field = f"train_{job.name.split('-')[0]}.amp"  # "prior-top" -> train_prior.amp
+            reporter.log(f"{job.name}: warning: {field} is bf16, but this {self.device.type.upper()} has no bf16 "
+                         f"arithmetic (on a CPU: AVX512-BF16 or AMX), so it is emulated and slower than fp32; "
+                         f"--set {field}=off trains in fp32")
         self.optimizer, self.scheduler = vqvae2.make_optimizer(self.model, job.train)
         self.average = vqvae2.polyak_average(self.model, job.train.ema_decay)  # None without train.ema_decay
         # Under torchrun the steps go through DDP (it starts every rank from rank 0's weights
