@@ -13,9 +13,9 @@ settings are the run's: the preset with the overrides --set gives, as `vqvae2 ru
 took them; --prior changes the trained level's `PriorConfig` alone (e.g.
 `cond_resolution=above`), not the run's. Its data order is its own (a seeded permutation per
 epoch), so its figures compare with each other: the run's prior is printed on the same rows
-as a yardstick, not as one of them. The rows are the held-out
-images after the report's first `evaluate.eval_images` (the report's reference), so the
-choice is never made on the images the report measures. --save writes the prior it trained
+as a yardstick, not as one of them. The rows are the held-out images after the report's
+first `evaluate.eval_images` (the report's reference), so the choice is never made on the
+images the report measures. --save writes the prior it trained
 (the average, where there is one) as a checkpoint `vqvae2.from_checkpoint` reads.
 """
 from __future__ import annotations

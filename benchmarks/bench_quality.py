@@ -79,7 +79,6 @@ VARIANTS: dict[str, dict[str, object]] = {
     # Today's preset with its priors in fp32, as before bf16 autocast: on the same autoencoder and codes.
     "preset+fp32-priors": {"train_prior.amp": "off"},
 }
-ON_THE_PRESET = ("preset", "preset+fp32-priors")  # their overrides change today's preset, not `before`
 CLOCK = re.compile(r"^(\d\d):(\d\d):(\d\d\.\d+) \|")
 
 
@@ -136,7 +135,7 @@ def table(rows: dict[str, dict], overrides: dict[str, dict], before: dict[str, o
     for name, row in rows.items():
         wall = ("cached, not timed here" if row["priors_s"] is None
                 else f"{row['priors_s'] / 60:.1f} min" + (" (recorded)" * row["cached"]))
-        if name in ON_THE_PRESET:
+        if name == "preset" or name.startswith("preset+"):  # overrides of today's preset, not of `before`
             given = ", ".join(f"{k}={v}" for k, v in overrides[name].items()) or "(today's preset)"
         else:
             changed = {k: v for k, v in overrides[name].items() if k not in before or before[k] != v}
